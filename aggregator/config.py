@@ -1,0 +1,206 @@
+"""`connectors.yaml`: the models, `${VAR}` interpolation, and errors that name their place.
+
+Loading never half-succeeds: `load_config` returns a complete, cross-checked
+`GatewayConfig` or raises `ConfigError` listing every problem found, each
+prefixed with its path in the file (`connectors.runbooks.bucket: field required`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+from connectors import REGISTRY
+from connectors.base import ConnectorSettings
+
+DEFAULT_CONFIG_PATH = "connectors.yaml"
+#: The key the bundled connectors.yaml falls back to. Fine on a laptop, announced loudly at startup.
+DEV_API_KEY = "dev-only-change-me"
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used. `errors` holds one line per problem."""
+
+    def __init__(self, errors: list[str], source: str = "") -> None:
+        self.errors = errors
+        self.source = source
+        where = f"{source}: " if source else ""
+        super().__init__(where + "; ".join(errors))
+
+
+class ApiKey(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    key: SecretStr = Field(min_length=1)
+    knowledge_ids: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
+
+    def allows(self, knowledge_id: str) -> bool:
+        return "*" in self.knowledge_ids or knowledge_id in self.knowledge_ids
+
+
+class ServerSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    api_keys: list[ApiKey] = Field(min_length=1)
+    deadline_s: float = Field(4.0, gt=0, le=60)
+
+
+class Defaults(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    timeout_s: float = Field(3.0, gt=0, le=60)
+    retries: int = Field(2, ge=0, le=10)
+    chunk_chars: int = Field(1500, ge=200, le=20000)
+
+
+class KnowledgeBase(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    connectors: list[str] = Field(min_length=1)
+    description: str | None = None
+
+
+AnyConnectorSettings = Annotated[
+    Union[tuple(cls.settings_model for cls in REGISTRY.values())],  # type: ignore[valid-type]
+    Field(discriminator="type"),
+]
+
+
+class GatewayConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    server: ServerSettings
+    defaults: Defaults = Field(default_factory=Defaults)
+    knowledge_bases: dict[str, KnowledgeBase] = Field(min_length=1)
+    connectors: dict[str, AnyConnectorSettings] = Field(min_length=1)
+    #: sha256 of the file's bytes (first 12 hex digits): which version is serving.
+    version: str = ""
+
+    def effective(self, name: str) -> ConnectorSettings:
+        """A connector's settings with the `defaults` block filled into what it left unset."""
+        settings = self.connectors[name]
+        filled = {
+            key: getattr(self.defaults, key)
+            for key in ("timeout_s", "retries", "chunk_chars")
+            if getattr(settings, key) is None
+        }
+        return settings.model_copy(update=filled)
+
+
+def interpolate(value: Any, environ: Mapping[str, str], path: str, errors: list[str]) -> Any:
+    """Replace `${VAR}` and `${VAR:-default}` in every string of the loaded YAML."""
+    if isinstance(value, str):
+
+        def substitute(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in environ:
+                return environ[name]
+            if default is not None:
+                return default
+            errors.append(f"{path}: environment variable {name} is not set (and no ${{{name}:-default}} given)")
+            return ""
+
+        return _VAR.sub(substitute, value)
+    if isinstance(value, dict):
+        return {k: interpolate(v, environ, f"{path}.{k}" if path else str(k), errors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, environ, f"{path}[{i}]", errors) for i, v in enumerate(value)]
+    return value
+
+
+def _place(loc: tuple[int | str, ...], data: Any) -> str:
+    """`('connectors', 'x', 'files', 'path')` -> `connectors.x.path` (the union's tag is noise)."""
+    parts: list[str] = []
+    for i, part in enumerate(loc):
+        if i == 2 and loc[0] == "connectors" and isinstance(data, dict):
+            entry = (data.get("connectors") or {}).get(loc[1])
+            if isinstance(entry, dict) and entry.get("type") == part:
+                continue
+        if isinstance(part, int):
+            parts.append(f"[{part}]")
+        else:
+            parts.append(("." if parts else "") + str(part))
+    return "".join(parts) or "(top level)"
+
+
+def _message(error: Any) -> str:
+    kind = error["type"]
+    if kind == "missing":
+        return "field required"
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "union_tag_invalid":
+        return f"unknown connector type {error['input'].get('type')!r}; known types: {', '.join(sorted(REGISTRY))}"
+    if kind == "union_tag_not_found":
+        return f"'type' is required; known types: {', '.join(sorted(REGISTRY))}"
+    return error["msg"]
+
+
+def _cross_check(config: GatewayConfig) -> list[str]:
+    errors: list[str] = []
+    for kb_id, kb in config.knowledge_bases.items():
+        for i, name in enumerate(kb.connectors):
+            if name not in config.connectors:
+                errors.append(f"knowledge_bases.{kb_id}.connectors[{i}]: no connector named {name!r} is defined")
+    for k, api_key in enumerate(config.server.api_keys):
+        for i, kb_id in enumerate(api_key.knowledge_ids):
+            if kb_id != "*" and kb_id not in config.knowledge_bases:
+                errors.append(f"server.api_keys[{k}].knowledge_ids[{i}]: no knowledge base named {kb_id!r}")
+    return errors
+
+
+def parse_config(text: str, environ: Mapping[str, str] | None = None, source: str = "") -> GatewayConfig:
+    """Build a config from YAML text; raise ConfigError listing every problem."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError([f"{where}not valid YAML ({getattr(exc, 'problem', None) or exc})"], source) from None
+    if not isinstance(data, dict):
+        raise ConfigError(["(top level): expected a mapping with server, knowledge_bases and connectors"], source)
+    errors: list[str] = []
+    data = interpolate(data, os.environ if environ is None else environ, "", errors)
+    try:
+        config = GatewayConfig.model_validate(data)
+    except ValidationError as exc:
+        errors.extend(f"{_place(e['loc'], data)}: {_message(e)}" for e in exc.errors())
+        raise ConfigError(errors, source) from None
+    errors.extend(_cross_check(config))
+    if errors:
+        raise ConfigError(errors, source)
+    config.version = hashlib.sha256(text.encode()).hexdigest()[:12]
+    return config
+
+
+def resolve_config_path(path: str | os.PathLike[str] | None) -> Path:
+    """`--config`, else `AGGREGATOR_CONFIG`, else `./connectors.yaml`."""
+    return Path(path or os.environ.get("AGGREGATOR_CONFIG") or DEFAULT_CONFIG_PATH)
+
+
+def load_config(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> GatewayConfig:
+    resolved = resolve_config_path(path)
+    try:
+        text = resolved.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"cannot read the file ({exc.strerror or exc})"], str(resolved)) from None
+    config = parse_config(text, environ, str(resolved))
+    _anchor_paths(config, resolved.parent)
+    return config
+
+
+def _anchor_paths(config: GatewayConfig, base: Path) -> None:
+    """Relative `path:` settings are relative to the config file, not to the current directory."""
+    for settings in config.connectors.values():
+        local = getattr(settings, "path", None)
+        if isinstance(local, Path) and not local.is_absolute():
+            object.__setattr__(settings, "path", (base / local).resolve())

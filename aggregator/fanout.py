@@ -1,0 +1,120 @@
+"""Ask every source of a knowledge base at once, within the request's deadline.
+
+One policy for every source type, in one place:
+- each call runs under the source's `timeout_s`, and never past the request deadline;
+- transient failures (`Unavailable`, `SourceTimeout`, `RateLimited`) are retried up to
+  `retries` times with exponential backoff and jitter; a `Retry-After` is honoured when
+  it fits in the time left, otherwise the source gives up at once as `rate_limited`;
+- no retry sleeps past the deadline; other errors are not retried;
+- when the deadline comes, calls still running are cancelled and awaited, so nothing is
+  left behind, and their sources are reported as `timeout`.
+A source's failure is data (its outcome), never an exception out of here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
+
+from connectors.base import Connector, Passage, RateLimited, SourceError, SourceQuery, SourceTimeout
+
+log = logging.getLogger(__name__)
+
+#: Outcomes reported per source, in X-Sources, /status and metrics.
+OUTCOMES = ("ok", "empty", "timeout", "error", "rate_limited", "auth_failed", "skipped")
+
+
+@dataclass(slots=True)
+class SourceResult:
+    name: str
+    outcome: str
+    passages: list[Passage] = field(default_factory=list)
+    elapsed_ms: float = 0.0
+    error: str | None = None
+    attempts: int = 0
+
+
+@dataclass(slots=True)
+class SourcePolicy:
+    timeout_s: float
+    retries: int
+    backoff_initial_s: float = 0.1
+    backoff_max_s: float = 1.0
+
+
+def _retryable(exc: BaseException) -> bool:
+    return isinstance(exc, SourceError) and exc.retryable
+
+
+async def call_source(connector: Connector, query: SourceQuery, policy: SourcePolicy, deadline: float) -> SourceResult:
+    """One source's part of a request: attempts, retries and the outcome, all bounded by `deadline` (loop time)."""
+    loop = asyncio.get_running_loop()
+    started = time.perf_counter()
+    backoff = wait_exponential_jitter(initial=policy.backoff_initial_s, max=policy.backoff_max_s, jitter=policy.backoff_initial_s)
+
+    def wait(state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, RateLimited) and exc.retry_after is not None:
+            return exc.retry_after
+        return backoff(state)
+
+    def stop(state: RetryCallState) -> bool:
+        if state.attempt_number > policy.retries:
+            return True
+        upcoming = state.upcoming_sleep or 0.0
+        return loop.time() + upcoming >= deadline - 0.05  # no sleep that would reach the deadline
+
+    attempts = 0
+    try:
+        async for attempt in AsyncRetrying(stop=stop, wait=wait, retry=retry_if_exception(_retryable), reraise=True):
+            with attempt:
+                attempts += 1
+                budget = min(policy.timeout_s, deadline - loop.time())
+                if budget <= 0:
+                    raise SourceTimeout("no time left in the request's deadline")
+                try:
+                    async with asyncio.timeout(budget):
+                        passages = await connector.search(query)
+                except TimeoutError:
+                    raise SourceTimeout(f"no answer within {budget:.2f} s") from None
+        outcome = "ok" if passages else "empty"
+        return SourceResult(connector.name, outcome, passages, _ms(started), None, attempts)
+    except SourceError as exc:
+        return SourceResult(connector.name, exc.outcome, [], _ms(started), str(exc), attempts)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # a connector bug: reported as that source's error, logged with its traceback
+        log.exception("source %s raised an unexpected error", connector.name)
+        return SourceResult(connector.name, "error", [], _ms(started), f"internal error: {type(exc).__name__}", attempts)
+
+
+def _ms(started: float) -> float:
+    return (time.perf_counter() - started) * 1000.0
+
+
+async def fan_out(calls: dict[str, Coroutine[Any, Any, SourceResult]], deadline: float) -> list[SourceResult]:
+    """Run the coroutines in `calls` (name -> coroutine) at once; collect every outcome by `deadline`."""
+    loop = asyncio.get_running_loop()
+    started = time.perf_counter()
+    tasks = {name: asyncio.ensure_future(coro) for name, coro in calls.items()}
+    if tasks:
+        _, pending = await asyncio.wait(tasks.values(), timeout=max(0.0, deadline - loop.time()))
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=1.0)  # let cancellation run; connectors release sockets here
+    results: list[SourceResult] = []
+    for name, task in tasks.items():
+        if task.done() and not task.cancelled() and task.exception() is None:
+            results.append(task.result())
+        elif task.done() and not task.cancelled():
+            results.append(SourceResult(name, "error", [], _ms(started), f"internal error: {type(task.exception()).__name__}"))
+        else:
+            results.append(SourceResult(name, "timeout", [], _ms(started), "cut off at the request deadline"))
+    return results

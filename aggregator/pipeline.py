@@ -1,0 +1,82 @@
+"""One retrieval, from a validated request to ranked records. Plain async Python, no HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from connectors.base import SourceQuery, record_metadata
+
+from .fanout import SourceResult, call_source, fan_out
+from .filters import compile_filter
+from .models import RetrievalRequest
+from .rerank import Candidate, dedupe, rerank
+from .runtime import Gateway
+
+log = logging.getLogger(__name__)
+
+#: Candidates asked of each source: enough for the rerank to reorder, never fewer than this.
+MIN_CANDIDATES = 20
+CANDIDATES_PER_RESULT = 4
+SCORE_DIGITS = 6
+
+
+class UnknownKnowledgeBase(LookupError):
+    pass
+
+
+@dataclass(slots=True)
+class RetrievalResult:
+    records: list[dict]
+    sources: list[SourceResult]
+
+    def sources_header(self) -> str:
+        """`X-Sources`: `name=outcome;name=outcome`, in the knowledge base's order."""
+        return ";".join(f"{s.name}={s.outcome}" for s in self.sources)
+
+
+async def retrieve(gateway: Gateway, request: RetrievalRequest) -> RetrievalResult:
+    """Fan out, filter, merge, rerank, cut. Raises UnknownKnowledgeBase or filters.InvalidCondition."""
+    knowledge_base = gateway.config.knowledge_bases.get(request.knowledge_id)
+    if knowledge_base is None:
+        raise UnknownKnowledgeBase(request.knowledge_id)
+    accepts = compile_filter(request.metadata_condition)
+    setting = request.retrieval_setting
+    query = SourceQuery(
+        text=request.query,
+        limit=max(MIN_CANDIDATES, setting.top_k * CANDIDATES_PER_RESULT),
+        metadata_condition=request.metadata_condition.model_dump() if request.metadata_condition else None,
+        accepts=accepts,
+    )
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + gateway.config.server.deadline_s
+    names = list(dict.fromkeys(knowledge_base.connectors))
+    results = await fan_out(
+        {name: call_source(gateway.connectors[name], query, gateway.policies[name], deadline) for name in names},
+        deadline,
+    )
+
+    candidates: list[Candidate] = []
+    for result in results:
+        connector = gateway.connectors[result.name]
+        for passage in result.passages:
+            metadata = record_metadata(passage, connector.name, connector.type)
+            if accepts is None or accepts(metadata):
+                candidates.append(Candidate(passage, connector.name, connector.type, connector.settings.weight, metadata))
+
+    records: list[dict] = []
+    for ranked in rerank(request.query, dedupe(candidates)):
+        score = round(ranked.score, SCORE_DIGITS)
+        if score < setting.score_threshold or score <= 0.0:
+            continue
+        passage, metadata = ranked.candidate.passage, ranked.candidate.metadata or {}
+        metadata["score_detail"] = {
+            "bm25": round(ranked.bm25, SCORE_DIGITS),
+            "source_score": passage.source_score,
+            "source_rank": passage.source_rank,
+        }
+        records.append({"content": passage.content, "score": score, "title": passage.title, "metadata": metadata})
+        if len(records) >= setting.top_k:
+            break
+    return RetrievalResult(records, results)

@@ -1,0 +1,22 @@
+"""Sources of passages, one module per type, registered by their `type:` name in connectors.yaml.
+
+Adding a source type: write `connectors/<type>.py` with a `Connector` subclass
+and its settings model, then add one line to `REGISTRY` below.
+"""
+
+from __future__ import annotations
+
+from .base import Connector
+from .dify import DifyConnector
+from .files import FilesConnector
+
+REGISTRY: dict[str, type[Connector]] = {
+    "files": FilesConnector,
+    "dify": DifyConnector,
+}
+
+
+def build_connector(name: str, settings: object) -> Connector:
+    """Instantiate the connector class registered for `settings.type`."""
+    cls = REGISTRY[getattr(settings, "type")]
+    return cls(name, settings)  # type: ignore[arg-type]

@@ -1,0 +1,189 @@
+"""The contract between the gateway's core and every source.
+
+A connector knows one API: how to ask it, how to read its answer and which
+metadata conditions it can evaluate itself. It owns no policy. It never
+retries, sleeps on its own account or hides an error: it raises one of the
+typed errors below and the core's fan-out decides what happens next, with the
+same rules for every source.
+
+Lifecycle, written once here::
+
+    connector = FilesConnector("samples", settings)
+    await connector.start()          # open clients, kick off background indexing
+    passages = await connector.search(SourceQuery(text="vpn setup", limit=20))
+    await connector.aclose()         # release clients and background tasks
+
+``start()`` must return quickly: a slow first sync runs in the background and
+``ready`` turns true when it is done; until then ``search`` answers from what is
+indexed so far. A connector is also an async context manager doing the same.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ConnectorSettings(BaseModel):
+    """Fields every connector accepts; each source type subclasses this.
+
+    Unknown keys are rejected so that a typo in `connectors.yaml` is an error,
+    not a silently ignored setting.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: str
+    weight: float = Field(1.0, gt=0, le=10, description="Trust in this source relative to others.")
+    timeout_s: float | None = Field(None, gt=0, le=60, description="Per-call budget; defaults.timeout_s if unset.")
+    retries: int | None = Field(None, ge=0, le=10, description="Retries of a transient failure; defaults.retries if unset.")
+    chunk_chars: int | None = Field(None, ge=200, le=20000, description="Passage size; defaults.chunk_chars if unset.")
+
+
+@dataclass(slots=True)
+class Passage:
+    """One piece of text a source returned, before the core ranks it.
+
+    A dataclass rather than a pydantic model: indexed sources hold hundreds of
+    thousands of these, and validation happens where data enters, not here.
+    """
+
+    content: str
+    title: str
+    document_id: str
+    chunk_index: int = 0
+    metadata: dict[str, Any] = field(default_factory=dict)
+    updated_at: str | None = None
+    source_score: float | None = None  # the source's own relevance, already in [0, 1]
+    source_rank: int | None = None  # 1-based rank in the source's own answer
+
+
+def record_metadata(passage: Passage, source: str, source_type: str) -> dict[str, Any]:
+    """The metadata a record carries, as filters see it: the source's own fields plus the gateway's.
+
+    The source's fields are kept whole; `source`, `source_type`, `document_id`,
+    `chunk_index` and `updated_at` are added where the source did not set them.
+    """
+    metadata = dict(passage.metadata)
+    metadata.setdefault("source", source)
+    metadata.setdefault("source_type", source_type)
+    metadata.setdefault("document_id", passage.document_id)
+    metadata.setdefault("chunk_index", passage.chunk_index)
+    if passage.updated_at is not None:
+        metadata.setdefault("updated_at", passage.updated_at)
+    return metadata
+
+
+@dataclass(slots=True, frozen=True)
+class SourceQuery:
+    """What the core asks of a source: the user's text and how many candidates it wants.
+
+    `metadata_condition` is Dify's condition object as the request carried it
+    (validated), for sources that pass it on or translate it. `accepts` is the
+    same condition compiled to a predicate over `record_metadata(...)`, for
+    sources that filter locally before cutting their list at `limit`.
+    """
+
+    text: str
+    limit: int
+    metadata_condition: dict[str, Any] | None = None
+    accepts: Callable[[dict[str, Any]], bool] | None = None
+
+
+@dataclass(slots=True)
+class SourceStats:
+    """What an indexed source reports about its index (for /status and /readyz)."""
+
+    documents: int = 0
+    passages: int = 0
+    last_refresh: str | None = None  # ISO 8601
+    last_refresh_error: str | None = None
+    skipped: int = 0  # documents left out (too large, unreadable), counted not hidden
+
+
+class SourceError(Exception):
+    """Base of every error a connector may raise. The message must hold no secret."""
+
+    outcome: ClassVar[str] = "error"
+    retryable: ClassVar[bool] = False
+
+
+class AuthFailed(SourceError):
+    """The source refused our credentials (401/403). Never retried."""
+
+    outcome = "auth_failed"
+
+
+class RateLimited(SourceError):
+    """The source asked us to slow down (429). Retried only if `retry_after` fits the budget."""
+
+    outcome = "rate_limited"
+    retryable = True
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Unavailable(SourceError):
+    """A transient failure: connection refused or reset, 502/503/504."""
+
+    retryable = True
+
+
+class SourceTimeout(SourceError):
+    """The source did not answer within its budget."""
+
+    outcome = "timeout"
+    retryable = True
+
+
+class BadResponse(SourceError):
+    """The source answered, but not with something we can read (wrong shape, too big, other 4xx/5xx)."""
+
+
+class Connector(abc.ABC):
+    """A source of passages. Subclasses set `settings_model` and implement `search`."""
+
+    settings_model: ClassVar[type[ConnectorSettings]]
+    #: Names of metadata fields this source can filter on itself. The core's
+    #: post-filter always runs too; pushing down only saves work.
+    pushdown_fields: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, name: str, settings: ConnectorSettings) -> None:
+        self.name = name
+        self.settings = settings
+
+    @property
+    def type(self) -> str:
+        return self.settings.type
+
+    @property
+    def ready(self) -> bool:
+        """True once the source can answer from a complete view (first sync done)."""
+        return True
+
+    def stats(self) -> SourceStats | None:
+        """Index statistics for indexed sources; None for query-time sources."""
+        return None
+
+    async def start(self) -> None:
+        """Open clients and start background work. Must not block on a slow sync."""
+
+    @abc.abstractmethod
+    async def search(self, query: SourceQuery) -> list[Passage]:
+        """Return up to `query.limit` passages, best first, or raise a SourceError."""
+
+    async def aclose(self) -> None:
+        """Release clients and stop background tasks. Safe to call twice."""
+
+    async def __aenter__(self) -> "Connector":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()

@@ -1,0 +1,141 @@
+"""`files`: a local folder of text documents, indexed and kept fresh.
+
+The folder is watched (inotify through `watchfiles`, where the platform has
+it) so that an added, changed or removed file is searchable within about a
+second; a full rescan every `refresh_s` catches anything a watcher can miss
+(network filesystems, editors that swap files).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from .base import SourceError
+from ._indexed import Document, IndexedConnector, IndexedSettings, iso_utc
+
+log = logging.getLogger(__name__)
+
+_HEADING = re.compile(r"^\s{0,3}#\s+(.+?)\s*#*\s*$", re.MULTILINE)
+_FRONT_MATTER_TITLE = re.compile(r"\A---\s*\n(?:.*\n)*?title:\s*[\"']?(.+?)[\"']?\s*\n(?:.*\n)*?---\s*\n")
+
+
+class FilesSettings(IndexedSettings):
+    type: Literal["files"] = "files"
+    path: Path = Field(description="The folder to index; relative paths are relative to connectors.yaml.")
+    include: list[str] = Field(default_factory=lambda: ["**/*.md", "**/*.txt"], min_length=1)
+    exclude: list[str] = Field(default_factory=list)
+    max_file_bytes: int = Field(5 * 1024 * 1024, ge=1)
+    watch: bool = Field(True, description="React to changes at once instead of waiting for refresh_s.")
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _relative_globs(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            if pattern.startswith("/") or ".." in Path(pattern).parts:
+                raise ValueError(f"{pattern!r}: globs are relative to path and may not leave it")
+        return patterns
+
+
+def title_of(relative: str, text: str) -> str:
+    """A Markdown file's front-matter title or first `# heading`; otherwise the file name."""
+    if relative.endswith(".md"):
+        for pattern in (_FRONT_MATTER_TITLE, _HEADING):
+            match = pattern.search(text)
+            if match:
+                return match.group(1).strip()
+    return Path(relative).name
+
+
+class FilesConnector(IndexedConnector):
+    settings_model = FilesSettings
+    settings: FilesSettings
+
+    def __init__(self, name: str, settings: FilesSettings) -> None:
+        super().__init__(name, settings)
+        self._watcher: asyncio.Task[None] | None = None
+        self._sizes: dict[str, int] = {}
+
+    async def start(self) -> None:
+        await super().start()
+        if self.settings.watch and self._watcher is None:
+            self._watcher = asyncio.create_task(self._watch(), name=f"watch:{self.name}")
+
+    async def aclose(self) -> None:
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        await super().aclose()
+
+    async def _watch(self) -> None:
+        import watchfiles
+
+        root = self.settings.path
+        while True:
+            if not root.is_dir():  # wait for the folder to appear rather than fail
+                await asyncio.sleep(self.settings.refresh_s)
+                continue
+            try:
+                async for _changes in watchfiles.awatch(root, debounce=200, step=50, recursive=True):
+                    self.trigger_refresh()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # e.g. inotify limits reached: polling by refresh_s still works
+                log.warning("source %s: file watching stopped (%s); relying on refresh_s", self.name, exc)
+                return
+
+    def _scan(self) -> dict[str, str]:
+        root = self.settings.path
+        if not root.is_dir():
+            raise SourceError(f"folder {root} does not exist or is not a directory")
+        found: dict[str, str] = {}
+        sizes: dict[str, int] = {}
+        skipped = 0
+        excluded = {p for pattern in self.settings.exclude for p in root.glob(pattern)}
+        for pattern in self.settings.include:
+            for path in root.glob(pattern):
+                if path in excluded or not path.is_file():
+                    continue
+                relative = path.relative_to(root).as_posix()
+                if relative in found:
+                    continue
+                stat = path.stat()
+                if stat.st_size > self.settings.max_file_bytes:
+                    skipped += 1
+                    continue
+                found[relative] = f"{stat.st_mtime_ns}:{stat.st_size}"
+                sizes[relative] = stat.st_size
+        self._stats.skipped = skipped
+        self._sizes = sizes
+        return found
+
+    async def list_versions(self) -> dict[str, str]:
+        return await asyncio.to_thread(self._scan)
+
+    def _read(self, relative: str) -> Document | None:
+        path = self.settings.path / relative
+        try:
+            stat = path.stat()
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        text = raw.decode("utf-8", errors="replace").lstrip("\ufeff")
+        return Document(
+            document_id=relative,
+            title=title_of(relative, text),
+            text=text,
+            version=f"{stat.st_mtime_ns}:{stat.st_size}",
+            updated_at=iso_utc(stat.st_mtime),
+            metadata={"path": relative, "size": stat.st_size, "extension": path.suffix.lstrip(".")},
+        )
+
+    async def fetch(self, document_id: str) -> Document | None:
+        return await asyncio.to_thread(self._read, document_id)

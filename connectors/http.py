@@ -1,0 +1,119 @@
+"""The one way connectors talk HTTP: a client factory and the mapping of answers to typed errors.
+
+Every connector gets its `httpx.AsyncClient` from `make_client`, so pooling,
+redirect policy, TLS verification and the user agent are the same everywhere,
+and reads its answers through `read_json`, so no source can make us buffer
+an unbounded body or take a traceback for an unreadable one.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+
+from .base import AuthFailed, BadResponse, RateLimited, SourceTimeout, Unavailable
+
+USER_AGENT = "dify-knowledge-gateway/0.1"
+DEFAULT_MAX_RESPONSE_BYTES = 16 * 1024 * 1024
+
+
+def make_client(
+    base_url: str = "",
+    *,
+    headers: Mapping[str, str] | None = None,
+    auth: httpx.Auth | tuple[str, str] | None = None,
+    timeout_s: float = 3.0,
+    verify: bool | str = True,
+    max_connections: int = 20,
+) -> httpx.AsyncClient:
+    """A pooled client for one source. Redirects are not followed: a source may not send us elsewhere."""
+    return httpx.AsyncClient(
+        base_url=base_url,
+        headers={"User-Agent": USER_AGENT, **(headers or {})},
+        auth=auth,
+        timeout=httpx.Timeout(timeout_s),
+        verify=verify,
+        follow_redirects=False,
+        limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+    )
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, moment.timestamp() - (time.time() if now is None else now))
+
+
+def check_status(response: httpx.Response, what: str) -> None:
+    """Raise the typed error that an HTTP status means; return for 2xx."""
+    status = response.status_code
+    if status < 300:
+        return
+    if status in (401, 403):
+        raise AuthFailed(f"{what}: HTTP {status}, credentials refused")
+    if status == 429:
+        retry_after = parse_retry_after(response.headers.get("Retry-After"))
+        raise RateLimited(f"{what}: HTTP 429, rate limited", retry_after)
+    if status in (502, 503, 504):
+        raise Unavailable(f"{what}: HTTP {status}")
+    if 300 <= status < 400:
+        raise BadResponse(f"{what}: HTTP {status} redirect not followed")
+    raise BadResponse(f"{what}: HTTP {status}")
+
+
+async def send(client: httpx.AsyncClient, request: httpx.Request, what: str, max_bytes: int = DEFAULT_MAX_RESPONSE_BYTES) -> tuple[httpx.Response, bytes]:
+    """Send a request and read at most `max_bytes` of the answer; map transport failures to typed errors."""
+    try:
+        response = await client.send(request, stream=True)
+    except httpx.TimeoutException:
+        raise SourceTimeout(f"{what}: timed out") from None
+    except httpx.TransportError as exc:
+        raise Unavailable(f"{what}: {type(exc).__name__}: cannot connect") from None
+    try:
+        check_status(response, what)
+        declared = response.headers.get("Content-Length")
+        if declared and declared.isdigit() and int(declared) > max_bytes:
+            raise BadResponse(f"{what}: answer of {int(declared)} bytes is over the {max_bytes}-byte limit")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.aiter_bytes():
+            size += len(chunk)
+            if size > max_bytes:
+                raise BadResponse(f"{what}: answer is over the {max_bytes}-byte limit")
+            chunks.append(chunk)
+        return response, b"".join(chunks)
+    except httpx.TimeoutException:
+        raise SourceTimeout(f"{what}: timed out while reading the answer") from None
+    except httpx.TransportError as exc:
+        raise Unavailable(f"{what}: {type(exc).__name__} while reading the answer") from None
+    finally:
+        await response.aclose()
+
+
+def decode_json(body: bytes, what: str) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        raise BadResponse(f"{what}: answer is not JSON") from None
+
+
+async def request_json(client: httpx.AsyncClient, method: str, url: str, what: str, max_bytes: int = DEFAULT_MAX_RESPONSE_BYTES, **kwargs: Any) -> Any:
+    """Send, check, bound and decode in one call: the usual path for a JSON API."""
+    request = client.build_request(method, url, **kwargs)
+    _, body = await send(client, request, what, max_bytes)
+    return decode_json(body, what)
