@@ -55,9 +55,9 @@ def _split_long(text: str, limit: int) -> list[str]:
 
 
 def _tail(text: str, overlap: int) -> str:
-    """The last whole sentences of `text` that fit in `overlap` characters."""
+    """The last whole sentences of `text`'s last paragraph that fit in `overlap` characters."""
     tail = ""
-    for sentence in reversed(_sentences(text)):
+    for sentence in reversed(_sentences(_PARAGRAPH_BREAK.split(text)[-1])):
         candidate = _join(sentence, tail) if tail else sentence
         if len(candidate) > overlap:
             break

@@ -20,7 +20,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_random_exponential
 
 from connectors.base import Connector, Passage, RateLimited, SourceError, SourceQuery, SourceTimeout
 
@@ -56,7 +56,7 @@ async def call_source(connector: Connector, query: SourceQuery, policy: SourcePo
     """One source's part of a request: attempts, retries and the outcome, all bounded by `deadline` (loop time)."""
     loop = asyncio.get_running_loop()
     started = time.perf_counter()
-    backoff = wait_exponential_jitter(initial=policy.backoff_initial_s, max=policy.backoff_max_s, jitter=policy.backoff_initial_s)
+    backoff = wait_random_exponential(multiplier=policy.backoff_initial_s, max=policy.backoff_max_s)  # full jitter
 
     def wait(state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None

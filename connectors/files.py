@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
 import logging
 import re
 from pathlib import Path
@@ -99,13 +100,10 @@ class FilesConnector(IndexedConnector):
         found: dict[str, str] = {}
         sizes: dict[str, int] = {}
         skipped = 0
-        excluded = {p for pattern in self.settings.exclude for p in root.glob(pattern)}
         for pattern in self.settings.include:
             for path in root.glob(pattern):
-                if path in excluded or not path.is_file():
-                    continue
                 relative = path.relative_to(root).as_posix()
-                if relative in found:
+                if relative in found or not path.is_file() or self._excluded(relative):
                     continue
                 stat = path.stat()
                 if stat.st_size > self.settings.max_file_bytes:
@@ -116,6 +114,10 @@ class FilesConnector(IndexedConnector):
         self._stats.skipped = skipped
         self._sizes = sizes
         return found
+
+    def _excluded(self, relative: str) -> bool:
+        """`exclude` globs match the relative path; `*` may span folders, so `drafts/*` drops a whole tree."""
+        return any(fnmatch.fnmatchcase(relative, pattern) for pattern in self.settings.exclude)
 
     async def list_versions(self) -> dict[str, str]:
         return await asyncio.to_thread(self._scan)

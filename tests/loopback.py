@@ -33,6 +33,7 @@ class _Server(uvicorn.Server):
 @contextlib.contextmanager
 def serve(app: Any, port: int | None = None, startup_timeout: float = 20.0, **options: Any) -> Iterator[str]:
     port = port or free_port()
+    options.setdefault("timeout_graceful_shutdown", 1)  # a test's hung handler must not hold the suite
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="auto", **options)
     server = _Server(config)
     thread = threading.Thread(target=server.run, name=f"uvicorn:{port}", daemon=True)

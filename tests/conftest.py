@@ -1,0 +1,63 @@
+"""Shared fixtures: a small document folder and a gateway config over it."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from aggregator.config import GatewayConfig, parse_config
+
+KEY = "test-key-0123456789"
+SCOPED_KEY = "scoped-key-abcdef"
+
+DOCS = {
+    "vpn.md": "# VPN setup\n\nInstall WireGuard and import the VPN profile from the IT portal.\n\nProfiles expire after 180 days.",
+    "keys.md": "# Key rotation\n\nWe rotate the release signing keys every twelve months in the hardware security module.",
+    "expenses.txt": "Expense reports\n\nSubmit receipts within thirty days. Meals are reimbursed up to the daily allowance.",
+    "zh/请假.md": "# 请假制度\n\n员工每年享有十五天带薪年假，需要提前五个工作日申请。",
+    "zh/密钥.md": "# 签名密钥轮换\n\n发布签名密钥每十二个月轮换一次，保存在硬件安全模块中。",
+}
+
+
+def write_docs(folder: Path, docs: dict[str, str] = DOCS) -> Path:
+    for relative, text in docs.items():
+        path = folder / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    return folder
+
+
+def make_config(folder: Path, extra_connectors: str = "", kb_connectors: str = "[docs]", deadline_s: float = 4.0) -> GatewayConfig:
+    text = f"""
+    server:
+      api_keys:
+        - key: {KEY}
+        - key: {SCOPED_KEY}
+          knowledge_ids: [other]
+      deadline_s: {deadline_s}
+    defaults:
+      timeout_s: 2.0
+      retries: 1
+    knowledge_bases:
+      demo:
+        connectors: {kb_connectors}
+      other:
+        connectors: [docs]
+    connectors:
+      docs:
+        type: files
+        path: {folder}
+    """
+    return parse_config(textwrap.dedent(text) + textwrap.indent(textwrap.dedent(extra_connectors), "  "), {})
+
+
+@pytest.fixture
+def docs_dir(tmp_path: Path) -> Path:
+    return write_docs(tmp_path / "docs")
+
+
+@pytest.fixture
+def config(docs_dir: Path) -> GatewayConfig:
+    return make_config(docs_dir)

@@ -1,0 +1,108 @@
+"""The command line as a user types it: validate, query, serve."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from .conftest import DOCS, write_docs
+from .loopback import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "aggregator", *args], capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
+
+
+def test_validate_the_bundled_config():
+    result = run("validate", "--config", "connectors.yaml")
+    assert result.returncode == 0 and "OK" in result.stdout and "demo" in result.stdout
+
+
+def test_validate_lists_every_error_and_exits_1(tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "server:\n  api_keys: [{key: k, extra: 1}]\nknowledge_bases:\n  kb: {connectors: [ghost]}\n"
+        "connectors:\n  docs: {type: files}\n  other: {type: nosuch}\n"
+    )
+    result = run("validate", "--config", str(bad))
+    assert result.returncode == 1
+    assert "server.api_keys[0].extra: unknown key" in result.stderr
+    assert "connectors.docs.path: field required" in result.stderr
+    assert "connectors.other: unknown connector type 'nosuch'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_config_from_environment_variable(tmp_path: Path):
+    env = {**os.environ, "AGGREGATOR_CONFIG": str(tmp_path / "missing.yaml")}
+    result = run("validate", env=env)
+    assert result.returncode == 1 and "missing.yaml" in result.stderr and "cannot read" in result.stderr
+
+
+def test_query_prints_a_table():
+    result = run("query", "--config", "connectors.yaml", "--kb", "demo", "--top-k", "3", "rotate the signing keys")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["score", "source", "title"]
+    assert "Rotating the release signing keys" in lines[2] and "samples" in lines[2]
+    assert lines[-1] == "sources: samples=ok"
+
+
+def test_query_json_is_the_api_answer():
+    result = run("query", "--config", "connectors.yaml", "--kb", "demo", "--json", "--threshold", "0.2", "请假 年假")
+    records = json.loads(result.stdout)["records"]
+    assert records and records[0]["title"] == "请假制度" and all(r["score"] >= 0.2 for r in records)
+
+
+def test_query_unknown_knowledge_base():
+    result = run("query", "--config", "connectors.yaml", "--kb", "nope", "x")
+    assert result.returncode == 2 and "no knowledge base named 'nope'" in result.stderr
+
+
+def test_serve_answers_on_the_given_port_and_warns_about_the_dev_key(tmp_path: Path):
+    folder = write_docs(tmp_path / "docs", DOCS)
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "server:\n  api_keys: [{key: '${AGGREGATOR_API_KEY:-dev-only-change-me}'}]\n"
+        f"knowledge_bases:\n  demo: {{connectors: [docs]}}\nconnectors:\n  docs: {{type: files, path: {folder}}}\n"
+    )
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "AGGREGATOR_API_KEY"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "aggregator", "serve", "--config", str(config), "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        response = httpx.post(
+            f"http://127.0.0.1:{port}/retrieval",
+            json={"knowledge_id": "demo", "query": "VPN profile", "retrieval_setting": {"top_k": 2, "score_threshold": 0}},
+            headers={"Authorization": "Bearer dev-only-change-me"},
+        )  # fmt: skip
+        assert response.status_code == 200 and response.json()["records"][0]["title"] == "VPN setup"
+    finally:
+        server.terminate()
+        output = server.communicate(timeout=10)[0]
+    assert "development default" in output and "WARNING" in output
+
+
+def test_serve_refuses_a_broken_config(tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("server: {}\n")
+    result = run("serve", "--config", str(bad), "--port", str(free_port()))
+    assert result.returncode == 1 and "server.api_keys: field required" in result.stderr

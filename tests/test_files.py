@@ -1,0 +1,122 @@
+"""The `files` source: an index built at startup and kept fresh as files come, change and go."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+from connectors.base import SourceQuery
+from connectors.files import FilesConnector, FilesSettings, title_of
+
+
+async def titles(connector: FilesConnector, text: str) -> list[str]:
+    return [p.title for p in await connector.search(SourceQuery(text, 10))]
+
+
+async def eventually(check, timeout: float = 5.0) -> None:
+    """Poll an async check until it holds; the watcher reacts within a second or so."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await check():
+        assert asyncio.get_running_loop().time() < deadline, "the index did not follow the change in time"
+        await asyncio.sleep(0.05)
+
+
+async def test_index_follows_added_changed_and_removed_files(tmp_path: Path):
+    (tmp_path / "a.md").write_text("# Alpha\n\nThe alpha document talks about kubernetes.")
+    async with FilesConnector("docs", FilesSettings(path=tmp_path, refresh_s=60)) as docs:
+        await docs.wait_ready(5)
+        assert await titles(docs, "kubernetes") == ["Alpha"]
+
+        (tmp_path / "sub").mkdir()
+        (tmp_path / "sub" / "b.txt").write_text("Beta notes about terraform.")
+
+        async def added() -> bool:
+            return await titles(docs, "terraform") == ["b.txt"]
+
+        await eventually(added)
+
+        (tmp_path / "a.md").write_text("# Alpha\n\nNow the alpha document talks about nomad instead.")
+
+        async def changed() -> bool:
+            return await titles(docs, "kubernetes") == [] and await titles(docs, "nomad") == ["Alpha"]
+
+        await eventually(changed)
+
+        (tmp_path / "sub" / "b.txt").unlink()
+
+        async def removed() -> bool:
+            return await titles(docs, "terraform") == []
+
+        await eventually(removed)
+        assert docs.stats().documents == 1
+
+
+async def test_without_a_watcher_a_refresh_finds_changes(tmp_path: Path):
+    (tmp_path / "a.md").write_text("first version mentions postgres")
+    async with FilesConnector("docs", FilesSettings(path=tmp_path, watch=False, refresh_s=3600)) as docs:
+        await docs.wait_ready(5)
+        (tmp_path / "a.md").write_text("second version mentions mysql and is longer")
+        await docs.sync()
+        assert await titles(docs, "mysql") == ["a.md"] and await titles(docs, "postgres") == []
+
+
+async def test_metadata_of_a_passage(tmp_path: Path):
+    path = tmp_path / "guide.md"
+    path.write_text("# The Guide\n\nSome text about backups.")
+    os.utime(path, (1_700_000_000, 1_700_000_000))
+    async with FilesConnector("docs", FilesSettings(path=tmp_path)) as docs:
+        await docs.wait_ready(5)
+        [passage] = await docs.search(SourceQuery("backups", 5))
+    assert passage.document_id == "guide.md" and passage.title == "The Guide"
+    assert passage.updated_at == "2023-11-14T22:13:20Z"
+    assert passage.metadata["path"] == "guide.md"
+    assert 0 < passage.source_score <= 1 and passage.source_rank == 1
+
+
+async def test_long_documents_become_several_passages(tmp_path: Path):
+    paragraphs = [f"Paragraph {i} about the deployment pipeline and its stages." * 4 for i in range(30)]
+    (tmp_path / "long.md").write_text("\n\n".join(paragraphs))
+    async with FilesConnector("docs", FilesSettings(path=tmp_path, chunk_chars=500)) as docs:
+        await docs.wait_ready(5)
+        found = await docs.search(SourceQuery("deployment pipeline", 100))
+    assert len(found) > 5 and all(len(p.content) <= 500 for p in found)
+    assert sorted(p.chunk_index for p in found) == list(range(len(found)))
+
+
+async def test_include_exclude_and_size_limit(tmp_path: Path):
+    (tmp_path / "a.md").write_text("widget")
+    (tmp_path / "b.txt").write_text("widget")
+    (tmp_path / "c.rst").write_text("widget")
+    (tmp_path / "drafts").mkdir()
+    (tmp_path / "drafts" / "d.md").write_text("widget")
+    (tmp_path / "huge.md").write_text("widget " * 1000)
+    settings = FilesSettings(path=tmp_path, include=["**/*.md", "**/*.txt"], exclude=["drafts/**"], max_file_bytes=1000)
+    async with FilesConnector("docs", settings) as docs:
+        await docs.wait_ready(5)
+        assert sorted(p.document_id for p in await docs.search(SourceQuery("widget", 10))) == ["a.md", "b.txt"]
+        assert docs.stats().skipped == 1
+
+
+async def test_a_missing_folder_is_a_reported_error_not_a_crash(tmp_path: Path):
+    async with FilesConnector("docs", FilesSettings(path=tmp_path / "nope", watch=False)) as docs:
+        await docs.wait_ready(5)
+        assert docs.ready
+        assert "does not exist" in docs.stats().last_refresh_error
+        assert await docs.search(SourceQuery("anything", 5)) == []
+
+
+async def test_metadata_filter_is_applied_before_the_limit(tmp_path: Path):
+    for i in range(30):
+        (tmp_path / f"doc{i:02}.md").write_text("release checklist " * (30 - i))
+    async with FilesConnector("docs", FilesSettings(path=tmp_path)) as docs:
+        await docs.wait_ready(5)
+        query = SourceQuery("release checklist", 3, accepts=lambda m: m["document_id"] == "doc29.md")
+        assert [p.document_id for p in await docs.search(query)] == ["doc29.md"]
+
+
+def test_titles():
+    assert title_of("a/b.md", "intro\n\n# Real Title #\n\ntext") == "Real Title"
+    assert title_of("a/b.md", "---\ntitle: From Front Matter\n---\n# Heading") == "From Front Matter"
+    assert title_of("notes.txt", "# not markdown") == "notes.txt"
+    assert title_of("x.md", "no heading") == "x.md"
