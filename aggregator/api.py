@@ -9,40 +9,42 @@ traceback in the answer; a source's failure is never an error of the request.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import ValidationError
 
-from .config import DEV_API_KEY, ApiKey, GatewayConfig
+from . import statuspage
+from .config import ApiKey, GatewayConfig
 from .filters import InvalidCondition
-from .health import HealthRecorder
 from .models import RetrievalRequest
 from .pipeline import UnknownKnowledgeBase, retrieve
 from .runtime import Gateway
+from .service import Service
 
-log = logging.getLogger("aggregator.access")
-
-MAX_BODY_BYTES = 1024 * 1024
-
+log = logging.getLogger("aggregator.api")
 
 def error(status: int, code: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error_code": code, "error_msg": message}, status_code=status, headers=headers)
 
 
 def find_key(config: GatewayConfig, presented: str) -> ApiKey | None:
-    """The configured key equal to `presented`, compared in constant time over every key."""
+    """The configured key matching `presented`: SHA-256 digests compared in constant time, over every key."""
+    digest = hashlib.sha256(presented.encode()).digest()
     found = None
     for candidate in config.server.api_keys:
-        if hmac.compare_digest(candidate.key.get_secret_value().encode(), presented.encode()):
+        if hmac.compare_digest(candidate.digest, digest):
             found = candidate
     return found
 
@@ -95,30 +97,35 @@ async def read_body(request: Request, limit: int) -> bytes | None:
     return b"".join(chunks)
 
 
-class Service:
-    """What the routes need: the current gateway and the health recorder."""
-
-    def __init__(self, load: Callable[[], GatewayConfig]) -> None:
-        self._load = load
-        self.gateway: Gateway | None = None
-        self.health = HealthRecorder()
-
-    async def start(self) -> None:
-        self.gateway = Gateway(self._load())
-        if self.gateway.uses_dev_key():
-            logging.getLogger("aggregator").warning(
-                "an API key is the development default %r: set AGGREGATOR_API_KEY before exposing this service", DEV_API_KEY
-            )
-        await self.gateway.start()
-
-    async def aclose(self) -> None:
-        if self.gateway is not None:
-            await self.gateway.aclose()
+def is_loopback(request: Request) -> bool:
+    host = request.client.host if request.client else ""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host in ("localhost", "testclient")
 
 
-def create_app(load: Callable[[], GatewayConfig]) -> FastAPI:
-    """The ASGI app. `load` returns the config; it runs at startup (errors there stop the server)."""
-    service = Service(load)
+def ops_denied(request: Request, config: GatewayConfig) -> JSONResponse | None:
+    """/status, /metrics and the page: the ops token when one is set, else loopback callers only."""
+    token = config.server.ops_token
+    if token is None:
+        if is_loopback(request):
+            return None
+        return error(403, 1001, "ops endpoints answer loopback callers only; set server.ops_token to open them to others")
+    presented = bearer_token(request.headers.get("authorization")) or request.query_params.get("token") or ""
+    if hmac.compare_digest(hashlib.sha256(presented.encode()).digest(), hashlib.sha256(token.get_secret_value().encode()).digest()):
+        return None
+    return error(403, 1002, "a valid ops token is required (Authorization: Bearer <ops_token>, or ?token=)")
+
+
+def create_app(load: Callable[[], GatewayConfig] | None = None, config_path: Path | None = None) -> FastAPI:
+    """The ASGI app. With `config_path` the file is loaded and watched for edits; `load` gives a fixed config."""
+    if config_path is not None:
+        service = Service.from_path(config_path)
+    elif load is not None:
+        service = Service(load)
+    else:
+        raise ValueError("create_app needs a config loader or a config path")
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -136,40 +143,44 @@ def create_app(load: Callable[[], GatewayConfig]) -> FastAPI:
         log.exception("unhandled error")
         return error(500, 5001, f"internal error ({type(exc).__name__}); see the service log")
 
-    async def retrieval(request: Request) -> JSONResponse:
-        started = time.perf_counter()
-        gateway = service.gateway
-        if gateway is None:
-            return error(503, 5003, "the service is starting; try again shortly")
+    async def answer(request: Request, gateway: Gateway) -> JSONResponse:
         token = bearer_token(request.headers.get("authorization"))
         if token is None:
             return error(403, 1001, "missing or malformed Authorization header; expected 'Bearer <API key>'")
         api_key = find_key(gateway.config, token)
         if api_key is None:
             return error(403, 1002, "the API key is not valid")
-        raw = await read_body(request, MAX_BODY_BYTES)
+        limit = gateway.config.server.max_body_bytes
+        raw = await read_body(request, limit)
         if raw is None:
-            return error(413, 3002, f"body: larger than {MAX_BODY_BYTES} bytes")
+            return error(413, 3002, f"body: larger than {limit} bytes")
         parsed = parse_request(raw)
         if isinstance(parsed, JSONResponse):
             return parsed
         if not api_key.allows(parsed.knowledge_id):
             return error(403, 1002, f"this API key may not read knowledge base {parsed.knowledge_id!r}")
+        started = time.perf_counter()
         try:
             result = await retrieve(gateway, parsed)
         except UnknownKnowledgeBase:
             return error(404, 2001, f"knowledge_id: no knowledge base named {parsed.knowledge_id!r}")
         except InvalidCondition as exc:
             return error(400, 3001, str(exc))
-        types = {name: c.type for name, c in gateway.connectors.items()}
-        service.health.record(result.sources, types)
-        elapsed = (time.perf_counter() - started) * 1000
-        log.info(
-            "retrieval id=%s kb=%s records=%d ms=%.1f sources=%s",
-            request.headers.get("x-request-id") or uuid.uuid4().hex[:12], parsed.knowledge_id,
-            len(result.records), elapsed, " ".join(f"{s.name}:{s.outcome}:{s.elapsed_ms:.0f}ms" for s in result.sources),
-        )  # fmt: skip
-        return JSONResponse({"records": result.records}, headers={"X-Sources": result.sources_header()})
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
+        service.record(gateway, parsed.knowledge_id, parsed.query, result, time.perf_counter() - started, request_id)
+        return JSONResponse(
+            {"records": result.records}, headers={"X-Sources": result.sources_header(), "X-Request-Id": request_id}
+        )
+
+    async def retrieval(request: Request) -> JSONResponse:
+        started = time.perf_counter()
+        gateway = service.gateway
+        if gateway is None:
+            return error(503, 5003, "the service is starting; try again shortly")
+        with gateway.lease():
+            response = await answer(request, gateway)
+        service.metrics.observe_request(response.status_code, time.perf_counter() - started)
+        return response
 
     openapi: dict[str, Any] = {
         "requestBody": {
@@ -188,9 +199,28 @@ def create_app(load: Callable[[], GatewayConfig]) -> FastAPI:
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
         gateway = service.gateway
-        waiting = [] if gateway is None else [n for n, c in gateway.connectors.items() if not c.ready]
+        waiting = [] if gateway is None else [n for n, s in gateway.slots.items() if not s.connector.ready]
         if gateway is None or waiting:
             return JSONResponse({"status": "starting", "waiting_for": waiting}, status_code=503)
         return JSONResponse({"status": "ready", "config_version": gateway.config.version})
+
+    @app.get("/status")
+    async def status(request: Request) -> JSONResponse:
+        if service.gateway is not None and (denied := ops_denied(request, service.gateway.config)):
+            return denied
+        return JSONResponse(service.status())
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        if service.gateway is not None and (denied := ops_denied(request, service.gateway.config)):
+            return denied
+        body, content_type = service.metrics.render()
+        return Response(body, media_type=content_type)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page(request: Request) -> Response:
+        if service.gateway is not None and (denied := ops_denied(request, service.gateway.config)):
+            return denied
+        return HTMLResponse(statuspage.render(service.status()))
 
     return app

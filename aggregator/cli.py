@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from .config import ConfigError, load_config, resolve_config_path
+from .logs import configure_logging
 
 log = logging.getLogger("aggregator")
 
@@ -28,6 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--log-level", default=os.environ.get("AGGREGATOR_LOG_LEVEL", "info"))
+    serve.add_argument("--log-format", choices=["text", "json"], default=os.environ.get("AGGREGATOR_LOG_FORMAT", "text"))
+
+    check = commands.add_parser("check", help="send a real query to every source; exit 1 if any fails")
+    _config_arg(check)
+    check.add_argument("--query", default="status check", help="the text sent to every source")
 
     validate = commands.add_parser("validate", help="check a config file; exit 1 listing every error")
     _config_arg(validate)
@@ -57,12 +63,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .api import create_app
 
-    config = _load_or_report(args.config)
-    if config is None:
+    if _load_or_report(args.config) is None:
         return 1
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(lambda: config)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
+    configure_logging(args.log_level, args.log_format)
+    app = create_app(config_path=resolve_config_path(args.config))
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), log_config=None)
     return 0
 
 
@@ -108,10 +113,7 @@ async def _query(args: argparse.Namespace) -> int:
     gateway = Gateway(config)
     await gateway.start()
     try:
-        for connector in gateway.connectors.values():  # an in-process query waits for indexes: there is no later
-            wait = getattr(connector, "wait_ready", None)
-            if wait is not None:
-                await wait(timeout=120)
+        await _wait_for_indexes(gateway)
         result = await retrieve(gateway, request)
     except UnknownKnowledgeBase:
         print(f"error: no knowledge base named {args.kb!r}; known: {', '.join(config.knowledge_bases)}", file=sys.stderr)
@@ -128,13 +130,60 @@ async def _query(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _wait_for_indexes(gateway, timeout: float = 120.0) -> None:  # type: ignore[no-untyped-def]
+    """In-process commands have no later: wait for every index's first sync."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not gateway.ready and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+
+
+async def _check(args: argparse.Namespace) -> int:
+    from connectors.base import SourceQuery
+
+    from .fanout import call_source
+    from .runtime import Gateway
+
+    config = _load_or_report(args.config)
+    if config is None:
+        return 1
+    gateway = Gateway(config)
+    await gateway.start()
+    loop = asyncio.get_running_loop()
+    rows: list[tuple[str, str, str, str, str]] = []
+    failed = 0
+    try:
+        await _wait_for_indexes(gateway)
+        query = SourceQuery(text=args.query, limit=5)
+        for name, slot in gateway.slots.items():
+            result = await call_source(slot.connector, query, slot.policy, loop.time() + config.server.deadline_s)
+            stats = slot.connector.stats()
+            error = result.error or (stats.last_refresh_error if stats else None) or ""
+            if result.outcome not in ("ok", "empty"):
+                state = result.outcome
+            else:
+                state = "sync_error" if error else "ok"
+            failed += state != "ok"
+            rows.append((name, state, f"{result.elapsed_ms:.0f} ms", str(len(result.passages)), error))
+    finally:
+        await gateway.aclose()
+    width = max([len("source")] + [len(r[0]) for r in rows])
+    print(f"{'source':<{width}}  {'state':<12}  {'time':>8}  {'results':>7}  error")
+    for name, state, elapsed, count, error in rows:
+        print(f"{name:<{width}}  {state:<12}  {elapsed:>8}  {count:>7}  {error}")
+    print(f"{len(rows) - failed} ok, {failed} failing")
+    return 1 if failed else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return cmd_serve(args)
     if args.command == "validate":
         return cmd_validate(args)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging("warning")
+    if args.command == "check":
+        return asyncio.run(_check(args))
     return asyncio.run(_query(args))
 
 

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Annotated, Any, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from connectors import REGISTRY
-from connectors.base import ConnectorSettings
+from connectors.base import CircuitSettings, ConnectorSettings
 
 DEFAULT_CONFIG_PATH = "connectors.yaml"
 #: The key the bundled connectors.yaml falls back to. Fine on a laptop, announced loudly at startup.
@@ -38,10 +38,27 @@ class ConfigError(Exception):
 
 
 class ApiKey(BaseModel):
+    """A Bearer key Dify may use: the key itself, or only its SHA-256 so the file holds no secret."""
+
     model_config = ConfigDict(extra="forbid")
 
-    key: SecretStr = Field(min_length=1)
+    key: SecretStr | None = Field(None, min_length=1)
+    key_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$", description="hex SHA-256 of the key")
     knowledge_ids: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
+
+    @model_validator(mode="after")
+    def _exactly_one_form(self) -> "ApiKey":
+        if (self.key is None) == (self.key_sha256 is None):
+            raise ValueError("give exactly one of key or key_sha256")
+        return self
+
+    @property
+    def digest(self) -> bytes:
+        """SHA-256 of the key: what presented keys are compared against, in constant time."""
+        if self.key_sha256 is not None:
+            return bytes.fromhex(self.key_sha256)
+        assert self.key is not None
+        return hashlib.sha256(self.key.get_secret_value().encode()).digest()
 
     def allows(self, knowledge_id: str) -> bool:
         return "*" in self.knowledge_ids or knowledge_id in self.knowledge_ids
@@ -52,6 +69,12 @@ class ServerSettings(BaseModel):
 
     api_keys: list[ApiKey] = Field(min_length=1)
     deadline_s: float = Field(4.0, gt=0, le=60)
+    ops_token: SecretStr | None = Field(
+        None, min_length=8, description="Bearer token for /status, /metrics and the status page; open on loopback when unset."
+    )
+    log_queries: bool = Field(False, description="Write the query text into the per-retrieval log line.")
+    watch_config: bool = Field(True, description="Reload connectors.yaml when it changes.")
+    max_body_bytes: int = Field(1024 * 1024, ge=1024, le=64 * 1024 * 1024)
 
 
 class Defaults(BaseModel):
@@ -60,6 +83,7 @@ class Defaults(BaseModel):
     timeout_s: float = Field(3.0, gt=0, le=60)
     retries: int = Field(2, ge=0, le=10)
     chunk_chars: int = Field(1500, ge=200, le=20000)
+    circuit: CircuitSettings = Field(default_factory=CircuitSettings)
 
 
 class KnowledgeBase(BaseModel):
@@ -85,12 +109,33 @@ class GatewayConfig(BaseModel):
     #: sha256 of the file's bytes (first 12 hex digits): which version is serving.
     version: str = ""
 
+    def secrets(self) -> list[str]:
+        """Every secret value in the config, so that messages can be scrubbed of them."""
+        found: list[str] = []
+
+        def walk(value: Any) -> None:
+            if isinstance(value, SecretStr):
+                if value.get_secret_value():
+                    found.append(value.get_secret_value())
+            elif isinstance(value, BaseModel):
+                for field_name in type(value).model_fields:
+                    walk(getattr(value, field_name))
+            elif isinstance(value, dict):
+                for item in value.values():
+                    walk(item)
+            elif isinstance(value, (list, tuple)):
+                for item in value:
+                    walk(item)
+
+        walk(self)
+        return sorted(set(found), key=len, reverse=True)
+
     def effective(self, name: str) -> ConnectorSettings:
         """A connector's settings with the `defaults` block filled into what it left unset."""
         settings = self.connectors[name]
         filled = {
             key: getattr(self.defaults, key)
-            for key in ("timeout_s", "retries", "chunk_chars")
+            for key in ("timeout_s", "retries", "chunk_chars", "circuit")
             if getattr(settings, key) is None
         }
         return settings.model_copy(update=filled)

@@ -7,7 +7,9 @@ One policy for every source type, in one place:
   it fits in the time left, otherwise the source gives up at once as `rate_limited`;
 - no retry sleeps past the deadline; other errors are not retried;
 - when the deadline comes, calls still running are cancelled and awaited, so nothing is
-  left behind, and their sources are reported as `timeout`.
+  left behind, and their sources are reported as `timeout`;
+- a circuit breaker per source skips, at no cost, a source that keeps failing (`skipped`)
+  and lets one trial call through after a cool-down.
 A source's failure is data (its outcome), never an exception out of here.
 """
 
@@ -24,10 +26,13 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_ran
 
 from connectors.base import Connector, Passage, RateLimited, SourceError, SourceQuery, SourceTimeout
 
+from .circuit import CircuitBreaker
+
 log = logging.getLogger(__name__)
 
 #: Outcomes reported per source, in X-Sources, /status and metrics.
 OUTCOMES = ("ok", "empty", "timeout", "error", "rate_limited", "auth_failed", "skipped")
+SUCCESSES = frozenset({"ok", "empty"})
 
 
 @dataclass(slots=True)
@@ -117,4 +122,40 @@ async def fan_out(calls: dict[str, Coroutine[Any, Any, SourceResult]], deadline:
             results.append(SourceResult(name, "error", [], _ms(started), f"internal error: {type(task.exception()).__name__}"))
         else:
             results.append(SourceResult(name, "timeout", [], _ms(started), "cut off at the request deadline"))
+    return results
+
+
+@dataclass(slots=True)
+class SourceSlot:
+    """A live source and the core's state for it; kept across config reloads while its settings stay the same."""
+
+    connector: Connector
+    policy: SourcePolicy
+    breaker: CircuitBreaker
+
+
+async def ask_sources(slots: list[SourceSlot], query: SourceQuery, deadline: float) -> list[SourceResult]:
+    """Fan out to the sources whose circuit allows a call; feed every outcome back to its breaker."""
+    calls: dict[str, Coroutine[Any, Any, SourceResult]] = {}
+    skipped: dict[str, SourceResult] = {}
+    for slot in slots:
+        name = slot.connector.name
+        if slot.breaker.allow():
+            calls[name] = call_source(slot.connector, query, slot.policy, deadline)
+        else:
+            wait = slot.breaker.seconds_until_trial() or 0.0
+            skipped[name] = SourceResult(name, "skipped", error=f"circuit open; next trial in {wait:.0f} s")
+    answered = {result.name: result for result in await fan_out(calls, deadline)}
+    results: list[SourceResult] = []
+    for slot in slots:
+        name = slot.connector.name
+        if name in skipped:
+            results.append(skipped[name])
+            continue
+        result = answered[name]
+        if result.outcome in SUCCESSES:
+            slot.breaker.record_success()
+        else:
+            slot.breaker.record_failure()
+        results.append(result)
     return results

@@ -1,31 +1,52 @@
-"""Per-source health, fed by every source call: what /status, the status page and /readyz report."""
+"""Per-source health, fed by every source call: what /status, the status page and metrics report.
+
+A source's `state`, from worst to best reason:
+- `disabled`: defined in connectors.yaml but used by no knowledge base;
+- `auth_failed`: its last call was refused (401/403), or its last sync was;
+- `circuit_open`: the breaker is skipping it;
+- `down`: its last `DOWN_AFTER` calls failed, or its index could not sync at all;
+- `degraded`: a recent call failed, or its last sync did;
+- `ok`.
+Messages are scrubbed of every secret in the config before they are kept.
+"""
 
 from __future__ import annotations
 
 import time
 from collections import Counter, deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from .fanout import OUTCOMES, SourceResult
+from .fanout import OUTCOMES, SourceResult, SourceSlot
 
 LATENCY_WINDOW = 256
+RECENT_WINDOW = 20
 #: Consecutive failures after which a source is `down` rather than `degraded`.
 DOWN_AFTER = 3
 FAILURES = frozenset({"timeout", "error", "rate_limited", "auth_failed"})
 
 
-def _now_iso() -> str:
+def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
+def percentile(values: Iterable[float], q: float) -> float | None:
     ordered = sorted(values)
+    if not ordered:
+        return None
     rank = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
-    return ordered[rank]
+    return round(ordered[rank], 1)
+
+
+def redact(message: str | None, secrets: Iterable[str]) -> str | None:
+    if message is None:
+        return None
+    for secret in secrets:
+        if secret:
+            message = message.replace(secret, "***")
+    return message
 
 
 @dataclass
@@ -34,51 +55,77 @@ class SourceHealth:
     source_type: str
     calls: Counter[str] = field(default_factory=Counter)
     latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
-    recent: deque[str] = field(default_factory=lambda: deque(maxlen=20))
+    recent: deque[str] = field(default_factory=lambda: deque(maxlen=RECENT_WINDOW))
     consecutive_failures: int = 0
     last_outcome: str | None = None
     last_success: str | None = None
     last_error: str | None = None
     last_error_at: str | None = None
 
-    def record(self, result: SourceResult) -> None:
+    def record(self, result: SourceResult, secrets: Iterable[str] = ()) -> None:
         self.calls[result.outcome] += 1
-        self.last_outcome = result.outcome
-        self.recent.append(result.outcome)
         if result.outcome == "skipped":
             return
+        self.last_outcome = result.outcome
+        self.recent.append(result.outcome)
         self.latencies_ms.append(result.elapsed_ms)
         if result.outcome in FAILURES:
             self.consecutive_failures += 1
-            self.last_error = result.error or result.outcome
-            self.last_error_at = _now_iso()
+            self.last_error = redact(result.error or result.outcome, secrets)
+            self.last_error_at = now_iso()
         else:
             self.consecutive_failures = 0
-            self.last_success = _now_iso()
+            self.last_success = now_iso()
 
-    @property
-    def state(self) -> str:
-        if self.last_outcome is None:
-            return "ok"
-        if self.last_outcome == "auth_failed":
+    def state(self, slot: SourceSlot | None, used: bool) -> str:
+        stats = slot.connector.stats() if slot else None
+        sync_error = stats.last_refresh_error if stats else None
+        if not used:
+            return "disabled"
+        if self.last_outcome == "auth_failed" or (sync_error and "auth" in sync_error.lower()):
             return "auth_failed"
-        if self.consecutive_failures >= DOWN_AFTER:
+        if slot is not None and slot.breaker.state == "open":
+            return "circuit_open"
+        if self.consecutive_failures >= DOWN_AFTER or (sync_error and stats is not None and stats.documents == 0):
             return "down"
-        if any(outcome in FAILURES for outcome in self.recent):
+        if any(outcome in FAILURES for outcome in self.recent) or sync_error:
             return "degraded"
         return "ok"
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, slot: SourceSlot | None, used: bool, secrets: Iterable[str]) -> dict[str, Any]:
+        secrets = list(secrets)
         window = list(self.latencies_ms)
+        stats = slot.connector.stats() if slot else None
+        breaker = slot.breaker if slot else None
         return {
             "name": self.name,
             "type": self.source_type,
-            "state": self.state,
+            "state": self.state(slot, used),
+            "ready": slot.connector.ready if slot else None,
             "last_success": self.last_success,
             "last_error": {"at": self.last_error_at, "message": self.last_error} if self.last_error else None,
             "latency_ms": {"p50": percentile(window, 0.5), "p95": percentile(window, 0.95), "window": len(window)},
             "calls": {outcome: self.calls.get(outcome, 0) for outcome in OUTCOMES},
-        }
+            "circuit": None if breaker is None else {
+                "state": breaker.state,
+                "consecutive_failures": breaker.consecutive_failures,
+                "next_trial_in_s": None if breaker.seconds_until_trial() is None else round(breaker.seconds_until_trial() or 0.0, 1),
+            },
+            "index": None if stats is None else {
+                "documents": stats.documents,
+                "passages": stats.passages,
+                "skipped": stats.skipped,
+                "last_refresh": stats.last_refresh,
+                "last_refresh_error": redact(stats.last_refresh_error, secrets),
+            },
+        }  # fmt: skip
+
+
+@dataclass
+class ReloadRecord:
+    at: str
+    result: str  # "ok" or "error"
+    error: str | None = None
 
 
 class HealthRecorder:
@@ -87,6 +134,7 @@ class HealthRecorder:
     def __init__(self) -> None:
         self.sources: dict[str, SourceHealth] = {}
         self.started = time.time()
+        self.last_reload: ReloadRecord | None = None
 
     def source(self, name: str, source_type: str) -> SourceHealth:
         health = self.sources.get(name)
@@ -94,6 +142,7 @@ class HealthRecorder:
             health = self.sources[name] = SourceHealth(name, source_type)
         return health
 
-    def record(self, results: list[SourceResult], types: dict[str, str]) -> None:
+    def record(self, results: list[SourceResult], types: dict[str, str], secrets: Iterable[str] = ()) -> None:
+        secrets = list(secrets)
         for result in results:
-            self.source(result.name, types.get(result.name, "?")).record(result)
+            self.source(result.name, types.get(result.name, "?")).record(result, secrets)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from connectors.base import SourceQuery, record_metadata
 
-from .fanout import SourceResult, call_source, fan_out
+from .fanout import SourceResult, ask_sources
 from .filters import compile_filter
 from .models import RetrievalRequest
 from .rerank import Candidate, dedupe, rerank
@@ -51,15 +51,12 @@ async def retrieve(gateway: Gateway, request: RetrievalRequest) -> RetrievalResu
     )
     loop = asyncio.get_running_loop()
     deadline = loop.time() + gateway.config.server.deadline_s
-    names = list(dict.fromkeys(knowledge_base.connectors))
-    results = await fan_out(
-        {name: call_source(gateway.connectors[name], query, gateway.policies[name], deadline) for name in names},
-        deadline,
-    )
+    slots = [gateway.slots[name] for name in dict.fromkeys(knowledge_base.connectors)]
+    results = await ask_sources(slots, query, deadline)
 
     candidates: list[Candidate] = []
     for result in results:
-        connector = gateway.connectors[result.name]
+        connector = gateway.slots[result.name].connector
         for passage in result.passages:
             metadata = record_metadata(passage, connector.name, connector.type)
             if accepts is None or accepts(metadata):

@@ -1,44 +1,91 @@
-"""A running gateway: one loaded config and the live connectors it defines."""
+"""A running gateway: one loaded config and the live sources it defines.
+
+A config reload builds a new `Gateway` that adopts, from the old one, every
+source whose settings did not change (connector, index, circuit breaker and
+all), so an edit to one source never resets the others. Requests hold a lease
+on the gateway they started with; the old gateway closes the sources it did
+not hand over only once its last request has finished.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Iterator
 
 from connectors import build_connector
 from connectors.base import Connector
 
+from .circuit import CircuitBreaker
 from .config import DEV_API_KEY, GatewayConfig
-from .fanout import SourcePolicy
+from .fanout import SourcePolicy, SourceSlot
 
 log = logging.getLogger(__name__)
 
 
 class Gateway:
-    """Owns the connectors of one config version. Start it once, close it once."""
+    """Owns the sources of one config version."""
 
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, previous: "Gateway | None" = None) -> None:
         self.config = config
-        self.connectors: dict[str, Connector] = {
-            name: build_connector(name, config.effective(name)) for name in config.connectors
-        }
-        self.policies: dict[str, SourcePolicy] = {}
-        for name, connector in self.connectors.items():
-            settings = connector.settings
-            self.policies[name] = SourcePolicy(timeout_s=settings.timeout_s or 3.0, retries=settings.retries or 0)
+        self.slots: dict[str, SourceSlot] = {}
+        self.adopted: set[str] = set()
+        for name in config.connectors:
+            settings = config.effective(name)
+            old = previous.slots.get(name) if previous else None
+            if old is not None and old.connector.settings == settings:
+                self.slots[name] = old
+                self.adopted.add(name)
+                continue
+            assert settings.circuit is not None  # filled from defaults by effective()
+            self.slots[name] = SourceSlot(
+                connector=build_connector(name, settings),
+                policy=SourcePolicy(timeout_s=settings.timeout_s or 3.0, retries=settings.retries or 0),
+                breaker=CircuitBreaker(settings.circuit),
+            )
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def connectors(self) -> dict[str, Connector]:
+        return {name: slot.connector for name, slot in self.slots.items()}
 
     @property
     def ready(self) -> bool:
-        return all(connector.ready for connector in self.connectors.values())
+        return all(slot.connector.ready for slot in self.slots.values())
 
     def uses_dev_key(self) -> bool:
-        return any(k.key.get_secret_value() == DEV_API_KEY for k in self.config.server.api_keys)
+        return any(k.key is not None and k.key.get_secret_value() == DEV_API_KEY for k in self.config.server.api_keys)
+
+    @contextlib.contextmanager
+    def lease(self) -> Iterator["Gateway"]:
+        """Hold this gateway for one request; closing waits for every lease to end."""
+        self._inflight += 1
+        self._idle.clear()
+        try:
+            yield self
+        finally:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.set()
 
     async def start(self) -> None:
-        await asyncio.gather(*(connector.start() for connector in self.connectors.values()))
+        """Start the sources this gateway did not adopt (adopted ones are running already)."""
+        await asyncio.gather(*(s.connector.start() for n, s in self.slots.items() if n not in self.adopted))
+
+    async def drain_and_close(self, keep: set[str] = frozenset(), drain_timeout: float = 30.0) -> None:
+        """Wait for requests in flight, then close every source not in `keep` (those a successor adopted)."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), drain_timeout)
+        await self._close([name for name in self.slots if name not in keep])
 
     async def aclose(self) -> None:
-        results = await asyncio.gather(*(c.aclose() for c in self.connectors.values()), return_exceptions=True)
-        for name, result in zip(self.connectors, results):
+        await self._close(list(self.slots))
+
+    async def _close(self, names: list[str]) -> None:
+        results = await asyncio.gather(*(self.slots[n].connector.aclose() for n in names), return_exceptions=True)
+        for name, result in zip(names, results):
             if isinstance(result, Exception):
                 log.warning("source %s did not close cleanly: %s", name, result)

@@ -28,6 +28,16 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 
 
+class CircuitSettings(BaseModel):
+    """When the core stops calling a failing source, and for how long (see aggregator/circuit.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    failures: int = Field(5, ge=1, le=1000, description="Consecutive failures that open the circuit.")
+    cooldown_s: float = Field(10.0, gt=0, le=3600, description="First wait before a trial call.")
+    max_cooldown_s: float = Field(300.0, gt=0, le=86400, description="Cap of the doubling cool-down.")
+
+
 class ConnectorSettings(BaseModel):
     """Fields every connector accepts; each source type subclasses this.
 
@@ -42,6 +52,7 @@ class ConnectorSettings(BaseModel):
     timeout_s: float | None = Field(None, gt=0, le=60, description="Per-call budget; defaults.timeout_s if unset.")
     retries: int | None = Field(None, ge=0, le=10, description="Retries of a transient failure; defaults.retries if unset.")
     chunk_chars: int | None = Field(None, ge=200, le=20000, description="Passage size; defaults.chunk_chars if unset.")
+    circuit: CircuitSettings | None = Field(None, description="Circuit breaker; defaults.circuit if unset.")
 
 
 @dataclass(slots=True)

@@ -1,0 +1,75 @@
+"""Prometheus metrics, with `prometheus-client`. One registry per service, so tests can run several.
+
+Counters and histograms are updated as requests happen; gauges that describe
+current state (circuit, indexed documents, readiness) are read from the live
+gateway at scrape time, so they can never drift from what /status says.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .fanout import SourceResult
+
+if TYPE_CHECKING:
+    from .runtime import Gateway
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0)
+CIRCUIT_VALUES = {"closed": 0, "half_open": 1, "open": 2}
+
+
+class _LiveState(Collector):
+    def __init__(self, current: Callable[[], "Gateway | None"]) -> None:
+        self._current = current
+
+    def collect(self) -> Iterator[Metric]:
+        gateway = self._current()
+        circuit = GaugeMetricFamily("gateway_circuit_state", "Circuit breaker per source: 0 closed, 1 half-open, 2 open.", labels=["source"])
+        documents = GaugeMetricFamily("gateway_indexed_documents", "Documents in an indexed source's local index.", labels=["source"])
+        passages = GaugeMetricFamily("gateway_indexed_passages", "Passages in an indexed source's local index.", labels=["source"])
+        ready = GaugeMetricFamily("gateway_ready", "1 once every index has finished its first sync.")
+        if gateway is not None:
+            for name, slot in gateway.slots.items():
+                circuit.add_metric([name], CIRCUIT_VALUES[slot.breaker.state])
+                stats = slot.connector.stats()
+                if stats is not None:
+                    documents.add_metric([name], stats.documents)
+                    passages.add_metric([name], stats.passages)
+            ready.add_metric([], 1 if gateway.ready else 0)
+        yield from (circuit, documents, passages, ready)
+
+
+class Metrics:
+    def __init__(self, current: Callable[[], "Gateway | None"]) -> None:
+        self.registry = CollectorRegistry()
+        self.source_calls = Counter(
+            "gateway_source_calls", "Source calls by outcome.", ["source", "outcome"], registry=self.registry
+        )
+        self.source_latency = Histogram(
+            "gateway_source_latency_seconds", "Time of one source's part of a request.", ["source"],
+            buckets=LATENCY_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.requests = Counter("gateway_requests", "Retrieval requests by HTTP status.", ["status"], registry=self.registry)
+        self.request_latency = Histogram(
+            "gateway_request_latency_seconds", "Time to answer a retrieval.", buckets=LATENCY_BUCKETS, registry=self.registry
+        )
+        self.reloads = Counter("gateway_config_reloads", "Config reloads by result.", ["result"], registry=self.registry)
+        self.registry.register(_LiveState(current))
+
+    def observe_sources(self, results: list[SourceResult]) -> None:
+        for result in results:
+            self.source_calls.labels(result.name, result.outcome).inc()
+            if result.outcome != "skipped":
+                self.source_latency.labels(result.name).observe(result.elapsed_ms / 1000.0)
+
+    def observe_request(self, status: int, seconds: float) -> None:
+        self.requests.labels(str(status)).inc()
+        self.request_latency.observe(seconds)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,161 @@
+"""The long-lived service around a gateway: hot reload, health, metrics, and the per-request log line.
+
+Reload: the config file is watched; a valid new version is swapped in as one
+assignment (requests in flight keep the gateway they leased), sources whose
+settings did not change are carried over with their indexes and breakers, and
+the old gateway closes the rest once its last request has finished. An
+invalid version is rejected: the last good one keeps serving and the error is
+kept for /status, the status page and the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .config import DEV_API_KEY, ConfigError, GatewayConfig, load_config
+from .health import HealthRecorder, ReloadRecord, now_iso, redact
+from .metrics import Metrics
+from .pipeline import RetrievalResult
+from .runtime import Gateway
+
+log = logging.getLogger("aggregator")
+access_log = logging.getLogger("aggregator.access")
+
+
+class Service:
+    def __init__(self, load: Callable[[], GatewayConfig], config_path: Path | None = None) -> None:
+        """`load` gives the first config; with `config_path`, the file is also watched and reloaded."""
+        self._load = load
+        self.config_path = config_path
+        self.gateway: Gateway | None = None
+        self.health = HealthRecorder()
+        self.metrics = Metrics(lambda: self.gateway)
+        self._watcher: asyncio.Task[None] | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._reload_lock = asyncio.Lock()
+
+    @classmethod
+    def from_path(cls, path: Path) -> "Service":
+        return cls(lambda: load_config(path), path)
+
+    async def start(self) -> None:
+        self.gateway = Gateway(self._load())
+        if self.gateway.uses_dev_key():
+            log.warning("an API key is the development default %r: set AGGREGATOR_API_KEY before exposing this service", DEV_API_KEY)
+        await self.gateway.start()
+        if self.config_path is not None and self.gateway.config.server.watch_config:
+            self._watcher = asyncio.create_task(self._watch(self.config_path), name="watch:config")
+
+    async def aclose(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        for task in list(self._retiring):
+            with contextlib.suppress(Exception):
+                await task
+        if self.gateway is not None:
+            await self.gateway.aclose()
+
+    # -- reload ------------------------------------------------------------------------------------
+
+    async def reload(self) -> bool:
+        """Load the config file again and swap it in if valid. True when the new version serves."""
+        if self.config_path is None or self.gateway is None:
+            return False
+        async with self._reload_lock:
+            old = self.gateway
+            try:
+                config = await asyncio.to_thread(load_config, self.config_path)
+            except ConfigError as exc:
+                message = "; ".join(redact(e, old.config.secrets()) or "" for e in exc.errors)
+                self.health.last_reload = ReloadRecord(now_iso(), "error", message)
+                self.metrics.reloads.labels("error").inc()
+                log.error("config reload rejected, still serving version %s: %s", old.config.version, message)
+                return False
+            if config.version == old.config.version and config.secrets() == old.config.secrets():
+                return True
+            new = Gateway(config, previous=old)
+            await new.start()
+            self.gateway = new
+            retire = asyncio.create_task(old.drain_and_close(keep=new.adopted), name=f"retire:{old.config.version}")
+            self._retiring.add(retire)
+            retire.add_done_callback(self._retiring.discard)
+            self.health.last_reload = ReloadRecord(now_iso(), "ok")
+            self.metrics.reloads.labels("ok").inc()
+            changed = sorted(set(new.slots) - new.adopted)
+            removed = sorted(set(old.slots) - set(new.slots))
+            log.info("config version %s now serving (new or changed sources: %s; removed: %s)",
+                     config.version, ", ".join(changed) or "none", ", ".join(removed) or "none")  # fmt: skip
+            return True
+
+    async def _watch(self, path: Path) -> None:
+        import watchfiles
+
+        target = path.resolve()
+
+        def is_config(_change: Any, changed: str) -> bool:
+            return Path(changed).resolve() == target
+
+        while True:
+            try:
+                async for _ in watchfiles.awatch(target.parent, watch_filter=is_config, debounce=300, step=50):
+                    await self.reload()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("watching %s failed (%s); retrying in 5 s", path, exc)
+                await asyncio.sleep(5)
+
+    # -- what happened ------------------------------------------------------------------------------
+
+    def record(self, gateway: Gateway, knowledge_id: str, query: str, result: RetrievalResult, elapsed_s: float, request_id: str) -> None:
+        """Health, metrics and the one log line of a retrieval."""
+        secrets = gateway.config.secrets()
+        types = {name: slot.connector.type for name, slot in gateway.slots.items()}
+        self.health.record(result.sources, types, secrets)
+        self.metrics.observe_sources(result.sources)
+        fields: dict[str, Any] = {
+            "event": "retrieval",
+            "request_id": request_id,
+            "knowledge_id": knowledge_id,
+            "records": len(result.records),
+            "ms": round(elapsed_s * 1000, 1),
+            "sources": {s.name: {"outcome": s.outcome, "ms": round(s.elapsed_ms, 1)} for s in result.sources},
+        }
+        if gateway.config.server.log_queries:
+            fields["query"] = query
+        summary = " ".join(f"{s.name}={s.outcome}:{s.elapsed_ms:.0f}ms" for s in result.sources)
+        access_log.info(
+            "retrieval id=%s kb=%s records=%d ms=%.1f %s%s", request_id, knowledge_id, len(result.records),
+            elapsed_s * 1000, summary, f" query={query!r}" if gateway.config.server.log_queries else "",
+            extra={"fields": fields},
+        )  # fmt: skip
+
+    def status(self) -> dict[str, Any]:
+        gateway = self.gateway
+        if gateway is None:
+            return {"ready": False, "sources": []}
+        config = gateway.config
+        used = {name for kb in config.knowledge_bases.values() for name in kb.connectors}
+        secrets = config.secrets()
+        sources = []
+        for name, slot in gateway.slots.items():
+            health = self.health.source(name, slot.connector.type)
+            sources.append(health.snapshot(slot, name in used, secrets))
+        reload = self.health.last_reload
+        return {
+            "ready": gateway.ready,
+            "config_version": config.version,
+            "config_path": str(self.config_path) if self.config_path else None,
+            "last_reload": None if reload is None else {"at": reload.at, "result": reload.result, "error": reload.error},
+            "uptime_s": round(time.time() - self.health.started, 1),
+            "knowledge_bases": {kb_id: kb.connectors for kb_id, kb in config.knowledge_bases.items()},
+            "sources": sources,
+        }
