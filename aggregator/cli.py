@@ -142,6 +142,7 @@ async def _check(args: argparse.Namespace) -> int:
     from connectors.base import SourceQuery
 
     from .fanout import call_source
+    from .health import redact
     from .runtime import Gateway
 
     config = _load_or_report(args.config)
@@ -158,7 +159,7 @@ async def _check(args: argparse.Namespace) -> int:
         for name, slot in gateway.slots.items():
             result = await call_source(slot.connector, query, slot.policy, loop.time() + config.server.deadline_s)
             stats = slot.connector.stats()
-            error = result.error or (stats.last_refresh_error if stats else None) or ""
+            error = redact(result.error or (stats.last_refresh_error if stats else None), config.secrets()) or ""
             if result.outcome not in ("ok", "empty"):
                 state = result.outcome
             else:

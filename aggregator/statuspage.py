@@ -26,7 +26,9 @@ th { background: #f6f8fa; font-weight: 600; }
 
 
 def _ms(value: float | None) -> str:
-    return "–" if value is None else f"{value:.0f}"
+    if value is None:
+        return "–"
+    return f"{value:.1f}" if value < 10 else f"{value:.0f}"
 
 
 def _row(source: dict[str, Any]) -> str:

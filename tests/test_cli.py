@@ -106,3 +106,24 @@ def test_serve_refuses_a_broken_config(tmp_path: Path):
     bad.write_text("server: {}\n")
     result = run("serve", "--config", str(bad), "--port", str(free_port()))
     assert result.returncode == 1 and "server.api_keys: field required" in result.stderr
+
+
+def test_check_reports_each_source_and_fails_when_one_does(tmp_path: Path):
+    folder = write_docs(tmp_path / "docs", DOCS)
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "server:\n  api_keys: [{key: k}]\n"
+        "knowledge_bases:\n  demo: {connectors: [docs, partner]}\n"
+        f"connectors:\n  docs: {{type: files, path: {folder}}}\n"
+        f"  partner: {{type: dify, endpoint: 'http://127.0.0.1:{free_port()}', api_key: partner-secret, knowledge_id: kb, retries: 0}}\n"
+    )
+    result = run("check", "--config", str(config), "--query", "signing keys")
+    assert result.returncode == 1
+    lines = {line.split()[0]: line for line in result.stdout.splitlines()[1:-1]}
+    assert lines["docs"].split()[1] == "ok" and lines["docs"].split()[4] == "1"
+    assert lines["partner"].split()[1] == "error" and "cannot connect" in lines["partner"]
+    assert result.stdout.splitlines()[-1] == "1 ok, 1 failing"
+    assert "partner-secret" not in result.stdout + result.stderr
+
+    healthy = run("check", "--config", "connectors.yaml")
+    assert healthy.returncode == 0 and "samples" in healthy.stdout

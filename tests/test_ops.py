@@ -1,0 +1,163 @@
+"""What an operator sees: /status, the status page, /metrics, the ops token, logs, and no secret anywhere."""
+
+from __future__ import annotations
+
+import json
+import logging
+import textwrap
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from aggregator.api import create_app
+from aggregator.config import parse_config
+from aggregator.logs import JsonFormatter
+
+from .conftest import KEY, write_docs
+
+SECRET = "upstream-secret-value-42"
+OPS = "ops-token-for-tests"
+
+
+def config_text(folder: Path, extra_server: str = "") -> str:
+    return textwrap.dedent(f"""
+    server:
+      api_keys:
+        - key: {KEY}
+      deadline_s: 1.0
+    {extra_server}
+    knowledge_bases:
+      demo:
+        connectors: [docs, partner]
+    connectors:
+      docs:
+        type: files
+        path: {folder}
+      partner:
+        type: dify
+        endpoint: http://{SECRET}@127.0.0.1:9/api
+        api_key: {SECRET}
+        knowledge_id: kb
+        retries: 0
+      spare:
+        type: files
+        path: {folder}
+    """)
+
+
+def client_for(text: str, **kwargs) -> TestClient:
+    config = parse_config(text, {})
+    return TestClient(create_app(lambda: config), **kwargs)
+
+
+def ask(client: TestClient, query: str = "rotate signing keys") -> None:
+    body = {"knowledge_id": "demo", "query": query, "retrieval_setting": {"top_k": 3, "score_threshold": 0}}
+    assert client.post("/retrieval", json=body, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    return write_docs(tmp_path / "docs")
+
+
+def wait_ready(client: TestClient) -> None:
+    for slot in client.app.state.service.gateway.slots.values():
+        wait = getattr(slot.connector, "wait_ready", None)
+        if wait:
+            client.portal.call(wait, 10)
+
+
+def test_status_reports_each_source(folder: Path):
+    with client_for(config_text(folder)) as client:
+        wait_ready(client)
+        ask(client)
+        status = client.get("/status").json()
+    assert status["ready"] is True and len(status["config_version"]) == 12
+    by_name = {s["name"]: s for s in status["sources"]}
+    assert by_name["docs"]["state"] == "ok" and by_name["docs"]["calls"]["ok"] == 1
+    assert by_name["docs"]["index"]["documents"] == 5 and by_name["docs"]["index"]["last_refresh"]
+    assert by_name["docs"]["latency_ms"]["p50"] is not None
+    assert by_name["partner"]["state"] == "degraded" and by_name["partner"]["calls"]["error"] == 1
+    assert by_name["partner"]["last_error"]["message"] and by_name["partner"]["circuit"]["state"] == "closed"
+    assert by_name["spare"]["state"] == "disabled", "defined but in no knowledge base"
+    assert status["knowledge_bases"] == {"demo": ["docs", "partner"]}
+
+
+def test_status_page_shows_a_row_per_source_without_scripts(folder: Path):
+    with client_for(config_text(folder)) as client:
+        wait_ready(client)
+        ask(client)
+        page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    html = page.text
+    assert '<meta http-equiv="refresh"' in html and "<script" not in html
+    assert 'data-source="docs"' in html and 'data-source="partner"' in html
+    assert ">degraded<" in html and ">ok<" in html
+
+
+def test_no_secret_in_status_page_metrics_or_logs(folder: Path, caplog):
+    caplog.set_level(logging.DEBUG)
+    with client_for(config_text(folder)) as client:
+        wait_ready(client)
+        ask(client)
+        ask(client)
+        seen = client.get("/status").text + client.get("/").text + client.get("/metrics").text
+    seen += "\n".join(r.getMessage() + json.dumps(getattr(r, "fields", {})) for r in caplog.records)
+    assert SECRET not in seen
+    assert "***" in seen, "the endpoint's credentials were scrubbed from the error message"
+
+
+def test_ops_endpoints_are_loopback_only_without_a_token(folder: Path):
+    with client_for(config_text(folder), client=("203.0.113.7", 4000)) as remote:
+        for path in ("/status", "/metrics", "/"):
+            response = remote.get(path)
+            assert response.status_code == 403 and response.json()["error_code"] == 1001
+        assert remote.get("/healthz").status_code == 200, "probes stay open"
+    with client_for(config_text(folder), client=("127.0.0.1", 4000)) as local:
+        assert local.get("/status").status_code == 200
+
+
+def test_ops_token_opens_them_to_others(folder: Path):
+    text = config_text(folder, extra_server=f"  ops_token: {OPS}")
+    with client_for(text, client=("203.0.113.7", 4000)) as remote:
+        assert remote.get("/status").status_code == 403
+        assert remote.get("/status", headers={"Authorization": "Bearer wrong-token"}).status_code == 403
+        assert remote.get("/status", headers={"Authorization": f"Bearer {OPS}"}).status_code == 200
+        assert remote.get("/metrics", headers={"Authorization": f"Bearer {OPS}"}).status_code == 200
+        assert remote.get(f"/?token={OPS}").status_code == 200, "a browser can pass it in the URL"
+    with client_for(text, client=("127.0.0.1", 4000)) as local:
+        assert local.get("/status").status_code == 403, "with a token set, loopback needs it too"
+
+
+def test_hashed_api_keys(folder: Path):
+    import hashlib
+
+    digest = hashlib.sha256(KEY.encode()).hexdigest()
+    text = config_text(folder).replace(f"- key: {KEY}", f"- key_sha256: {digest}")
+    with client_for(text) as client:
+        wait_ready(client)
+        ask(client)
+        bad = client.post("/retrieval", json={"knowledge_id": "demo", "query": "x"}, headers={"Authorization": f"Bearer {digest}"})
+        assert bad.status_code == 403 and bad.json()["error_code"] == 1002
+
+
+def test_one_log_line_per_retrieval_without_the_query_unless_asked(folder: Path, caplog):
+    caplog.set_level(logging.INFO, logger="aggregator.access")
+    with client_for(config_text(folder)) as client:
+        wait_ready(client)
+        ask(client, "a very private question about keys")
+    [line] = [r for r in caplog.records if r.name == "aggregator.access"]
+    fields = line.fields
+    assert fields["knowledge_id"] == "demo" and fields["request_id"] and fields["ms"] >= 0
+    assert fields["sources"]["docs"]["outcome"] == "ok" and fields["sources"]["partner"]["outcome"] == "error"
+    assert "private question" not in line.getMessage() and "query" not in fields
+    entry = json.loads(JsonFormatter().format(line))
+    assert entry["event"] == "retrieval" and entry["level"] == "info"
+
+    caplog.clear()
+    with client_for(config_text(folder, extra_server="  log_queries: true")) as client:
+        wait_ready(client)
+        ask(client, "a very private question about keys")
+    [line] = [r for r in caplog.records if r.name == "aggregator.access"]
+    assert line.fields["query"] == "a very private question about keys"
