@@ -9,6 +9,7 @@ traceback in the answer; a source's failure is never an error of the request.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import ipaddress
@@ -34,6 +35,9 @@ from .runtime import Gateway
 from .service import Service
 
 log = logging.getLogger("aggregator.api")
+
+#: A client that trickles its body in may not hold a request open longer than this.
+BODY_TIMEOUT_S = 10.0
 
 def error(status: int, code: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error_code": code, "error_msg": message}, status_code=status, headers=headers)
@@ -151,7 +155,11 @@ def create_app(load: Callable[[], GatewayConfig] | None = None, config_path: Pat
         if api_key is None:
             return error(403, 1002, "the API key is not valid")
         limit = gateway.config.server.max_body_bytes
-        raw = await read_body(request, limit)
+        try:
+            async with asyncio.timeout(BODY_TIMEOUT_S):
+                raw = await read_body(request, limit)
+        except TimeoutError:
+            return error(408, 3003, f"body: not received within {BODY_TIMEOUT_S:.0f} s")
         if raw is None:
             return error(413, 3002, f"body: larger than {limit} bytes")
         parsed = parse_request(raw)

@@ -173,3 +173,25 @@ def test_a_bug_is_500_5001_without_a_traceback(client, monkeypatch):
         response = c.post("/retrieval", json=body(), headers=AUTH)
     assert_error(response, 500, 5001)
     assert "secret internals" not in response.text and "Traceback" not in response.text
+
+
+async def test_a_client_trickling_its_body_is_cut_off(config: GatewayConfig, monkeypatch):
+    import asyncio
+
+    import httpx
+
+    import aggregator.api
+
+    monkeypatch.setattr(aggregator.api, "BODY_TIMEOUT_S", 0.3)
+    app = create_app(lambda: config)
+
+    async def trickle():
+        yield b'{"knowledge_id": "demo", '
+        await asyncio.sleep(5)
+        yield b'"query": "x"}'
+
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            response = await asyncio.wait_for(client.post("/retrieval", content=trickle(), headers=AUTH), 3)
+    assert_error(response, 408, 3003)
