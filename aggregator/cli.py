@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 
 from .config import ConfigError, load_config, resolve_config_path
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--log-level", default=os.environ.get("AGGREGATOR_LOG_LEVEL", "info"))
+    serve.add_argument("--workers", type=int, default=1, help="worker processes (each keeps its own indexes and health)")
     serve.add_argument("--log-format", choices=["text", "json"], default=os.environ.get("AGGREGATOR_LOG_FORMAT", "text"))
 
     check = commands.add_parser("check", help="send a real query to every source; exit 1 if any fails")
@@ -66,8 +68,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if _load_or_report(args.config) is None:
         return 1
     configure_logging(args.log_level, args.log_format)
-    app = create_app(config_path=resolve_config_path(args.config))
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), log_config=None)
+    path = resolve_config_path(args.config).resolve()
+    common = {"host": args.host, "port": args.port, "log_level": args.log_level.lower(), "log_config": None}
+    if args.workers <= 1:
+        uvicorn.run(create_app(config_path=path), **common)  # type: ignore[arg-type]
+        return 0
+    # Several processes: each loads the config from the environment; metrics are summed across them
+    # through prometheus-client's multiprocess mode, which must be set up before any worker imports it.
+    os.environ["AGGREGATOR_CONFIG"] = str(path)
+    os.environ["AGGREGATOR_LOG_FORMAT"] = args.log_format
+    os.environ["AGGREGATOR_LOG_LEVEL"] = args.log_level
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gateway-metrics-")
+    uvicorn.run("aggregator.asgi:create_from_env", factory=True, workers=args.workers, **common)  # type: ignore[arg-type]
     return 0
 
 

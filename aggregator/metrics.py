@@ -7,10 +7,11 @@ gateway at scrape time, so they can never drift from what /status says.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -59,7 +60,8 @@ class Metrics:
             "gateway_request_latency_seconds", "Time to answer a retrieval.", buckets=LATENCY_BUCKETS, registry=self.registry
         )
         self.reloads = Counter("gateway_config_reloads", "Config reloads by result.", ["result"], registry=self.registry)
-        self.registry.register(_LiveState(current))
+        self._live = _LiveState(current)
+        self.registry.register(self._live)
 
     def observe_sources(self, results: list[SourceResult]) -> None:
         for result in results:
@@ -72,4 +74,11 @@ class Metrics:
         self.request_latency.observe(seconds)
 
     def render(self) -> tuple[bytes, str]:
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        """The text exposition. With several workers, counters and histograms are summed over all of them
+        (prometheus-client multiprocess mode); live-state gauges are those of the worker answering."""
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        combined = CollectorRegistry()
+        multiprocess.MultiProcessCollector(combined)
+        combined.register(self._live)
+        return generate_latest(combined), CONTENT_TYPE_LATEST
