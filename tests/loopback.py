@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import uvicorn
 
 
@@ -50,3 +53,39 @@ def serve(app: Any, port: int | None = None, startup_timeout: float = 20.0, **op
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def wait_ready(base_url: str, timeout: float = 20.0, process: subprocess.Popen | None = None) -> None:
+    """Poll /readyz until the gateway says it is ready (and fail early if its process died)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(base_url + "/readyz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the server exited with status {process.returncode}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{base_url} did not become ready in {timeout} s")
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def serve_cli(*args: str, env: dict[str, str] | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Run `python -m aggregator serve ARGS --port <free>` as a user would, until the block ends."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "aggregator", "serve", *args, "--port", str(port)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, timeout=30, process=process)
+        yield url, process
+    finally:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()

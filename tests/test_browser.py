@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
@@ -19,7 +18,7 @@ import pytest
 from aggregator.api import create_app
 
 from .conftest import KEY, make_config, write_docs
-from .loopback import free_port, serve
+from .loopback import free_port, serve, wait_ready
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -47,10 +46,7 @@ def test_a_person_sees_the_failing_source(tmp_path: Path):
     """
     config = make_config(write_docs(tmp_path / "docs"), extra, kb_connectors="[docs, partner]")
     with serve(create_app(lambda: config)) as url:
-        deadline = time.monotonic() + 10
-        while httpx.get(url + "/readyz").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_ready(url)
         body = {"knowledge_id": "demo", "query": "signing keys", "retrieval_setting": {"top_k": 3, "score_threshold": 0}}
         assert httpx.post(url + "/retrieval", json=body, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
 

@@ -6,13 +6,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 
 from .conftest import DOCS, write_docs
-from .loopback import free_port
+from .loopback import free_port, serve_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,31 +72,15 @@ def test_serve_answers_on_the_given_port_and_warns_about_the_dev_key(tmp_path: P
         "server:\n  api_keys: [{key: '${AGGREGATOR_API_KEY:-dev-only-change-me}'}]\n"
         f"knowledge_bases:\n  demo: {{connectors: [docs]}}\nconnectors:\n  docs: {{type: files, path: {folder}}}\n"
     )
-    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "AGGREGATOR_API_KEY"}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "aggregator", "serve", "--config", str(config), "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline
-            time.sleep(0.1)
+    with serve_cli("--config", str(config), "--host", "127.0.0.1", env=env) as (url, server):
         response = httpx.post(
-            f"http://127.0.0.1:{port}/retrieval",
+            url + "/retrieval",
             json={"knowledge_id": "demo", "query": "VPN profile", "retrieval_setting": {"top_k": 2, "score_threshold": 0}},
             headers={"Authorization": "Bearer dev-only-change-me"},
         )  # fmt: skip
         assert response.status_code == 200 and response.json()["records"][0]["title"] == "VPN setup"
-    finally:
-        server.terminate()
-        output = server.communicate(timeout=10)[0]
+    output = server.stdout.read()
     assert "development default" in output and "WARNING" in output
 
 

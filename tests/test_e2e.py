@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from fastapi import FastAPI, Request
 from aggregator.api import create_app
 
 from .conftest import KEY, make_config, write_docs
-from .loopback import free_port, serve
+from .loopback import free_port, serve, serve_cli, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFORMANCE = ROOT.parent / "shared" / "conformance" / "check.py"
@@ -25,13 +24,6 @@ PARTNER_DOCS = {
     "partner/runbook.md": "# Partner runbook\n\nTo rotate the partner API signing keys, open the partner console.",
     "partner/holidays.md": "# Partner holidays\n\nThe partner office is closed on public holidays.",
 }
-
-
-def wait_ready(base_url: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while httpx.get(base_url + "/readyz").status_code != 200:
-        assert time.monotonic() < deadline, "gateway never became ready"
-        time.sleep(0.05)
 
 
 def retrieve(base_url: str, query: str, kb: str = "demo", top_k: int = 10, **extra) -> httpx.Response:
@@ -115,7 +107,7 @@ def test_metadata_condition_is_passed_to_the_upstream(tmp_path: Path):
     upstream = FastAPI()
 
     @upstream.post("/retrieval")
-    async def record(request: Request) -> dict:
+    async def remember(request: Request) -> dict:
         seen.append(await request.json())
         return {"records": [{"content": "rotate keys with the partner console", "score": 0.9, "title": "Remote", "metadata": {"space": "OPS"}}]}
 
@@ -142,29 +134,11 @@ def test_metadata_condition_is_passed_to_the_upstream(tmp_path: Path):
 
 @pytest.mark.skipif(not CONFORMANCE.exists(), reason="../shared/conformance/check.py is not beside this checkout (a user's clone has none)")
 def test_conformance_check_passes_on_the_bundled_config():
-    port = free_port()
     env = {**os.environ, "AGGREGATOR_API_KEY": "conformance-key"}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "aggregator", "serve", "--config", str(ROOT / "connectors.yaml"), "--port", str(port)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(url + "/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.1)
+    with serve_cli("--config", str(ROOT / "connectors.yaml"), env=env) as (url, _):
         check = subprocess.run(
             [sys.executable, str(CONFORMANCE), "--url", url, "--key", "conformance-key", "--kb", "demo", "--query", "rotate the signing keys"],
             capture_output=True, text=True, timeout=120,
         )  # fmt: skip
-    finally:
-        server.terminate()
-        server.wait(10)
     assert check.returncode == 0, check.stdout + check.stderr
     assert check.stdout.strip().splitlines()[-1].endswith(" 0 failed")

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from aggregator.api import create_app
 
 from .conftest import KEY, make_config, write_docs
-from .loopback import free_port, serve
+from .loopback import free_port, serve, wait_ready
 
 GOOD = {"records": [{"content": "upstream passage about rotating signing keys", "score": 0.8, "title": "Upstream", "metadata": {}}]}
 
@@ -153,10 +153,7 @@ def matrix(tmp_path: Path):
     with serve(fault_server(state)) as fault_url:
         config = config_for(tmp_path, fault_url, f"http://127.0.0.1:{silent.port}")
         with serve(create_app(lambda: config)) as url:
-            deadline = time.monotonic() + 10
-            while httpx.get(url + "/readyz").status_code != 200:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+            wait_ready(url)
             yield url, silent, state
 
 

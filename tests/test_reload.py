@@ -11,7 +11,7 @@ import httpx
 from aggregator.api import create_app
 
 from .conftest import KEY, write_docs
-from .loopback import serve
+from .loopback import serve, wait_ready
 
 BASE = """
 server:
@@ -51,7 +51,7 @@ def test_edits_are_applied_invalid_ones_rejected_and_unchanged_sources_kept(tmp_
     config.write_text(BASE.format(key=KEY, kb="[docs]", docs=docs, more=more))
 
     with serve(create_app(config_path=config)) as url:
-        eventually(lambda: httpx.get(url + "/readyz").status_code == 200)
+        wait_ready(url)
         service_status = lambda: httpx.get(url + "/status").json()  # noqa: E731
         first = service_status()
         assert titles(url, "kafka topic") == set()
