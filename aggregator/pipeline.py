@@ -63,13 +63,14 @@ async def retrieve(gateway: Gateway, request: RetrievalRequest) -> RetrievalResu
                 candidates.append(Candidate(passage, connector.name, connector.type, connector.settings.weight, metadata))
 
     records: list[dict] = []
-    for ranked in rerank(request.query, dedupe(candidates)):
+    for ranked in rerank(request.query, dedupe(candidates), gateway.term_cache):
         score = round(ranked.score, SCORE_DIGITS)
         if score < setting.score_threshold or score <= 0.0:
             continue
         passage, metadata = ranked.candidate.passage, ranked.candidate.metadata or {}
         metadata["score_detail"] = {
             "bm25": round(ranked.bm25, SCORE_DIGITS),
+            "proximity": round(ranked.proximity, SCORE_DIGITS),
             "source_score": passage.source_score,
             "source_rank": passage.source_rank,
         }

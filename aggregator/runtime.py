@@ -20,6 +20,7 @@ from connectors.base import Connector
 from .circuit import CircuitBreaker
 from .config import DEV_API_KEY, GatewayConfig
 from .fanout import SourcePolicy, SourceSlot
+from .pool import TermCache
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,8 @@ class Gateway:
 
     def __init__(self, config: GatewayConfig, previous: "Gateway | None" = None) -> None:
         self.config = config
+        #: Tokenized passages for the rerank; carried across reloads, like the sources.
+        self.term_cache = previous.term_cache if previous else TermCache()
         self.slots: dict[str, SourceSlot] = {}
         self.adopted: set[str] = set()
         for name in config.connectors:

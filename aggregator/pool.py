@@ -1,0 +1,130 @@
+"""Scoring the merged pool of one query, vectorised: BM25 and the proximity of query terms.
+
+Each distinct passage text is tokenized once and kept as an array of term ids
+in a bounded cache keyed by its content, so a passage seen again (a popular
+page, an upstream's stable answer) costs a lookup. Scoring a pool then is a
+handful of numpy operations over the concatenated ids, whatever its size.
+
+Proximity: for each pair of adjacent query terms (after stop words are
+dropped, so "speed of the aircraft" pairs "speed" with "aircraft"), count how
+often the pair is adjacent in the passage, and score those counts with the
+same BM25 saturation and normalisation as single terms. Exact phrases and
+longer CJK matches (overlapping bigrams that follow each other) rank higher.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .bm25 import BM25Params
+from .tokenize import tokenize
+
+_SPACE = re.compile(r"\s+")
+CACHE_PASSAGES = 50_000
+VOCABULARY_LIMIT = 2_000_000
+
+
+def content_key(text: str) -> str:
+    """Identity of a passage's text after Unicode, case and whitespace folding (for dedupe and caching)."""
+    folded = _SPACE.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
+    return hashlib.blake2b(folded.encode(), digest_size=16).hexdigest()
+
+
+class TermCache:
+    """Term-id arrays of recently seen passages, least recently used first out."""
+
+    def __init__(self, capacity: int = CACHE_PASSAGES) -> None:
+        self.capacity = capacity
+        self.vocabulary: dict[str, int] = {}
+        self._arrays: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
+
+    def ids(self, title: str, content: str, key: str | None = None) -> np.ndarray:
+        cache_key = (key or content_key(content), title)
+        found = self._arrays.get(cache_key)
+        if found is not None:
+            self._arrays.move_to_end(cache_key)
+            return found
+        if len(self.vocabulary) > VOCABULARY_LIMIT:  # a long-lived process meets new words forever
+            self.vocabulary.clear()
+            self._arrays.clear()
+        vocabulary = self.vocabulary
+        terms = tokenize(title) + tokenize(content)
+        array = np.fromiter((vocabulary.setdefault(t, len(vocabulary)) for t in terms), dtype=np.int64, count=len(terms))
+        self._arrays[cache_key] = array
+        if len(self._arrays) > self.capacity:
+            self._arrays.popitem(last=False)
+        return array
+
+
+@dataclass(frozen=True, slots=True)
+class PoolScores:
+    bm25: np.ndarray  # per passage, in [0, 1)
+    proximity: np.ndarray  # per passage, in [0, 1); all zero when the query has no pair of terms
+    has_pairs: bool
+
+
+def _saturated(tf: np.ndarray, lengths: np.ndarray, avgdl: float, p: BM25Params) -> np.ndarray:
+    return tf * (p.k1 + 1) / (tf + p.k1 * (1 - p.b + p.b * lengths / avgdl))
+
+
+def _idf(n: int, df: np.ndarray | float) -> np.ndarray | float:
+    return np.log1p((n - df + 0.5) / (df + 0.5))
+
+
+def score_pool(query: str, documents: Sequence[np.ndarray], cache: TermCache, params: BM25Params = BM25Params()) -> PoolScores:
+    """BM25 and proximity of each document (term-id arrays from `cache`) for `query`, normalised by the query's ceiling."""
+    n = len(documents)
+    zeros = np.zeros(n)
+    query_terms = tokenize(query)
+    if n == 0 or not query_terms:
+        return PoolScores(zeros, zeros, False)
+    lengths = np.fromiter((len(d) for d in documents), dtype=np.float64, count=n)
+    avgdl = float(lengths.mean()) or 1.0
+    tokens = np.concatenate(documents) if n else np.zeros(0, dtype=np.int64)
+    owner = np.repeat(np.arange(n), lengths.astype(np.int64))
+    vocabulary = cache.vocabulary
+
+    bm25 = np.zeros(n)
+    ceiling = 0.0
+    for term, qtf in _counts(query_terms).items():
+        term_id = vocabulary.get(term, -1)
+        tf = np.bincount(owner[tokens == term_id], minlength=n).astype(np.float64) if term_id >= 0 else zeros
+        weight = qtf * float(_idf(n, float(np.count_nonzero(tf))))
+        ceiling += weight * (params.k1 + 1)
+        if term_id >= 0:
+            bm25 += weight * _saturated(tf, lengths, avgdl, params)
+
+    pairs = [(a, b) for a, b in zip(query_terms, query_terms[1:]) if a != b]
+    proximity = np.zeros(n)
+    pair_ceiling = 0.0
+    if pairs and len(tokens) > 1:
+        same_owner = owner[:-1] == owner[1:]
+        first, second, pair_owner = tokens[:-1][same_owner], tokens[1:][same_owner], owner[:-1][same_owner]
+        for (a, b), qtf in _counts(pairs).items():
+            a_id, b_id = vocabulary.get(a, -1), vocabulary.get(b, -1)
+            if a_id >= 0 and b_id >= 0:
+                tf = np.bincount(pair_owner[(first == a_id) & (second == b_id)], minlength=n).astype(np.float64)
+            else:
+                tf = zeros
+            weight = qtf * float(_idf(n, float(np.count_nonzero(tf))))
+            pair_ceiling += weight * (params.k1 + 1)
+            proximity += weight * _saturated(tf, lengths, avgdl, params)
+    return PoolScores(
+        bm25 / ceiling if ceiling > 0 else zeros,
+        proximity / pair_ceiling if pair_ceiling > 0 else zeros,
+        bool(pairs),
+    )
+
+
+def _counts(items: Sequence[object]) -> dict:
+    counts: dict = {}
+    for item in items:
+        counts[item] = counts.get(item, 0) + 1
+    return counts

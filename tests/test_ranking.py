@@ -1,0 +1,142 @@
+"""Scoring behaviour the users rely on: scores in [0, 1], comparable, monotone, and good on Chinese too."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from aggregator.models import RetrievalRequest
+from aggregator.pipeline import retrieve
+from aggregator.pool import TermCache
+from aggregator.rerank import Candidate, dedupe, fuse, rerank
+from aggregator.runtime import Gateway
+from connectors.base import Passage
+
+from .conftest import make_config, write_docs
+
+# Known-item Chinese check: each query must find its own document first.
+CHINESE_DOCS = {
+    "leave.md": "# 年假申请\n\n员工每年有十五天带薪年假，需要提前五个工作日在人事系统中提交申请，由直属经理审批。",
+    "expense.md": "# 差旅报销\n\n出差回来三十天内提交报销单，附上发票和行程单。超过两千元需要财务审核。",
+    "vpn.md": "# 远程办公网络\n\n在家办公时通过公司虚拟专用网络访问内部系统，首次使用需要在门户下载配置文件。",
+    "keys.md": "# 签名密钥轮换\n\n发布签名密钥每十二个月轮换一次，新密钥在硬件安全模块中生成，旧密钥随后吊销。",
+    "backup.md": "# 数据库备份\n\n生产数据库每天凌晨两点做全量备份，预写日志持续归档，可以恢复到三十五天内任意时间点。",
+    "oncall.md": "# 值班手册\n\n收到告警后五分钟内确认，建立事故频道，按照告警中的运行手册处理，事后写复盘报告。",
+    "wifi.md": "# 办公室无线网络\n\n员工连接 Corp-WiFi 并用公司账号登录，访客使用 Guest-WiFi，密码每周一更新。",
+    "review.md": "# 代码评审\n\n每个合并到主干的改动都需要一位同事批准，涉及安全的代码还需要安全团队评审。",
+    "japanese.md": "# 経費精算の手順\n\n出張後三十日以内に経費精算システムで申請し、領収書を添付してください。",
+}
+CHINESE_QUERIES = {
+    "年假怎么申请": "leave.md",
+    "出差报销需要什么材料": "expense.md",
+    "在家怎么访问内部系统": "vpn.md",
+    "签名密钥多久轮换一次": "keys.md",
+    "数据库能恢复到什么时间": "backup.md",
+    "收到告警以后怎么办": "oncall.md",
+    "访客无线网络密码": "wifi.md",
+    "代码合并需要谁批准": "review.md",
+    "経費精算はいつまでに申請しますか": "japanese.md",
+}
+
+
+def passage(text: str, score: float | None = None, rank: int | None = None, title: str = "") -> Passage:
+    return Passage(text, title, text[:10], source_score=score, source_rank=rank)
+
+
+@pytest.fixture
+async def chinese_gateway(tmp_path: Path):
+    gateway = Gateway(make_config(write_docs(tmp_path / "zh", CHINESE_DOCS)))
+    await gateway.start()
+    await gateway.slots["docs"].connector.wait_ready(10)
+    yield gateway
+    await gateway.aclose()
+
+
+async def ask(gateway: Gateway, query: str, top_k: int = 3, threshold: float = 0.0) -> list[dict]:
+    request = RetrievalRequest.model_validate({"knowledge_id": "demo", "query": query, "retrieval_setting": {"top_k": top_k, "score_threshold": threshold}})
+    return (await retrieve(gateway, request)).records
+
+
+@pytest.mark.parametrize("query,expected", CHINESE_QUERIES.items())
+async def test_chinese_and_japanese_known_items_rank_first(chinese_gateway, query, expected):
+    records = await ask(chinese_gateway, query)
+    assert records and records[0]["metadata"]["document_id"] == expected
+
+
+def test_scores_are_deterministic_and_in_range():
+    candidates = [Candidate(passage(f"rotate the signing keys, step {i}. " * (i + 1), 0.1 * i), "s", "t") for i in range(8)]
+    first = [(r.candidate.passage.content, r.score) for r in rerank("rotate signing keys", candidates)]
+    second = [(r.candidate.passage.content, r.score) for r in rerank("rotate signing keys", list(reversed(candidates)))]
+    assert sorted(first) == sorted(second)
+    assert all(0.0 <= s <= 1.0 for _, s in first)
+
+
+def test_fusion_is_monotone_in_every_input():
+    grid = [i / 10 for i in range(11)]
+    for weight in (0.5, 1.0, 2.0):
+        for other in grid:
+            along_bm25 = [fuse(x, other, True, other, weight) for x in grid]
+            along_source = [fuse(other, other, True, x, weight) for x in grid]
+            along_proximity = [fuse(other, x, True, other, weight) for x in grid]
+            for series in (along_bm25, along_source, along_proximity):
+                assert series == sorted(series)
+                assert all(0.0 <= v <= 1.0 for v in series)
+    assert fuse(0.0, 0.0, True, 0.0, 2.0) == 0.0 and fuse(1.0, 1.0, True, 1.0, 0.5) == 1.0
+
+
+def test_weight_lifts_a_source_without_changing_its_own_order():
+    scores = [0.1, 0.3, 0.6]
+    light = [fuse(s, 0.0, False, s, 1.0) for s in scores]
+    heavy = [fuse(s, 0.0, False, s, 2.0) for s in scores]
+    assert heavy == sorted(heavy) and all(h > l for h, l in zip(heavy, light))
+
+
+def test_a_weak_match_is_not_promoted_by_a_weak_pool():
+    """The best of a pool that only shares one common word with the query still scores low."""
+    weak = [Candidate(passage(f"the weekly team lunch menu number {i}"), "s", "t") for i in range(5)]
+    strong = [Candidate(passage("how to rotate the release signing keys in the hardware security module"), "s", "t")]
+    query = "rotate release signing keys hardware module"
+    best_weak = rerank(query + " lunch", weak)[0].score
+    best_strong = rerank(query, strong + weak)[0].score
+    assert best_weak < 0.5 < best_strong
+
+
+def test_a_query_with_no_known_word_scores_zero():
+    ranked = rerank("zzqx vvkw", [Candidate(passage("anything at all"), "s", "t")])
+    assert ranked[0].score == 0.0
+
+
+def test_phrase_order_counts():
+    together = Candidate(passage("guide: signing keys rotation policy for releases and builds"), "s", "t")
+    apart = Candidate(passage("guide: keys rotation policy, signing of releases and builds"), "s", "t")
+    ranked = rerank("signing keys", [apart, together])
+    assert ranked[0].candidate is together and ranked[0].proximity > ranked[1].proximity == 0.0
+
+
+def test_duplicates_are_merged_keeping_the_best_scored_copy():
+    meta_a: dict = {"source": "a"}
+    meta_b: dict = {"source": "b"}
+    a = Candidate(passage("Same   text here", 0.2), "a", "files", metadata=meta_a)
+    b = Candidate(passage("same text HERE", 0.9), "b", "dify", metadata=meta_b)
+    other = Candidate(passage("different"), "a", "files", metadata={})
+    kept = dedupe([a, b, other])
+    assert [c.source for c in kept] == ["b", "a"]
+    assert kept[0].metadata["also_in"] == ["a"]
+
+
+async def test_threshold_keeps_only_records_at_or_above_it(chinese_gateway):
+    everything = await ask(chinese_gateway, "密钥 轮换 备份 报销", top_k=10)
+    assert len(everything) >= 3
+    cut = everything[1]["score"]
+    kept = await ask(chinese_gateway, "密钥 轮换 备份 报销", top_k=10, threshold=cut)
+    assert kept == everything[: len(kept)] and all(r["score"] >= cut for r in kept) and len(kept) >= 2
+
+
+def test_term_cache_reuses_tokenized_passages():
+    cache = TermCache(capacity=2)
+    first = cache.ids("t", "some passage text")
+    assert cache.ids("t", "some passage text") is first
+    cache.ids("t", "another")
+    cache.ids("t", "third one")
+    assert cache.ids("t", "some passage text") is not first, "least recently used is evicted"
