@@ -1,7 +1,8 @@
 """BM25 with a score normalised to [0, 1] by the query's own ceiling.
 
-One implementation serves both the local indexes of `files`-like sources and
-the rerank of the merged pool, so a score means the same thing everywhere.
+The local indexes of `files`-like sources use this index; the rerank of the
+merged pool (pool.py) computes the same formula vectorised over a small pool,
+so a score means the same thing everywhere.
 
 For a query q and passage d::
 
@@ -111,14 +112,3 @@ class BM25Index:
             return []
         best = heapq.nlargest(limit, scores.items(), key=lambda kv: kv[1])
         return [(key, raw / ceiling) for key, raw in best]
-
-
-def normalised_scores(query_terms: Sequence[str], documents: Sequence[Sequence[str]], params: BM25Params = BM25Params()) -> list[float]:
-    """Normalised BM25 of each document of a small pool against the query, in pool order."""
-    index = BM25Index(params)
-    for position, terms in enumerate(documents):
-        index.add(position, terms)
-    scores, ceiling = index.score_all(query_terms)
-    if ceiling == 0:
-        return [0.0] * len(documents)
-    return [scores.get(position, 0.0) / ceiling for position in range(len(documents))]

@@ -15,7 +15,6 @@ longer CJK matches (overlapping bigrams that follow each other) rank higher.
 from __future__ import annotations
 
 import hashlib
-import re
 import unicodedata
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -26,14 +25,13 @@ import numpy as np
 from .bm25 import BM25Params
 from .tokenize import tokenize
 
-_SPACE = re.compile(r"\s+")
 CACHE_PASSAGES = 50_000
 VOCABULARY_LIMIT = 2_000_000
 
 
 def content_key(text: str) -> str:
     """Identity of a passage's text after Unicode, case and whitespace folding (for dedupe and caching)."""
-    folded = _SPACE.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
+    folded = " ".join(unicodedata.normalize("NFKC", text).casefold().split())
     return hashlib.blake2b(folded.encode(), digest_size=16).hexdigest()
 
 
