@@ -82,7 +82,7 @@ class SourceHealth:
         sync_error = stats.last_refresh_error if stats else None
         if not used:
             return "disabled"
-        if self.last_outcome == "auth_failed" or (sync_error and "auth" in sync_error.lower()):
+        if self.last_outcome == "auth_failed" or (stats is not None and stats.last_refresh_outcome == "auth_failed"):
             return "auth_failed"
         if slot is not None and slot.breaker.state == "open":
             return "circuit_open"

@@ -9,10 +9,12 @@ from __future__ import annotations
 from .base import Connector
 from .dify import DifyConnector
 from .files import FilesConnector
+from .s3 import S3Connector
 
 REGISTRY: dict[str, type[Connector]] = {
     "files": FilesConnector,
     "dify": DifyConnector,
+    "s3": S3Connector,
 }
 
 

@@ -115,14 +115,15 @@ class IndexedConnector(Connector):
         while True:
             try:
                 await self.sync()
-                self._stats.last_refresh_error = None
+                self._stats.last_refresh_error = self._stats.last_refresh_outcome = None
             except asyncio.CancelledError:
                 raise
             except SourceError as exc:
-                self._stats.last_refresh_error = str(exc)
+                self._stats.last_refresh_error, self._stats.last_refresh_outcome = str(exc), exc.outcome
                 log.warning("source %s: sync failed: %s", self.name, exc)
             except Exception as exc:  # a bug in a connector must not stop the refresh loop
                 self._stats.last_refresh_error = f"{type(exc).__name__}: {exc}"
+                self._stats.last_refresh_outcome = "error"
                 log.exception("source %s: sync failed", self.name)
             finally:
                 self._first_sync.set()

@@ -113,6 +113,7 @@ class SourceStats:
     passages: int = 0
     last_refresh: str | None = None  # ISO 8601
     last_refresh_error: str | None = None
+    last_refresh_outcome: str | None = None  # the failed sync's SourceError.outcome, e.g. "auth_failed"
     skipped: int = 0  # documents left out (too large, unreadable), counted not hidden
 
 
