@@ -202,11 +202,11 @@ def index_scale(passages: int) -> None:
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         per_file = 10
-        for f in range(passages // per_file):  # 10 passages of ~1,200 characters per file
+        for f in range(passages // per_file):  # 10 paragraphs of ~1,000 characters per file: one passage each
             paragraphs = []
             for _ in range(per_file):
                 text = ""
-                while len(text) < 1100:
+                while len(text) < 950:
                     text += rng.choice(sentences) + ". "
                 paragraphs.append(text.strip())
             (root / f"doc{f:06}.txt").write_text("\n\n".join(paragraphs))
@@ -214,7 +214,7 @@ def index_scale(passages: int) -> None:
         async def run() -> tuple[float, int, int, list[float], int]:
             gc.collect()
             tracemalloc.start()
-            connector = FilesConnector("big", FilesSettings(path=root, watch=False, chunk_chars=1200))
+            connector = FilesConnector("big", FilesSettings(path=root, watch=False))
             t = time.perf_counter()
             await connector.start()
             await connector.wait_ready(3600)

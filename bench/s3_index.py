@@ -62,7 +62,11 @@ def main() -> int:
     args = parser.parse_args()
 
     import boto3
+    import logging
+
     from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access line per request would drown the output
 
     from connectors.files import FilesConnector, FilesSettings
     from connectors.s3 import S3Connector, S3Settings

@@ -12,7 +12,6 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
-import heapq
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -190,22 +189,15 @@ class IndexedConnector(Connector):
     # -- searching -------------------------------------------------------------------------------
 
     async def search(self, query: SourceQuery) -> list[Passage]:
-        scores, ceiling = self._index.score_all(tokenize(query.text))
-        if not scores or ceiling <= 0:
-            return []
-        if query.accepts is None:  # the common case: no need to order more than `limit`
-            ranked = heapq.nlargest(query.limit, scores.items(), key=lambda kv: kv[1])
-        else:
-            ranked = sorted(scores.items(), key=lambda kv: kv[1], reverse=True)
-        found: list[Passage] = []
-        for key, raw in ranked:
-            passage = self._passages[key]
-            if query.accepts is not None and not query.accepts(record_metadata(passage, self.name, self.type)):
-                continue
-            found.append(_scored(passage, raw / ceiling, len(found) + 1))
-            if len(found) >= query.limit:
-                break
-        return found
+        accept = None
+        if query.accepts is not None:
+            predicate, passages = query.accepts, self._passages
+
+            def accept(key: object) -> bool:
+                return predicate(record_metadata(passages[key], self.name, self.type))  # type: ignore[index]
+
+        hits = self._index.search(tokenize(query.text), query.limit, accept)
+        return [_scored(self._passages[key], score, rank) for rank, (key, score) in enumerate(hits, start=1)]  # type: ignore[index]
 
 
 def _prepare(document: Document, chunk_chars: int) -> list[tuple[str, list[str]]]:

@@ -23,7 +23,11 @@ ACCESS, SECRET = "test-access-key", "test-secret-key-do-not-print"
 
 @pytest.fixture(scope="module")
 def s3_url() -> Iterator[str]:
+    import logging
+
     from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access line per request would drown the output
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
