@@ -7,14 +7,18 @@ and its settings model, then add one line to `REGISTRY` below.
 from __future__ import annotations
 
 from .base import Connector
+from .confluence import ConfluenceConnector
 from .dify import DifyConnector
 from .files import FilesConnector
+from .notion import NotionConnector
 from .s3 import S3Connector
 
 REGISTRY: dict[str, type[Connector]] = {
     "files": FilesConnector,
     "dify": DifyConnector,
     "s3": S3Connector,
+    "confluence": ConfluenceConnector,
+    "notion": NotionConnector,
 }
 
 

@@ -24,7 +24,7 @@ from aggregator.bm25 import BM25Index
 from aggregator.chunking import split_passages
 from aggregator.tokenize import tokenize
 
-from .base import Connector, ConnectorSettings, Passage, SourceError, SourceQuery, SourceStats, record_metadata
+from .base import Connector, ConnectorSettings, Passage, RateLimited, SourceError, SourceQuery, SourceStats, record_metadata
 
 log = logging.getLogger(__name__)
 
@@ -112,23 +112,30 @@ class IndexedConnector(Connector):
 
     async def _run(self) -> None:
         while True:
+            wait = self.settings.refresh_s
             try:
                 await self.sync()
                 self._stats.last_refresh_error = self._stats.last_refresh_outcome = None
+                self._first_sync.set()
             except asyncio.CancelledError:
                 raise
+            except RateLimited as exc:
+                # A pause the source asked for: what is indexed stays, the sync resumes when it said.
+                self._stats.last_refresh_error, self._stats.last_refresh_outcome = str(exc), exc.outcome
+                wait = min(wait, exc.retry_after if exc.retry_after is not None else 30.0)
+                log.info("source %s: rate limited during sync; resuming in %.0f s", self.name, wait)
             except SourceError as exc:
                 self._stats.last_refresh_error, self._stats.last_refresh_outcome = str(exc), exc.outcome
                 log.warning("source %s: sync failed: %s", self.name, exc)
+                self._first_sync.set()  # a source that cannot sync must not keep the whole service unready
             except Exception as exc:  # a bug in a connector must not stop the refresh loop
                 self._stats.last_refresh_error = f"{type(exc).__name__}: {exc}"
                 self._stats.last_refresh_outcome = "error"
                 log.exception("source %s: sync failed", self.name)
-            finally:
                 self._first_sync.set()
             self._wake.clear()
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.settings.refresh_s)
+                await asyncio.wait_for(self._wake.wait(), wait)
 
     # -- syncing ---------------------------------------------------------------------------------
 
@@ -156,6 +163,9 @@ class IndexedConnector(Connector):
         for failure in failures:
             if isinstance(failure, asyncio.CancelledError):
                 raise failure
+        limited = [f for f in failures if isinstance(f, RateLimited)]
+        if limited:
+            raise limited[0]
         if failures:
             raise failures[0] if isinstance(failures[0], SourceError) else SourceError(
                 f"{len(failures)} of {len(stale)} documents could not be read: {failures[0]}"

@@ -1,0 +1,189 @@
+"""`notion`: the pages shared with a Notion integration, indexed locally.
+
+Notion's search matches titles, not page text, so the text of every shared
+page is kept in a local index: pages are listed with an empty search
+(paginated), each page's blocks are read recursively, and the index is
+refreshed every `refresh_s`, re-reading only pages whose `last_edited_time`
+changed; pages that were removed, archived or unshared leave it. Requests
+go through a limiter that keeps under Notion's rate limit (about three per
+second per integration); a 429 makes the sync stop and the next one start
+after the `Retry-After` it named, keeping what was indexed so far.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import httpx
+from aiolimiter import AsyncLimiter
+from pydantic import Field, SecretStr
+
+from ._indexed import Document, IndexedConnector, IndexedSettings
+from .base import BadResponse
+from .http import make_client, request_json
+
+NOTION_VERSION = "2022-06-28"
+#: Blocks whose rich text is prose, and how to prefix it so the text keeps its shape.
+TEXT_BLOCKS = {
+    "paragraph": "", "heading_1": "# ", "heading_2": "## ", "heading_3": "### ", "bulleted_list_item": "- ",
+    "numbered_list_item": "1. ", "quote": "> ", "callout": "", "toggle": "", "to_do": "", "code": "",
+}  # fmt: skip
+MAX_DEPTH = 8
+
+
+class NotionSettings(IndexedSettings):
+    type: Literal["notion"] = "notion"
+    token: SecretStr = Field(description="The integration's internal secret.")
+    base_url: str = Field("https://api.notion.com", description="Another value for a proxy or a test server.")
+    requests_per_second: float = Field(3.0, gt=0, le=100, description="Stay under Notion's limit of about 3/s (more only for a proxy or a test server).")
+    verify_tls: bool | str = True
+
+
+def plain_text(rich_text: Any) -> str:
+    if not isinstance(rich_text, list):
+        return ""
+    return "".join(str(part.get("plain_text", "")) for part in rich_text if isinstance(part, dict))
+
+
+def flatten_property(prop: dict[str, Any]) -> Any:
+    """A database property as a simple value a metadata_condition can compare; None if it has none."""
+    kind = prop.get("type")
+    value = prop.get(kind) if isinstance(kind, str) else None
+    if kind in ("title", "rich_text"):
+        return plain_text(value) or None
+    if kind in ("number", "checkbox", "url", "email", "phone_number"):
+        return value
+    if kind in ("select", "status"):
+        return value.get("name") if isinstance(value, dict) else None
+    if kind == "multi_select":
+        return [v.get("name") for v in value or [] if isinstance(v, dict)]
+    if kind == "date":
+        return value.get("start") if isinstance(value, dict) else None
+    if kind in ("created_time", "last_edited_time"):
+        return value
+    return None
+
+
+def page_title(page: dict[str, Any]) -> str:
+    for prop in (page.get("properties") or {}).values():
+        if isinstance(prop, dict) and prop.get("type") == "title":
+            return plain_text(prop.get("title")) or "Untitled"
+    return "Untitled"
+
+
+def parent_of(page: dict[str, Any]) -> str:
+    parent = page.get("parent") or {}
+    kind = parent.get("type")
+    if kind == "database_id":
+        return f"database:{parent.get('database_id')}"
+    if kind == "page_id":
+        return f"page:{parent.get('page_id')}"
+    return str(kind or "workspace")
+
+
+def block_text(block: dict[str, Any]) -> str:
+    kind = block.get("type")
+    body = block.get(kind) if isinstance(kind, str) else None
+    if not isinstance(body, dict):
+        return ""
+    if kind in TEXT_BLOCKS:
+        text = plain_text(body.get("rich_text"))
+        if kind == "to_do":
+            return ("[x] " if body.get("checked") else "[ ] ") + text
+        return TEXT_BLOCKS[kind] + text if text else ""
+    if kind == "table_row":
+        return " | ".join(plain_text(cell) for cell in body.get("cells") or [])
+    if kind == "child_page":
+        return str(body.get("title") or "")
+    return ""
+
+
+class NotionConnector(IndexedConnector):
+    settings_model = NotionSettings
+    settings: NotionSettings
+    fetch_concurrency = 3
+
+    def __init__(self, name: str, settings: NotionSettings) -> None:
+        super().__init__(name, settings)
+        self._client: httpx.AsyncClient | None = None
+        self._limiter = AsyncLimiter(settings.requests_per_second, 1.0)
+        self._pages: dict[str, dict[str, Any]] = {}
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = make_client(
+                self.settings.base_url.rstrip("/"),
+                headers={"Authorization": f"Bearer {self.settings.token.get_secret_value()}", "Notion-Version": NOTION_VERSION},
+                timeout_s=max(self.settings.timeout_s or 3.0, 10.0), verify=self.settings.verify_tls,
+            )  # fmt: skip
+        return self._client
+
+    async def _call(self, method: str, url: str, what: str, **kwargs: Any) -> dict[str, Any]:
+        async with self._limiter:
+            data = await request_json(self._http(), method, url, what, **kwargs)
+        if not isinstance(data, dict):
+            raise BadResponse(f"{what}: answer is not an object")
+        return data
+
+    async def list_versions(self) -> dict[str, str]:
+        pages: dict[str, dict[str, Any]] = {}
+        cursor: str | None = None
+        while True:
+            body: dict[str, Any] = {"filter": {"property": "object", "value": "page"}, "page_size": 100}
+            if cursor:
+                body["start_cursor"] = cursor
+            data = await self._call("POST", "/v1/search", "Notion search", json=body)
+            for page in data.get("results") or []:
+                if isinstance(page, dict) and page.get("object") == "page" and not page.get("archived") and not page.get("in_trash"):
+                    pages[str(page["id"])] = page
+            cursor = data.get("next_cursor") if data.get("has_more") else None
+            if not cursor:
+                break
+        self._pages = pages
+        return {page_id: str(page.get("last_edited_time")) for page_id, page in pages.items()}
+
+    async def _blocks(self, block_id: str, depth: int = 0) -> list[str]:
+        lines: list[str] = []
+        cursor: str | None = None
+        while True:
+            params: dict[str, Any] = {"page_size": 100}
+            if cursor:
+                params["start_cursor"] = cursor
+            data = await self._call("GET", f"/v1/blocks/{block_id}/children", "Notion blocks", params=params)
+            for block in data.get("results") or []:
+                if not isinstance(block, dict):
+                    continue
+                text = block_text(block)
+                if text:
+                    lines.append(text)
+                if block.get("has_children") and block.get("type") != "child_page" and depth < MAX_DEPTH:
+                    lines.extend(await self._blocks(str(block["id"]), depth + 1))
+            cursor = data.get("next_cursor") if data.get("has_more") else None
+            if not cursor:
+                return lines
+
+    async def fetch(self, document_id: str) -> Document | None:
+        page = self._pages.get(document_id)
+        if page is None:
+            return None
+        lines = await self._blocks(document_id)
+        metadata: dict[str, Any] = {"url": page.get("url"), "parent": parent_of(page)}
+        for name, prop in (page.get("properties") or {}).items():
+            if isinstance(prop, dict) and prop.get("type") != "title":
+                value = flatten_property(prop)
+                if value is not None and name not in metadata:
+                    metadata[name] = value
+        return Document(
+            document_id=document_id,
+            title=page_title(page),
+            text="\n\n".join(lines),
+            version=str(page.get("last_edited_time")),
+            updated_at=page.get("last_edited_time"),
+            metadata=metadata,
+        )
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
