@@ -23,13 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import ValidationError
 
 from . import statuspage
 from .config import ApiKey, GatewayConfig
 from .filters import InvalidCondition
-from .models import RetrievalRequest
+from .models import ErrorBody, RetrievalRequest, RetrievalResponse
 from .pipeline import UnknownKnowledgeBase, retrieve
 from .runtime import Gateway
 from .service import Service
@@ -142,6 +144,12 @@ def create_app(load: Callable[[], GatewayConfig] | None = None, config_path: Pat
     app = FastAPI(title="Dify knowledge gateway", version="0.1.0", lifespan=lifespan)
     app.state.service = service
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Unknown paths and methods answer in the contract's format too (error_code 4000 + the status's last digits)."""
+        code = 4000 + exc.status_code % 100 if 400 <= exc.status_code < 500 else 5000 + exc.status_code % 100
+        return error(exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))
+
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
@@ -190,12 +198,31 @@ def create_app(load: Callable[[], GatewayConfig] | None = None, config_path: Pat
         service.metrics.observe_request(response.status_code, time.perf_counter() - started)
         return response
 
+    request_schema = RetrievalRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    nested = request_schema.pop("$defs", {})
     openapi: dict[str, Any] = {
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": RetrievalRequest.model_json_schema(ref_template="#/components/schemas/{model}")}},
-        }
-    }
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/RetrievalRequest"}}}},
+        "responses": {
+            "200": {"description": "Records, best first", "content": {"application/json": {"schema": RetrievalResponse.model_json_schema()}}},
+            **{str(code): {"description": what, "content": {"application/json": {"schema": ErrorBody.model_json_schema()}}}
+               for code, what in ((400, "Bad body (3001)"), (403, "Missing or refused key (1001, 1002)"),
+                                  (404, "Unknown knowledge base (2001)"), (408, "Body too slow (3003)"), (413, "Body too large (3002)"))},
+        },
+    }  # fmt: skip
+
+    def document() -> dict[str, Any]:
+        """FastAPI's schema, plus the request models the route reads by hand (auth comes before parsing)."""
+        if app.openapi_schema is None:
+            spec = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+            schemas.update(nested)
+            schemas["RetrievalRequest"] = request_schema
+            spec["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            spec["paths"]["/retrieval"]["post"]["security"] = [{"bearer": []}]
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = document  # type: ignore[method-assign]
     app.add_api_route("/retrieval", retrieval, methods=["POST"], openapi_extra=openapi, summary="Dify External Knowledge API retrieval")
     # Dify appends "/retrieval" to the endpoint as text: an endpoint saved with a trailing slash posts here.
     app.add_api_route("//retrieval", retrieval, methods=["POST"], include_in_schema=False)
@@ -207,9 +234,10 @@ def create_app(load: Callable[[], GatewayConfig] | None = None, config_path: Pat
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
         gateway = service.gateway
-        waiting = [] if gateway is None else [n for n, s in gateway.slots.items() if not s.connector.ready]
+        # A public probe: it says how many sources are still syncing, not which (names are for /status).
+        waiting = 0 if gateway is None else sum(not s.connector.ready for s in gateway.slots.values())
         if gateway is None or waiting:
-            return JSONResponse({"status": "starting", "waiting_for": waiting}, status_code=503)
+            return JSONResponse({"status": "starting", "sources_syncing": waiting}, status_code=503)
         return JSONResponse({"status": "ready", "config_version": gateway.config.version})
 
     @app.get("/status")

@@ -69,7 +69,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 1
     configure_logging(args.log_level, args.log_format)
     path = resolve_config_path(args.config).resolve()
-    common = {"host": args.host, "port": args.port, "log_level": args.log_level.lower(), "log_config": None}
+    # Keep-alive longer than uvicorn's 5 s: clients (Dify, proxies) reuse connections, and a server that
+    # closes an idle one just as a client reuses it turns a good request into a connection error.
+    common = {"host": args.host, "port": args.port, "log_level": args.log_level.lower(), "log_config": None, "timeout_keep_alive": 75}
     if args.workers <= 1:
         uvicorn.run(create_app(config_path=path), **common)  # type: ignore[arg-type]
         return 0

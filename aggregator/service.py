@@ -156,6 +156,7 @@ class Service:
             "config_path": str(self.config_path) if self.config_path else None,
             "last_reload": None if reload is None else {"at": reload.at, "result": reload.result, "error": reload.error},
             "uptime_s": round(time.time() - self.health.started, 1),
+            "tasks": len(asyncio.all_tasks()),
             "knowledge_bases": {kb_id: kb.connectors for kb_id, kb in config.knowledge_bases.items()},
             "sources": sources,
         }

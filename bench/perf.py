@@ -42,10 +42,10 @@ def pct(values: list[float], q: float) -> float:
 
 
 @contextlib.contextmanager
-def processes(*commands: list[str]) -> Iterator[None]:
+def processes(*commands: list[str]) -> Iterator[list[subprocess.Popen]]:
     started = [subprocess.Popen(c, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for c in commands]
     try:
-        yield
+        yield started
     finally:
         for p in started:
             p.terminate()

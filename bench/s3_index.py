@@ -28,6 +28,20 @@ from connectors.base import Connector, SourceQuery  # noqa: E402
 from tests.loopback import free_port  # noqa: E402
 
 
+def wait_for(url: str) -> None:
+    import httpx
+
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            httpx.get(url)
+            return
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 def texts(count: int) -> list[str]:
     docs, _, _ = load()
     rng = random.Random(5)
@@ -62,11 +76,7 @@ def main() -> int:
     args = parser.parse_args()
 
     import boto3
-    import logging
-
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access line per request would drown the output
+    import subprocess
 
     from connectors.files import FilesConnector, FilesSettings
     from connectors.s3 import S3Connector, S3Settings
@@ -75,10 +85,12 @@ def main() -> int:
     _, queries, _ = load()
     query_texts = [q for _, q in queries[:200]]
     port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    # Its own process, as a real store would be: in a thread it would share the GIL with the indexer.
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         url = f"http://127.0.0.1:{port}"
+        wait_for(url)
         client = boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="bench", aws_secret_access_key="bench")
         client.create_bucket(Bucket="bench")
         t = time.perf_counter()
@@ -88,7 +100,8 @@ def main() -> int:
         s3 = S3Connector("bench", S3Settings(bucket="bench", endpoint_url=url, access_key_id="bench", secret_access_key="bench", timeout_s=30))
         s3_build, s3_mem, s3_lat = asyncio.run(measure(s3, query_texts))
     finally:
-        server.stop()
+        server.terminate()
+        server.wait(10)
     with tempfile.TemporaryDirectory() as folder:
         for i, text in enumerate(corpus):
             (Path(folder) / f"{i:05}.txt").write_text(text)

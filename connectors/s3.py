@@ -92,7 +92,7 @@ class S3Connector(IndexedConnector):
     def __init__(self, name: str, settings: S3Settings) -> None:
         super().__init__(name, settings)
         self._s3: Any = None
-        self._objects: dict[str, dict[str, Any]] = {}
+        self._listed: dict[str, tuple[Any, str]] = {}  # key -> (LastModified, ETag) from the last listing
 
     def _client(self) -> Any:
         if self._s3 is None:
@@ -105,7 +105,7 @@ class S3Connector(IndexedConnector):
         try:
             pages = self._client().get_paginator("list_objects_v2").paginate(Bucket=settings.bucket, Prefix=settings.prefix)
             versions: dict[str, str] = {}
-            objects: dict[str, dict[str, Any]] = {}
+            listed: dict[str, tuple[Any, str]] = {}
             skipped = 0
             for page in pages:
                 for item in page.get("Contents", []):
@@ -116,10 +116,10 @@ class S3Connector(IndexedConnector):
                         skipped += 1
                         continue
                     versions[key] = item["ETag"]
-                    objects[key] = item
+                    listed[key] = (item.get("LastModified"), item["ETag"])
         except Exception as exc:
             raise _translate(exc, what) from None
-        self._objects = objects
+        self._listed = listed
         self._stats.skipped = skipped
         return versions
 
@@ -142,9 +142,9 @@ class S3Connector(IndexedConnector):
         text = body.decode("utf-8", errors="replace").lstrip("\ufeff")
         if key.lower().endswith((".html", ".htm")):
             text = html_to_text(text)
-        listed = self._objects.get(key, {})
-        modified = answer.get("LastModified") or listed.get("LastModified")
-        etag = answer.get("ETag") or listed.get("ETag", "")
+        listed_modified, listed_etag = self._listed.get(key, (None, ""))
+        modified = answer.get("LastModified") or listed_modified
+        etag = answer.get("ETag") or listed_etag
         return Document(
             document_id=key,
             title=posixpath.basename(key),
