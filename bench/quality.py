@@ -66,6 +66,34 @@ def shard_app(docs: list[Doc]) -> FastAPI:
     return app
 
 
+def tokenizer_variants(docs: list[Doc]) -> list[tuple[str, object, BM25Index]]:
+    """The shipped tokenizer against the same without stemming, and without the stop list."""
+    import unicodedata
+
+    from aggregator import tokenize as t
+
+    def variant(stem: bool, stop: bool):  # type: ignore[no-untyped-def]
+        def run(text: str) -> list[str]:
+            out: list[str] = []
+            for cjk, word in t._TOKEN.findall(unicodedata.normalize("NFKC", text).casefold()):
+                if cjk:
+                    out.extend(t._cjk_bigrams(cjk))
+                elif not (stop and word in t.STOP_WORDS):
+                    out.append(t._stem(word) if stem else word)
+            return out
+
+        return run
+
+    variants = [("stemming + stop words (shipped)", tokenize), ("no stemming", variant(False, True)), ("no stop words", variant(True, False))]
+    built = []
+    for name, tok in variants:
+        index = BM25Index()
+        for doc in docs:
+            index.add(doc.id, tok(doc.title) + tok(doc.body))  # type: ignore[operator]
+        built.append((name, tok, index))
+    return built
+
+
 def gateway_config(urls: list[str]):
     connectors = "".join(
         f"""
@@ -161,6 +189,9 @@ async def evaluate(sweep: bool) -> None:
         for k1, b in ((0.9, 0.4), (1.2, 0.75), (1.5, 0.75), (2.0, 0.75), (1.2, 0.5), (1.2, 0.9)):
             grid.append((f"λ=0.5 k1={k1} b={b}", *score([reranked(text, pool, params=BM25Params(k1, b)) for (_, text), pool in zip(queries, pools)])))
         print(table(grid, central_ndcg))
+        print("\nTokenizer variants, measured on the central BM25 index (the upstreams use the same tokenizer):\n")
+        print(table([(name, *score([[k for k, _ in index.search(tok(text), K)] for _, text in queries]))
+                     for name, tok, index in tokenizer_variants(docs)], central_ndcg))
 
 
 def main(argv: list[str] | None = None) -> int:
