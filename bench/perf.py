@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import contextlib
 import gc
-import json
 import os
 import random
 import statistics

@@ -21,14 +21,14 @@ from typing import Any, Literal
 from urllib.parse import urljoin
 
 import httpx
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr
 
 from aggregator.chunking import split_passages
 from aggregator.filters import as_instant
 
 from ._html import html_to_text
 from .base import BadResponse, Connector, ConnectorSettings, Passage, SourceQuery
-from .http import make_client, request_json
+from .http import BaseUrl, make_client, request_json
 
 #: Characters with a meaning in the Lucene syntax behind CQL's `text ~`; replaced by spaces.
 _LUCENE_SPECIAL = re.compile(r'[+\-&|!(){}\[\]^"~*?:\\/]')
@@ -40,7 +40,7 @@ BODY_CACHE_PAGES = 2000
 
 class ConfluenceSettings(ConnectorSettings):
     type: Literal["confluence"] = "confluence"
-    base_url: str = Field(description="e.g. https://acme.atlassian.net/wiki (Cloud) or https://confluence.acme.com")
+    base_url: BaseUrl = Field(description="e.g. https://acme.atlassian.net/wiki (Cloud) or https://confluence.acme.com")
     email: str | None = Field(None, description="Cloud: the account's email; omit for Data Center.")
     api_token: SecretStr = Field(description="Cloud API token, or a Data Center personal access token.")
     auth: Literal["basic", "bearer"] | None = Field(None, description="Defaults to basic with email, bearer without.")
@@ -51,13 +51,6 @@ class ConfluenceSettings(ConnectorSettings):
     body_format: Literal["storage", "view"] = "storage"
     verify_tls: bool | str = True
 
-    @field_validator("base_url")
-    @classmethod
-    def _http_url(cls, value: str) -> str:
-        url = httpx.URL(value)
-        if url.scheme not in ("http", "https") or not url.host:
-            raise ValueError("must be an http:// or https:// URL")
-        return value.rstrip("/")
 
 
 def cql_string(value: str) -> str:

@@ -16,10 +16,10 @@ import math
 from typing import Any, Literal
 
 import httpx
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr
 
 from .base import BadResponse, Connector, ConnectorSettings, Passage, SourceQuery
-from .http import DEFAULT_MAX_RESPONSE_BYTES, make_client, request_json
+from .http import DEFAULT_MAX_RESPONSE_BYTES, BaseUrl, make_client, request_json
 
 GATEWAY_FIELDS = frozenset({"source", "source_type"})
 MAX_UPSTREAM_TOP_K = 100
@@ -27,20 +27,13 @@ MAX_UPSTREAM_TOP_K = 100
 
 class DifySettings(ConnectorSettings):
     type: Literal["dify"] = "dify"
-    endpoint: str = Field(description="Base URL; /retrieval is appended, as Dify does.")
+    endpoint: BaseUrl = Field(description="Base URL; /retrieval is appended, as Dify does.")
     api_key: SecretStr
     knowledge_id: str = Field(min_length=1)
     candidates: int = Field(30, ge=1, le=MAX_UPSTREAM_TOP_K, description="Records asked of the upstream per query, at least.")
     max_response_bytes: int = Field(DEFAULT_MAX_RESPONSE_BYTES, ge=1024)
     verify_tls: bool | str = Field(True, description="False, or a CA bundle path for a private CA.")
 
-    @field_validator("endpoint")
-    @classmethod
-    def _http_url(cls, value: str) -> str:
-        url = httpx.URL(value)
-        if url.scheme not in ("http", "https") or not url.host:
-            raise ValueError("must be an http:// or https:// URL")
-        return value.rstrip("/")
 
 
 def pushable_condition(condition: dict[str, Any] | None) -> dict[str, Any] | None:

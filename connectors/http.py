@@ -12,14 +12,26 @@ import email.utils
 import json
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
+from pydantic import AfterValidator
 
 from .base import AuthFailed, BadResponse, RateLimited, SourceTimeout, Unavailable
 
 USER_AGENT = "dify-knowledge-gateway/0.1"
 DEFAULT_MAX_RESPONSE_BYTES = 16 * 1024 * 1024
+
+
+def _base_url(value: str) -> str:
+    url = httpx.URL(value)
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError("must be an http:// or https:// URL")
+    return value.rstrip("/")
+
+
+#: A source's base URL in connectors.yaml: http(s) with a host, kept without its trailing slash.
+BaseUrl = Annotated[str, AfterValidator(_base_url)]
 
 
 def make_client(

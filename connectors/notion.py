@@ -20,7 +20,7 @@ from pydantic import Field, SecretStr
 
 from ._indexed import Document, IndexedConnector, IndexedSettings
 from .base import BadResponse
-from .http import make_client, request_json
+from .http import BaseUrl, make_client, request_json
 
 NOTION_VERSION = "2022-06-28"
 #: Blocks whose rich text is prose, and how to prefix it so the text keeps its shape.
@@ -34,7 +34,7 @@ MAX_DEPTH = 8
 class NotionSettings(IndexedSettings):
     type: Literal["notion"] = "notion"
     token: SecretStr = Field(description="The integration's internal secret.")
-    base_url: str = Field("https://api.notion.com", description="Another value for a proxy or a test server.")
+    base_url: BaseUrl = Field("https://api.notion.com", description="Another value for a proxy or a test server.")
     requests_per_second: float = Field(3.0, gt=0, le=100, description="Stay under Notion's limit of about 3/s (more only for a proxy or a test server).")
     verify_tls: bool | str = True
 
@@ -112,7 +112,7 @@ class NotionConnector(IndexedConnector):
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
             self._client = make_client(
-                self.settings.base_url.rstrip("/"),
+                self.settings.base_url,
                 headers={"Authorization": f"Bearer {self.settings.token.get_secret_value()}", "Notion-Version": NOTION_VERSION},
                 timeout_s=max(self.settings.timeout_s or 3.0, 10.0), verify=self.settings.verify_tls,
             )  # fmt: skip
