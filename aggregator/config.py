@@ -190,8 +190,15 @@ def _message(error: Any) -> str:
     return error["msg"]
 
 
+#: Connector names appear in X-Sources (`name=outcome;…`), metrics labels and logs.
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
 def _cross_check(config: GatewayConfig) -> list[str]:
     errors: list[str] = []
+    for name in config.connectors:
+        if not _NAME.match(name):
+            errors.append(f"connectors.{name}: a connector name is 1 to 64 letters, digits, '_', '.' or '-', starting with a letter or digit")
     for kb_id, kb in config.knowledge_bases.items():
         for i, name in enumerate(kb.connectors):
             if name not in config.connectors:

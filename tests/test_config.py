@@ -152,3 +152,8 @@ def test_unreadable_file_is_a_config_error(tmp_path: Path):
 def test_bundled_config_is_valid():
     config = load_config(Path(__file__).parent.parent / "connectors.yaml", {})
     assert "demo" in config.knowledge_bases
+
+
+def test_connector_names_must_be_safe_in_headers_and_metrics():
+    errors = errors_of(GOOD.replace("  samples:\n", "  sam;ples=x:\n").replace("[samples, partner]", "['sam;ples=x', partner]"))
+    assert errors == ["connectors.sam;ples=x: a connector name is 1 to 64 letters, digits, '_', '.' or '-', starting with a letter or digit"]
