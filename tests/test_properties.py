@@ -67,3 +67,11 @@ def test_chunker_keeps_every_word_in_order_within_the_size(text, chunk_chars):
             assert len(word) > chunk_chars // 2 or any(piece in joined for piece in re.findall(r".{1,40}", word))
             continue
         position = found + len(word)
+
+
+@FAST
+@given(st.text(alphabet=st.characters(max_codepoint=127)))
+def test_the_ascii_shortcut_tokenizes_exactly_like_the_general_path(text):
+    from aggregator.tokenize import tokenize_unicode
+
+    assert tokenize(text) == tokenize_unicode(text)
