@@ -158,6 +158,10 @@ class BadResponse(SourceError):
     """The source answered, but not with something we can read (wrong shape, too big, other 4xx/5xx)."""
 
 
+class NotFound(BadResponse):
+    """HTTP 404 for one item: a page deleted between a listing and its fetch is skipped, not an error."""
+
+
 class Connector(abc.ABC):
     """A source of passages. Subclasses set `settings_model` and implement `search`."""
 

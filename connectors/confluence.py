@@ -27,7 +27,7 @@ from aggregator.chunking import split_passages
 from aggregator.filters import as_instant
 
 from ._html import html_to_text
-from .base import BadResponse, Connector, ConnectorSettings, Passage, SourceQuery
+from .base import BadResponse, Connector, ConnectorSettings, NotFound, Passage, SourceQuery
 from .http import BaseUrl, make_client, request_json
 
 #: Characters with a meaning in the Lucene syntax behind CQL's `text ~`; replaced by spaces.
@@ -190,8 +190,13 @@ class ConfluenceConnector(Connector):
     async def search(self, query: SourceQuery) -> list[Passage]:
         if self._client is None:
             await self.start()
-        pages, base = await self._search(self.cql(query))
-        bodies = await asyncio.gather(*(self._body(page) for page in pages))
+        found, base = await self._search(self.cql(query))
+        fetched = await asyncio.gather(*(self._body(page) for page in found), return_exceptions=True)
+        for outcome in fetched:  # a page deleted since the search is skipped; anything else fails the source
+            if isinstance(outcome, BaseException) and not isinstance(outcome, NotFound):
+                raise outcome
+        pages = [page for page, body in zip(found, fetched) if isinstance(body, str)]
+        bodies = [body for body in fetched if isinstance(body, str)]
         chunk_chars = self.settings.chunk_chars or 1500
         passages: list[Passage] = []
         for rank, (page, body) in enumerate(zip(pages, bodies), start=1):

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import httpx
 from pydantic import AfterValidator
 
-from .base import AuthFailed, BadResponse, RateLimited, SourceTimeout, Unavailable
+from .base import AuthFailed, BadResponse, NotFound, RateLimited, SourceTimeout, Unavailable
 
 USER_AGENT = "dify-knowledge-gateway/0.1"
 DEFAULT_MAX_RESPONSE_BYTES = 16 * 1024 * 1024
@@ -83,6 +83,8 @@ def check_status(response: httpx.Response, what: str) -> None:
         raise RateLimited(f"{what}: HTTP 429, rate limited", retry_after)
     if status in (502, 503, 504):
         raise Unavailable(f"{what}: HTTP {status}")
+    if status == 404:
+        raise NotFound(f"{what}: HTTP 404")
     if 300 <= status < 400:
         raise BadResponse(f"{what}: HTTP {status} redirect not followed")
     raise BadResponse(f"{what}: HTTP {status}")

@@ -19,7 +19,7 @@ from aiolimiter import AsyncLimiter
 from pydantic import Field, SecretStr
 
 from ._indexed import Document, IndexedConnector, IndexedSettings
-from .base import BadResponse
+from .base import BadResponse, NotFound
 from .http import BaseUrl, make_client, request_json
 
 NOTION_VERSION = "2022-06-28"
@@ -166,7 +166,10 @@ class NotionConnector(IndexedConnector):
         page = self._pages.get(document_id)
         if page is None:
             return None
-        lines = await self._blocks(document_id)
+        try:
+            lines = await self._blocks(document_id)
+        except NotFound:  # deleted or unshared since the listing
+            return None
         metadata: dict[str, Any] = {"url": page.get("url"), "parent": parent_of(page)}
         for name, prop in (page.get("properties") or {}).items():
             if isinstance(prop, dict) and prop.get("type") != "title":

@@ -155,3 +155,15 @@ async def test_wrong_token_is_auth_failed(fake):
     async with ConfluenceConnector("c", settings(base, api_token="wrong")) as connector:
         with pytest.raises(AuthFailed):
             await connector.search(SourceQuery("keys", 5))
+
+
+@respx.mock
+async def test_a_page_deleted_between_search_and_fetch_is_skipped():
+    site = "https://acme.atlassian.net/wiki"
+    hits = [{"id": i, "type": "page", "title": f"Page {i}", "version": {"number": 1}, "_links": {"webui": f"/p/{i}"}} for i in ("1", "2")]
+    respx.get(f"{site}/rest/api/content/search").mock(return_value=httpx.Response(200, json={"results": hits, "_links": {}}))
+    respx.get(f"{site}/rest/api/content/1").mock(return_value=httpx.Response(200, json={"id": "1", "body": {"storage": {"value": "<p>keys</p>"}}}))
+    respx.get(f"{site}/rest/api/content/2").mock(return_value=httpx.Response(404, json={"message": "No content found"}))
+    async with ConfluenceConnector("c", settings(site)) as connector:
+        passages = await connector.search(SourceQuery("keys", 10))
+    assert [p.document_id for p in passages] == ["1"]

@@ -142,3 +142,11 @@ async def test_a_wrong_token_is_reported_as_auth_failed(fake):
         await notion.wait_ready(5)
         assert notion.stats().last_refresh_outcome == AuthFailed.outcome
         assert "wrong" not in (notion.stats().last_refresh_error or "")
+
+
+async def test_a_page_gone_between_listing_and_reading_is_left_out(fake):
+    state, url = fake
+    del state.blocks["p-wifi"]  # listed, but its blocks answer 404
+    async with NotionConnector("notion", NotionSettings(token=TOKEN, base_url=url, requests_per_second=50)) as notion:
+        await notion.wait_ready(10)
+        assert notion.stats().documents == 2 and notion.stats().last_refresh_error is None
