@@ -30,7 +30,6 @@ from pydantic import ValidationError
 
 from . import statuspage
 from .config import ApiKey, GatewayConfig
-from .filters import InvalidCondition
 from .models import ErrorBody, RetrievalRequest, RetrievalResponse
 from .pipeline import UnknownKnowledgeBase, retrieve
 from .runtime import Gateway
@@ -180,8 +179,6 @@ def create_app(load: Callable[[], GatewayConfig] | None = None, config_path: Pat
             result = await retrieve(gateway, parsed)
         except UnknownKnowledgeBase:
             return error(404, 2001, f"knowledge_id: no knowledge base named {parsed.knowledge_id!r}")
-        except InvalidCondition as exc:
-            return error(400, 3001, str(exc))
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
         service.record(gateway, parsed.knowledge_id, parsed.query, result, time.perf_counter() - started, request_id)
         return JSONResponse(

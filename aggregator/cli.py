@@ -108,7 +108,6 @@ def format_table(records: list[dict], sources: str) -> str:
 async def _query(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from .filters import InvalidCondition
     from .models import RetrievalRequest
     from .pipeline import UnknownKnowledgeBase, retrieve
     from .runtime import Gateway
@@ -132,9 +131,6 @@ async def _query(args: argparse.Namespace) -> int:
         result = await retrieve(gateway, request)
     except UnknownKnowledgeBase:
         print(f"error: no knowledge base named {args.kb!r}; known: {', '.join(config.knowledge_bases)}", file=sys.stderr)
-        return 2
-    except InvalidCondition as exc:
-        print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
         await gateway.aclose()

@@ -13,13 +13,16 @@ Semantics (DESIGN section 1):
   `not contains`, `is not`, `not in` and `≠`, which are the negations of
   `not empty`, `contains`, `is`, `in` and `=` and hold exactly when those fail.
 
-Conditions are compiled once per request, so an unusable value (a number
-operator given "abc") is reported as a bad request naming the condition,
-rather than silently matching nothing.
+Whatever Dify's models can produce is answered, never refused (Dify shows
+its user any non-200 as an error page): a condition whose value is null is
+left out, as Dify does when it filters its own knowledge bases; a list value
+holds when any of its items does; a value the operator cannot use (a number
+operator given "abc") matches nothing and is logged with its place.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -27,20 +30,14 @@ from typing import Any
 
 from .models import Condition, MetadataCondition
 
+log = logging.getLogger(__name__)
+
 Predicate = Callable[[dict[str, Any]], bool]
 
 NEGATIONS = {"not contains": "contains", "is not": "is", "not in": "in", "≠": "=", "empty": "not empty"}
 STRING_OPS = {"contains", "start with", "end with", "is", "in", "not empty"}
 NUMBER_OPS = {"=", ">", "<", "≥", "≤"}
 DATE_OPS = {"before", "after"}
-
-
-class InvalidCondition(ValueError):
-    """A condition that cannot be evaluated; `field` says where it is in the request body."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
 
 
 def as_text(value: Any) -> str:
@@ -96,14 +93,29 @@ def _is_empty(value: Any) -> bool:
     return value is None or value == "" or (isinstance(value, (list, tuple, set, dict)) and not value)
 
 
+def _never(_field: Any) -> bool:
+    return False
+
+
 def _compile_one(op: str, value: Any, where: str) -> Callable[[Any], bool]:
-    """A test of one field value for a positive operator (negations are built on top)."""
+    """A test of one field value for a positive operator (negations are built on top).
+
+    A value the operator cannot use (`>` given "abc", `before` given "soon")
+    makes a test that no field passes: no number is greater than "abc". It is
+    logged, not refused, because Dify shows every non-200 to its user as an
+    error page, and an automatic (LLM-written) filter can produce such values.
+    """
     if op == "not empty":
         return lambda field: not _is_empty(field)
+    if op == "in":
+        items = value if isinstance(value, list) else str(value).split(",") if isinstance(value, str) else [value]
+        allowed = {as_text(item).strip() for item in items if item is not None}
+        return lambda field: any(as_text(item) in allowed for item in _elements(field))
+    if isinstance(value, list):  # several values: the condition holds when it holds for any of them
+        tests = [_compile_one(op, item, where) for item in value if item is not None]
+        return lambda field: any(test(field) for test in tests)
     if op in ("contains", "start with", "end with", "is"):
-        wanted = "" if value is None else as_text(value)
-        if isinstance(value, (list, dict)):
-            raise InvalidCondition(where, f"'{op}' takes a single value, not a {type(value).__name__}")
+        wanted = as_text(value)
         check: Callable[[str], bool] = {
             "contains": lambda text: wanted in text,
             "start with": lambda text: text.startswith(wanted),
@@ -111,16 +123,11 @@ def _compile_one(op: str, value: Any, where: str) -> Callable[[Any], bool]:
             "is": lambda text: text == wanted,
         }[op]
         return lambda field: any(check(as_text(item)) for item in _elements(field))
-    if op == "in":
-        if value is None:
-            raise InvalidCondition(where, "'in' needs a list or a comma-separated string")
-        items = value if isinstance(value, list) else str(value).split(",") if isinstance(value, str) else [value]
-        allowed = {as_text(item).strip() for item in items}
-        return lambda field: any(as_text(item) in allowed for item in _elements(field))
     if op in NUMBER_OPS:
         target = as_number(value)
         if target is None:
-            raise InvalidCondition(where, f"'{op}' needs a number, got {value!r}")
+            log.info("%s: '%s' needs a number, got %r; the condition matches nothing", where, op, value)
+            return _never
         compare: Callable[[float], bool] = {
             "=": lambda x: x == target,
             ">": lambda x: x > target,
@@ -132,15 +139,24 @@ def _compile_one(op: str, value: Any, where: str) -> Callable[[Any], bool]:
     if op in DATE_OPS:
         moment = as_instant(value)
         if moment is None:
-            raise InvalidCondition(where, f"'{op}' needs an ISO 8601 date or Unix seconds, got {value!r}")
+            log.info("%s: '%s' needs an ISO 8601 date or Unix seconds, got %r; the condition matches nothing", where, op, value)
+            return _never
         if op == "before":
             return lambda field: any((t := as_instant(item)) is not None and t < moment for item in _elements(field))
         return lambda field: any((t := as_instant(item)) is not None and t > moment for item in _elements(field))
-    raise InvalidCondition(where, f"unknown comparison_operator {op!r}")  # the request model prevents this
+    raise ValueError(f"{where}: unknown comparison_operator {op!r}")  # the request model prevents this
 
 
-def compile_condition(condition: Condition, where: str) -> Predicate:
+def compile_condition(condition: Condition, where: str) -> Predicate | None:
+    """The condition as a predicate, or None when it has no value to compare with and so is left out.
+
+    Dify itself leaves such conditions out when it filters its own knowledge
+    bases (a condition added in its UI with the value still empty arrives as
+    `"value": null`), so the gateway does the same.
+    """
     op = condition.comparison_operator
+    if condition.value is None and op not in ("empty", "not empty"):
+        return None
     positive_op = NEGATIONS.get(op, op)
     test = _compile_one(positive_op, condition.value, f"{where}.value")
     names = condition.name
@@ -151,12 +167,15 @@ def compile_condition(condition: Condition, where: str) -> Predicate:
 
 def compile_filter(metadata_condition: MetadataCondition | None) -> Predicate | None:
     """One predicate for the whole `metadata_condition`, or None when there is nothing to check."""
-    if metadata_condition is None or not metadata_condition.conditions:
+    if metadata_condition is None:
         return None
-    predicates = [
+    compiled = (
         compile_condition(condition, f"metadata_condition.conditions[{i}]")
         for i, condition in enumerate(metadata_condition.conditions)
-    ]
+    )
+    predicates = [p for p in compiled if p is not None]
+    if not predicates:
+        return None
     if metadata_condition.logical_operator == "or":
         return lambda metadata: any(p(metadata) for p in predicates)
     return lambda metadata: all(p(metadata) for p in predicates)

@@ -4,29 +4,33 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictFloat, StrictInt
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictFloat, StrictInt
 
 Operator = Literal[
     "contains", "not contains", "start with", "end with", "is", "is not", "in", "not in",
     "empty", "not empty", "=", "≠", ">", "<", "≥", "≤", "before", "after",
 ]  # fmt: skip
 
+#: Records per answer at most; a larger `top_k` is served as this many.
 MAX_TOP_K = 100
+#: What a `top_k` that is absent or null means: Dify's own default for a knowledge base.
+DEFAULT_TOP_K = 4
 MAX_QUERY_CHARS = 4000
 MAX_CONDITIONS = 64
 
 
 def _names_as_list(value: Any) -> Any:
-    """Dify sends `name` as a list; a bare string is accepted as a list of one."""
+    """Dify 1.x sends `name` as a string; its API page documents a list. Both are a list here."""
     return [value] if isinstance(value, str) else value
 
 
-def _none_means_and(value: Any) -> Any:
-    return "and" if value is None else value
+def _none_means(default: Any) -> Any:
+    """Dify serializes its models whole, so an unset field arrives as null: null means the default."""
+    return BeforeValidator(lambda value: default if value is None else value)
 
 
-def _none_means_zero(value: Any) -> Any:
-    return 0.0 if value is None else value
+def _at_most_max_top_k(value: int) -> int:
+    return min(value, MAX_TOP_K)
 
 
 JsonScalar = str | StrictInt | StrictFloat | bool | None
@@ -35,7 +39,7 @@ JsonScalar = str | StrictInt | StrictFloat | bool | None
 class Condition(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    name: Annotated[list[Annotated[str, Field(min_length=1, max_length=256)]], BeforeValidator(_names_as_list)] = Field(
+    name: Annotated[list[Annotated[str, Field(max_length=256)]], BeforeValidator(_names_as_list)] = Field(
         min_length=1, max_length=32
     )
     comparison_operator: Operator
@@ -45,15 +49,17 @@ class Condition(BaseModel):
 class MetadataCondition(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    logical_operator: Annotated[Literal["and", "or"], BeforeValidator(_none_means_and)] = "and"
-    conditions: list[Condition] = Field(default_factory=list, max_length=MAX_CONDITIONS)
+    logical_operator: Annotated[Literal["and", "or"], _none_means("and")] = "and"
+    conditions: Annotated[list[Condition], _none_means([])] = Field(default_factory=list, max_length=MAX_CONDITIONS)
 
 
 class RetrievalSetting(BaseModel):
+    """`top_k` 0 asks for nothing and gets nothing; above MAX_TOP_K it gets MAX_TOP_K records at most."""
+
     model_config = ConfigDict(extra="ignore")
 
-    top_k: StrictInt = Field(5, ge=1, le=MAX_TOP_K)
-    score_threshold: Annotated[StrictFloat | StrictInt, BeforeValidator(_none_means_zero)] = Field(0.0, ge=0.0, le=1.0)
+    top_k: Annotated[StrictInt, _none_means(DEFAULT_TOP_K), Field(ge=0), AfterValidator(_at_most_max_top_k)] = DEFAULT_TOP_K
+    score_threshold: Annotated[StrictFloat | StrictInt, _none_means(0.0)] = Field(0.0, ge=0.0, le=1.0)
 
 
 class RetrievalRequest(BaseModel):
@@ -63,7 +69,7 @@ class RetrievalRequest(BaseModel):
 
     knowledge_id: str = Field(min_length=1, max_length=256)
     query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS)
-    retrieval_setting: RetrievalSetting = Field(default_factory=RetrievalSetting)
+    retrieval_setting: Annotated[RetrievalSetting, _none_means({})] = Field(default_factory=RetrievalSetting)
     metadata_condition: MetadataCondition | None = None
 
 

@@ -37,12 +37,14 @@ class RetrievalResult:
 
 
 async def retrieve(gateway: Gateway, request: RetrievalRequest) -> RetrievalResult:
-    """Fan out, filter, merge, rerank, cut. Raises UnknownKnowledgeBase or filters.InvalidCondition."""
+    """Fan out, filter, merge, rerank, cut. Raises UnknownKnowledgeBase."""
     knowledge_base = gateway.config.knowledge_bases.get(request.knowledge_id)
     if knowledge_base is None:
         raise UnknownKnowledgeBase(request.knowledge_id)
     accepts = compile_filter(request.metadata_condition)
     setting = request.retrieval_setting
+    if setting.top_k == 0:  # asks for nothing: answered without bothering a source
+        return RetrievalResult([], [])
     query = SourceQuery(
         text=request.query,
         limit=max(MIN_CANDIDATES, setting.top_k * CANDIDATES_PER_RESULT),

@@ -77,12 +77,14 @@ def record_metadata(passage: Passage, source: str, source_type: str) -> dict[str
     """The metadata a record carries, as filters see it: the source's own fields plus the gateway's.
 
     The source's fields are kept whole; `source`, `source_type`, `document_id`,
-    `chunk_index` and `updated_at` are added where the source did not set them.
+    `title`, `chunk_index` and `updated_at` are added where the source did not
+    set them. `title` is there because it is the first name a user filters on.
     """
     metadata = dict(passage.metadata)
     metadata.setdefault("source", source)
     metadata.setdefault("source_type", source_type)
     metadata.setdefault("document_id", passage.document_id)
+    metadata.setdefault("title", passage.title)
     metadata.setdefault("chunk_index", passage.chunk_index)
     if passage.updated_at is not None:
         metadata.setdefault("updated_at", passage.updated_at)

@@ -4,7 +4,7 @@ The upstream already returns passages with scores in [0, 1], so they are not
 re-split. We ask for more than the user's `top_k` (the core's `limit`) with no
 threshold, so that the rerank has candidates to choose from, and pass
 `metadata_condition` on. Conditions on fields that only this gateway sets
-(`source`, `source_type`) are left out of what is passed on: under `and`
+(`source`, `source_type`, `title`) are left out of what is passed on: under `and`
 dropping one only widens the upstream's answer (the core's post-filter still
 applies); under `or` the whole condition is kept local when any part of it
 must be, since a partial `or` would narrow the answer wrongly.
@@ -21,7 +21,8 @@ from pydantic import Field, SecretStr
 from .base import BadResponse, Connector, ConnectorSettings, Passage, SourceQuery
 from .http import DEFAULT_MAX_RESPONSE_BYTES, BaseUrl, make_client, request_json
 
-GATEWAY_FIELDS = frozenset({"source", "source_type"})
+#: Fields the gateway sets itself: an upstream may not have them, so conditions on them stay local.
+GATEWAY_FIELDS = frozenset({"source", "source_type", "title"})
 MAX_UPSTREAM_TOP_K = 100
 
 
