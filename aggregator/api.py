@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import ValidationError
 
-from . import statuspage
+from .ops import statuspage
 from .config import ApiKey, GatewayConfig
 from .models import ErrorBody, RetrievalRequest, RetrievalResponse
 from .pipeline import UnknownKnowledgeBase, retrieve

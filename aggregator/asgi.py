@@ -8,7 +8,7 @@ from fastapi import FastAPI
 
 from .api import create_app
 from .config import resolve_config_path
-from .logs import configure_logging
+from .ops.logs import configure_logging
 
 
 def create_from_env() -> FastAPI:

@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Sequence
 
 from .config import ConfigError, load_config, resolve_config_path
-from .logs import configure_logging
+from .ops.logs import configure_logging
 
 log = logging.getLogger("aggregator")
 
@@ -153,7 +153,7 @@ async def _check(args: argparse.Namespace) -> int:
     from connectors.base import SourceQuery
 
     from .fanout import call_source
-    from .health import redact
+    from .ops.health import redact
     from .runtime import Gateway
 
     config = _load_or_report(args.config)

@@ -11,7 +11,7 @@ from connectors.base import SourceQuery, record_metadata
 from .fanout import SourceResult, ask_sources
 from .filters import compile_filter
 from .models import RetrievalRequest
-from .rerank import Candidate, dedupe, rerank
+from .ranking.rerank import Candidate, dedupe, rerank
 from .runtime import Gateway
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from connectors.base import Connector
 from .circuit import CircuitBreaker
 from .config import DEV_API_KEY, GatewayConfig
 from .fanout import SourcePolicy, SourceSlot
-from .pool import TermCache
+from .ranking.pool import TermCache
 
 log = logging.getLogger(__name__)
 

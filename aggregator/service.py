@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import DEV_API_KEY, ConfigError, GatewayConfig, load_config
-from .health import HealthRecorder, ReloadRecord, now_iso, redact
-from .metrics import Metrics
+from .ops.health import HealthRecorder, ReloadRecord, now_iso, redact
+from .ops.metrics import Metrics
 from .pipeline import RetrievalResult
 from .runtime import Gateway
 

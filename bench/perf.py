@@ -152,9 +152,9 @@ def throughput(seconds: float) -> None:
 def rerank_times() -> None:
     from rank_bm25 import BM25Okapi
 
-    from aggregator.pool import TermCache
-    from aggregator.rerank import Candidate, dedupe, rerank
-    from aggregator.tokenize import tokenize
+    from aggregator.ranking.pool import TermCache
+    from aggregator.ranking.rerank import Candidate, dedupe, rerank
+    from aggregator.text.tokenize import tokenize
     from bench._cranfield import load
     from connectors.base import Passage
 
@@ -189,7 +189,7 @@ def rerank_times() -> None:
 
 
 def index_scale(passages: int) -> None:
-    from aggregator.tokenize import tokenize  # noqa: F401  (warm imports before measuring)
+    from aggregator.text.tokenize import tokenize  # noqa: F401  (warm imports before measuring)
     from bench._cranfield import load
     from connectors.base import SourceQuery
     from connectors.files import FilesConnector, FilesSettings

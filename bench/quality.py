@@ -21,13 +21,13 @@ from contextlib import ExitStack
 
 from fastapi import FastAPI
 
-from aggregator.bm25 import BM25Index, BM25Params
+from aggregator.ranking.bm25 import BM25Index, BM25Params
 from aggregator.config import parse_config
 from aggregator.models import RetrievalRequest
 from aggregator.pipeline import retrieve
-from aggregator.rerank import Candidate, dedupe, rerank
+from aggregator.ranking.rerank import Candidate, dedupe, rerank
 from aggregator.runtime import Gateway
-from aggregator.tokenize import tokenize
+from aggregator.text.tokenize import tokenize
 from tests.loopback import serve
 
 from ._cranfield import Doc, load, mean, ndcg_at, recall_at

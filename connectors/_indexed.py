@@ -20,9 +20,9 @@ from typing import Any, ClassVar
 
 from pydantic import Field
 
-from aggregator.bm25 import BM25Index
-from aggregator.chunking import split_passages
-from aggregator.tokenize import tokenize
+from aggregator.ranking.bm25 import BM25Index
+from aggregator.text.chunking import split_passages
+from aggregator.text.tokenize import tokenize
 
 from .base import Connector, ConnectorSettings, Passage, RateLimited, SourceError, SourceQuery, SourceStats, record_metadata
 

@@ -23,7 +23,7 @@ from urllib.parse import urljoin
 import httpx
 from pydantic import Field, SecretStr
 
-from aggregator.chunking import split_passages
+from aggregator.text.chunking import split_passages
 from aggregator.filters import as_instant
 
 from ._html import html_to_text

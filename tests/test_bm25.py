@@ -6,7 +6,7 @@ import math
 import random
 from collections import Counter
 
-from aggregator.bm25 import BM25Index, idf
+from aggregator.ranking.bm25 import BM25Index, idf
 
 WORDS = [f"w{i}" for i in range(40)]
 

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from aggregator.api import create_app
 from aggregator.config import parse_config
-from aggregator.logs import JsonFormatter
+from aggregator.ops.logs import JsonFormatter
 
 from .conftest import KEY, write_docs
 

@@ -8,10 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from aggregator.chunking import split_passages
+from aggregator.text.chunking import split_passages
 from aggregator.filters import compile_filter
 from aggregator.models import MetadataCondition
-from aggregator.tokenize import tokenize
+from aggregator.text.tokenize import tokenize
 
 FAST = settings(max_examples=200, deadline=1000)
 json_values = st.recursive(
@@ -72,6 +72,6 @@ def test_chunker_keeps_every_word_in_order_within_the_size(text, chunk_chars):
 @FAST
 @given(st.text(alphabet=st.characters(max_codepoint=127)))
 def test_the_ascii_shortcut_tokenizes_exactly_like_the_general_path(text):
-    from aggregator.tokenize import tokenize_unicode
+    from aggregator.text.tokenize import tokenize_unicode
 
     assert tokenize(text) == tokenize_unicode(text)

@@ -8,8 +8,8 @@ import pytest
 
 from aggregator.models import RetrievalRequest
 from aggregator.pipeline import retrieve
-from aggregator.pool import TermCache
-from aggregator.rerank import Candidate, dedupe, fuse, rerank
+from aggregator.ranking.pool import TermCache
+from aggregator.ranking.rerank import Candidate, dedupe, fuse, rerank
 from aggregator.runtime import Gateway
 from connectors.base import Passage
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from aggregator.chunking import split_passages
-from aggregator.tokenize import tokenize
+from aggregator.text.chunking import split_passages
+from aggregator.text.tokenize import tokenize
 
 
 def test_english_words_are_case_folded_and_stemmed_so_forms_meet():

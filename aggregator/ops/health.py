@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from .fanout import OUTCOMES, SourceResult, SourceSlot
+from ..fanout import OUTCOMES, SourceResult, SourceSlot
 
 LATENCY_WINDOW = 256
 RECENT_WINDOW = 20

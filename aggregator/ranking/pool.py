@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .bm25 import BM25Params
-from .tokenize import tokenize
+from ..text.tokenize import tokenize
 
 CACHE_PASSAGES = 50_000
 VOCABULARY_LIMIT = 2_000_000
