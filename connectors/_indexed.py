@@ -16,6 +16,7 @@ import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from itertools import count
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from pydantic import Field
@@ -24,7 +25,9 @@ from aggregator.ranking.bm25 import BM25Index
 from aggregator.text.chunking import split_passages
 from aggregator.text.tokenize import tokenize
 
-from .base import Connector, ConnectorSettings, Passage, RateLimited, SourceError, SourceQuery, SourceStats, record_metadata
+from .base import (
+    Connector, ConnectorSettings, Passage, RateLimited, SourceError, SourceQuery, SourceStats, TermStatistics, record_metadata,
+)  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +89,10 @@ class IndexedConnector(Connector):
     @property
     def ready(self) -> bool:
         return self._first_sync.is_set()
+
+    def term_statistics(self, terms: Sequence[str]) -> TermStatistics:
+        index = self._index
+        return TermStatistics(len(index), index.total_length, index.document_frequencies(terms))
 
     def stats(self) -> SourceStats:
         self._stats.documents = len(self._documents)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -69,7 +69,10 @@ class Passage:
     chunk_index: int = 0
     metadata: dict[str, Any] = field(default_factory=dict)
     updated_at: str | None = None
-    source_score: float | None = None  # the source's own relevance, already in [0, 1]
+    #: The source's own relevance on the source's own scale, as it gave it: BM25 divided by the best hit,
+    #: raw unbounded scores, cosine similarities, ... (any finite float; None when it gives ranks only).
+    #: Connectors pass it on unclamped; the rerank maps each source's scale onto the gateway's.
+    source_score: float | None = None
     source_rank: int | None = None  # 1-based rank in the source's own answer
 
 
@@ -105,6 +108,19 @@ class SourceQuery:
     limit: int
     metadata_condition: dict[str, Any] | None = None
     accepts: Callable[[dict[str, Any]], bool] | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class TermStatistics:
+    """How common some terms are in a source's whole collection: what a pool of candidates cannot see.
+
+    Counts are over passages (the unit the source indexes and returns), with
+    terms from the gateway's one tokenizer (`aggregator.text.tokenize`).
+    """
+
+    passages: int  # passages in the collection
+    total_length: int  # terms in all of them, so the average passage length is total_length / passages
+    frequencies: Mapping[str, int]  # for each term asked about, the passages that contain it
 
 
 @dataclass(slots=True)
@@ -187,6 +203,13 @@ class Connector(abc.ABC):
 
     def stats(self) -> SourceStats | None:
         """Index statistics for indexed sources; None for query-time sources."""
+        return None
+
+    def term_statistics(self, terms: Sequence[str]) -> TermStatistics | None:
+        """Collection statistics of `terms` for sources that hold an index of their own; None otherwise.
+
+        Called once per query on the event loop, so it must be cheap (a lookup, no I/O).
+        """
         return None
 
     async def start(self) -> None:

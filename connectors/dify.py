@@ -1,7 +1,7 @@
 """`dify`: any server that speaks Dify's External Knowledge API (another gateway, RAGFlow, a plugin).
 
-The upstream already returns passages with scores in [0, 1], so they are not
-re-split. We ask for more than the user's `top_k` (the core's `limit`) with no
+The upstream already returns passages, so they are not re-split; their scores
+are kept as the upstream gave them (even outside [0, 1]) for the rerank to map. We ask for more than the user's `top_k` (the core's `limit`) with no
 threshold, so that the rerank has candidates to choose from, and pass
 `metadata_condition` on. Conditions on fields that only this gateway sets
 (`source`, `source_type`, `title`) are left out of what is passed on: under `and`
@@ -49,9 +49,10 @@ def pushable_condition(condition: dict[str, Any] | None) -> dict[str, Any] | Non
 
 
 def _score(value: Any) -> float | None:
+    """The upstream's score as it gave it (the rerank maps its scale); None when it is not a finite number."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
-    return min(1.0, max(0.0, float(value)))
+    return float(value)
 
 
 def parse_records(data: Any, what: str) -> list[Passage]:

@@ -63,3 +63,13 @@ def test_ties_keep_insertion_order():
     for key in ("b", "a", "c"):
         index.add(key, ["same", "words"])
     assert [k for k, _ in index.search(["same"], 3)] == ["b", "a", "c"]
+
+
+def test_document_frequencies_count_live_passages_only():
+    index = BM25Index()
+    index.add("a", ["rotat", "key"])
+    index.add("b", ["rotat"])
+    index.add("c", ["vpn", "vpn"])
+    index.remove("b")
+    assert index.document_frequencies(["rotat", "key", "vpn", "absent"]) == {"rotat": 1, "key": 1, "vpn": 1, "absent": 0}
+    assert len(index) == 2 and index.total_length == 4

@@ -6,6 +6,7 @@ import asyncio
 import os
 from pathlib import Path
 
+from aggregator.text.tokenize import tokenize
 from connectors.base import SourceQuery
 from connectors.files import FilesConnector, FilesSettings, title_of
 
@@ -72,6 +73,16 @@ async def test_metadata_of_a_passage(tmp_path: Path):
     assert passage.updated_at == "2023-11-14T22:13:20Z"
     assert passage.metadata["path"] == "guide.md"
     assert 0 < passage.source_score <= 1 and passage.source_rank == 1
+
+
+async def test_collection_statistics_for_the_rerank(tmp_path: Path):
+    (tmp_path / "a.md").write_text("# Backups\n\nNightly backups of the database.")
+    (tmp_path / "b.md").write_text("# Restores\n\nRestore a database from the nightly snapshot.")
+    async with FilesConnector("docs", FilesSettings(path=tmp_path)) as docs:
+        await docs.wait_ready(5)
+        stats = docs.term_statistics(tokenize("database backups kubernetes"))
+    assert stats.passages == 2 and stats.total_length > 8
+    assert dict(stats.frequencies) == {"databas": 2, "backup": 1, "kubernet": 0}
 
 
 async def test_long_documents_become_several_passages(tmp_path: Path):

@@ -144,6 +144,23 @@ class BM25Index:
         self._free.extend(slot for slot, key in enumerate(self._key_of) if key is None)
         self._dead = 0
 
+    @property
+    def total_length(self) -> int:
+        """Terms in all live passages."""
+        return self._total_length
+
+    def document_frequencies(self, terms: Sequence[str]) -> dict[str, int]:
+        """How many live passages hold each of `terms`."""
+        frequencies: dict[str, int] = {}
+        for term in dict.fromkeys(terms):
+            posting = self._postings.get(term)
+            if posting is None:
+                frequencies[term] = 0
+                continue
+            posting.pack()
+            frequencies[term] = int(np.count_nonzero(self._alive[posting.ids])) if self._dead else len(posting.ids)
+        return frequencies
+
     def _scores(self, query_terms: Sequence[str]) -> tuple[np.ndarray, float]:
         """Raw BM25 per slot (dead slots score 0) and the query's ceiling."""
         n = len(self._slot_of)
