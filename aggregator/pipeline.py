@@ -11,8 +11,10 @@ from connectors.base import SourceQuery, record_metadata
 from .fanout import SourceResult, ask_sources
 from .filters import compile_filter
 from .models import RetrievalRequest
-from .ranking.rerank import Candidate, dedupe, rerank
+from .ranking.rerank import Candidate, Ranked, rerank
+from .ranking.statistics import merge_term_statistics
 from .runtime import Gateway
+from .text.tokenize import tokenize
 
 log = logging.getLogger(__name__)
 
@@ -56,27 +58,48 @@ async def retrieve(gateway: Gateway, request: RetrievalRequest) -> RetrievalResu
     slots = [gateway.slots[name] for name in dict.fromkeys(knowledge_base.connectors)]
     results = await ask_sources(slots, query, deadline)
 
+    # Indexed sources know their whole collection: the rerank's IDF uses it (whether they answered or not).
+    terms = tokenize(request.query)
+    reported = {slot.connector.name: slot.connector.term_statistics(terms) for slot in slots}
+    local = merge_term_statistics(reported.values())
+
     candidates: list[Candidate] = []
     for result in results:
         connector = gateway.slots[result.name].connector
+        settings = connector.settings
+        indexed = reported.get(connector.name) is not None
         for passage in result.passages:
             metadata = record_metadata(passage, connector.name, connector.type)
             if accepts is None or accepts(metadata):
-                candidates.append(Candidate(passage, connector.name, connector.type, connector.settings.weight, metadata))
+                candidates.append(Candidate(passage, connector.name, connector.type, settings.weight, metadata, settings.scores, indexed))
 
     records: list[dict] = []
-    for ranked in rerank(request.query, dedupe(candidates), gateway.term_cache):
+    sampled = [name for name, stats in reported.items() if stats is None]
+    for ranked in rerank(request.query, candidates, gateway.term_cache, local, sampled=sampled):
         score = round(ranked.score, SCORE_DIGITS)
         if score < setting.score_threshold or score <= 0.0:
             continue
         passage, metadata = ranked.candidate.passage, ranked.candidate.metadata or {}
-        metadata["score_detail"] = {
-            "bm25": round(ranked.bm25, SCORE_DIGITS),
-            "proximity": round(ranked.proximity, SCORE_DIGITS),
-            "source_score": passage.source_score,
-            "source_rank": passage.source_rank,
-        }
+        metadata["score_detail"] = score_detail(ranked)
         records.append({"content": passage.content, "score": score, "title": passage.title, "metadata": metadata})
         if len(records) >= setting.top_k:
             break
     return RetrievalResult(records, results)
+
+
+def score_detail(ranked: Ranked) -> dict[str, float | int | str | None]:
+    """How a record's score came to be: the gateway's own judgement, and the source's, before and after calibration."""
+    passage = ranked.candidate.passage
+
+    def rounded(value: float | None) -> float | None:
+        return None if value is None else round(value, SCORE_DIGITS)
+
+    return {
+        "bm25": rounded(ranked.bm25),
+        "proximity": rounded(ranked.proximity),
+        "relevance": rounded(ranked.relevance),
+        "source_score": passage.source_score,
+        "source_rank": passage.source_rank,
+        "calibrated": rounded(ranked.calibrated),
+        "calibration": ranked.calibration,
+    }
