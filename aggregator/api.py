@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import ValidationError
 
-from .ops import statuspage
+from .ops import explain, statuspage
 from .config import ApiKey, GatewayConfig
 from .models import ErrorBody, RetrievalRequest, RetrievalResponse
 from .pipeline import UnknownKnowledgeBase, retrieve
@@ -249,6 +249,49 @@ def create_app(load: Callable[[], GatewayConfig] | None = None, config_path: Pat
             return denied
         body, content_type = service.metrics.render()
         return Response(body, media_type=content_type)
+
+    @app.get("/explain", response_model=None)
+    async def explain_page(request: Request) -> Response:
+        """One query over one knowledge base, with what became of every passage (ops access, like /status)."""
+        gateway = service.gateway
+        if gateway is None:
+            return error(503, 5003, "the service is starting; try again shortly")
+        if denied := ops_denied(request, gateway.config):
+            return denied
+        params = request.query_params
+        values = {k: params.get(k, "") for k in ("kb", "q", "top_k", "threshold", "filter", "token")}
+        as_json = params.get("format") == "json"
+        kbs = list(gateway.config.knowledge_bases)
+        values["kb"] = values["kb"] or kbs[0]
+
+        def failed(status: int, code: int, message: str) -> Response:
+            if as_json:
+                return error(status, code, message)
+            return HTMLResponse(explain.render_page(kbs, values, None, message), status_code=status)
+
+        if not values["q"].strip():
+            return failed(400, 3001, "q: a query is required") if as_json else HTMLResponse(explain.render_page(kbs, values, None))
+        try:
+            body = explain.body_from_form(values, kbs[0])
+        except ValueError:
+            return failed(400, 3001, "filter: not valid JSON")
+        try:
+            parsed = RetrievalRequest.model_validate(body)
+        except ValidationError as exc:
+            return failed(400, 3001, describe_validation_error(exc))
+        started = time.perf_counter()
+        with gateway.lease():
+            try:
+                result = await retrieve(gateway, parsed, explain=True)
+            except UnknownKnowledgeBase:
+                return failed(404, 2001, f"knowledge_id: no knowledge base named {parsed.knowledge_id!r}")
+        elapsed = time.perf_counter() - started
+        service.record(gateway, parsed.knowledge_id, parsed.query, result, elapsed, "explain-" + uuid.uuid4().hex[:8])
+        types = {name: slot.connector.type for name, slot in gateway.slots.items()}
+        data = explain.explanation(result, body, elapsed * 1000, types)
+        if as_json:
+            return JSONResponse(data)
+        return HTMLResponse(explain.render_page(kbs, values, data))
 
     @app.get("/", response_class=HTMLResponse)
     async def page(request: Request) -> Response:

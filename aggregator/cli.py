@@ -1,4 +1,4 @@
-"""`aggregator serve | validate | query`: run the service, check a config, try a query."""
+"""`aggregator serve | validate | query | explain | check`: run the service, check a config, try and explain a query."""
 
 from __future__ import annotations
 
@@ -47,6 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--threshold", type=float, default=0.0)
     query.add_argument("--json", action="store_true", help="print the API's JSON answer instead of a table")
     query.add_argument("text", help="the query")
+
+    explain = commands.add_parser("explain", help="run one retrieval in-process and show what became of every passage")
+    _config_arg(explain)
+    explain.add_argument("--kb", required=True, help="knowledge base id")
+    explain.add_argument("--top-k", type=int, default=5)
+    explain.add_argument("--threshold", type=float, default=0.0)
+    explain.add_argument("--filter", help="a metadata_condition as JSON, e.g. '{\"conditions\": [...]}'")
+    explain.add_argument("--json", action="store_true", help="print the explanation as JSON (the same as GET /explain?format=json)")
+    explain.add_argument("text", help="the query")
     return parser
 
 
@@ -105,7 +114,10 @@ def format_table(records: list[dict], sources: str) -> str:
     return "\n".join(lines)
 
 
-async def _query(args: argparse.Namespace) -> int:
+async def _retrieve_once(args: argparse.Namespace, explain: bool):  # type: ignore[no-untyped-def]
+    """One retrieval in-process for `query` and `explain`: (body, result, ms, source types), or an exit status."""
+    import time
+
     from pydantic import ValidationError
 
     from .models import RetrievalRequest
@@ -115,29 +127,53 @@ async def _query(args: argparse.Namespace) -> int:
     config = _load_or_report(args.config)
     if config is None:
         return 1
+    body: dict = {"knowledge_id": args.kb, "query": args.text, "retrieval_setting": {"top_k": args.top_k, "score_threshold": args.threshold}}
     try:
-        request = RetrievalRequest.model_validate(
-            {"knowledge_id": args.kb, "query": args.text, "retrieval_setting": {"top_k": args.top_k, "score_threshold": args.threshold}}
-        )
-    except ValidationError as exc:
+        if getattr(args, "filter", None):
+            body["metadata_condition"] = json.loads(args.filter)
+        request = RetrievalRequest.model_validate(body)
+    except ValueError as exc:
         from .api import describe_validation_error
 
-        print(f"error: {describe_validation_error(exc)}", file=sys.stderr)
+        message = describe_validation_error(exc) if isinstance(exc, ValidationError) else "--filter: not valid JSON"
+        print(f"error: {message}", file=sys.stderr)
         return 2
     gateway = Gateway(config)
     await gateway.start()
     try:
         await _wait_for_indexes(gateway)
-        result = await retrieve(gateway, request)
+        started = time.perf_counter()
+        result = await retrieve(gateway, request, explain=explain)
+        elapsed_ms = (time.perf_counter() - started) * 1000
     except UnknownKnowledgeBase:
         print(f"error: no knowledge base named {args.kb!r}; known: {', '.join(config.knowledge_bases)}", file=sys.stderr)
         return 2
     finally:
         await gateway.aclose()
+    return body, result, elapsed_ms, {name: slot.connector.type for name, slot in gateway.slots.items()}
+
+
+async def _query(args: argparse.Namespace) -> int:
+    done = await _retrieve_once(args, explain=False)
+    if isinstance(done, int):
+        return done
+    _, result, _, _ = done
     if args.json:
         print(json.dumps({"records": result.records}, ensure_ascii=False, indent=2))
     else:
         print(format_table(result.records, result.sources_header()))
+    return 0
+
+
+async def _explain(args: argparse.Namespace) -> int:
+    from .ops.explain import explanation, render_text
+
+    done = await _retrieve_once(args, explain=True)
+    if isinstance(done, int):
+        return done
+    body, result, elapsed_ms, types = done
+    data = explanation(result, body, elapsed_ms, types)
+    print(json.dumps(data, ensure_ascii=False, indent=2) if args.json else render_text(data))
     return 0
 
 
@@ -196,6 +232,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging("warning")
     if args.command == "check":
         return asyncio.run(_check(args))
+    if args.command == "explain":
+        return asyncio.run(_explain(args))
     return asyncio.run(_query(args))
 
 

@@ -78,6 +78,7 @@ class Candidate:
     metadata: dict[str, Any] | None = None  # record metadata, filled by the pipeline
     scores: ScoreUse = "auto"
     indexed: bool = False  # from a source whose collection statistics are already counted (no sampling)
+    calibrated: float | None = None  # this source's opinion on the gateway's scale, set by `rank`
 
 
 @dataclass(slots=True)
@@ -90,6 +91,7 @@ class Ranked:
     calibrated: float | None = None
     calibration: str = "none"  # how the source's score was mapped: scores, ranks, trusted, ignored, none
     also_in: list[str] = field(default_factory=list)
+    members: list[Candidate] = field(default_factory=list)  # every source's copy of this text, the winner among them
 
 
 @dataclass(slots=True)
@@ -251,7 +253,10 @@ def rank(
     how: dict[str, str] = {}
     for source, indexes in by_source.items():
         use = sighted[indexes[0]].scores
-        calibrated[indexes], how[source] = _calibrate(use, ranks[indexes], given[indexes], relevance[group_of[indexes]], settings.kappa)
+        values, how[source] = _calibrate(use, ranks[indexes], given[indexes], relevance[group_of[indexes]], settings.kappa)
+        calibrated[indexes] = values
+        for i, value in zip(indexes, values.tolist()):
+            sighted[i].calibrated = value if value >= 0.0 else None
 
     # The sighting that vouches most for each passage speaks for it (the first on a tie).
     winner = np.cumsum([0, *sizes[:-1]])
@@ -274,7 +279,7 @@ def rank(
         label = how[candidate.source]
         if value < 0.0:
             value, label = None, ("ignored" if label == "ignored" else "none")
-        ranked.append(Ranked(candidate, score, bm25, proximity, rel, value, label, also))
+        ranked.append(Ranked(candidate, score, bm25, proximity, rel, value, label, also, groups[g].members))
     return _sorted(ranked, scores, relevance)
 
 
