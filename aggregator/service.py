@@ -145,10 +145,11 @@ class Service:
         config = gateway.config
         used = {name for kb in config.knowledge_bases.values() for name in kb.connectors}
         secrets = config.secrets()
+        now = self.health.clock()
         sources = []
         for name, slot in gateway.slots.items():
             health = self.health.source(name, slot.connector.type)
-            sources.append(health.snapshot(slot, name in used, secrets))
+            sources.append(health.snapshot(slot, name in used, secrets, now))
         reload = self.health.last_reload
         return {
             "ready": gateway.ready,
