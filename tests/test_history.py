@@ -5,7 +5,6 @@ The clock is injected (`service.health.clock`), so calls land in chosen minutes 
 
 from __future__ import annotations
 
-import asyncio
 import random
 import re
 import textwrap
@@ -14,8 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from fastapi import FastAPI
-from fastapi.responses import JSONResponse
 from fastapi.testclient import TestClient
 
 from aggregator.api import create_app
@@ -25,6 +22,7 @@ from aggregator.ops.health import HealthRecorder, percentile
 from aggregator.ops.history import ERRORS_KEPT, MINUTES, History
 
 from .conftest import KEY, write_docs
+from .fakes.dify import FakeUpstream
 from .loopback import serve
 
 #: 2026-11-24 19:00:00 UTC, a whole minute.
@@ -100,24 +98,13 @@ def test_charts_put_each_minute_in_its_column_stacked_in_outcome_order():
 
 @pytest.fixture
 def flaky():
-    """A Dify-compatible upstream whose behaviour the test switches: ok, error (HTTP 500) or slow."""
-    mode = {"now": "ok"}
-    app = FastAPI()
-
-    @app.post("/retrieval")
-    async def retrieval() -> JSONResponse:
-        if mode["now"] == "error":
-            return JSONResponse({"error_code": 5001, "error_msg": "boom"}, status_code=500)
-        if mode["now"] == "slow":
-            await asyncio.sleep(2)
-        return JSONResponse({"records": [{"content": "rotate keys at the partner", "score": 0.8, "title": "Remote", "metadata": {}}]})
-
-    with serve(app) as url:
-        yield url, mode
+    upstream = FakeUpstream(slow_s=0.6)
+    with serve(upstream.app()) as url:
+        yield url, upstream
 
 
 def test_status_history_places_errors_and_timeouts_in_their_minutes(tmp_path: Path, flaky):
-    url, mode = flaky
+    url, upstream = flaky
     config = parse_config(textwrap.dedent(f"""
     server:
       api_keys: [{{key: {KEY}}}]
@@ -135,7 +122,7 @@ def test_status_history_places_errors_and_timeouts_in_their_minutes(tmp_path: Pa
         client.portal.call(client.app.state.service.gateway.slots["docs"].connector.wait_ready, 10)
 
         def ask(at: float, behaviour: str) -> str:
-            clock.at, mode["now"] = at, behaviour
+            clock.at, upstream.mode = at, behaviour
             response = client.post("/retrieval", json=body, headers={"Authorization": f"Bearer {KEY}"})
             assert response.status_code == 200
             return response.headers["X-Sources"]
