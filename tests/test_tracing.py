@@ -94,6 +94,8 @@ def test_a_retrieval_continues_the_callers_trace_with_a_span_per_source(tmp_path
         assert span.attributes["gateway.source.outcome"] == "ok" and span.attributes["gateway.source.records"] >= 1
         assert span.attributes["gateway.source.retries"] == 0
 
+    assert BODY["query"] not in str([s.attributes for s in spans.values()]), "the query text stays out of traces"
+
     [sent] = fake.headers
     version, trace_id, parent_id, flags = sent["traceparent"].split("-")
     assert (trace_id, parent_id) == (TRACE_ID, format(spans["search partner"].context.span_id, "016x")), "the upstream joins the trace"
