@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import random
 import re
-import textwrap
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +20,7 @@ from aggregator.fanout import OUTCOMES, SourceResult
 from aggregator.ops.health import HealthRecorder, percentile
 from aggregator.ops.history import ERRORS_KEPT, MINUTES, History
 
-from .conftest import KEY, write_docs
+from .conftest import KEY, make_config, write_docs
 from .fakes.dify import FakeUpstream
 from .loopback import serve
 
@@ -105,16 +104,8 @@ def flaky():
 
 def test_status_history_places_errors_and_timeouts_in_their_minutes(tmp_path: Path, flaky):
     url, upstream = flaky
-    config = parse_config(textwrap.dedent(f"""
-    server:
-      api_keys: [{{key: {KEY}}}]
-      deadline_s: 2.0
-    knowledge_bases:
-      demo: {{connectors: [docs, partner]}}
-    connectors:
-      docs: {{type: files, path: {write_docs(tmp_path / "docs")}}}
-      partner: {{type: dify, endpoint: "{url}", api_key: upstream-secret, knowledge_id: kb, retries: 0, timeout_s: 0.3}}
-    """), {})  # fmt: skip
+    extra = f'partner: {{type: dify, endpoint: "{url}", api_key: upstream-secret, knowledge_id: kb, retries: 0, timeout_s: 0.3}}'
+    config = make_config(write_docs(tmp_path / "docs"), extra, kb_connectors="[docs, partner]", deadline_s=2.0)
     clock = Clock(T0)
     body = {"knowledge_id": "demo", "query": "rotate keys", "retrieval_setting": {"top_k": 3, "score_threshold": 0}}
     with TestClient(create_app(lambda: config)) as client:
