@@ -92,16 +92,16 @@ def colour_pixels(png: Path, hex_colour: str) -> int:
 
 
 def test_a_person_sees_the_last_hour_of_a_flaky_source(tmp_path: Path):
-    """Calls spread over minutes (the clock injected), then the page as Chromium draws it: the charts are
+    """Calls spread over 16 minutes (the clock injected), then the page as Chromium draws it: the charts are
     there in the screenshot, not only in the markup."""
     upstream = FakeUpstream(slow_s=0.6)
     with serve(upstream.app()) as upstream_url:
         app = create_app(lambda: with_partner(tmp_path, upstream_url, timeout_s=0.3))
         with serve(app) as url:
             wait_ready(url)
-            clock = [time.time() - 25 * 60]
+            clock = [time.time() - 16 * 60]
             app.state.service.health.clock = lambda: clock[0]
-            for mode in ["ok"] * 10 + ["error", "slow", "ok"] * 5:
+            for mode in ["ok"] * 4 + ["error", "slow", "ok"] * 4:
                 clock[0] += 60
                 upstream.mode = mode
                 ask(url)
