@@ -29,6 +29,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import ValidationError
 
 from .ops import explain, statuspage
+from .ops.health import redact
+from .ops.tracing import Tracing
 from .config import ApiKey, GatewayConfig
 from .models import ErrorBody, RetrievalRequest, RetrievalResponse
 from .pipeline import UnknownKnowledgeBase, retrieve
@@ -123,12 +125,13 @@ def ops_denied(request: Request, config: GatewayConfig) -> JSONResponse | None:
     return error(403, 1002, "a valid ops token is required (Authorization: Bearer <ops_token>, or ?token=)")
 
 
-def create_app(load: Callable[[], GatewayConfig] | None = None, config_path: Path | None = None) -> FastAPI:
-    """The ASGI app. With `config_path` the file is loaded and watched for edits; `load` gives a fixed config."""
+def create_app(load: Callable[[], GatewayConfig] | None = None, config_path: Path | None = None, tracing: Tracing | None = None) -> FastAPI:
+    """The ASGI app. With `config_path` the file is loaded and watched for edits; `load` gives a fixed config.
+    `tracing` defaults to what the OTEL_* environment variables ask for (see aggregator/ops/tracing.py)."""
     if config_path is not None:
-        service = Service.from_path(config_path)
+        service = Service.from_path(config_path, tracing)
     elif load is not None:
-        service = Service(load)
+        service = Service(load, tracing=tracing)
     else:
         raise ValueError("create_app needs a config loader or a config path")
 
@@ -190,8 +193,10 @@ def create_app(load: Callable[[], GatewayConfig] | None = None, config_path: Pat
         gateway = service.gateway
         if gateway is None:
             return error(503, 5003, "the service is starting; try again shortly")
-        with gateway.lease():
+        config = gateway.config
+        with gateway.lease(), service.tracing.retrieval(request.headers, lambda message: redact(message, config.secrets()) or "") as span:
             response = await answer(request, gateway)
+            span.set_attribute("http.response.status_code", response.status_code)
         service.metrics.observe_request(response.status_code, time.perf_counter() - started)
         return response
 

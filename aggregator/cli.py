@@ -73,8 +73,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .api import create_app
+    from .ops.tracing import Tracing, TracingConfigError
 
     if _load_or_report(args.config) is None:
+        return 1
+    try:
+        tracing = Tracing.from_env()
+    except TracingConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     configure_logging(args.log_level, args.log_format)
     path = resolve_config_path(args.config).resolve()
@@ -82,8 +88,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # closes an idle one just as a client reuses it turns a good request into a connection error.
     common = {"host": args.host, "port": args.port, "log_level": args.log_level.lower(), "log_config": None, "timeout_keep_alive": 75}
     if args.workers <= 1:
-        uvicorn.run(create_app(config_path=path), **common)  # type: ignore[arg-type]
+        uvicorn.run(create_app(config_path=path, tracing=tracing), **common)  # type: ignore[arg-type]
         return 0
+    tracing.shutdown()  # checked; each worker sets up its own from the same environment
     # Several processes: each loads the config from the environment; metrics are summed across them
     # through prometheus-client's multiprocess mode, which must be set up before any worker imports it.
     os.environ["AGGREGATOR_CONFIG"] = str(path)

@@ -1,7 +1,8 @@
 """The one way connectors talk HTTP: a client factory and the mapping of answers to typed errors.
 
 Every connector gets its `httpx.AsyncClient` from `make_client`, so pooling,
-redirect policy, TLS verification and the user agent are the same everywhere,
+redirect policy, TLS verification, the user agent and trace propagation (the
+W3C `traceparent` of the source call in progress) are the same everywhere,
 and reads its answers through `read_json`, so no source can make us buffer
 an unbounded body or take a traceback for an unreadable one.
 """
@@ -15,11 +16,14 @@ from collections.abc import Mapping
 from typing import Annotated, Any
 
 import httpx
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from pydantic import AfterValidator
 
 from .base import AuthFailed, BadResponse, NotFound, RateLimited, SourceTimeout, Unavailable
 
 USER_AGENT = "dify-knowledge-gateway/0.1"
+#: W3C trace context only: baggage a caller sent is not handed on to sources (often someone else's SaaS).
+TRACE_CONTEXT = TraceContextTextMapPropagator()
 DEFAULT_MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 
 
@@ -34,6 +38,11 @@ def _base_url(value: str) -> str:
 BaseUrl = Annotated[str, AfterValidator(_base_url)]
 
 
+async def _propagate_trace(request: httpx.Request) -> None:
+    """Pass the current trace on as `traceparent` (and `tracestate`); nothing when no trace is in progress."""
+    TRACE_CONTEXT.inject(request.headers)
+
+
 def make_client(
     base_url: str = "",
     *,
@@ -45,6 +54,7 @@ def make_client(
 ) -> httpx.AsyncClient:
     """A pooled client for one source. Redirects are not followed: a source may not send us elsewhere."""
     return httpx.AsyncClient(
+        event_hooks={"request": [_propagate_trace]},
         base_url=base_url,
         headers={"User-Agent": USER_AGENT, **(headers or {})},
         auth=auth,
