@@ -9,6 +9,7 @@ from __future__ import annotations
 from .base import Connector
 from .confluence import ConfluenceConnector
 from .dify import DifyConnector
+from .elasticsearch import ElasticsearchConnector
 from .files import FilesConnector
 from .notion import NotionConnector
 from .s3 import S3Connector
@@ -19,6 +20,7 @@ REGISTRY: dict[str, type[Connector]] = {
     "s3": S3Connector,
     "confluence": ConfluenceConnector,
     "notion": NotionConnector,
+    "elasticsearch": ElasticsearchConnector,
 }
 
 

@@ -1,0 +1,66 @@
+"""What every source behind a search API of its own shares: one pooled client for its lifetime, raw scores.
+
+Each such connector says how its client is made (`client_options`) and how to
+ask and read its API; opening, reopening after `aclose` and closing the client
+are written once here, on top of `connectors.http.make_client`.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from typing import Any
+
+import httpx
+
+from .base import Connector
+from .http import make_client
+
+
+class RemoteConnector(Connector):
+    """A query-time source reached over HTTP through one client made by `make_client`."""
+
+    _client: httpx.AsyncClient | None = None
+
+    @abc.abstractmethod
+    def client_options(self) -> dict[str, Any]:
+        """Keyword arguments for `make_client` (base URL, headers, auth, TLS); secrets are read here only."""
+
+    async def start(self) -> None:
+        if self._client is None:
+            options = {"timeout_s": self.settings.timeout_s or 3.0, **self.client_options()}
+            self._client = make_client(**options)
+
+    async def aclose(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    async def client(self) -> httpx.AsyncClient:
+        """The open client, opened on first use when `start` was not called."""
+        if self._client is None:
+            await self.start()
+        assert self._client is not None
+        return self._client
+
+
+def raw_score(value: Any) -> float | None:
+    """The source's score exactly as it gave it (never clamped or rescaled); None when not a finite number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def dig(data: Any, *keys: str) -> Any:
+    """`data[k1][k2]…` when every level is an object, else None: answers are read, never trusted."""
+    for key in keys:
+        if not isinstance(data, dict):
+            return None
+        data = data.get(key)
+    return data
+
+
+def public_url(url: str | httpx.URL) -> str:
+    """A URL fit for messages: no user info and no query string, where credentials may hide."""
+    parsed = httpx.URL(str(url))
+    return str(parsed.copy_with(userinfo=b"", query=None, fragment=None))
