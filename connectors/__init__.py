@@ -9,6 +9,7 @@ from __future__ import annotations
 from .base import Connector
 from .confluence import ConfluenceConnector
 from .dify import DifyConnector
+from .dify_dataset import DifyDatasetConnector
 from .elasticsearch import ElasticsearchConnector
 from .files import FilesConnector
 from .notion import NotionConnector
@@ -21,6 +22,7 @@ REGISTRY: dict[str, type[Connector]] = {
     "confluence": ConfluenceConnector,
     "notion": NotionConnector,
     "elasticsearch": ElasticsearchConnector,
+    "dify_dataset": DifyDatasetConnector,
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import math
+from datetime import datetime, timezone
 from typing import Any
 
 import httpx
@@ -49,6 +50,16 @@ def raw_score(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
     return float(value)
+
+
+def iso_time(value: Any) -> str | None:
+    """An update time as ISO 8601: a string is kept as given; a number is Unix seconds (or milliseconds)."""
+    if isinstance(value, str):
+        return value or None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    seconds = value / 1000 if abs(value) >= 1e11 else value
+    return datetime.fromtimestamp(seconds, tz=timezone.utc).isoformat().replace("+00:00", "Z")
 
 
 def dig(data: Any, *keys: str) -> Any:

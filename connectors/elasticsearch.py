@@ -42,7 +42,7 @@ from aggregator.filters import NEGATIONS, as_instant, as_number, as_text
 from aggregator.text.chunking import split_passages
 
 from ._conditions import listed, push_down
-from ._remote import RemoteConnector, dig, public_url, raw_score
+from ._remote import RemoteConnector, dig, iso_time, public_url, raw_score
 from .base import BadResponse, ConnectorSettings, Passage, SourceQuery
 from .http import DEFAULT_MAX_RESPONSE_BYTES, BaseUrl, request_json
 
@@ -130,17 +130,6 @@ def _first_text(value: Any) -> str | None:
     if isinstance(value, list):
         value = next((v for v in value if v is not None), None)
     return None if value is None or isinstance(value, (dict, list)) else as_text(value)
-
-
-def _iso(value: Any) -> str | None:
-    """An update time as ISO 8601: a date string is kept; a number is epoch seconds or milliseconds."""
-    if isinstance(value, str):
-        return value
-    number = as_number(value)
-    if number is None:
-        return None
-    seconds = number / 1000 if abs(number) >= 1e11 else number
-    return datetime.fromtimestamp(seconds, tz=timezone.utc).isoformat().replace("+00:00", "Z")
 
 
 def _wildcard(text: str) -> str:
@@ -310,7 +299,7 @@ class ElasticsearchConnector(RemoteConnector):
                 if value is not None:
                     metadata[name] = value
             title = _first_text(source_value(source, s.title_field)) if s.title_field else None
-            updated = _iso(source_value(source, s.updated_field)) if s.updated_field else None
+            updated = iso_time(source_value(source, s.updated_field)) if s.updated_field else None
             score = raw_score(hit.get("_score"))
             for index, text in enumerate(texts):
                 passages.append(Passage(
