@@ -13,6 +13,7 @@ from .dify_dataset import DifyDatasetConnector
 from .elasticsearch import ElasticsearchConnector
 from .files import FilesConnector
 from .notion import NotionConnector
+from .ragflow import RagflowConnector
 from .s3 import S3Connector
 
 REGISTRY: dict[str, type[Connector]] = {
@@ -23,6 +24,7 @@ REGISTRY: dict[str, type[Connector]] = {
     "notion": NotionConnector,
     "elasticsearch": ElasticsearchConnector,
     "dify_dataset": DifyDatasetConnector,
+    "ragflow": RagflowConnector,
 }
 
 

@@ -42,7 +42,7 @@ from aggregator.filters import as_instant, as_number
 from ._conditions import listed, push_down, scalar_text
 from ._remote import RemoteConnector, dig, iso_time, public_url, raw_score
 from .base import BadResponse, ConnectorSettings, Passage, RateLimited, SourceQuery
-from .http import DEFAULT_MAX_RESPONSE_BYTES, BaseUrl, request_json
+from .http import DEFAULT_MAX_RESPONSE_BYTES, BaseUrl, clip, request_json
 
 #: Dify refuses longer queries (`HitTestingService.hit_testing_args_check`).
 MAX_QUERY_CHARS = 250
@@ -100,11 +100,11 @@ def dify_condition(name: str, operator: str, value: Any) -> dict[str, Any] | Non
     return {"name": name, "comparison_operator": operator, "value": sent}
 
 
-def describe_error(status: int, envelope: Any) -> str | None:
+def describe_error(status: int, envelope: Any, what: str) -> str | None:
     """Dify's `{"status", "code", "message"}`; a 403 about the plan's rate limit is a rate limit, not a bad key."""
     code, message = dig(envelope, "code"), dig(envelope, "message")
     if status == 403 and isinstance(message, str) and "rate limit" in message.lower():
-        raise RateLimited(f"Dify knowledge API: HTTP 403, {message}")
+        raise RateLimited(f"{what}: HTTP 403, {clip(message)}")
     return ": ".join(str(p) for p in (code, message) if p) or None
 
 

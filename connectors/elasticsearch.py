@@ -319,7 +319,7 @@ class ElasticsearchConnector(RemoteConnector):
         return self.parse(data, what)[: query.limit]
 
 
-def describe_error(status: int, envelope: Any) -> str | None:
+def describe_error(status: int, envelope: Any, what: str) -> str | None:
     """`{"error": {"type", "reason"}, "status"}`: the engine's own words (older answers carry a string)."""
     if not isinstance(envelope, dict):
         return None

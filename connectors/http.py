@@ -144,9 +144,9 @@ def decode_json(body: bytes, what: str) -> Any:
         raise BadResponse(f"{what}: answer is not JSON") from None
 
 
-#: Reads an error answer's decoded body (None when it is not JSON) and returns the upstream's own words
-#: for it, or raises a more precise SourceError itself (e.g. a 403 that is really a rate limit).
-DescribeError = Callable[[int, Any], "str | None"]
+#: (status, the error answer's decoded body or None when it is not JSON, `what`) -> the upstream's own
+#: words for it; or it raises a more precise SourceError itself (e.g. a 403 that is really a rate limit).
+DescribeError = Callable[[int, Any, str], "str | None"]
 
 
 async def request_json(
@@ -165,5 +165,5 @@ async def request_json(
             envelope = json.loads(body) if body else None
         except (ValueError, RecursionError):
             envelope = None
-        check_status(response, what, describe_error(response.status_code, envelope))
+        check_status(response, what, describe_error(response.status_code, envelope, what))
     return decode_json(body, what)
