@@ -12,6 +12,7 @@ from .dify import DifyConnector
 from .dify_dataset import DifyDatasetConnector
 from .elasticsearch import ElasticsearchConnector
 from .files import FilesConnector
+from .http_search import HttpSearchConnector
 from .notion import NotionConnector
 from .ragflow import RagflowConnector
 from .s3 import S3Connector
@@ -25,6 +26,7 @@ REGISTRY: dict[str, type[Connector]] = {
     "elasticsearch": ElasticsearchConnector,
     "dify_dataset": DifyDatasetConnector,
     "ragflow": RagflowConnector,
+    "http": HttpSearchConnector,
 }
 
 

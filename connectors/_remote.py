@@ -18,6 +18,18 @@ from .base import Connector
 from .http import make_client
 
 
+#: Names the gateway puts on every record (see `base.record_metadata` and the pipeline): an upstream's own
+#: metadata field of the same name is kept under a prefixed name instead of hiding the gateway's.
+GATEWAY_FIELDS = frozenset({"source", "source_type", "document_id", "title", "chunk_index", "updated_at", "score_detail", "also_in"})
+
+
+def upstream_metadata(fields: Any, prefix: str) -> dict[str, Any]:
+    """An upstream's metadata object kept whole, with gateway names renamed `<prefix>_<name>`."""
+    if not isinstance(fields, dict):
+        return {}
+    return {(f"{prefix}_{key}" if key in GATEWAY_FIELDS else str(key)): value for key, value in fields.items()}
+
+
 class RemoteConnector(Connector):
     """A query-time source reached over HTTP through one client made by `make_client`."""
 

@@ -40,14 +40,12 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from aggregator.filters import as_instant, as_number
 
 from ._conditions import listed, push_down, scalar_text
-from ._remote import RemoteConnector, dig, iso_time, public_url, raw_score
+from ._remote import GATEWAY_FIELDS, RemoteConnector, dig, iso_time, public_url, raw_score, upstream_metadata
 from .base import BadResponse, ConnectorSettings, Passage, RateLimited, SourceQuery
 from .http import DEFAULT_MAX_RESPONSE_BYTES, BaseUrl, clip, request_json
 
 #: Dify refuses longer queries (`HitTestingService.hit_testing_args_check`).
 MAX_QUERY_CHARS = 250
-#: Names the gateway's records carry: a document field of the same name is kept as `dify_<name>`.
-RESERVED = frozenset({"source", "source_type", "document_id", "title", "chunk_index", "updated_at", "score_detail", "also_in"})
 #: Fields this connector sets from the segment itself: Dify's metadata filter knows nothing of them.
 SEGMENT_FIELDS = frozenset({"dataset_id", "segment_id", "document_name", "data_source_type", "doc_type", "keywords", "child_chunks"})
 _PUSHABLE_TEXT = ("contains", "start with", "end with", "is")
@@ -80,7 +78,7 @@ class DifyDatasetSettings(ConnectorSettings):
 
 def dify_condition(name: str, operator: str, value: Any) -> dict[str, Any] | None:
     """One condition as Dify's metadata filter takes it, when Dify cannot narrow it; else None."""
-    if name in RESERVED or name in SEGMENT_FIELDS or name.startswith("dify_"):
+    if name in GATEWAY_FIELDS or name in SEGMENT_FIELDS or name.startswith("dify_"):
         return None
     if operator in _PUSHABLE_TEXT:
         text = scalar_text(value)
@@ -154,7 +152,7 @@ class DifyDatasetConnector(RemoteConnector):
                 content = f"{content}\n{answer}"
             document = segment.get("document") if isinstance(segment.get("document"), dict) else {}
             doc_metadata = document.get("doc_metadata") if isinstance(document.get("doc_metadata"), dict) else {}
-            metadata: dict[str, Any] = {(f"dify_{k}" if k in RESERVED else k): v for k, v in doc_metadata.items()}
+            metadata = upstream_metadata(doc_metadata, "dify")
             metadata.update({
                 "dataset_id": self.settings.dataset_id, "segment_id": segment.get("id"),
                 "document_name": document.get("name"), "data_source_type": document.get("data_source_type"),

@@ -35,7 +35,7 @@ from pydantic import Field, SecretStr
 from aggregator.filters import as_number, as_text
 
 from ._conditions import push_down
-from ._remote import RemoteConnector, dig, public_url, raw_score
+from ._remote import GATEWAY_FIELDS, RemoteConnector, dig, public_url, raw_score, upstream_metadata
 from .base import AuthFailed, BadResponse, ConnectorSettings, NotFound, Passage, SourceError, SourceQuery, Unavailable
 from .http import DEFAULT_MAX_RESPONSE_BYTES, BaseUrl, clip, request_json
 
@@ -44,8 +44,6 @@ AUTH_CODES = frozenset({108, 109, 401, 403})
 TRANSIENT_CODES = frozenset({105, 106})
 DATA_ERROR = 102
 MAX_PAGE_SIZE = 100
-#: Names the gateway's records carry: a document metadata field of the same name is kept as `ragflow_<name>`.
-RESERVED = frozenset({"source", "source_type", "document_id", "title", "chunk_index", "updated_at", "score_detail", "also_in"})
 #: Fields this connector sets from the chunk itself: RAGFlow's metadata filter knows nothing of them.
 CHUNK_FIELDS = frozenset({"dataset_id", "chunk_id", "document_name", "similarity", "term_similarity", "vector_similarity", "important_keywords"})
 
@@ -72,7 +70,7 @@ class RagflowSettings(ConnectorSettings):
 
 def ragflow_condition(name: str, operator: str, value: Any) -> dict[str, Any] | None:
     """One condition as RAGFlow's metadata filter takes it, when RAGFlow cannot narrow it; else None."""
-    if name in RESERVED or name in CHUNK_FIELDS or name.startswith("ragflow_") or isinstance(value, list):
+    if name in GATEWAY_FIELDS or name in CHUNK_FIELDS or name.startswith("ragflow_") or isinstance(value, list):
         return None
     if operator in ("contains", "start with"):
         return {"name": name, "comparison_operator": operator, "value": as_text(value)}
@@ -146,8 +144,7 @@ class RagflowConnector(RemoteConnector):
             content = dig(chunk, "content")
             if not isinstance(content, str) or not content.strip():
                 continue
-            own = chunk.get("document_metadata") if isinstance(chunk.get("document_metadata"), dict) else {}
-            metadata: dict[str, Any] = {(f"ragflow_{k}" if k in RESERVED else k): v for k, v in own.items()}
+            metadata = upstream_metadata(chunk.get("document_metadata"), "ragflow")
             name = chunk.get("document_keyword")
             metadata.update({
                 "dataset_id": chunk.get("dataset_id"), "chunk_id": chunk.get("id"), "document_name": name,
