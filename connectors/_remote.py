@@ -1,21 +1,23 @@
-"""What every source behind a search API of its own shares: one pooled client for its lifetime, raw scores.
+"""What every source behind a search API of its own shares: one pooled client, one call per query, raw scores.
 
-Each such connector says how its client is made (`client_options`) and how to
-ask and read its API; opening, reopening after `aclose` and closing the client
-are written once here, on top of `connectors.http.make_client`.
+Each such connector says how its client is made (`client_options`), what one
+query sends (`call`) and how the answer reads (`parse`, `describe_error` for
+its error envelope). Opening and closing the client, the bounded JSON call
+through `connectors.http` and the cut at the query's limit are written once here.
 """
 
 from __future__ import annotations
 
 import abc
 import math
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 
-from .base import Connector
-from .http import make_client
+from .base import Connector, Passage, SourceQuery
+from .http import DEFAULT_MAX_RESPONSE_BYTES, DescribeError, make_client, request_json
 
 
 #: Names the gateway puts on every record (see `base.record_metadata` and the pipeline): an upstream's own
@@ -30,14 +32,43 @@ def upstream_metadata(fields: Any, prefix: str) -> dict[str, Any]:
     return {(f"{prefix}_{key}" if key in GATEWAY_FIELDS else str(key)): value for key, value in fields.items()}
 
 
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One request of a query: method, URL (absolute or relative to the client's base), how messages name it."""
+
+    method: str
+    url: str
+    what: str  # e.g. "POST https://kb.example.com/v1/datasets/…/retrieve": no credentials, no query string
+    options: dict[str, Any] = field(default_factory=dict)  # for request_json: json=..., params=...
+
+
 class RemoteConnector(Connector):
     """A query-time source reached over HTTP through one client made by `make_client`."""
 
     _client: httpx.AsyncClient | None = None
+    #: Reads the API's error envelope into the typed error's message (see `connectors.http.request_json`).
+    describe_error: ClassVar[DescribeError | None] = None
 
     @abc.abstractmethod
     def client_options(self) -> dict[str, Any]:
         """Keyword arguments for `make_client` (base URL, headers, auth, TLS); secrets are read here only."""
+
+    @abc.abstractmethod
+    def call(self, query: SourceQuery) -> Call:
+        """The request that asks the API for `query`."""
+
+    @abc.abstractmethod
+    def parse(self, data: Any, what: str) -> list[Passage]:
+        """The decoded answer as passages, best first; BadResponse when it does not have the documented shape."""
+
+    async def search(self, query: SourceQuery) -> list[Passage]:
+        call = self.call(query)
+        data = await request_json(
+            await self.client(), call.method, call.url, call.what,
+            max_bytes=getattr(self.settings, "max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES),
+            describe_error=type(self).describe_error, **call.options,
+        )  # fmt: skip
+        return self.parse(data, call.what)[: query.limit]
 
     async def start(self) -> None:
         if self._client is None:

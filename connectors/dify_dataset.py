@@ -40,9 +40,9 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from aggregator.filters import as_instant, as_number
 
 from ._conditions import listed, push_down, scalar_text
-from ._remote import GATEWAY_FIELDS, RemoteConnector, dig, iso_time, public_url, raw_score, upstream_metadata
+from ._remote import GATEWAY_FIELDS, Call, RemoteConnector, dig, iso_time, public_url, raw_score, upstream_metadata
 from .base import BadResponse, ConnectorSettings, Passage, RateLimited, SourceQuery
-from .http import DEFAULT_MAX_RESPONSE_BYTES, BaseUrl, clip, request_json
+from .http import DEFAULT_MAX_RESPONSE_BYTES, BaseUrl, clip
 
 #: Dify refuses longer queries (`HitTestingService.hit_testing_args_check`).
 MAX_QUERY_CHARS = 250
@@ -107,6 +107,7 @@ def describe_error(status: int, envelope: Any, what: str) -> str | None:
 
 
 class DifyDatasetConnector(RemoteConnector):
+    describe_error = staticmethod(describe_error)
     settings_model = DifyDatasetSettings
     settings: DifyDatasetSettings
 
@@ -175,12 +176,6 @@ class DifyDatasetConnector(RemoteConnector):
             ))  # fmt: skip
         return passages
 
-    async def search(self, query: SourceQuery) -> list[Passage]:
-        client = await self.client()
+    def call(self, query: SourceQuery) -> Call:
         url = f"{self.settings.api_base}/datasets/{quote(self.settings.dataset_id, safe='')}/retrieve"
-        what = f"POST {public_url(url)}"
-        data = await request_json(
-            client, "POST", url, what, max_bytes=self.settings.max_response_bytes,
-            json=self.request_body(query), describe_error=describe_error,
-        )  # fmt: skip
-        return self.parse(data, what)[: query.limit]
+        return Call("POST", url, f"POST {public_url(url)}", {"json": self.request_body(query)})

@@ -42,9 +42,9 @@ from aggregator.filters import NEGATIONS, as_instant, as_number, as_text
 from aggregator.text.chunking import split_passages
 
 from ._conditions import listed, push_down
-from ._remote import RemoteConnector, dig, iso_time, public_url, raw_score
+from ._remote import Call, RemoteConnector, dig, iso_time, public_url, raw_score
 from .base import BadResponse, ConnectorSettings, Passage, SourceQuery
-from .http import DEFAULT_MAX_RESPONSE_BYTES, BaseUrl, request_json
+from .http import DEFAULT_MAX_RESPONSE_BYTES, BaseUrl
 
 MATCH_TYPES = Literal["best_fields", "most_fields", "cross_fields", "phrase", "phrase_prefix", "bool_prefix"]
 #: Record fields a filter may name besides `metadata_fields`.
@@ -181,7 +181,24 @@ def filter_clause(filter_fields: dict[str, str], name: str, operator: str, value
     return {"bool": {"must_not": [query]}} if operator in NEGATIONS else query
 
 
+def describe_error(status: int, envelope: Any, what: str) -> str | None:
+    """`{"error": {"type", "reason"}, "status"}`: the engine's own words (older answers carry a string)."""
+    if not isinstance(envelope, dict):
+        return None
+    error = envelope.get("error")
+    if isinstance(error, str):
+        return error
+    if not isinstance(error, dict):
+        return None
+    causes = error.get("root_cause") if isinstance(error.get("root_cause"), list) else []
+    cause = causes[0] if causes and isinstance(causes[0], dict) else error
+    reason = cause.get("reason") or error.get("reason")
+    kind = cause.get("type") or error.get("type")
+    return ": ".join(str(p) for p in (kind, reason) if p) or None
+
+
 class ElasticsearchConnector(RemoteConnector):
+    describe_error = staticmethod(describe_error)
     settings_model = ElasticsearchSettings
     settings: ElasticsearchSettings
 
@@ -308,28 +325,6 @@ class ElasticsearchConnector(RemoteConnector):
                 ))  # fmt: skip
         return passages
 
-    async def search(self, query: SourceQuery) -> list[Passage]:
-        client = await self.client()
+    def call(self, query: SourceQuery) -> Call:
         path = f"/{quote(self.settings.index, safe=',*:')}/_search"
-        what = f"{self.settings.flavor} {public_url(self.settings.url + path)}"
-        data = await request_json(
-            client, "POST", path, what, max_bytes=self.settings.max_response_bytes,
-            json=self.request_body(query), describe_error=describe_error,
-        )  # fmt: skip
-        return self.parse(data, what)[: query.limit]
-
-
-def describe_error(status: int, envelope: Any, what: str) -> str | None:
-    """`{"error": {"type", "reason"}, "status"}`: the engine's own words (older answers carry a string)."""
-    if not isinstance(envelope, dict):
-        return None
-    error = envelope.get("error")
-    if isinstance(error, str):
-        return error
-    if not isinstance(error, dict):
-        return None
-    causes = error.get("root_cause") if isinstance(error.get("root_cause"), list) else []
-    cause = causes[0] if causes and isinstance(causes[0], dict) else error
-    reason = cause.get("reason") or error.get("reason")
-    kind = cause.get("type") or error.get("type")
-    return ": ".join(str(p) for p in (kind, reason) if p) or None
+        return Call("POST", path, f"{self.settings.flavor} {public_url(self.settings.url + path)}", {"json": self.request_body(query)})

@@ -33,9 +33,9 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from aggregator.filters import as_number, as_text
 from aggregator.text.chunking import split_passages
 
-from ._remote import RemoteConnector, iso_time, public_url, raw_score, upstream_metadata
+from ._remote import Call, RemoteConnector, iso_time, public_url, raw_score, upstream_metadata
 from .base import BadResponse, ConnectorSettings, Passage, SourceQuery
-from .http import DEFAULT_MAX_RESPONSE_BYTES, request_json
+from .http import DEFAULT_MAX_RESPONSE_BYTES
 
 QUERY, LIMIT = "{query}", "{limit}"
 JsonValue = Any
@@ -119,7 +119,20 @@ def fill(template: Any, text: str, limit: int) -> Any:
     return template
 
 
+def describe_error(status: int, envelope: Any, what: str) -> str | None:
+    """An unknown API's error body: its `message`, `error` or `detail` when it has one of them as text."""
+    if isinstance(envelope, dict):
+        for key in ("message", "error", "detail", "error_msg"):
+            value = envelope.get(key)
+            if isinstance(value, str) and value:
+                return value
+            if isinstance(value, dict) and isinstance(value.get("message"), str):
+                return value["message"]
+    return None
+
+
 class HttpSearchConnector(RemoteConnector):
+    describe_error = staticmethod(describe_error)
     settings_model = HttpSearchSettings
     settings: HttpSearchSettings
 
@@ -132,8 +145,8 @@ class HttpSearchConnector(RemoteConnector):
         s = self.settings
         return {"headers": {k: v.get_secret_value() for k, v in s.headers.items()}, "verify": s.verify_tls}
 
-    def request(self, query: SourceQuery) -> tuple[str, dict[str, Any]]:
-        """The URL and the keyword arguments of the call, templates filled."""
+    def call(self, query: SourceQuery) -> Call:
+        """The request with its templates filled; messages name it without its query string."""
         s = self.settings
         limit = min(query.limit, s.max_results)
         url = s.url.replace(QUERY, quote(query.text, safe="")).replace(LIMIT, str(limit))
@@ -143,7 +156,7 @@ class HttpSearchConnector(RemoteConnector):
         options: dict[str, Any] = {}
         if s.body is not None:
             options["json"] = fill(s.body, query.text, limit)
-        return url, options
+        return Call(s.method, url, f"{s.method} {public_url(url)}", options)
 
     def _get(self, name: str, result: Any, what: str) -> Any:
         expression = self._fields.get(name)
@@ -186,25 +199,3 @@ class HttpSearchConnector(RemoteConnector):
                     chunk_index=index, metadata=metadata, updated_at=updated, source_score=score, source_rank=rank,
                 ))  # fmt: skip
         return passages
-
-    async def search(self, query: SourceQuery) -> list[Passage]:
-        client = await self.client()
-        url, options = self.request(query)
-        what = f"{self.settings.method} {public_url(self.settings.url.replace(QUERY, 'q').replace(LIMIT, '1'))}"
-        data = await request_json(
-            client, self.settings.method, url, what, max_bytes=self.settings.max_response_bytes,
-            describe_error=describe_error, **options,
-        )  # fmt: skip
-        return self.parse(data, what)[: query.limit]
-
-
-def describe_error(status: int, envelope: Any, what: str) -> str | None:
-    """An unknown API's error body: its `message`, `error` or `detail` when it has one of them as text."""
-    if isinstance(envelope, dict):
-        for key in ("message", "error", "detail", "error_msg"):
-            value = envelope.get(key)
-            if isinstance(value, str) and value:
-                return value
-            if isinstance(value, dict) and isinstance(value.get("message"), str):
-                return value["message"]
-    return None

@@ -35,9 +35,9 @@ from pydantic import Field, SecretStr
 from aggregator.filters import as_number, as_text
 
 from ._conditions import push_down
-from ._remote import GATEWAY_FIELDS, RemoteConnector, dig, public_url, raw_score, upstream_metadata
+from ._remote import GATEWAY_FIELDS, Call, RemoteConnector, dig, public_url, raw_score, upstream_metadata
 from .base import AuthFailed, BadResponse, ConnectorSettings, NotFound, Passage, SourceError, SourceQuery, Unavailable
-from .http import DEFAULT_MAX_RESPONSE_BYTES, BaseUrl, clip, request_json
+from .http import DEFAULT_MAX_RESPONSE_BYTES, BaseUrl, clip
 
 #: RAGFlow's `RetCode`s (common/constants.py) and what each means here.
 AUTH_CODES = frozenset({108, 109, 401, 403})
@@ -109,6 +109,7 @@ def describe_error(status: int, envelope: Any, what: str) -> str | None:
 
 
 class RagflowConnector(RemoteConnector):
+    describe_error = staticmethod(describe_error)
     settings_model = RagflowSettings
     settings: RagflowSettings
 
@@ -161,11 +162,6 @@ class RagflowConnector(RemoteConnector):
             ))  # fmt: skip
         return passages
 
-    async def search(self, query: SourceQuery) -> list[Passage]:
-        client = await self.client()
+    def call(self, query: SourceQuery) -> Call:
         what = f"POST {public_url(self.settings.base_url)}/api/v1/retrieval"
-        data = await request_json(
-            client, "POST", "/api/v1/retrieval", what, max_bytes=self.settings.max_response_bytes,
-            json=self.request_body(query), describe_error=describe_error,
-        )  # fmt: skip
-        return self.parse(data, what)[: query.limit]
+        return Call("POST", "/api/v1/retrieval", what, {"json": self.request_body(query)})

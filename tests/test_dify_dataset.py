@@ -8,6 +8,7 @@ from connectors.base import AuthFailed, BadResponse, NotFound, RateLimited, Sour
 from connectors.dify_dataset import DifyDatasetConnector, DifyDatasetSettings, dify_condition
 
 from .fakes.dify_dataset import FakeDify, Segment, app
+from .conftest import condition
 from .loopback import serve
 
 KEY = "dataset-knowledge-key-secret"
@@ -16,12 +17,6 @@ KEY = "dataset-knowledge-key-secret"
 def settings(url: str, **overrides) -> DifyDatasetSettings:
     values = {"api_base": url + "/v1", "api_key": KEY, "dataset_id": FakeDify(KEY).dataset_id}
     return DifyDatasetSettings(**{**values, **overrides})
-
-
-def condition(*conditions, logical="and"):
-    return {"logical_operator": logical, "conditions": [
-        {"name": [name], "comparison_operator": op, "value": value} for name, op, value in conditions
-    ]}  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from connectors.base import AuthFailed, BadResponse, NotFound, RateLimited, Sour
 from connectors.elasticsearch import ElasticsearchConnector, ElasticsearchSettings, filter_clause
 
 from .fakes.elasticsearch import FakeCluster, app
+from .conftest import condition
 from .loopback import serve
 
 API_KEY_PAIR = "key-id:es-api-key-secret"
@@ -27,12 +28,6 @@ def settings(url: str, **overrides) -> ElasticsearchSettings:
         "fragment_chars": 200, "fragments": 2,
     }  # fmt: skip
     return ElasticsearchSettings(**{**values, **overrides})
-
-
-def condition(*conditions, logical="and"):
-    return {"logical_operator": logical, "conditions": [
-        {"name": [name], "comparison_operator": op, "value": value} for name, op, value in conditions
-    ]}  # fmt: skip
 
 
 # -- query building -----------------------------------------------------------------------------

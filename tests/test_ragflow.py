@@ -8,6 +8,7 @@ from connectors.base import AuthFailed, BadResponse, RateLimited, SourceQuery, U
 from connectors.ragflow import RagflowConnector, RagflowSettings, envelope_error, ragflow_condition
 
 from .fakes.ragflow import Chunk, FakeRagflow, app
+from .conftest import condition
 from .loopback import serve
 
 KEY = "ragflow-api-key-secret"
@@ -15,12 +16,6 @@ KEY = "ragflow-api-key-secret"
 
 def settings(url: str, **overrides) -> RagflowSettings:
     return RagflowSettings(**{"base_url": url, "api_key": KEY, "dataset_ids": ["kb-1"], **overrides})
-
-
-def condition(*conditions, logical="and"):
-    return {"logical_operator": logical, "conditions": [
-        {"name": [name], "comparison_operator": op, "value": value} for name, op, value in conditions
-    ]}  # fmt: skip
 
 
 @pytest.mark.parametrize(
