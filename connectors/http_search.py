@@ -140,13 +140,16 @@ class HttpSearchConnector(RemoteConnector):
         super().__init__(name, settings)
         self._results = jmespath.compile(settings.results)
         self._fields = {key: jmespath.compile(expr) for key, expr in settings.record.model_dump().items() if expr is not None}
+        # how messages name the call: the URL template without its query string, so no query text or key shows
+        marked = public_url(settings.url.replace(QUERY, "QUERY_").replace(LIMIT, "LIMIT_"))
+        self._what = f"{settings.method} {marked.replace('QUERY_', QUERY).replace('LIMIT_', LIMIT)}"
 
     def client_options(self) -> dict[str, Any]:
         s = self.settings
         return {"headers": {k: v.get_secret_value() for k, v in s.headers.items()}, "verify": s.verify_tls}
 
     def call(self, query: SourceQuery) -> Call:
-        """The request with its templates filled; messages name it without its query string."""
+        """The request with its templates filled."""
         s = self.settings
         limit = min(query.limit, s.max_results)
         url = s.url.replace(QUERY, quote(query.text, safe="")).replace(LIMIT, str(limit))
@@ -156,7 +159,7 @@ class HttpSearchConnector(RemoteConnector):
         options: dict[str, Any] = {}
         if s.body is not None:
             options["json"] = fill(s.body, query.text, limit)
-        return Call(s.method, url, f"{s.method} {public_url(url)}", options)
+        return Call(s.method, url, self._what, options)
 
     def _get(self, name: str, result: Any, what: str) -> Any:
         expression = self._fields.get(name)

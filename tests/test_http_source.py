@@ -92,7 +92,8 @@ async def test_wrong_key_is_auth_failed_with_the_apis_words_and_no_secret(servic
         with pytest.raises(AuthFailed) as caught:
             await connector.search(SourceQuery("keys", 5))
     message = str(caught.value)
-    assert "missing or invalid API key" in message and "intranet-wrong" not in message and "q=" not in message
+    assert message.startswith(f"GET {url}/api/search: HTTP 401"), "named by its template, without the query string"
+    assert "missing or invalid API key" in message and "intranet-wrong" not in message
 
 
 async def test_429_carries_retry_after(service):
