@@ -42,7 +42,7 @@ from aggregator.filters import NEGATIONS, as_instant, as_number, as_text
 from aggregator.text.chunking import split_passages
 
 from ._conditions import listed, push_down
-from ._remote import Call, RemoteConnector, dig, iso_time, public_url, raw_score
+from ._remote import GATEWAY_FIELDS, Call, RemoteConnector, dig, iso_time, public_url, raw_score, upstream_metadata
 from .base import BadResponse, ConnectorSettings, Passage, SourceQuery
 from .http import DEFAULT_MAX_RESPONSE_BYTES, BaseUrl
 
@@ -99,6 +99,9 @@ class ElasticsearchSettings(ConnectorSettings):
             raise ValueError("username and password go together")
         if self.url_field and self.url_template:
             raise ValueError("give url_field or url_template, not both")
+        reserved = sorted(set(self.filter_fields) & (GATEWAY_FIELDS - RECORD_FIELDS))
+        if reserved:
+            raise ValueError(f"filter_fields names {reserved} are set by the gateway itself and cannot be pushed down")
         unknown = sorted(set(self.filter_fields) - set(self.metadata_fields) - RECORD_FIELDS)
         if unknown:
             raise ValueError(f"filter_fields names {unknown} are not in metadata_fields (nor title, url, updated_at)")
@@ -307,14 +310,11 @@ class ElasticsearchConnector(RemoteConnector):
             if not texts:
                 continue
             document_id = str(hit["_id"])
-            metadata: dict[str, Any] = {"index": hit.get("_index")}
+            fields = {name: value for name in s.metadata_fields if (value := source_value(source, name)) is not None}
+            metadata = {**upstream_metadata(fields, "es"), "index": hit.get("_index")}
             url = self._url(hit, source)
             if url:
                 metadata["url"] = url
-            for name in s.metadata_fields:
-                value = source_value(source, name)
-                if value is not None:
-                    metadata[name] = value
             title = _first_text(source_value(source, s.title_field)) if s.title_field else None
             updated = iso_time(source_value(source, s.updated_field)) if s.updated_field else None
             score = raw_score(hit.get("_score"))
