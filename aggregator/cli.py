@@ -1,4 +1,4 @@
-"""`aggregator serve | validate | query | explain | check`: run the service, check a config, try and explain a query."""
+"""`aggregator serve | validate | query | explain | check`: run the service, check a config, try and explain a query, try every source."""
 
 from __future__ import annotations
 
@@ -206,28 +206,48 @@ async def _check(args: argparse.Namespace) -> int:
     await gateway.start()
     loop = asyncio.get_running_loop()
     rows: list[tuple[str, str, str, str, str]] = []
+    firsts: list[str] = []
     failed = 0
+    secrets = config.secrets()
     try:
         await _wait_for_indexes(gateway)
         query = SourceQuery(text=args.query, limit=5)
         for name, slot in gateway.slots.items():
             result = await call_source(slot.connector, query, slot.policy, loop.time() + config.server.deadline_s)
             stats = slot.connector.stats()
-            error = redact(result.error or (stats.last_refresh_error if stats else None), config.secrets()) or ""
+            error = redact(result.error or (stats.last_refresh_error if stats else None), secrets) or ""
             if result.outcome not in ("ok", "empty"):
                 state = result.outcome
             else:
                 state = "sync_error" if error else "ok"
             failed += state != "ok"
             rows.append((name, state, f"{result.elapsed_ms:.0f} ms", str(len(result.passages)), error))
+            if result.passages:
+                firsts.append(redact(format_first_record(slot.connector, result.passages[0]), secrets) or "")
     finally:
         await gateway.aclose()
     width = max([len("source")] + [len(r[0]) for r in rows])
     print(f"{'source':<{width}}  {'state':<12}  {'time':>8}  {'results':>7}  error")
     for name, state, elapsed, count, error in rows:
         print(f"{name:<{width}}  {state:<12}  {elapsed:>8}  {count:>7}  {error}")
+    if firsts:
+        print("first record of each source (as the gateway maps it):")
+        print("\n".join(firsts))
     print(f"{len(rows) - failed} ok, {failed} failing")
     return 1 if failed else 0
+
+
+def format_first_record(connector, passage) -> str:  # type: ignore[no-untyped-def]
+    """One source's first passage as the gateway will see it: title, score, text and metadata (indented)."""
+    from connectors.base import record_metadata
+
+    metadata = json.dumps(record_metadata(passage, connector.name, connector.type), ensure_ascii=False, default=str)
+    text = " ".join(passage.content.split())
+    return "\n".join([
+        f"  {connector.name}: {passage.title!r}  source_score={passage.source_score}  source_rank={passage.source_rank}",
+        f"      {text[:200] + ('…' if len(text) > 200 else '')}",
+        f"      metadata: {metadata[:400] + ('…' if len(metadata) > 400 else '')}",
+    ])  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
