@@ -199,7 +199,12 @@ def page_after(mix: Mix) -> tuple[dict, bytes]:
                     for name, calls in planned.items() for outcome, n in calls.items() if n > second
                 ]  # fmt: skip
                 service.health.record(results, {name: "dify" for name in names})
-        return client.get("/status").json(), client.get("/").content
+        page = client.get("/", headers={"Accept-Encoding": "identity"})
+        compressed = client.get("/", headers={"Accept-Encoding": "gzip"})
+        assert compressed.headers["content-encoding"] == "gzip" and compressed.content == page.content
+        sent = int(compressed.headers["content-length"])
+        assert sent < 100_000 and sent < len(page.content) / 3, "what travels is compressed"
+        return client.get("/status").json(), page.content
 
 
 def test_page_with_twenty_busy_sources_over_a_full_hour_is_under_100_kb():
