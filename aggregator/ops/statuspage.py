@@ -138,7 +138,7 @@ def render(status: dict[str, Any]) -> str:
 <title>Knowledge gateway status</title><style>{STYLE}</style></head>
 <body>
 <h1>Knowledge gateway</h1>
-<div class="meta">{escape(ready)} · config version {escape(status.get("config_version") or "?")} · up {status.get("uptime_s", 0):.0f} s · refreshes every {REFRESH_S} s</div>
+<div class="meta">{escape(ready)} · config version {escape(status.get("config_version") or "?")} · up {status.get("uptime_s", 0):.0f} s · refreshes every {REFRESH_S} s · <a href="/explain">explain a query</a></div>
 {banner}
 {_legend()}
 <table>
