@@ -1,7 +1,8 @@
 """What the gateway itself costs: latency overhead, throughput, rerank time, and a large local index.
 
     python -m bench.perf                 # everything (a few minutes)
-    python -m bench.perf --only rerank   # one part: overhead, throughput, rerank, index
+    python -m bench.perf --only rerank   # one part: overhead, throughput, rerank, index, cpu
+    python -m bench.perf --only cpu --baseline main   # CPU per retrieval, also of another commit in the same run
 
 Every figure is compared with a baseline measured in the same run. All
 traffic stays on loopback; servers are started by this script and stopped
@@ -242,12 +243,23 @@ def index_scale(passages: int) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["overhead", "throughput", "rerank", "index"])
+    parser.add_argument("--only", choices=["overhead", "throughput", "rerank", "index", "cpu"])
     parser.add_argument("--seconds", type=float, default=10.0, help="duration of the throughput run")
     parser.add_argument("--passages", type=int, default=100_000)
+    parser.add_argument("--requests", type=int, default=2000, help="cpu: retrievals per batch")
+    parser.add_argument("--rounds", type=int, default=3, help="cpu: batches per server, alternating (the median counts)")
+    parser.add_argument("--baseline", metavar="REV", help="cpu: also measure the gateway at this commit (e.g. main)")
+    parser.add_argument("--all-clients", action="store_true", help="cpu: bare fan-outs over every HTTP client measured")
+    parser.add_argument("--no-profile", action="store_true", help="cpu: skip the py-spy breakdown")
     args = parser.parse_args()
     print(f"# bench/perf.py on {os.cpu_count()} cores, Python {sys.version.split()[0]}")
-    parts = {"overhead": overhead, "throughput": lambda: throughput(args.seconds), "rerank": rerank_times, "index": lambda: index_scale(args.passages)}
+    from bench import _cpu
+
+    parts = {
+        "overhead": overhead, "throughput": lambda: throughput(args.seconds), "rerank": rerank_times,
+        "index": lambda: index_scale(args.passages),
+        "cpu": lambda: _cpu.run(args.requests, args.rounds, args.baseline, args.all_clients, not args.no_profile),
+    }  # fmt: skip
     for name, part in parts.items():
         if args.only in (None, name):
             part()

@@ -1,0 +1,357 @@
+"""CPU per retrieval: the server process's own CPU time, read from /proc, against a bare fan-out in the same run.
+
+Setup (issue 16): three loopback `dify` upstreams, each answering 20
+passages of about 800 characters drawn from a pool of 1,000; Cranfield
+queries; 8 client threads, each with one keep-alive connection. The CPU
+time of the server process (user + system, every thread) is read from
+`/proc/<pid>/stat` before and after a batch of requests, so neither the
+upstreams nor the client count, and other load on the machine changes the
+figure little. The breakdown by stage comes from py-spy's samples of the
+server (on-CPU samples only), each sample assigned to the stage of its
+innermost recognised frame, scaled to the measured CPU time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from io import BytesIO
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "bench"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+POOL = 1000
+THREADS = 8
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime (fields 14 and 15 of stat(5))
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(port: int, process: subprocess.Popen, timeout: float = 60.0) -> None:
+    """Until the server answers HTTP at all (and, for the gateway, /readyz says ready)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"server on port {port} exited with status {process.returncode}")
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            connection.request("GET", "/readyz")
+            status = connection.getresponse().status
+            connection.close()
+            if status in (200, 404):  # 404: a server without /readyz (the bare fan-out)
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"server on port {port} not ready in {timeout} s")
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def started(command: list[str], cwd: Path = ROOT, port: int | None = None) -> Iterator[subprocess.Popen]:
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        if port is not None:
+            wait_http(port, process)
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@contextlib.contextmanager
+def pool_upstreams(count: int = 3, delay: float = 0.0) -> Iterator[list[str]]:
+    """`count` upstreams drawing 20 passages per answer from one pool of 1,000, each with its own random stream."""
+    ports = [free_port() for _ in range(count)]
+    with contextlib.ExitStack() as stack:
+        for i, port in enumerate(ports):
+            command = [sys.executable, "-m", "bench._upstream", "--port", str(port), "--pool", str(POOL), "--seed", str(i), "--delay", str(delay)]
+            stack.enter_context(started(command, port=port))
+        yield [f"http://127.0.0.1:{p}" for p in ports]
+
+
+def gateway_config(folder: Path, urls: list[str]) -> Path:
+    connectors = "".join(f"  up{i}:\n    type: dify\n    endpoint: {u}\n    api_key: x\n    knowledge_id: kb\n    retries: 0\n" for i, u in enumerate(urls))
+    names = ", ".join(f"up{i}" for i in range(len(urls)))
+    config = folder / "connectors.yaml"
+    config.write_text(f"server:\n  api_keys: [{{key: {KEY}}}]\n  watch_config: false\nknowledge_bases:\n  kb: {{connectors: [{names}]}}\nconnectors:\n{connectors}")
+    return config
+
+
+def checkout(revision: str, into: Path) -> Path:
+    """The tree of `revision` of this repository (for measuring an earlier commit in the same run)."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision], check=True, capture_output=True).stdout
+    with tarfile.open(fileobj=BytesIO(archive)) as tar:
+        tar.extractall(into, filter="data")
+    return into
+
+
+@dataclass
+class Target:
+    """A server to measure: a label and how to start it on a port."""
+
+    label: str
+    kind: str  # "gateway" or "bare"
+    tree: Path = ROOT  # the source tree a gateway runs from
+    client: str = "aiohttp"  # bare only
+    codec: str = "orjson"  # bare only
+
+    def command(self, port: int, urls: list[str], config: Path) -> list[str]:
+        if self.kind == "bare":
+            return [sys.executable, "-m", "bench._bare", "--port", str(port), "--client", self.client, "--json", self.codec, *urls]
+        return [sys.executable, "-m", "aggregator", "serve", "--config", str(config), "--port", str(port), "--log-level", "warning"]
+
+    @contextlib.contextmanager
+    def serve(self, urls: list[str], config: Path) -> Iterator[tuple[int, subprocess.Popen]]:
+        port = free_port()
+        # The gateway's package comes from the tree it runs in (python -m puts the working directory first).
+        with started(self.command(port, urls, config), cwd=self.tree if self.kind == "gateway" else ROOT, port=port) as process:
+            yield port, process
+
+
+@dataclass
+class Batch:
+    requests: int
+    seconds: float
+    cpu_s: float
+    statuses: dict[int | str, int] = field(default_factory=dict)
+
+    @property
+    def cpu_ms(self) -> float:
+        return self.cpu_s * 1000 / self.requests
+
+
+def drive(port: int, requests: int, queries: list[str], threads: int = THREADS, seed: int = 3) -> tuple[float, dict[int | str, int]]:
+    """`requests` retrievals from `threads` threads, each on one keep-alive connection; (seconds, statuses)."""
+    lock = threading.Lock()
+    issued = 0
+    statuses: dict[int | str, int] = {}
+    rng = random.Random(seed)
+    bodies = [json.dumps({"knowledge_id": "kb", "query": q, "retrieval_setting": {"top_k": 5, "score_threshold": 0}}).encode()
+              for q in rng.choices(queries, k=requests)]  # fmt: skip
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+
+    def worker() -> None:
+        nonlocal issued
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        while True:
+            with lock:
+                if issued >= requests:
+                    break
+                body = bodies[issued]
+                issued += 1
+            try:
+                connection.request("POST", "/retrieval", body, headers)
+                response = connection.getresponse()
+                response.read()
+                code: int | str = response.status
+            except (OSError, http.client.HTTPException) as exc:
+                code = type(exc).__name__
+                connection.close()
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            with lock:
+                statuses[code] = statuses.get(code, 0) + 1
+        connection.close()
+
+    started_at = time.perf_counter()
+    workers = [threading.Thread(target=worker) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return time.perf_counter() - started_at, statuses
+
+
+def measure(port: int, pid: int, requests: int, queries: list[str], seed: int = 3) -> Batch:
+    before = cpu_seconds(pid)
+    seconds, statuses = drive(port, requests, queries, seed=seed)
+    return Batch(requests, seconds, cpu_seconds(pid) - before, statuses)
+
+
+# -- where the time goes ---------------------------------------------------------------------------------
+
+STAGES = (
+    "request parsing and auth",
+    "fan-out and HTTP client",
+    "decoding answers",
+    "tokenizing",
+    "rerank, filter and records",
+    "encoding the answer",
+    "health, metrics, log line",
+    "server: uvicorn, Starlette, FastAPI",
+    "event loop and other",
+)
+
+#: (stage, path fragment, function names or None for any): a sample goes to the stage of its innermost frame
+#: that matches a rule (rules tried in order for each frame, innermost frame first).
+RULES: tuple[tuple[str, str, frozenset[str] | None], ...] = (
+    ("tokenizing", "aggregator/text/tokenize.py", None),
+    ("decoding answers", "connectors/http.py", frozenset({"decode_json", "loads"})),
+    ("decoding answers", "connectors/dify.py", frozenset({"parse_records"})),
+    ("request parsing and auth", "aggregator/api.py", frozenset({"parse_request", "find_key", "bearer_token", "read_body", "describe_validation_error"})),
+    ("request parsing and auth", "aggregator/models.py", None),
+    ("request parsing and auth", "aggregator/request.py", None),
+    ("encoding the answer", "starlette/responses.py", frozenset({"render"})),
+    ("encoding the answer", "aggregator/api.py", frozenset({"render", "encode", "records_response"})),
+    ("encoding the answer", "aggregator/wire.py", frozenset({"dumps", "encode", "render"})),
+    ("rerank, filter and records", "aggregator/ranking/", None),
+    ("rerank, filter and records", "aggregator/filters.py", None),
+    ("health, metrics, log line", "aggregator/service.py", None),
+    ("health, metrics, log line", "aggregator/ops/health.py", None),
+    ("health, metrics, log line", "aggregator/ops/history.py", None),
+    ("health, metrics, log line", "aggregator/ops/metrics.py", None),
+    ("health, metrics, log line", "prometheus_client/", None),
+    ("health, metrics, log line", "logging/", None),
+    ("fan-out and HTTP client", "aggregator/fanout.py", None),
+    ("fan-out and HTTP client", "aggregator/circuit.py", None),
+    ("fan-out and HTTP client", "aggregator/ops/tracing.py", None),
+    ("fan-out and HTTP client", "opentelemetry/", None),
+    ("fan-out and HTTP client", "tenacity/", None),
+    ("fan-out and HTTP client", "connectors/", None),
+    *(("fan-out and HTTP client", f"{package}/", None) for package in ("aiohttp", "httpx", "httpcore", "httpx_aiohttp", "anyio", "h11", "yarl", "multidict", "aiohappyeyeballs", "idna", "ssl")),
+    ("rerank, filter and records", "aggregator/pipeline.py", None),
+    ("server: uvicorn, Starlette, FastAPI", "aggregator/api.py", None),
+    *(("server: uvicorn, Starlette, FastAPI", f"{package}/", None) for package in ("uvicorn", "starlette", "fastapi", "httptools", "h11")),
+)
+
+
+def stage_of(stack: list[str]) -> str:
+    """`stack`: py-spy frames, outermost first, each `function (path:line)`."""
+    for frame in reversed(stack):
+        function, _, where = frame.partition(" (")
+        for stage, fragment, functions in RULES:
+            if fragment in where and (functions is None or function in functions):
+                return stage
+    return "event loop and other"
+
+
+def breakdown(raw: str) -> dict[str, float]:
+    """Share of on-CPU samples per stage, from py-spy's raw (collapsed) output."""
+    counts = dict.fromkeys(STAGES, 0)
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if stack and count.isdigit():
+            counts[stage_of(stack.split(";"))] += int(count)
+    total = sum(counts.values()) or 1
+    return {stage: n / total for stage, n in counts.items()}
+
+
+def profile(port: int, pid: int, requests: int, queries: list[str]) -> dict[str, float] | None:
+    """Stage shares from py-spy attached while `requests` more retrievals run; None when py-spy cannot attach."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "stacks.txt"
+        recorder = subprocess.Popen([spy, "record", "--pid", str(pid), "--rate", "250", "--format", "raw", "--output", str(out)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+        time.sleep(1.0)
+        if recorder.poll() is not None:
+            return None
+        drive(port, requests, queries, seed=11)
+        recorder.send_signal(signal.SIGINT)
+        try:
+            recorder.wait(30)
+        except subprocess.TimeoutExpired:
+            recorder.kill()
+            return None
+        return breakdown(out.read_text()) if out.exists() else None
+
+
+def run(requests: int = 2000, rounds: int = 3, baseline: str | None = None, all_clients: bool = False, profiled: bool = True) -> None:
+    from bench._cranfield import load
+
+    _, cranfield, _ = load()
+    queries = [text for _, text in cranfield]
+    reference = Target("bare fan-out: aiohttp + orjson (reference)", "bare", client="aiohttp", codec="orjson")
+    targets = [reference, Target("bare fan-out: httpx + stdlib json", "bare", client="httpx", codec="stdlib")]
+    if all_clients:
+        targets += [
+            Target("bare fan-out: httpx + orjson", "bare", client="httpx", codec="orjson"),
+            Target("bare fan-out: httpx over httpx-aiohttp + orjson", "bare", client="httpx-aiohttp", codec="orjson"),
+        ]
+    with contextlib.ExitStack() as stack:
+        folder = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        if baseline:
+            tree = checkout(baseline, folder / "baseline")
+            targets.append(Target(f"gateway at {baseline}", "gateway", tree=tree))
+        targets.append(Target("gateway (this tree)", "gateway"))
+        urls = stack.enter_context(pool_upstreams())
+        config = gateway_config(folder, urls)
+        servers = {t.label: stack.enter_context(t.serve(urls, config)) for t in targets}
+        for t in targets:  # warm up: connections, caches of passages seen before (the pool is seen many times over)
+            drive(servers[t.label][0], 300, queries, seed=1)
+        batches: dict[str, list[Batch]] = {t.label: [] for t in targets}
+        for r in range(rounds):
+            for t in targets:
+                port, process = servers[t.label]
+                batches[t.label].append(measure(port, process.pid, requests, queries, seed=100 + r))
+        shares = {}
+        if profiled:
+            for t in targets:
+                if t.kind == "gateway":
+                    port, process = servers[t.label]
+                    shares[t.label] = profile(port, process.pid, max(1000, requests // 2), queries)
+
+    def cpu_ms(label: str) -> float:
+        runs = sorted(b.cpu_ms for b in batches[label])
+        return runs[len(runs) // 2]
+
+    floor = cpu_ms(reference.label)
+    print(f"\n## CPU per retrieval: three `dify` upstreams on loopback, each answering 20 passages of ~800 characters")
+    print(f"## from a pool of {POOL:,}; Cranfield queries from {THREADS} client threads; {requests:,} requests x {rounds} rounds\n")
+    print("| server, same requests, same run | CPU ms per retrieval | ratio to the reference | requests/s | non-200 |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for t in targets:
+        b = batches[t.label]
+        rps = sum(x.requests for x in b) / sum(x.seconds for x in b)
+        failed = sum(n for x in b for code, n in x.statuses.items() if code != 200)
+        print(f"| {t.label} | {cpu_ms(t.label):.2f} | {cpu_ms(t.label) / floor:.2f} | {rps:.0f} | {failed} |")
+    if not shares:
+        return
+    labels = [label for label, found in shares.items() if found]
+    if not labels:
+        print("\n(no breakdown: py-spy could not attach to the server; it needs ptrace permission)")
+        return
+    print("\nWhere a gateway's CPU goes (py-spy's on-CPU samples per stage, scaled to the CPU per retrieval above), ms:\n")
+    print("| stage | " + " | ".join(labels) + " |")
+    print("| --- |" + " ---: |" * len(labels))
+    for stage in STAGES:
+        cells = " | ".join(f"{shares[label][stage] * cpu_ms(label):.2f} ({shares[label][stage]:.0%})" for label in labels)
+        print(f"| {stage} | {cells} |")
+    print("| total | " + " | ".join(f"{cpu_ms(label):.2f}" for label in labels) + " |")
