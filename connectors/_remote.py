@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import httpx
 
 from .base import Connector, Passage, SourceQuery
-from .http import DEFAULT_MAX_RESPONSE_BYTES, DescribeError, make_client, request_json
+from .http import DEFAULT_MAX_RESPONSE_BYTES, DescribeError, HttpClient, make_client, request_json
 
 
 #: Names the gateway puts on every record (see `base.record_metadata` and the pipeline): an upstream's own
@@ -45,7 +45,7 @@ class Call:
 class RemoteConnector(Connector):
     """A query-time source reached over HTTP through one client made by `make_client`."""
 
-    _client: httpx.AsyncClient | None = None
+    _client: HttpClient | None = None
     #: Reads the API's error envelope into the typed error's message (see `connectors.http.request_json`).
     describe_error: ClassVar[DescribeError | None] = None
 
@@ -80,7 +80,7 @@ class RemoteConnector(Connector):
         if client is not None:
             await client.aclose()
 
-    async def client(self) -> httpx.AsyncClient:
+    async def client(self) -> HttpClient:
         """The open client, opened on first use when `start` was not called."""
         if self._client is None:
             await self.start()

@@ -28,7 +28,7 @@ from aggregator.filters import as_instant
 
 from ._html import html_to_text
 from .base import BadResponse, Connector, ConnectorSettings, NotFound, Passage, SourceQuery
-from .http import BaseUrl, make_client, request_json
+from .http import BaseUrl, HttpClient, make_client, request_json
 
 #: Characters with a meaning in the Lucene syntax behind CQL's `text ~`; replaced by spaces.
 _LUCENE_SPECIAL = re.compile(r'[+\-&|!(){}\[\]^"~*?:\\/]')
@@ -106,15 +106,15 @@ class ConfluenceConnector(Connector):
 
     def __init__(self, name: str, settings: ConfluenceSettings) -> None:
         super().__init__(name, settings)
-        self._client: httpx.AsyncClient | None = None
+        self._client: HttpClient | None = None
         self._bodies: OrderedDict[tuple[str, int], str] = OrderedDict()
 
-    def auth_headers(self) -> tuple[dict[str, str], httpx.BasicAuth | None]:
+    def auth_headers(self) -> tuple[dict[str, str], tuple[str, str] | None]:
         s = self.settings
         token = s.api_token.get_secret_value()
         mode = s.auth or ("basic" if s.email else "bearer")
         if mode == "basic":
-            return {}, httpx.BasicAuth(s.email or "", token)
+            return {}, (s.email or "", token)
         return {"Authorization": f"Bearer {token}"}, None
 
     async def start(self) -> None:

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import httpx
 from pydantic import Field, SecretStr
 
 from ._remote import raw_score
 from .base import BadResponse, Connector, ConnectorSettings, Passage, SourceQuery
-from .http import DEFAULT_MAX_RESPONSE_BYTES, BaseUrl, make_client, request_json
+from .http import DEFAULT_MAX_RESPONSE_BYTES, BaseUrl, HttpClient, make_client, request_json
 
 #: Fields the gateway sets itself: an upstream may not have them, so conditions on them stay local.
 GATEWAY_FIELDS = frozenset({"source", "source_type", "title"})
@@ -84,7 +83,7 @@ class DifyConnector(Connector):
 
     def __init__(self, name: str, settings: DifySettings) -> None:
         super().__init__(name, settings)
-        self._client: httpx.AsyncClient | None = None
+        self._client: HttpClient | None = None
 
     async def start(self) -> None:
         if self._client is None:

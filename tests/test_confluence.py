@@ -1,18 +1,17 @@
-"""The `confluence` source: request building (respx) and real HTTP against a fake Confluence."""
+"""The `confluence` source: request building and real HTTP against a fake Confluence, all over loopback."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 
-import httpx
 import pytest
-import respx
 
 from connectors.base import AuthFailed, RateLimited, SourceQuery
 from connectors.confluence import ConfluenceConnector, ConfluenceSettings, cql_text, pushdown_clauses
 
 from .fakes.confluence import FakeConfluence, Page, app
+from .fakes.recorder import Recorder
 from .loopback import serve
 
 TOKEN = "confluence-token-secret"
@@ -68,24 +67,22 @@ def test_or_conditions_are_not_pushed_down():
         ({"auth": "bearer"}, f"Bearer {TOKEN}"),
     ],
 )
-@respx.mock
 async def test_auth_variants(overrides, expected):
-    route = respx.get("https://acme.atlassian.net/wiki/rest/api/content/search").mock(
-        return_value=httpx.Response(200, json={"results": [], "_links": {}})
-    )
-    async with ConfluenceConnector("c", settings("https://acme.atlassian.net/wiki", **overrides)) as connector:
-        assert await connector.search(SourceQuery("x", 5)) == []
-    request = route.calls.last.request
+    recorder = Recorder({("GET", "/wiki/rest/api/content/search"): (200, {"results": [], "_links": {}})})
+    with serve(recorder.app()) as url:
+        async with ConfluenceConnector("c", settings(url + "/wiki", **overrides)) as connector:
+            assert await connector.search(SourceQuery("x", 5)) == []
+    request = recorder.requests[-1]
     assert request.headers["authorization"] == expected
-    assert request.url.params["expand"] == "version,space,metadata.labels"
+    assert request.params["expand"] == "version,space,metadata.labels"
 
 
-@respx.mock
 async def test_401_is_an_auth_failure_without_the_token():
-    respx.get(url__regex=r".*/search.*").mock(return_value=httpx.Response(401, json={"message": "nope"}))
-    async with ConfluenceConnector("c", settings("https://acme.atlassian.net/wiki")) as connector:
-        with pytest.raises(AuthFailed) as caught:
-            await connector.search(SourceQuery("x", 5))
+    recorder = Recorder({("GET", "/wiki/rest/api/content/search"): (401, {"message": "nope"})})
+    with serve(recorder.app()) as url:
+        async with ConfluenceConnector("c", settings(url + "/wiki")) as connector:
+            with pytest.raises(AuthFailed) as caught:
+                await connector.search(SourceQuery("x", 5))
     assert TOKEN not in str(caught.value)
 
 
@@ -157,13 +154,14 @@ async def test_wrong_token_is_auth_failed(fake):
             await connector.search(SourceQuery("keys", 5))
 
 
-@respx.mock
 async def test_a_page_deleted_between_search_and_fetch_is_skipped():
-    site = "https://acme.atlassian.net/wiki"
     hits = [{"id": i, "type": "page", "title": f"Page {i}", "version": {"number": 1}, "_links": {"webui": f"/p/{i}"}} for i in ("1", "2")]
-    respx.get(f"{site}/rest/api/content/search").mock(return_value=httpx.Response(200, json={"results": hits, "_links": {}}))
-    respx.get(f"{site}/rest/api/content/1").mock(return_value=httpx.Response(200, json={"id": "1", "body": {"storage": {"value": "<p>keys</p>"}}}))
-    respx.get(f"{site}/rest/api/content/2").mock(return_value=httpx.Response(404, json={"message": "No content found"}))
-    async with ConfluenceConnector("c", settings(site)) as connector:
-        passages = await connector.search(SourceQuery("keys", 10))
+    recorder = Recorder({
+        ("GET", "/wiki/rest/api/content/search"): (200, {"results": hits, "_links": {}}),
+        ("GET", "/wiki/rest/api/content/1"): (200, {"id": "1", "body": {"storage": {"value": "<p>keys</p>"}}}),
+        ("GET", "/wiki/rest/api/content/2"): (404, {"message": "No content found"}),
+    })  # fmt: skip
+    with serve(recorder.app()) as url:
+        async with ConfluenceConnector("c", settings(url + "/wiki")) as connector:
+            passages = await connector.search(SourceQuery("keys", 10))
     assert [p.document_id for p in passages] == ["1"]

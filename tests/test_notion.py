@@ -1,35 +1,31 @@
-"""The `notion` source: headers (respx) and a full sync against a fake Notion over real HTTP."""
+"""The `notion` source: headers and a full sync against a fake Notion, over real HTTP."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 
-import httpx
 import pytest
-import respx
 
 from connectors.base import AuthFailed, SourceQuery
 from connectors.notion import NOTION_VERSION, NotionConnector, NotionSettings, flatten_property
 
 from .fakes.notion import FakeNotion, app, block, rich
+from .fakes.recorder import Recorder
 from .loopback import serve
 
 TOKEN = "secret_notion_integration_token"
 
 
-@respx.mock
 async def test_requests_carry_the_token_and_the_pinned_version():
-    route = respx.post("https://api.notion.com/v1/search").mock(
-        return_value=httpx.Response(200, json={"object": "list", "results": [], "has_more": False, "next_cursor": None})
-    )
-    connector = NotionConnector("n", NotionSettings(token=TOKEN))
-    await connector.sync()
-    await connector.aclose()
-    request = route.calls.last.request
+    recorder = Recorder({("POST", "/v1/search"): (200, {"object": "list", "results": [], "has_more": False, "next_cursor": None})})
+    with serve(recorder.app()) as url:
+        connector = NotionConnector("n", NotionSettings(token=TOKEN, base_url=url))
+        await connector.sync()
+        await connector.aclose()
+    request = recorder.requests[-1]
     assert request.headers["authorization"] == f"Bearer {TOKEN}"
     assert request.headers["notion-version"] == NOTION_VERSION
-    assert json.loads(request.content)["filter"] == {"property": "object", "value": "page"}
+    assert request.json()["filter"] == {"property": "object", "value": "page"}
 
 
 def test_database_properties_are_flattened():
