@@ -19,6 +19,7 @@ import unicodedata
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -28,12 +29,16 @@ from .statistics import PassageSample, QueryStatistics
 
 CACHE_PASSAGES = 50_000
 VOCABULARY_LIMIT = 2_000_000
+#: Texts whose content key is remembered (the texts themselves are held: about 8 MB at 1,000 characters each).
+CONTENT_KEYS = 8_192
 
 
+@lru_cache(maxsize=CONTENT_KEYS)
 def content_key(text: str) -> str:
     """Identity of a passage's text after Unicode, case and whitespace folding (for dedupe and caching).
 
     For ASCII text NFKC changes nothing and case folding is lower-casing, so that shorter path gives the same key.
+    Remembered for recent texts: most passages come back, and folding and hashing one costs 30 times a lookup.
     """
     folded = " ".join((text.lower() if text.isascii() else unicodedata.normalize("NFKC", text).casefold()).split())
     return hashlib.blake2b(folded.encode(), digest_size=16).hexdigest()
@@ -85,8 +90,13 @@ class PoolScores:
     has_pairs: bool
 
 
-def _saturated(tf: np.ndarray, lengths: np.ndarray, avgdl: float, p: BM25Params) -> np.ndarray:
-    return tf * (p.k1 + 1) / (tf + p.k1 * (1 - p.b + p.b * lengths / avgdl))
+def _length_norm(lengths: np.ndarray, avgdl: float, p: BM25Params) -> np.ndarray:
+    """The length part of BM25's saturation: the same for every term of a query, so computed once per pool."""
+    return p.k1 * (1 - p.b + p.b * lengths / avgdl)
+
+
+def _saturated(tf: np.ndarray, norm: np.ndarray, p: BM25Params) -> np.ndarray:
+    return tf * (p.k1 + 1) / (tf + norm)
 
 
 def _idf(n: int, df: np.ndarray | float) -> np.ndarray | float:
@@ -116,6 +126,7 @@ def score_pool(
     bm25 = np.zeros(n)
     ceiling = 0.0
     term_avgdl = statistics.average_length if statistics is not None and statistics.average_length > 0 else avgdl
+    norm = _length_norm(lengths, term_avgdl, params)
     for position, (term, qtf) in enumerate(_counts(query_terms).items()):
         term_id = vocabulary.get(term, -1)
         tf = np.bincount(owner[tokens == term_id], minlength=n).astype(np.float64) if term_id >= 0 else zeros
@@ -125,7 +136,7 @@ def score_pool(
             weight = qtf * float(_idf(n, float(np.count_nonzero(tf))))
         ceiling += weight * (params.k1 + 1)
         if term_id >= 0:
-            bm25 += weight * _saturated(tf, lengths, term_avgdl, params)
+            bm25 += weight * _saturated(tf, norm, params)
 
     pairs = [(a, b) for a, b in zip(query_terms, query_terms[1:]) if a != b]
     proximity = np.zeros(n)
@@ -133,6 +144,7 @@ def score_pool(
     if pairs and len(tokens) > 1:
         same_owner = owner[:-1] == owner[1:]
         first, second, pair_owner = tokens[:-1][same_owner], tokens[1:][same_owner], owner[:-1][same_owner]
+        pair_norm = _length_norm(lengths, avgdl, params)
         for (a, b), qtf in _counts(pairs).items():
             a_id, b_id = vocabulary.get(a, -1), vocabulary.get(b, -1)
             if a_id >= 0 and b_id >= 0:
@@ -141,7 +153,7 @@ def score_pool(
                 tf = zeros
             weight = qtf * float(_idf(n, float(np.count_nonzero(tf))))
             pair_ceiling += weight * (params.k1 + 1)
-            proximity += weight * _saturated(tf, lengths, avgdl, params)
+            proximity += weight * _saturated(tf, pair_norm, params)
     return PoolScores(
         bm25 / ceiling if ceiling > 0 else zeros,
         proximity / pair_ceiling if pair_ceiling > 0 else zeros,

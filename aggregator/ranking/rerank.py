@@ -155,10 +155,11 @@ def _calibrate(use: ScoreUse, ranks: np.ndarray, scores: np.ndarray, relevance: 
         return np.where(np.isnan(scores), -1.0, np.clip(scores, 0.0, 1.0)), "trusted"
     x, how = _positions(use, ranks, scores)
     n = len(x)
-    dx, dy = x - x.mean(), relevance - relevance.mean()
+    mean_x, mean_relevance = x.mean(), relevance.mean()
+    dx, dy = x - mean_x, relevance - mean_relevance
     spread = float(dx @ dx)
     slope = max(0.0, float(dx @ dy) / spread) * n / (n + kappa) if spread > 0 else 0.0
-    intercept = float(relevance.mean()) - slope * float(x.mean())
+    intercept = float(mean_relevance) - slope * float(mean_x)
     return np.clip(intercept + slope * x, 0.0, 1.0), how
 
 
