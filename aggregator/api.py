@@ -23,10 +23,12 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, Response
+from fastapi.responses import JSONResponse as StarletteJSONResponse
 from pydantic import ValidationError
 
 from .ops import explain, statuspage
@@ -42,6 +44,24 @@ log = logging.getLogger("aggregator.api")
 
 #: A client that trickles its body in may not hold a request open longer than this.
 BODY_TIMEOUT_S = 10.0
+_encode = msgspec.json.Encoder().encode
+
+
+def encode_json(content: Any) -> bytes:
+    """Compact UTF-8 JSON, as Starlette wrote it, by msgspec in a tenth of the time. NaN and infinities (a
+    source's metadata may hold them) become null; what msgspec cannot encode (a lone surrogate) is escaped."""
+    try:
+        return _encode(content)
+    except (TypeError, ValueError, OverflowError):
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":"), default=str).encode()
+
+
+class JSONResponse(StarletteJSONResponse):
+    """Every JSON answer of the service, encoded by `encode_json`."""
+
+    def render(self, content: Any) -> bytes:
+        return encode_json(content)
+
 
 def error(status: int, code: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error_code": code, "error_msg": message}, status_code=status, headers=headers)
@@ -194,8 +214,7 @@ def create_app(load: Callable[[], GatewayConfig] | None = None, config_path: Pat
         gateway = service.gateway
         if gateway is None:
             return error(503, 5003, "the service is starting; try again shortly")
-        config = gateway.config
-        with gateway.lease(), service.tracing.retrieval(request.headers, lambda message: redact(message, config.secrets()) or "") as span:
+        with gateway.lease(), service.tracing.retrieval(request.headers, lambda message: redact(message, gateway.secrets) or "") as span:
             response = await answer(request, gateway)
             span.set_attribute("http.response.status_code", response.status_code)
         service.metrics.observe_request(response.status_code, time.perf_counter() - started)

@@ -47,6 +47,9 @@ class Gateway:
                 policy=SourcePolicy(timeout_s=settings.timeout_s or 3.0, retries=settings.retries or 0),
                 breaker=CircuitBreaker(settings.circuit),
             )
+        #: Worked out once per config version, not per request: what messages are scrubbed of, and each source's type.
+        self.secrets: list[str] = config.secrets()
+        self.source_types: dict[str, str] = {name: slot.connector.type for name, slot in self.slots.items()}
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()

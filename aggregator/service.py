@@ -121,12 +121,12 @@ class Service:
 
     def record(self, gateway: Gateway, knowledge_id: str, query: str, result: RetrievalResult, elapsed_s: float, request_id: str) -> None:
         """Health, metrics and the one log line of a retrieval."""
-        secrets = gateway.config.secrets()
-        types = {name: slot.connector.type for name, slot in gateway.slots.items()}
-        self.health.record(result.sources, types, secrets)
+        self.health.record(result.sources, gateway.source_types, gateway.secrets)
         self.metrics.observe_sources(result.sources)
-        trace_id = current_trace_id()
         annotate({"gateway.knowledge_id": knowledge_id, "gateway.records": len(result.records)})
+        if not access_log.isEnabledFor(logging.INFO):  # its fields are built only for a line that is written
+            return
+        trace_id = current_trace_id()
         fields: dict[str, Any] = {
             "event": "retrieval",
             "request_id": request_id,
