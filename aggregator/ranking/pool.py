@@ -122,14 +122,22 @@ def score_pool(
     tokens = np.concatenate(documents) if n else np.zeros(0, dtype=np.int64)
     owner = np.repeat(np.arange(n), lengths.astype(np.int64))
     vocabulary = cache.vocabulary
+    # Only occurrences of the query's terms count, for terms and pairs alike: find them in one pass over the
+    # pool, then count within that short list (positions `at`, in order) instead of the whole pool per term.
+    term_ids = {term: vocabulary.get(term, -1) for term in dict.fromkeys(query_terms)}
+    hit = np.zeros(len(tokens), dtype=bool)
+    for term_id in set(term_ids.values()) - {-1}:
+        hit |= tokens == term_id
+    at = np.flatnonzero(hit)
+    found, found_owner = tokens[at], owner[at]
 
     bm25 = np.zeros(n)
     ceiling = 0.0
     term_avgdl = statistics.average_length if statistics is not None and statistics.average_length > 0 else avgdl
     norm = _length_norm(lengths, term_avgdl, params)
     for position, (term, qtf) in enumerate(_counts(query_terms).items()):
-        term_id = vocabulary.get(term, -1)
-        tf = np.bincount(owner[tokens == term_id], minlength=n).astype(np.float64) if term_id >= 0 else zeros
+        term_id = term_ids[term]
+        tf = np.bincount(found_owner[found == term_id], minlength=n).astype(np.float64) if term_id >= 0 else zeros
         if statistics is not None:
             weight = qtf * float(_idf(max(statistics.passages, 1.0), float(statistics.frequencies[position])))
         else:
@@ -142,11 +150,12 @@ def score_pool(
     proximity = np.zeros(n)
     pair_ceiling = 0.0
     if pairs and len(tokens) > 1:
-        same_owner = owner[:-1] == owner[1:]
-        first, second, pair_owner = tokens[:-1][same_owner], tokens[1:][same_owner], owner[:-1][same_owner]
+        # two query terms side by side in one passage: neighbours in `at`, one position apart, same owner
+        adjacent = (at[1:] == at[:-1] + 1) & (found_owner[1:] == found_owner[:-1])
+        first, second, pair_owner = found[:-1][adjacent], found[1:][adjacent], found_owner[:-1][adjacent]
         pair_norm = _length_norm(lengths, avgdl, params)
         for (a, b), qtf in _counts(pairs).items():
-            a_id, b_id = vocabulary.get(a, -1), vocabulary.get(b, -1)
+            a_id, b_id = term_ids[a], term_ids[b]
             if a_id >= 0 and b_id >= 0:
                 tf = np.bincount(pair_owner[(first == a_id) & (second == b_id)], minlength=n).astype(np.float64)
             else:
