@@ -8,7 +8,7 @@ from typing import Literal
 
 import pytest
 
-from aggregator.fanout import SourcePolicy, call_source, fan_out
+from aggregator.fanout import SourcePolicy, call_source, fan_out, pause_before_retry
 from connectors.base import AuthFailed, BadResponse, Connector, ConnectorSettings, Passage, RateLimited, SourceQuery, Unavailable
 
 
@@ -127,3 +127,12 @@ async def test_fan_out_runs_sources_concurrently_and_cuts_at_the_deadline():
     assert [r.name for r in results] == ["s0", "s1", "s2", "s3", "s4", "hung"]
     others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
     assert not others, "no task is left running after the deadline"
+
+
+def test_backoff_is_full_jitter_doubling_to_its_cap_and_retry_after_wins():
+    policy = SourcePolicy(timeout_s=1, retries=5, backoff_initial_s=0.1, backoff_max_s=1.0)
+    for attempt, ceiling in ((1, 0.1), (2, 0.2), (3, 0.4), (4, 0.8), (5, 1.0), (9, 1.0)):
+        pauses = [pause_before_retry(Unavailable("x"), attempt, policy) for _ in range(200)]
+        assert all(0.0 <= p <= ceiling for p in pauses) and max(pauses) > ceiling / 2, attempt
+    assert pause_before_retry(RateLimited("x", retry_after=7.0), 1, policy) == 7.0
+    assert pause_before_retry(RateLimited("x"), 1, policy) <= 0.1
