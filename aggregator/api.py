@@ -26,6 +26,7 @@ from typing import Any
 import msgspec
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import HTMLResponse, Response
 from fastapi.responses import JSONResponse as StarletteJSONResponse
@@ -235,7 +236,7 @@ def create_app(load: Callable[[], GatewayConfig] | None = None, config_path: Pat
     def document() -> dict[str, Any]:
         """FastAPI's schema, plus the request models the route reads by hand (auth comes before parsing)."""
         if app.openapi_schema is None:
-            spec = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            spec = get_openapi(title=app.title, version=app.version, routes=[documented, *app.routes])
             schemas = spec.setdefault("components", {}).setdefault("schemas", {})
             schemas.update(nested)
             schemas["RetrievalRequest"] = request_schema
@@ -245,9 +246,12 @@ def create_app(load: Callable[[], GatewayConfig] | None = None, config_path: Pat
         return app.openapi_schema
 
     app.openapi = document  # type: ignore[method-assign]
-    app.add_api_route("/retrieval", retrieval, methods=["POST"], openapi_extra=openapi, summary="Dify External Knowledge API retrieval")
+    # The retrieval reads its request by hand (the key before the body), so it is served as a plain Starlette
+    # route, without FastAPI's per-request dependency machinery; a FastAPI route that serves nothing documents it.
+    documented = APIRoute("/retrieval", retrieval, methods=["POST"], openapi_extra=openapi, summary="Dify External Knowledge API retrieval")
+    app.router.add_route("/retrieval", retrieval, methods=["POST"], include_in_schema=False)
     # Dify appends "/retrieval" to the endpoint as text: an endpoint saved with a trailing slash posts here.
-    app.add_api_route("//retrieval", retrieval, methods=["POST"], include_in_schema=False)
+    app.router.add_route("//retrieval", retrieval, methods=["POST"], include_in_schema=False)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
