@@ -92,9 +92,10 @@ async def retrieve(gateway: Gateway, request: RetrievalRequest, explain: bool = 
         settings = connector.settings
         indexed = reported.get(connector.name) is not None
         for passage in result.passages:
-            metadata = record_metadata(passage, connector.name, connector.type)
+            # Built now only when a filter or `explain` reads it; otherwise for the records alone, at the end.
+            metadata = record_metadata(passage, connector.name, connector.type) if accepts is not None or explain else None
             candidate = Candidate(passage, connector.name, connector.type, settings.weight, metadata, settings.scores, indexed)
-            if accepts is None or accepts(metadata):
+            if metadata is None or accepts is None or accepts(metadata):
                 candidates.append(candidate)
             elif explain:
                 removed.append(candidate)
@@ -112,7 +113,12 @@ async def retrieve(gateway: Gateway, request: RetrievalRequest, explain: bool = 
             outcome = "beyond top_k"
         else:
             outcome = "record"
-            passage, metadata = ranked.candidate.passage, ranked.candidate.metadata or {}
+            candidate = ranked.candidate
+            passage, metadata = candidate.passage, candidate.metadata
+            if metadata is None:
+                metadata = record_metadata(passage, candidate.source, candidate.source_type)
+                if ranked.also_in:  # as the rerank notes it in metadata it was given
+                    metadata["also_in"] = ranked.also_in
             metadata["score_detail"] = score_detail(ranked)
             records.append({"content": passage.content, "score": score, "title": passage.title, "metadata": metadata})
         if verdicts is None:

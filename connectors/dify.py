@@ -56,7 +56,7 @@ def parse_records(data: Any, what: str) -> list[Passage]:
         if not isinstance(record, dict) or not isinstance(record.get("content"), str) or not record["content"].strip():
             continue
         metadata = record.get("metadata")
-        metadata = dict(metadata) if isinstance(metadata, dict) else {}
+        metadata = metadata if isinstance(metadata, dict) else {}  # decoded for this call: ours, no copy needed
         title = record.get("title")
         document_id = metadata.get("document_id")
         if document_id is None:
