@@ -38,6 +38,8 @@ ANSWERS = {
     ) + b"]}",
     "html": json.dumps({"records": [record("<script>alert('x')</script><b>signing keys</b>")]}).encode(),
     "invalid-utf8": b'{"records": [{"content": "\xff\xfe signing keys", "score": 0.5}]}',
+    "nan-metadata": b'{"records": [{"content": "hostile text about signing keys", "title": "Hostile", "score": 0.5, '
+                    b'"metadata": {"ratio": NaN, "huge": 123456789012345678901234567890}}]}',
 }
 
 
@@ -54,7 +56,7 @@ def hostile_app() -> Starlette:
 @pytest.mark.parametrize(
     "kind,outcome",
     [("huge", "error"), ("deep", "error"), ("records-not-a-list", "error"), ("wrong-types", "ok"),
-     ("bad-scores", "ok"), ("html", "ok"), ("invalid-utf8", "error"), ("redirect", "error")],
+     ("bad-scores", "ok"), ("html", "ok"), ("invalid-utf8", "error"), ("redirect", "error"), ("nan-metadata", "ok")],
 )  # fmt: skip
 def test_hostile_answers_are_contained(tmp_path: Path, kind: str, outcome: str):
     with serve(hostile_app()) as hostile_url:
@@ -87,3 +89,6 @@ def test_hostile_answers_are_contained(tmp_path: Path, kind: str, outcome: str):
         assert details and all(d is None or math.isfinite(d) for d in details), "NaN and infinities are dropped"
     if kind == "redirect":
         assert "redirect not followed" in status["last_error"]["message"]
+    if kind == "nan-metadata":  # kept whole, and still valid JSON: NaN goes out as null, a huge integer exactly
+        [hostile] = [r["metadata"] for r in records if r["title"] == "Hostile"]
+        assert hostile["ratio"] is None and hostile["huge"] == 123456789012345678901234567890
