@@ -32,6 +32,10 @@ from io import BytesIO
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.loopback import free_port  # noqa: E402
+
 KEY = "bench"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 POOL = 1000
@@ -42,21 +46,6 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process, all its threads, from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime (fields 14 and 15 of stat(5))
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(port: int, process: subprocess.Popen, timeout: float = 60.0) -> None:
@@ -229,6 +218,7 @@ RULES: tuple[tuple[str, str, frozenset[str] | None], ...] = (
     ("encoding the answer", "aggregator/api.py", frozenset({"render", "encode_json"})),
     ("rerank, filter and records", "aggregator/ranking/", None),
     ("rerank, filter and records", "aggregator/filters.py", None),
+    ("rerank, filter and records", "connectors/base.py", frozenset({"record_metadata"})),
     ("health, metrics, log line", "aggregator/service.py", None),
     ("health, metrics, log line", "aggregator/ops/health.py", None),
     ("health, metrics, log line", "aggregator/ops/history.py", None),
