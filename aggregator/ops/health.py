@@ -32,6 +32,10 @@ def now_iso() -> str:
     return iso(time.time())
 
 
+def _iso_or_none(at: float | None) -> str | None:
+    return None if at is None else iso(at)
+
+
 def percentile(values: Iterable[float], q: float) -> float | None:
     ordered = sorted(values)
     if not ordered:
@@ -58,9 +62,9 @@ class SourceHealth:
     recent: deque[str] = field(default_factory=lambda: deque(maxlen=RECENT_WINDOW))
     consecutive_failures: int = 0
     last_outcome: str | None = None
-    last_success: str | None = None
+    last_success_at: float | None = None  # Unix times: written as ISO 8601 when read, not on every call
     last_error: str | None = None
-    last_error_at: str | None = None
+    last_error_at: float | None = None
     history: History = field(default_factory=History)
 
     def record(self, result: SourceResult, secrets: Iterable[str] = (), at: float | None = None) -> None:
@@ -77,11 +81,11 @@ class SourceHealth:
         if result.outcome in FAILURES:
             self.consecutive_failures += 1
             self.last_error = redact(result.error or result.outcome, secrets)
-            self.last_error_at = iso(at)
+            self.last_error_at = at
             self.history.add_error(at, result.outcome, self.last_error or result.outcome)
         else:
             self.consecutive_failures = 0
-            self.last_success = iso(at)
+            self.last_success_at = at
 
     def state(self, slot: SourceSlot | None, used: bool) -> str:
         stats = slot.connector.stats() if slot else None
@@ -108,8 +112,8 @@ class SourceHealth:
             "type": self.source_type,
             "state": self.state(slot, used),
             "ready": slot.connector.ready if slot else None,
-            "last_success": self.last_success,
-            "last_error": {"at": self.last_error_at, "message": self.last_error} if self.last_error else None,
+            "last_success": _iso_or_none(self.last_success_at),
+            "last_error": {"at": _iso_or_none(self.last_error_at), "message": self.last_error} if self.last_error else None,
             "latency_ms": {"p50": percentile(window, 0.5), "p95": percentile(window, 0.95), "window": len(window)},
             "calls": {outcome: self.calls.get(outcome, 0) for outcome in OUTCOMES},
             "history": self.history.snapshot(time.time() if now is None else now),
