@@ -141,6 +141,9 @@ class Tracing:
     def retrieval(self, headers: Mapping[str, str], scrub: Scrub) -> Iterator[trace.Span]:
         """The span of one retrieval, continuing the caller's `traceparent`. Error messages of its sources go
         into their spans through `scrub`, like every message the service keeps."""
+        if self.provider is None and "traceparent" not in headers:  # nothing to record and no trace to continue
+            yield trace.INVALID_SPAN
+            return
         parent = TRACE_CONTEXT.extract(headers)
         token = _active.set(_Active(self.tracer, scrub)) if self.enabled else None
         try:
