@@ -13,6 +13,7 @@ innermost recognised frame, scaled to the measured CPU time.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.client
 import json
@@ -40,6 +41,11 @@ KEY = "bench"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 POOL = 1000
 THREADS = 8
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -192,6 +198,54 @@ def measure(port: int, pid: int, requests: int, queries: list[str], seed: int = 
     return Batch(requests, seconds, cpu_seconds(pid) - before, statuses)
 
 
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def hammer(port: int, pid: int | None, clients: int, seconds: float, queries: list[str], seed: int = 0) -> dict[str, float]:
+    """`clients` concurrent clients, each on its own keep-alive connection, for `seconds`: throughput, latency,
+    failures and (with `pid`) the server's peak resident memory."""
+    import aiohttp  # far cheaper per request than httpx: the generator shares the cores with what it measures
+
+    rng = random.Random(seed)
+    latencies: list[float] = []
+    failures = 0
+    peak = 0.0
+    url = f"http://127.0.0.1:{port}/retrieval"
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=10)) as session:
+        stop = time.monotonic() + seconds
+
+        async def client() -> None:
+            nonlocal failures
+            while time.monotonic() < stop:
+                body = json.dumps({"knowledge_id": "kb", "query": rng.choice(queries), "retrieval_setting": {"top_k": 5, "score_threshold": 0}})
+                started = time.perf_counter()
+                try:
+                    async with session.post(url, data=body, headers=headers) as response:
+                        await response.read()
+                        failures += response.status != 200
+                except (aiohttp.ClientError, TimeoutError):
+                    failures += 1
+                latencies.append((time.perf_counter() - started) * 1000)
+
+        async def memory() -> None:
+            nonlocal peak
+            while pid is not None and time.monotonic() < stop:
+                peak = max(peak, rss_mib(pid))
+                await asyncio.sleep(0.5)
+
+        started = time.monotonic()
+        await asyncio.gather(memory(), *(client() for _ in range(clients)))
+        elapsed = time.monotonic() - started
+    return {"requests": len(latencies), "rps": len(latencies) / elapsed, "p50": pct(latencies, 0.5), "p99": pct(latencies, 0.99),
+            "non200": failures, "rss": peak}  # fmt: skip
+
+
 # -- where the time goes ---------------------------------------------------------------------------------
 
 STAGES = (
@@ -273,7 +327,7 @@ def profile(port: int, pid: int, requests: int, queries: list[str]) -> dict[str,
         return None
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "stacks.txt"
-        recorder = subprocess.Popen([spy, "record", "--pid", str(pid), "--rate", "250", "--format", "raw", "--output", str(out)],
+        recorder = subprocess.Popen([spy, "record", "--pid", str(pid), "--rate", "1000", "--format", "raw", "--output", str(out)],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
         time.sleep(1.0)
         if recorder.poll() is not None:
@@ -321,7 +375,7 @@ def run(requests: int = 2000, rounds: int = 3, baseline: str | None = None, all_
             for t in targets:
                 if t.kind == "gateway":
                     port, process = servers[t.label]
-                    shares[t.label] = profile(port, process.pid, max(1000, requests // 2), queries)
+                    shares[t.label] = profile(port, process.pid, max(2000, requests), queries)
 
     def cpu_ms(label: str) -> float:
         runs = sorted(b.cpu_ms for b in batches[label])

@@ -32,24 +32,17 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import _cpu  # noqa: E402
 from bench._cranfield import load  # noqa: E402
-from bench.perf import pct, processes, upstreams  # noqa: E402
+from bench._cpu import pct, rss_mib  # noqa: E402
+from bench.perf import processes, upstreams  # noqa: E402
 from tests.loopback import free_port, wait_ready  # noqa: E402
 
 KEY = "load"
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def open_fds(pid: int) -> int:
@@ -61,26 +54,31 @@ async def run(url: str, pid: int, clients: int, seconds: float, queries: list[st
     latencies: list[float] = []
     statuses: dict[int | str, int] = {}
     samples: list[tuple[float, float, int, int]] = []  # (t, rss, fds, tasks)
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {KEY}"}, timeout=10, limits=limits) as client:
+    import aiohttp  # far cheaper per request than httpx: the generator shares the cores with the server
+
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    timeout = aiohttp.ClientTimeout(total=10)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients), timeout=timeout) as client:
         started = time.monotonic()
         stop = started + seconds
 
         async def sampler() -> None:
-            async with httpx.AsyncClient(timeout=5) as ops:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as ops:
                 while time.monotonic() < stop:
-                    tasks = (await ops.get(url + "/status")).json()["tasks"]
+                    async with ops.get(url + "/status") as answer:
+                        tasks = (await answer.json())["tasks"]
                     samples.append((time.monotonic() - started, rss_mib(pid), open_fds(pid), tasks))
                     await asyncio.sleep(1.0)
 
         async def worker() -> None:
             while time.monotonic() < stop:
-                body = {"knowledge_id": "kb", "query": rng.choice(queries), "retrieval_setting": {"top_k": 5, "score_threshold": 0}}
+                body = json.dumps({"knowledge_id": "kb", "query": rng.choice(queries), "retrieval_setting": {"top_k": 5, "score_threshold": 0}})
                 t = time.perf_counter()
                 try:
-                    response = await client.post(url + "/retrieval", json=body)
-                    code = response.status_code
-                except httpx.TransportError as exc:  # counted, not hidden: a dropped connection is a failure too
+                    async with client.post(url + "/retrieval", data=body, headers=headers) as response:
+                        await response.read()
+                        code: int | str = response.status
+                except (aiohttp.ClientError, TimeoutError) as exc:  # counted, not hidden: a dropped connection is a failure too
                     code = f"{type(exc).__name__}"
                 latencies.append((time.perf_counter() - t) * 1000)
                 statuses[code] = statuses.get(code, 0) + 1
@@ -107,46 +105,6 @@ async def run(url: str, pid: int, clients: int, seconds: float, queries: list[st
         print(f"| {name} | {a:.1f} | {b:.1f} | {(b - a) / a * 100 if a else 0:+.1f} % |")
 
 
-async def hammer(port: int, pid: int, clients: int, seconds: float, queries: list[str], seed: int) -> dict[str, float]:
-    """`clients` concurrent clients, each on its own keep-alive connection, for `seconds`: one round's figures."""
-    import aiohttp  # far cheaper per request than httpx: the generator shares the cores with what it measures
-
-    rng = random.Random(seed)
-    latencies: list[float] = []
-    failures = 0
-    peak = 0.0
-    url = f"http://127.0.0.1:{port}/retrieval"
-    headers = {"Authorization": f"Bearer {_cpu.KEY}", "Content-Type": "application/json"}
-    connector = aiohttp.TCPConnector(limit=clients)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=10)) as session:
-        stop = time.monotonic() + seconds
-
-        async def client() -> None:
-            nonlocal failures
-            while time.monotonic() < stop:
-                body = json.dumps({"knowledge_id": "kb", "query": rng.choice(queries), "retrieval_setting": {"top_k": 5, "score_threshold": 0}})
-                started = time.perf_counter()
-                try:
-                    async with session.post(url, data=body, headers=headers) as response:
-                        await response.read()
-                        failures += response.status != 200
-                except (aiohttp.ClientError, TimeoutError):
-                    failures += 1
-                latencies.append((time.perf_counter() - started) * 1000)
-
-        async def memory() -> None:
-            nonlocal peak
-            while time.monotonic() < stop:
-                peak = max(peak, rss_mib(pid))
-                await asyncio.sleep(0.5)
-
-        started = time.monotonic()
-        await asyncio.gather(memory(), *(client() for _ in range(clients)))
-        elapsed = time.monotonic() - started
-    return {"requests": len(latencies), "rps": len(latencies) / elapsed, "p50": pct(latencies, 0.5), "p99": pct(latencies, 0.99),
-            "non200": failures, "rss": peak}  # fmt: skip
-
-
 def compare(clients: int, seconds: float, rounds: int, baseline: str | None) -> None:
     _, cranfield, _ = load()
     queries = [text for _, text in cranfield]
@@ -165,7 +123,7 @@ def compare(clients: int, seconds: float, rounds: int, baseline: str | None) -> 
         for r in range(rounds):
             for t in targets[r % len(targets):] + targets[: r % len(targets)]:
                 port, process = servers[t.label]
-                runs[t.label].append(asyncio.run(hammer(port, process.pid, clients, seconds, queries, seed=r)))
+                runs[t.label].append(asyncio.run(_cpu.hammer(port, process.pid, clients, seconds, queries, seed=r)))
 
     def mean(label: str, key: str) -> float:
         return statistics.fmean(run[key] for run in runs[label])

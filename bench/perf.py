@@ -31,14 +31,10 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench._cpu import hammer, pct  # noqa: E402
 from tests.loopback import free_port, wait_ready  # noqa: E402
 
 KEY = "bench"
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
 @contextlib.contextmanager
@@ -108,26 +104,6 @@ async def sequential(url: str, n: int) -> list[float]:
         return times
 
 
-async def concurrent(url: str, clients: int, seconds: float) -> tuple[float, list[float], int]:
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {KEY}"}, timeout=10, limits=limits) as client:
-        times: list[float] = []
-        errors = 0
-        stop = time.perf_counter() + seconds
-
-        async def worker() -> None:
-            nonlocal errors
-            while time.perf_counter() < stop:
-                t = time.perf_counter()
-                r = await client.post(url + "/retrieval", json=BODY)
-                times.append((time.perf_counter() - t) * 1000)
-                errors += r.status_code != 200
-
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(clients)))
-        return len(times) / (time.perf_counter() - started), times, errors
-
-
 def overhead() -> None:
     print("\n## Overhead: three upstreams that each take 150 ms\n")
     with upstreams(3, 0.15) as urls, gateway(urls) as gw:
@@ -142,12 +118,12 @@ def overhead() -> None:
 def throughput(seconds: float) -> None:
     print(f"\n## Throughput: 64 concurrent clients for {seconds:.0f} s, three fast upstreams\n")
     with upstreams(3, 0.0) as urls, gateway(urls) as gw:
-        up_rps, up_times, up_err = asyncio.run(concurrent(urls[0], 64, seconds))
-        gw_rps, gw_times, gw_err = asyncio.run(concurrent(gw, 64, seconds))
+        direct = asyncio.run(hammer(httpx.URL(urls[0]).port or 80, None, 64, seconds, [BODY["query"]]))
+        through = asyncio.run(hammer(httpx.URL(gw).port or 80, None, 64, seconds, [BODY["query"]]))
     print("| target | requests/s | p50 ms | p99 ms | non-200 |\n| --- | ---: | ---: | ---: | ---: |")
-    print(f"| one upstream directly | {up_rps:.0f} | {pct(up_times, .5):.1f} | {pct(up_times, .99):.1f} | {up_err} |")
-    print(f"| gateway (3 upstreams per request) | {gw_rps:.0f} | {pct(gw_times, .5):.1f} | {pct(gw_times, .99):.1f} | {gw_err} |")
-    print(f"| ratio gateway / upstream | {gw_rps / up_rps:.3f} | | | |")
+    for label, run in (("one upstream directly", direct), ("gateway (3 upstreams per request)", through)):
+        print(f"| {label} | {run['rps']:.0f} | {run['p50']:.1f} | {run['p99']:.1f} | {run['non200']:.0f} |")
+    print(f"| ratio gateway / upstream | {through['rps'] / direct['rps']:.3f} | | | |")
 
 
 def rerank_times() -> None:
