@@ -1,12 +1,13 @@
 """The bare fan-out the CPU and load benchmarks measure the gateway against: what a 30-line service would do.
 
-    python -m bench._bare --port 9000 [--client aiohttp|httpx|httpx-aiohttp] [--json orjson|stdlib] UPSTREAM_URL...
+    python -m bench._bare --port 9000 [--client aiohttp|httpx|httpx-aiohttp|factory] [--json orjson|stdlib] UPSTREAM_URL...
 
 `POST /retrieval` reads the JSON body, asks every upstream at once (the body
 the gateway's `dify` connector sends), merges their records, sorts them by
 the upstreams' scores and answers the best `top_k`. No auth, validation,
 dedupe, rerank, health or metrics: the floor from which the gateway's own
-work is measured. Same server as the gateway (uvicorn, Starlette).
+work is measured. Same server as the gateway (uvicorn, Starlette). `--client factory` makes its
+calls through the gateway's own client factory (`connectors/http.py`), to show what that layer costs.
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ def make_app(upstreams: list[str], client: str = "aiohttp", codec: str = "orjson
 
     async def ask(url: str, body: bytes) -> list[dict[str, Any]]:
         headers = {"Authorization": "Bearer x", "Content-Type": "application/json"}
+        if client == "factory":
+            from connectors.http import send
+
+            _, raw = await send(session[url], session[url].build_request("POST", "/retrieval", content=body, headers=headers), url)
+            return loads(raw)["records"]
         if client == "aiohttp":
             async with session.post(url + "/retrieval", data=body, headers=headers) as response:
                 return loads(await response.read())["records"]
@@ -52,7 +58,11 @@ def make_app(upstreams: list[str], client: str = "aiohttp", codec: str = "orjson
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         nonlocal session
-        if client == "aiohttp":
+        if client == "factory":
+            from connectors.http import make_client
+
+            session = {url: make_client(url) for url in upstreams}
+        elif client == "aiohttp":
             import aiohttp
 
             session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3.0))
@@ -66,7 +76,11 @@ def make_app(upstreams: list[str], client: str = "aiohttp", codec: str = "orjson
                 transport = AiohttpTransport()
             session = httpx.AsyncClient(timeout=3.0, transport=transport)
         yield
-        await (session.close() if client == "aiohttp" else session.aclose())
+        if client == "factory":
+            for each in session.values():
+                await each.aclose()
+        else:
+            await (session.close() if client == "aiohttp" else session.aclose())
 
     return Starlette(routes=[Route("/retrieval", retrieval, methods=["POST"])], lifespan=lifespan)
 
@@ -74,7 +88,7 @@ def make_app(upstreams: list[str], client: str = "aiohttp", codec: str = "orjson
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--client", choices=("aiohttp", "httpx", "httpx-aiohttp"), default="aiohttp")
+    parser.add_argument("--client", choices=("aiohttp", "httpx", "httpx-aiohttp", "factory"), default="aiohttp")
     parser.add_argument("--json", choices=("orjson", "stdlib"), default="orjson")
     parser.add_argument("upstreams", nargs="+")
     args = parser.parse_args()

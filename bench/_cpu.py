@@ -327,7 +327,7 @@ def profile(port: int, pid: int, requests: int, queries: list[str]) -> dict[str,
         return None
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "stacks.txt"
-        recorder = subprocess.Popen([spy, "record", "--pid", str(pid), "--rate", "1000", "--format", "raw", "--output", str(out)],
+        recorder = subprocess.Popen([spy, "record", "--pid", str(pid), "--rate", "1000", "--nonblocking", "--format", "raw", "--output", str(out)],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
         time.sleep(1.0)
         if recorder.poll() is not None:
@@ -353,6 +353,7 @@ def run(requests: int = 2000, rounds: int = 3, baseline: str | None = None, all_
         targets += [
             Target("bare fan-out: httpx + orjson", "bare", client="httpx", codec="orjson"),
             Target("bare fan-out: httpx over httpx-aiohttp + orjson", "bare", client="httpx-aiohttp", codec="orjson"),
+            Target("bare fan-out: the gateway's client factory + orjson", "bare", client="factory", codec="orjson"),
         ]
     with contextlib.ExitStack() as stack:
         folder = Path(stack.enter_context(tempfile.TemporaryDirectory()))
