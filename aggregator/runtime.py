@@ -21,6 +21,7 @@ from .circuit import CircuitBreaker
 from .config import DEV_API_KEY, GatewayConfig
 from .fanout import SourcePolicy, SourceSlot
 from .ranking.pool import TermCache
+from .state import LocalBackend
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,8 @@ class Gateway:
         self.term_cache = previous.term_cache if previous else TermCache()
         self.slots: dict[str, SourceSlot] = {}
         self.adopted: set[str] = set()
+        #: Where indexed sources persist their index (None: each keeps a temporary one, as in tests).
+        self.state = LocalBackend(config.server.state_dir) if config.server.state_dir is not None else None
         for name in config.connectors:
             settings = config.effective(name)
             old = previous.slots.get(name) if previous else None
@@ -42,8 +45,11 @@ class Gateway:
                 self.adopted.add(name)
                 continue
             assert settings.circuit is not None  # filled from defaults by effective()
+            connector = build_connector(name, settings)
+            if self.state is not None:
+                connector.bind_state(self.state)
             self.slots[name] = SourceSlot(
-                connector=build_connector(name, settings),
+                connector=connector,
                 policy=SourcePolicy(timeout_s=settings.timeout_s or 3.0, retries=settings.retries or 0),
                 breaker=CircuitBreaker(settings.circuit),
             )
