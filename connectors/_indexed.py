@@ -231,6 +231,9 @@ class IndexedConnector(Connector):
             store.refresh()
             await asyncio.sleep(LEAD_POLL_S)
         log.info("source %s: this process syncs it", self.name)
+        published = store.info()
+        self._status = published.status if published.synced_once else SyncStatus()
+        self._status.syncing = False
         try:
             writer = await self._blocking(store.open_writer)
         except Exception:
@@ -238,8 +241,6 @@ class IndexedConnector(Connector):
             self._status.last_error, self._status.last_outcome = "the index store cannot be opened (see the log)", "error"
             self._first_attempt.set()
             return
-        self._status = store.info().status if store.info().synced_once else SyncStatus()
-        self._status.syncing = False
         self.on_lead()
         while True:
             wait = self.settings.refresh_s

@@ -11,7 +11,7 @@ atomic commits and recovery after a crash; a segment file is written and fsynced
 before the commit that names it, so a commit never refers to half a file, and
 files no commit names (a sync killed mid-way) are deleted when a writer opens.
 Readers notice commits with `PRAGMA data_version` (no I/O when nothing
-changed) and a replaced database by its inode. The lock is an `flock` on a file:
+changed) and a discarded database by its file having no name any more. The lock is an `flock` on a file:
 the kernel releases it when its holder dies, and the next worker to ask takes over.
 
 Scoring is BM25 exactly as `aggregator/ranking/bm25.py` defines it (same k1, b,
@@ -46,8 +46,6 @@ LOCK_NAME = "sync.lock"
 #: More segments than this, or more than this share of removed passages, and the writer merges them into one.
 MAX_SEGMENTS = 8
 MAX_DEAD_SHARE = 0.25
-#: How often a reader looks whether the database file was replaced (a discarded store).
-INODE_CHECK_S = 0.5
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -120,6 +118,7 @@ class _View:
         self.segments: list[seg.Segment] = []
         self.live: list[np.ndarray] = []
         self.dead_count: list[int] = []
+        self.norms: list[np.ndarray] = []  # k1 * (1 - b + b * |d| / avgdl) of each passage, per segment
         self.passages = 0
         self.total_length = 0
         self.documents = 0
@@ -136,14 +135,14 @@ class LocalStore(IndexStore):
         self.source = source or folder.name
         self._lock_fd: int | None = None
         self._reader: sqlite3.Connection | None = None
-        self._inode: int | None = None
+        self._pin: int | None = None  # a descriptor of the database file the reader uses, to see it deleted
         self._data_version: int | None = None
-        self._next_inode_check = 0.0
         self._view = _View()
         self._opened: dict[str, seg.Segment] = {}  # file name -> mapped segment, reused across reloads
         self._term_ids: dict[str, int] = {}
         self._absent: set[str] = set()  # terms not in the dictionary as of the current view
         self._df: dict[int, int] = {}
+        self._metadata: dict[int, dict] = {}  # decoded metadata by document row, for the current view
         self._writer: LocalWriter | None = None
         self._warned = False
 
@@ -196,28 +195,27 @@ class LocalStore(IndexStore):
                 self._reader.close()
         self._reader = None
         self._data_version = None
-        self._inode = None
+        if self._pin is not None:
+            os.close(self._pin)
+            self._pin = None
 
     def _open_reader(self) -> sqlite3.Connection | None:
         path = self.folder / DB_NAME
         try:
-            inode = path.stat().st_ino
-            reader = _connect(path, readonly=True)
-        except (OSError, sqlite3.Error):
+            pin = os.open(path, os.O_RDONLY)
+        except OSError:
             return None
-        self._reader, self._inode = reader, inode
+        try:
+            reader = _connect(path, readonly=True)
+        except sqlite3.Error:
+            os.close(pin)
+            return None
+        self._reader, self._pin = reader, pin
         return reader
 
     def refresh(self) -> None:
-        now = time.monotonic()
-        if self._reader is not None and now >= self._next_inode_check:
-            self._next_inode_check = now + INODE_CHECK_S
-            try:
-                replaced = (self.folder / DB_NAME).stat().st_ino != self._inode
-            except OSError:
-                replaced = True
-            if replaced:  # the syncer discarded the store and began a new one
-                self._close_reader()
+        if self._pin is not None and os.fstat(self._pin).st_nlink == 0:
+            self._close_reader()  # the syncer discarded the store (its file is gone) and began a new one
         reader = self._reader or self._open_reader()
         if reader is None:
             self._set_view(_View())
@@ -239,6 +237,7 @@ class LocalStore(IndexStore):
         self._view = view
         self._df = {}
         self._absent = set()
+        self._metadata = {}
 
     def _load(self, reader: sqlite3.Connection) -> None:
         """Load the committed state as one consistent snapshot (a read transaction)."""
@@ -279,6 +278,8 @@ class LocalStore(IndexStore):
             view.live.append(live)
             view.dead_count.append(int(len(segment) - live.sum()))
         self._opened = opened
+        avgdl = view.total_length / view.passages if view.passages else 1.0
+        view.norms = [(K1 * (1 - B) + (K1 * B / (avgdl or 1.0)) * s.lengths).astype(np.float32) for s in view.segments]
         view.bytes_on_disk = _folder_bytes(self.folder)
         self._set_view(view)
         self._warned = False
@@ -333,21 +334,32 @@ class LocalStore(IndexStore):
         if not weights or ceiling <= 0:
             return []
         found_scores, found_ties, found_pids = [], [], []
-        for segment, live in zip(view.segments, view.live):
+        for segment, live, dead, norm in zip(view.segments, view.live, view.dead_count, view.norms):
             scores = None
             for term_id, weight in weights:
                 postings = segment.postings(term_id)
                 if postings is None:
                     continue
-                local, tfs = postings
-                tfs = tfs.astype(np.float32)
-                if scores is None:
-                    scores = np.zeros(len(segment), dtype=np.float64)
-                scores[local] += weight * tfs * (K1 + 1) / (tfs + K1 * (1 - B) + (K1 * B / avgdl) * segment.lengths[local])
+                local, tfs = postings  # uint16 frequencies mix into float32 without a copy
+                # weight * tf * (k1 + 1) / (tf + k1 * (1 - b + b * |d| / avgdl)), with the second term precomputed
+                part = norm[local]
+                part += tfs
+                np.divide(tfs, part, out=part)
+                part *= np.float32(weight * (K1 + 1))
+                if scores is None:  # float32 throughout: relative error ~1e-7, half the memory traffic
+                    scores = np.zeros(len(segment), dtype=np.float32)
+                    scores[local] = part
+                else:
+                    scores[local] += part
             if scores is None:
                 continue
-            hits = np.flatnonzero(scores > 0)
-            hits = hits[live[hits]]
+            if dead:
+                scores[~live] = 0.0
+            if accept is None and len(scores) > limit:
+                kth = max(float(np.partition(scores, len(scores) - limit)[len(scores) - limit]), float(np.finfo(np.float32).tiny))
+                hits = np.flatnonzero(scores >= kth)  # every passage tied with the last one stays: the tie-break decides
+            else:
+                hits = np.flatnonzero(scores > 0)
             found_scores.append(scores[hits])
             found_ties.append(segment.ties[hits])
             found_pids.append(segment.pids[hits])
@@ -358,10 +370,10 @@ class LocalStore(IndexStore):
         pids = np.concatenate(found_pids)
         if accept is None and len(scores) > limit:
             kth = np.partition(scores, len(scores) - limit)[len(scores) - limit]
-            keep = scores >= kth  # every passage tied with the last one stays, so the tie-break decides
+            keep = scores >= kth
             scores, ties, pids = scores[keep], ties[keep], pids[keep]
         order = np.lexsort((ties, -scores))
-        return self._materialise(pids[order], scores[order] / ceiling, limit, accept)
+        return self._materialise(pids[order], scores[order].astype(np.float64) / ceiling, limit, accept)
 
     def _materialise(
         self, pids: np.ndarray, scores: np.ndarray, limit: int, accept: Callable[[StoredPassage], bool] | None
@@ -371,28 +383,29 @@ class LocalStore(IndexStore):
         if reader is None:
             return []
         found: list[StoredPassage] = []
-        documents: dict[int, tuple[str, str, str | None, dict]] = {}
+        metadata_of = self._metadata
         batch = limit if accept is None else max(64, 2 * limit)
         for start in range(0, len(pids), batch):
             chunk = [int(p) for p in pids[start : start + batch]]
             marks = ",".join("?" * len(chunk))
             rows = {
                 row[0]: row[1:]
-                for row in reader.execute(f"SELECT id, document, chunk_index, content FROM passages WHERE id IN ({marks})", chunk)
-            }
-            wanted = {row[0] for row in rows.values()} - documents.keys()
-            if wanted:
-                marks = ",".join("?" * len(wanted))
-                for doc, doc_id, title, updated_at, metadata in reader.execute(
-                    f"SELECT id, doc_id, title, updated_at, metadata FROM documents WHERE id IN ({marks})", list(wanted)
-                ):
-                    documents[doc] = (doc_id, title, updated_at, json.loads(metadata))
+                for row in reader.execute(
+                    "SELECT p.id, p.chunk_index, p.content, d.id, d.doc_id, d.title, d.updated_at, d.metadata "
+                    f"FROM passages p JOIN documents d ON d.id = p.document WHERE p.id IN ({marks})", chunk,
+                )
+            }  # fmt: skip
             for offset, pid in enumerate(chunk):
                 row = rows.get(pid)
-                if row is None or row[0] not in documents:
+                if row is None:
                     continue  # removed by a commit newer than this reader's view
-                doc_id, title, updated_at, metadata = documents[row[0]]
-                passage = StoredPassage(doc_id, row[1], title, row[2], metadata, updated_at, float(scores[start + offset]))
+                chunk_index, content, document, doc_id, title, updated_at, metadata_json = row
+                metadata = metadata_of.get(document)
+                if metadata is None:
+                    if len(metadata_of) > 10_000:
+                        metadata_of.clear()
+                    metadata = metadata_of[document] = json.loads(metadata_json)
+                passage = StoredPassage(doc_id, chunk_index, title, content, metadata, updated_at, float(scores[start + offset]))
                 if accept is not None and not accept(passage):
                     continue
                 found.append(passage)
@@ -514,16 +527,20 @@ class LocalWriter(IndexWriter):
         ties: list[int] = []
         pids = self._counter(meta, "next_pid", sum(len(d.passages) for d in documents))
         pid_iter = iter(pids)
+        lookup = vocabulary.__getitem__
         for document in documents:
             for chunk_index, (content, terms) in enumerate(document.passages):
-                ids = []
-                for term in terms:
-                    term_id = vocabulary.get(term)
-                    if term_id is None:
-                        term_id = vocabulary[term] = next_term
-                        fresh_terms.append((next_term, term))
-                        next_term += 1
-                    ids.append(term_id)
+                try:
+                    ids = list(map(lookup, terms))  # the common case: every term known already
+                except KeyError:
+                    ids = []
+                    for term in terms:
+                        term_id = vocabulary.get(term)
+                        if term_id is None:
+                            term_id = vocabulary[term] = next_term
+                            fresh_terms.append((next_term, term))
+                            next_term += 1
+                        ids.append(term_id)
                 term_lists.append(ids)
                 pid = next(pid_iter)
                 rows.append((pid, document.document_id, chunk_index, content, len(terms)))

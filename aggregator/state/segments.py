@@ -21,6 +21,7 @@ import os
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +64,7 @@ def build(pids: Sequence[int], ties: Sequence[int], term_lists: Sequence[Sequenc
     """Postings for passages given as lists of term ids (one list per passage, repeats = frequency)."""
     count = len(pids)
     lengths = np.fromiter((len(t) for t in term_lists), dtype=np.float32, count=count)
-    flat = np.fromiter((t for terms in term_lists for t in terms), dtype=np.int64, count=int(lengths.sum()))
+    flat = np.fromiter(chain.from_iterable(term_lists), dtype=np.int64, count=int(lengths.sum()))
     owners = np.repeat(np.arange(count, dtype=np.int64), lengths.astype(np.int64))
     # One sort of (term, passage) keys gives every posting list in order, with its frequencies.
     keys, tfs = np.unique((flat << 32) | owners, return_counts=True)
