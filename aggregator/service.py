@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -156,6 +157,8 @@ class Service:
             "config_path": str(self.config_path) if self.config_path else None,
             "last_reload": None if reload is None else {"at": reload.at, "result": reload.result, "error": reload.error},
             "uptime_s": round(time.time() - self.health.started, 1),
+            "pid": os.getpid(),  # with --workers N, which worker answered (one of them syncs each indexed source)
+            "state_dir": str(config.server.state_dir) if config.server.state_dir else None,
             "tasks": len(asyncio.all_tasks()),
             "knowledge_bases": {kb_id: kb.connectors for kb_id, kb in config.knowledge_bases.items()},
             "sources": sources,

@@ -195,6 +195,7 @@ class LocalStore(IndexStore):
                 self._reader.close()
         self._reader = None
         self._data_version = None
+        self._opened = {}  # a new store may reuse file names
         if self._pin is not None:
             os.close(self._pin)
             self._pin = None
