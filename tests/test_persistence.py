@@ -79,9 +79,11 @@ def test_a_restart_serves_the_stored_index_and_fetches_only_what_changed(tmp_pat
     folder.mkdir()
     (folder / "vpn.md").write_text("# VPN\n\nImport the WireGuard profile from the portal.")
     (folder / "backup.md").write_text("# Backups\n\nNightly snapshots of the database.")
+    (tmp_path / "private.txt").write_text("database password hunter2")
+    (folder / "escape.md").symlink_to(tmp_path / "private.txt")
     config = tmp_path / "connectors.yaml"
     config.write_text(config_text(folder, notion_url, tmp_path / "state"))
-    queries = ["incident commander", "wireguard profile", "signing keys", "nightly database snapshots"]
+    queries = ["incident commander", "wireguard profile", "signing keys", "nightly database snapshots", "password hunter2"]
     with serve_cli("--config", str(config)) as (url, _):
         before = {q: ask(url, q) for q in queries}
     assert before["incident commander"][0][:2] == ("wiki", "p-runbook")
@@ -107,6 +109,8 @@ def test_a_restart_serves_the_stored_index_and_fetches_only_what_changed(tmp_pat
     sources = {s["name"]: s["index"] for s in status["sources"]}
     assert sources["wiki"]["documents"] == 3 and sources["docs"]["documents"] == 2
     assert sources["wiki"]["syncer"] and sources["wiki"]["store_bytes"] > 0 and sources["wiki"]["last_refresh"]
+    assert sources["docs"]["skipped"] == 1 and sources["docs"]["skipped_paths"] == ["escape.md"]
+    assert all("hunter2" not in str(r) for r in before.values())
 
 
 def test_sigkill_mid_sync_loses_nothing_and_the_next_start_finishes_it(tmp_path: Path, notion):
