@@ -22,6 +22,7 @@ from .config import DEV_API_KEY, GatewayConfig
 from .fanout import SourcePolicy, SourceSlot
 from .ranking.pool import TermCache
 from .state import LocalBackend
+from .state.local import unused_stores
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,11 @@ class Gateway:
 
     async def start(self) -> None:
         """Start the sources this gateway did not adopt (adopted ones are running already)."""
+        if self.state is not None and not self.adopted:
+            unused = [p.name for p in unused_stores(self.state.root, set(self.slots))]
+            if unused:
+                log.info("state of sources no longer configured in %s: %s; `aggregator gc` deletes it",
+                         self.state.root, ", ".join(unused))  # fmt: skip
         await asyncio.gather(*(s.connector.start() for n, s in self.slots.items() if n not in self.adopted))
 
     async def drain_and_close(self, keep: set[str] = frozenset(), drain_timeout: float = 30.0) -> None:

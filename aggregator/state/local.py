@@ -657,3 +657,31 @@ class LocalWriter(IndexWriter):
     def close(self) -> None:
         with contextlib.suppress(sqlite3.Error):
             self._connection.close()
+
+
+def unused_stores(root: Path, in_use: set[str]) -> list[Path]:
+    """Stores under `root` of sources the config no longer names (what `aggregator gc` removes)."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and (p / DB_NAME).exists() and p.name not in in_use)
+
+
+def folder_bytes(folder: Path) -> int:
+    return _folder_bytes(folder)
+
+
+def remove_store(folder: Path) -> bool:
+    """Delete one source's store unless a running gateway syncs it (its lock is held); True if removed."""
+    fd = os.open(folder / LOCK_NAME, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        for entry in folder.iterdir():
+            if entry.is_file() or entry.is_symlink():
+                entry.unlink(missing_ok=True)
+        folder.rmdir()
+        return True
+    finally:
+        os.close(fd)
