@@ -1,7 +1,7 @@
 """What the gateway itself costs: latency overhead, throughput, rerank time, and a large local index.
 
     python -m bench.perf                 # everything (a few minutes)
-    python -m bench.perf --only rerank   # one part: overhead, throughput, rerank, index
+    python -m bench.perf --only rerank   # one part: overhead, throughput, rerank, index, engines
 
 Every figure is compared with a baseline measured in the same run. All
 traffic stays on loopback; servers are started by this script and stopped
@@ -365,14 +365,160 @@ def index_scale(passages: int) -> None:
     print(f"\nIndex memory of 3 workers / 1 worker: **{held[3] / held[1]:.2f}×** (goal ≤ 1.5×).")
 
 
+def _engine_corpus(passages: int) -> tuple[list[list[str]], list[list[str]]]:
+    """Pre-tokenized passages (as `_corpus_folder` writes them) and pre-tokenized queries."""
+    from aggregator.text.tokenize import tokenize
+    from bench._cranfield import load
+
+    docs, _, _ = load()
+    sentences = [s.strip() for d in docs for s in d.body.split(" . ") if len(s.split()) > 4]
+    rng = random.Random(11)
+    corpus = []
+    for _ in range(passages):
+        text = ""
+        while len(text) < 950:
+            text += rng.choice(sentences) + ". "
+        corpus.append(tokenize(text))
+    return corpus, [tokenize(q) for q in _queries()]
+
+
+def _agreement(reference: list[list[tuple[int, float]]], found: list[list[tuple[int, float]]]) -> tuple[float, float]:
+    """Share of the reference top 20 found in the engine's top 20, and the largest relative score error over them."""
+    overlap, error = [], 0.0
+    for want, got in zip(reference, found):
+        if not want:
+            continue
+        scores = dict(got)
+        overlap.append(len(set(scores) & {k for k, _ in want}) / len(want))
+        for key, score in want:
+            if key in scores:
+                error = max(error, abs(scores[key] - score) / score)
+    return statistics.mean(overlap), error
+
+
+def engines(passages: int) -> None:
+    """The candidates for the persistent index, on the same pre-tokenized passages, scored against bm25.py."""
+    import math
+    import sqlite3
+    from collections import Counter
+
+    from aggregator.ranking.bm25 import K1, BM25Index, idf
+    from aggregator.state import LocalBackend, PreparedDocument, SyncStatus
+
+    corpus, queries = _engine_corpus(passages)
+    print(f"\n## Engines: {passages:,} pre-tokenized passages of about 1,000 characters, 200 queries, top 20\n")
+    rows = []
+
+    def timed(search) -> tuple[list[float], list[list[tuple[int, float]]]]:  # type: ignore[no-untyped-def]
+        for terms in queries[:10]:
+            search(terms)
+        times, answers = [], []
+        for terms in queries:
+            t = time.perf_counter()
+            answers.append(search(terms))
+            times.append((time.perf_counter() - t) * 1000)
+        return times, answers
+
+    # The reference: today's in-memory index, which computes the formula of bm25.py.
+    t = time.perf_counter()
+    memory = BM25Index()
+    for pid, terms in enumerate(corpus):
+        memory.add(pid, terms)
+    build = time.perf_counter() - t
+    times, reference = timed(lambda terms: memory.search(terms, 20))
+    rows.append(("in-memory `BM25Index` (today; the reference)", build, times, 0.0, 1.0, 0.0, "exact"))
+
+    with tempfile.TemporaryDirectory() as folder:
+        # The chosen store: SQLite for documents and text, numpy segments for postings.
+        store = LocalBackend(Path(folder) / "numpy").open("bench", "fp")
+        store.try_lead()
+        writer = store.open_writer()
+        t = time.perf_counter()
+        for start in range(0, len(corpus), 5000):
+            batch = [PreparedDocument(str(pid), "1", "", None, {}, [("", terms)]) for pid, terms in enumerate(corpus[start : start + 5000], start)]
+            writer.apply(batch, [], SyncStatus())
+        writer.finish(SyncStatus())
+        build = time.perf_counter() - t
+        times, found = timed(lambda terms: [(int(p.document_id), p.score) for p in store.search(terms, 20)])
+        disk = sum(p.stat().st_size for p in (Path(folder) / "numpy" / "bench").iterdir())
+        overlap, error = _agreement(reference, found)
+        rows.append(("numpy segments + SQLite (chosen)", build, times, disk, overlap, error, "bm25.py's formula; df exact after removals"))
+        store.close()
+
+        # SQLite FTS5, standard library; the terms as space-separated text.
+        db = sqlite3.connect(Path(folder) / "fts5.sqlite3")
+        db.execute("CREATE VIRTUAL TABLE p USING fts5(terms, tokenize = 'unicode61 remove_diacritics 0')")
+        t = time.perf_counter()
+        with db:
+            db.executemany("INSERT INTO p (rowid, terms) VALUES (?, ?)", ((pid, " ".join(terms)) for pid, terms in enumerate(corpus)))
+        db.execute("INSERT INTO p (p) VALUES ('optimize')")
+        build = time.perf_counter() - t
+
+        def fts5(terms: list[str]) -> list[tuple[int, float]]:
+            match = " OR ".join(f'"{term}"' for term in dict.fromkeys(terms))
+            rows = db.execute("SELECT rowid, -bm25(p) FROM p WHERE p MATCH ? ORDER BY bm25(p) LIMIT 20", (match,)).fetchall()
+            return [(pid, score) for pid, score in rows]
+
+        times, found = timed(fts5)
+        disk = (Path(folder) / "fts5.sqlite3").stat().st_size
+        overlap, _ = _agreement(reference, found)
+        rows.append(("SQLite FTS5 `bm25()`", build, times, disk, overlap, float("nan"), "its own idf (log((N-n+0.5)/(n+0.5)), floored), query terms counted once"))
+        db.close()
+
+        try:
+            import tantivy
+        except ImportError:
+            print("(tantivy not installed: `pip install -e '.[bench]'` to include it)\n")
+            tantivy = None
+        if tantivy is not None:
+            builder = tantivy.SchemaBuilder()
+            builder.add_text_field("terms", tokenizer_name="whitespace", index_option="freq")
+            builder.add_unsigned_field("pid", stored=True)
+            schema = builder.build()
+            (Path(folder) / "tantivy").mkdir()
+            index = tantivy.Index(schema, path=str(Path(folder) / "tantivy"))
+            t = time.perf_counter()
+            writer = index.writer(heap_size=256_000_000, num_threads=2)
+            for pid, terms in enumerate(corpus):
+                writer.add_document(tantivy.Document(pid=pid, terms=" ".join(terms)))
+            writer.commit()
+            writer.wait_merging_threads()
+            index.reload()
+            build = time.perf_counter() - t
+            searcher = index.searcher()
+            n = searcher.num_docs
+
+            def tantivy_search(terms: list[str]) -> list[tuple[int, float]]:
+                counts = Counter(terms)
+                query = tantivy.Query.boolean_query(
+                    [(tantivy.Occur.Should, tantivy.Query.term_query(schema, "terms", term)) for term in terms]
+                )
+                ceiling = sum(q * idf(n, searcher.doc_freq("terms", term)) * (K1 + 1) for term, q in counts.items())
+                hits = searcher.search(query, 20).hits
+                return [(searcher.doc(address)["pid"][0], score / ceiling) for score, address in hits] if ceiling else []
+
+            times, found = timed(tantivy_search)
+            disk = sum(p.stat().st_size for p in (Path(folder) / "tantivy").rglob("*") if p.is_file())
+            overlap, error = _agreement(reference, found)
+            version = tantivy.__version__.replace("tantivy", "").split(",")[0].strip()
+            rows.append((f"tantivy {version} (Rust, on-disk segments)",
+                         build, times, disk, overlap, error, "lengths rounded to one byte; df counts deleted documents until a merge"))  # fmt: skip
+    print("| engine | build s | query p50 ms | query p95 ms | disk MiB | top-20 agreement | largest score error | scoring |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    for name, build, times, disk, overlap, error, note in rows:
+        shown = "–" if math.isnan(error) else f"{error:.1e}"
+        print(f"| {name} | {build:.1f} | {pct(times, .5):.2f} | {pct(times, .95):.2f} | {disk / 2**20:.0f} | {overlap:.3f} | {shown} | {note} |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["overhead", "throughput", "rerank", "index"])
+    parser.add_argument("--only", choices=["overhead", "throughput", "rerank", "index", "engines"])
     parser.add_argument("--seconds", type=float, default=10.0, help="duration of the throughput run")
     parser.add_argument("--passages", type=int, default=100_000)
     args = parser.parse_args()
     print(f"# bench/perf.py on {os.cpu_count()} cores, Python {sys.version.split()[0]}")
-    parts = {"overhead": overhead, "throughput": lambda: throughput(args.seconds), "rerank": rerank_times, "index": lambda: index_scale(args.passages)}
+    parts = {"overhead": overhead, "throughput": lambda: throughput(args.seconds), "rerank": rerank_times, "index": lambda: index_scale(args.passages),
+             "engines": lambda: engines(args.passages)}
     for name, part in parts.items():
         if args.only in (None, name):
             part()
