@@ -139,10 +139,16 @@ class IndexedConnector(Connector):
     def _open_store(self) -> IndexStore:
         if self._store is None:
             backend = self._backend
-            if backend is None:  # used on its own (tests, tools): a private folder, removed at close
+            if backend is not None:
+                try:
+                    self._store = backend.open(self.name, self.fingerprint())
+                except OSError as exc:  # e.g. a read-only state_dir: serve anyway, and say so
+                    problem = f"the state folder cannot be used ({exc.strerror or exc}); the index is kept in a temporary folder until restart"
+                    log.error("source %s: %s", self.name, problem)
+                    self._status.last_error, self._status.last_outcome = problem, "error"
+            if self._store is None:  # used on its own (tests, tools), or no usable state folder: private, removed at close
                 self._ephemeral = tempfile.mkdtemp(prefix=f"gateway-{self.name}-")
-                backend = LocalBackend(Path(self._ephemeral))
-            self._store = backend.open(self.name, self.fingerprint())
+                self._store = LocalBackend(Path(self._ephemeral)).open(self.name, self.fingerprint())
         return self._store
 
     # -- lifecycle -------------------------------------------------------------------------------
