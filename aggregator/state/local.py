@@ -342,11 +342,12 @@ class LocalStore(IndexStore):
                 if postings is None:
                     continue
                 local, tfs = postings  # uint16 frequencies mix into float32 without a copy
-                # weight * tf * (k1 + 1) / (tf + k1 * (1 - b + b * |d| / avgdl)), with the second term precomputed
+                # weight * tf / (tf + k1 * (1 - b + b * |d| / avgdl)), the second term precomputed; the factor
+                # (k1 + 1) of every term and of the ceiling cancels out of the normalised score, so it is left out
                 part = norm[local]
                 part += tfs
                 np.divide(tfs, part, out=part)
-                part *= np.float32(weight * (K1 + 1))
+                part *= np.float32(weight)
                 if scores is None:  # float32 throughout: relative error ~1e-7, half the memory traffic
                     scores = np.zeros(len(segment), dtype=np.float32)
                     scores[local] = part
@@ -374,7 +375,7 @@ class LocalStore(IndexStore):
             keep = scores >= kth
             scores, ties, pids = scores[keep], ties[keep], pids[keep]
         order = np.lexsort((ties, -scores))
-        return self._materialise(pids[order], scores[order].astype(np.float64) / ceiling, limit, accept)
+        return self._materialise(pids[order], scores[order].astype(np.float64) * (K1 + 1) / ceiling, limit, accept)
 
     def _materialise(
         self, pids: np.ndarray, scores: np.ndarray, limit: int, accept: Callable[[StoredPassage], bool] | None
