@@ -167,7 +167,14 @@ def test_three_workers_fetch_each_page_once_and_all_answer(tmp_path: Path, notio
                 status = client.get(url + "/status").json()
             seen[status["pid"]] = {s["name"]: s["index"] for s in status["sources"]}["wiki"]["syncer"]
         time.sleep(1.2)  # a second sync (refresh_s: 1) reads nothing new
-    assert block_reads(fake) == Counter({"p-runbook": 1, "p-wifi": 1, "p-keys": 1})
+        assert block_reads(fake) == Counter({"p-runbook": 1, "p-wifi": 1, "p-keys": 1})
+        fake.add_page("p-wifi", "Office wifi", [block("w1", "paragraph", "Visitors use the Lobby network.")], edited="2025-06-01T00:00:00.000Z")
+        eventually(lambda: [r[:2] for r in ask(url, "lobby")] == [("wiki", "p-wifi")], timeout=5)
+        changed_at = time.monotonic()
+        for _ in range(12):  # every worker, not only the syncer, answers from the updated store
+            assert [r[:2] for r in ask(url, "lobby")] == [("wiki", "p-wifi")]
+        assert time.monotonic() - changed_at < 5
+    assert block_reads(fake) == Counter({"p-runbook": 1, "p-wifi": 2, "p-keys": 1})
     assert len(seen) >= 2, "several workers answered"
     assert list(seen.values()).count(True) <= 1 and len(seen) - list(seen.values()).count(True) >= 1
 

@@ -387,7 +387,8 @@ class LocalStore(IndexStore):
         found: list[StoredPassage] = []
         metadata_of = self._metadata
         batch = limit if accept is None else max(64, 2 * limit)
-        for start in range(0, len(pids), batch):
+        start = 0
+        while start < len(pids):
             chunk = [int(p) for p in pids[start : start + batch]]
             marks = ",".join("?" * len(chunk))
             rows = {
@@ -413,6 +414,8 @@ class LocalStore(IndexStore):
                 found.append(passage)
                 if len(found) >= limit:
                     return found
+            start += len(chunk)
+            batch = min(batch * 2, 4096)  # a filter that rejects much: read ever larger pages
         return found
 
     def info(self) -> StoreInfo:
