@@ -10,6 +10,7 @@ traceback in the answer; a source's failure is never an error of the request.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 import hmac
 import ipaddress
@@ -28,7 +29,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import ValidationError
 
-from .ops import statuspage
+from .ops import explain, statuspage
+from .ops.health import redact
+from .ops.tracing import Tracing
 from .config import ApiKey, GatewayConfig
 from .models import ErrorBody, RetrievalRequest, RetrievalResponse
 from .pipeline import UnknownKnowledgeBase, retrieve
@@ -123,12 +126,13 @@ def ops_denied(request: Request, config: GatewayConfig) -> JSONResponse | None:
     return error(403, 1002, "a valid ops token is required (Authorization: Bearer <ops_token>, or ?token=)")
 
 
-def create_app(load: Callable[[], GatewayConfig] | None = None, config_path: Path | None = None) -> FastAPI:
-    """The ASGI app. With `config_path` the file is loaded and watched for edits; `load` gives a fixed config."""
+def create_app(load: Callable[[], GatewayConfig] | None = None, config_path: Path | None = None, tracing: Tracing | None = None) -> FastAPI:
+    """The ASGI app. With `config_path` the file is loaded and watched for edits; `load` gives a fixed config.
+    `tracing` defaults to what the OTEL_* environment variables ask for (see aggregator/ops/tracing.py)."""
     if config_path is not None:
-        service = Service.from_path(config_path)
+        service = Service.from_path(config_path, tracing)
     elif load is not None:
-        service = Service(load)
+        service = Service(load, tracing=tracing)
     else:
         raise ValueError("create_app needs a config loader or a config path")
 
@@ -190,8 +194,10 @@ def create_app(load: Callable[[], GatewayConfig] | None = None, config_path: Pat
         gateway = service.gateway
         if gateway is None:
             return error(503, 5003, "the service is starting; try again shortly")
-        with gateway.lease():
+        config = gateway.config
+        with gateway.lease(), service.tracing.retrieval(request.headers, lambda message: redact(message, config.secrets()) or "") as span:
             response = await answer(request, gateway)
+            span.set_attribute("http.response.status_code", response.status_code)
         service.metrics.observe_request(response.status_code, time.perf_counter() - started)
         return response
 
@@ -250,10 +256,57 @@ def create_app(load: Callable[[], GatewayConfig] | None = None, config_path: Pat
         body, content_type = service.metrics.render()
         return Response(body, media_type=content_type)
 
+    @app.get("/explain", response_model=None)
+    async def explain_page(request: Request) -> Response:
+        """One query over one knowledge base, with what became of every passage (ops access, like /status)."""
+        gateway = service.gateway
+        if gateway is None:
+            return error(503, 5003, "the service is starting; try again shortly")
+        if denied := ops_denied(request, gateway.config):
+            return denied
+        params = request.query_params
+        values = {k: params.get(k, "") for k in ("kb", "q", "top_k", "threshold", "filter", "token")}
+        as_json = params.get("format") == "json"
+        kbs = list(gateway.config.knowledge_bases)
+        values["kb"] = values["kb"] or kbs[0]
+
+        def failed(status: int, code: int, message: str) -> Response:
+            if as_json:
+                return error(status, code, message)
+            return HTMLResponse(explain.render_page(kbs, values, None, message), status_code=status)
+
+        if not values["q"].strip():
+            return failed(400, 3001, "q: a query is required") if as_json else HTMLResponse(explain.render_page(kbs, values, None))
+        try:
+            body = explain.body_from_form(values, kbs[0])
+        except ValueError:
+            return failed(400, 3001, "filter: not valid JSON")
+        try:
+            parsed = RetrievalRequest.model_validate(body)
+        except ValidationError as exc:
+            return failed(400, 3001, describe_validation_error(exc))
+        started = time.perf_counter()
+        with gateway.lease():
+            try:
+                result = await retrieve(gateway, parsed, explain=True)
+            except UnknownKnowledgeBase:
+                return failed(404, 2001, f"knowledge_id: no knowledge base named {parsed.knowledge_id!r}")
+        elapsed = time.perf_counter() - started
+        service.record(gateway, parsed.knowledge_id, parsed.query, result, elapsed, "explain-" + uuid.uuid4().hex[:8])
+        types = {name: slot.connector.type for name, slot in gateway.slots.items()}
+        data = explain.explanation(result, body, elapsed * 1000, types)
+        if as_json:
+            return JSONResponse(data)
+        return HTMLResponse(explain.render_page(kbs, values, data))
+
     @app.get("/", response_class=HTMLResponse)
     async def page(request: Request) -> Response:
         if service.gateway is not None and (denied := ops_denied(request, service.gateway.config)):
             return denied
-        return HTMLResponse(statuspage.render(service.status()))
+        html = statuspage.render(service.status()).encode()
+        if "gzip" in request.headers.get("accept-encoding", "") and len(html) > 1024:
+            # Twenty sources with a full hour of charts and errors are 80 to 130 KB of text; it refreshes every 5 s.
+            return Response(gzip.compress(html, 6), media_type="text/html; charset=utf-8", headers={"Content-Encoding": "gzip", "Vary": "Accept-Encoding"})
+        return HTMLResponse(html)
 
     return app

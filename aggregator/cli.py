@@ -1,4 +1,4 @@
-"""`aggregator serve | validate | query | check | gc`: run the service, check a config, try a query, tidy the state folder."""
+"""`aggregator serve | validate | query | explain | check | gc`: run the service, check a config, try and explain a query, try every source, tidy the state folder."""
 
 from __future__ import annotations
 
@@ -51,6 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--threshold", type=float, default=0.0)
     query.add_argument("--json", action="store_true", help="print the API's JSON answer instead of a table")
     query.add_argument("text", help="the query")
+
+    explain = commands.add_parser("explain", help="run one retrieval in-process and show what became of every passage")
+    _config_arg(explain)
+    explain.add_argument("--kb", required=True, help="knowledge base id")
+    explain.add_argument("--top-k", type=int, default=5)
+    explain.add_argument("--threshold", type=float, default=0.0)
+    explain.add_argument("--filter", help="a metadata_condition as JSON, e.g. '{\"conditions\": [...]}'")
+    explain.add_argument("--json", action="store_true", help="print the explanation as JSON (the same as GET /explain?format=json)")
+    explain.add_argument("text", help="the query")
     return parser
 
 
@@ -68,8 +77,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .api import create_app
+    from .ops.tracing import Tracing, TracingConfigError
 
     if _load_or_report(args.config) is None:
+        return 1
+    try:
+        tracing = Tracing.from_env()
+    except TracingConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     configure_logging(args.log_level, args.log_format)
     path = resolve_config_path(args.config).resolve()
@@ -77,8 +92,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # closes an idle one just as a client reuses it turns a good request into a connection error.
     common = {"host": args.host, "port": args.port, "log_level": args.log_level.lower(), "log_config": None, "timeout_keep_alive": 75}
     if args.workers <= 1:
-        uvicorn.run(create_app(config_path=path), **common)  # type: ignore[arg-type]
+        uvicorn.run(create_app(config_path=path, tracing=tracing), **common)  # type: ignore[arg-type]
         return 0
+    tracing.shutdown()  # checked; each worker sets up its own from the same environment
     # Several processes: each loads the config from the environment; metrics are summed across them
     # through prometheus-client's multiprocess mode, which must be set up before any worker imports it.
     os.environ["AGGREGATOR_CONFIG"] = str(path)
@@ -135,7 +151,10 @@ def format_table(records: list[dict], sources: str) -> str:
     return "\n".join(lines)
 
 
-async def _query(args: argparse.Namespace) -> int:
+async def _retrieve_once(args: argparse.Namespace, explain: bool):  # type: ignore[no-untyped-def]
+    """One retrieval in-process for `query` and `explain`: (body, result, ms, source types), or an exit status."""
+    import time
+
     from pydantic import ValidationError
 
     from .models import RetrievalRequest
@@ -145,29 +164,53 @@ async def _query(args: argparse.Namespace) -> int:
     config = _load_or_report(args.config)
     if config is None:
         return 1
+    body: dict = {"knowledge_id": args.kb, "query": args.text, "retrieval_setting": {"top_k": args.top_k, "score_threshold": args.threshold}}
     try:
-        request = RetrievalRequest.model_validate(
-            {"knowledge_id": args.kb, "query": args.text, "retrieval_setting": {"top_k": args.top_k, "score_threshold": args.threshold}}
-        )
-    except ValidationError as exc:
+        if getattr(args, "filter", None):
+            body["metadata_condition"] = json.loads(args.filter)
+        request = RetrievalRequest.model_validate(body)
+    except ValueError as exc:
         from .api import describe_validation_error
 
-        print(f"error: {describe_validation_error(exc)}", file=sys.stderr)
+        message = describe_validation_error(exc) if isinstance(exc, ValidationError) else "--filter: not valid JSON"
+        print(f"error: {message}", file=sys.stderr)
         return 2
     gateway = Gateway(config)
     await gateway.start()
     try:
         await _wait_for_indexes(gateway)
-        result = await retrieve(gateway, request)
+        started = time.perf_counter()
+        result = await retrieve(gateway, request, explain=explain)
+        elapsed_ms = (time.perf_counter() - started) * 1000
     except UnknownKnowledgeBase:
         print(f"error: no knowledge base named {args.kb!r}; known: {', '.join(config.knowledge_bases)}", file=sys.stderr)
         return 2
     finally:
         await gateway.aclose()
+    return body, result, elapsed_ms, {name: slot.connector.type for name, slot in gateway.slots.items()}
+
+
+async def _query(args: argparse.Namespace) -> int:
+    done = await _retrieve_once(args, explain=False)
+    if isinstance(done, int):
+        return done
+    _, result, _, _ = done
     if args.json:
         print(json.dumps({"records": result.records}, ensure_ascii=False, indent=2))
     else:
         print(format_table(result.records, result.sources_header()))
+    return 0
+
+
+async def _explain(args: argparse.Namespace) -> int:
+    from .ops.explain import explanation, render_text
+
+    done = await _retrieve_once(args, explain=True)
+    if isinstance(done, int):
+        return done
+    body, result, elapsed_ms, types = done
+    data = explanation(result, body, elapsed_ms, types)
+    print(json.dumps(data, ensure_ascii=False, indent=2) if args.json else render_text(data))
     return 0
 
 
@@ -193,28 +236,48 @@ async def _check(args: argparse.Namespace) -> int:
     await gateway.start()
     loop = asyncio.get_running_loop()
     rows: list[tuple[str, str, str, str, str]] = []
+    firsts: list[str] = []
     failed = 0
+    secrets = config.secrets()
     try:
         await _wait_for_indexes(gateway)
         query = SourceQuery(text=args.query, limit=5)
         for name, slot in gateway.slots.items():
             result = await call_source(slot.connector, query, slot.policy, loop.time() + config.server.deadline_s)
             stats = slot.connector.stats()
-            error = redact(result.error or (stats.last_refresh_error if stats else None), config.secrets()) or ""
+            error = redact(result.error or (stats.last_refresh_error if stats else None), secrets) or ""
             if result.outcome not in ("ok", "empty"):
                 state = result.outcome
             else:
                 state = "sync_error" if error else "ok"
             failed += state != "ok"
             rows.append((name, state, f"{result.elapsed_ms:.0f} ms", str(len(result.passages)), error))
+            if result.passages:
+                firsts.append(redact(format_first_record(slot.connector, result.passages[0]), secrets) or "")
     finally:
         await gateway.aclose()
     width = max([len("source")] + [len(r[0]) for r in rows])
     print(f"{'source':<{width}}  {'state':<12}  {'time':>8}  {'results':>7}  error")
     for name, state, elapsed, count, error in rows:
         print(f"{name:<{width}}  {state:<12}  {elapsed:>8}  {count:>7}  {error}")
+    if firsts:
+        print("first record of each source (as the gateway maps it):")
+        print("\n".join(firsts))
     print(f"{len(rows) - failed} ok, {failed} failing")
     return 1 if failed else 0
+
+
+def format_first_record(connector, passage) -> str:  # type: ignore[no-untyped-def]
+    """One source's first passage as the gateway will see it: title, score, text and metadata (indented)."""
+    from connectors.base import record_metadata
+
+    metadata = json.dumps(record_metadata(passage, connector.name, connector.type), ensure_ascii=False, default=str)
+    text = " ".join(passage.content.split())
+    return "\n".join([
+        f"  {connector.name}: {passage.title!r}  source_score={passage.source_score}  source_rank={passage.source_rank}",
+        f"      {text[:200] + ('…' if len(text) > 200 else '')}",
+        f"      metadata: {metadata[:400] + ('…' if len(metadata) > 400 else '')}",
+    ])  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -228,6 +291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging("warning")
     if args.command == "check":
         return asyncio.run(_check(args))
+    if args.command == "explain":
+        return asyncio.run(_explain(args))
     return asyncio.run(_query(args))
 
 

@@ -12,6 +12,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 from typing import Annotated, Any, Union
 
 import yaml
@@ -115,13 +116,19 @@ class GatewayConfig(BaseModel):
     version: str = ""
 
     def secrets(self) -> list[str]:
-        """Every secret value in the config, so that messages can be scrubbed of them."""
+        """Every secret value in the config, so that messages can be scrubbed of them.
+
+        Besides the secret fields, a password written into a URL (`https://user:pw@host`) is one too:
+        connectors name their URL in error messages.
+        """
         found: list[str] = []
 
         def walk(value: Any) -> None:
             if isinstance(value, SecretStr):
                 if value.get_secret_value():
                     found.append(value.get_secret_value())
+            elif isinstance(value, str):
+                found.extend(_url_passwords(value))
             elif isinstance(value, BaseModel):
                 for field_name in type(value).model_fields:
                     walk(getattr(value, field_name))
@@ -144,6 +151,19 @@ class GatewayConfig(BaseModel):
             if getattr(settings, key) is None
         }
         return settings.model_copy(update=filled)
+
+
+def _url_passwords(text: str) -> list[str]:
+    """The password of a URL's user info, as written and decoded; nothing for other text."""
+    if "://" not in text or "@" not in text:
+        return []
+    try:
+        password = urlsplit(text.strip()).password
+    except ValueError:
+        return []
+    if not password:
+        return []
+    return list({password, unquote(password)})
 
 
 def interpolate(value: Any, environ: Mapping[str, str], path: str, errors: list[str]) -> Any:

@@ -27,6 +27,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_ran
 from connectors.base import Connector, Passage, RateLimited, SourceError, SourceQuery, SourceTimeout
 
 from .circuit import CircuitBreaker
+from .ops.tracing import trace_skipped, traced_source_call
 
 log = logging.getLogger(__name__)
 
@@ -141,10 +142,11 @@ async def ask_sources(slots: list[SourceSlot], query: SourceQuery, deadline: flo
     for slot in slots:
         name = slot.connector.name
         if slot.breaker.allow():
-            calls[name] = call_source(slot.connector, query, slot.policy, deadline)
+            calls[name] = traced_source_call(name, slot.connector.type, call_source(slot.connector, query, slot.policy, deadline))
         else:
             wait = slot.breaker.seconds_until_trial() or 0.0
             skipped[name] = SourceResult(name, "skipped", error=f"circuit open; next trial in {wait:.0f} s")
+            trace_skipped(name, slot.connector.type, skipped[name])
     answered = {result.name: result for result in await fan_out(calls, deadline)}
     results: list[SourceResult] = []
     for slot in slots:

@@ -11,8 +11,10 @@ from connectors.base import SourceQuery, record_metadata
 from .fanout import SourceResult, ask_sources
 from .filters import compile_filter
 from .models import RetrievalRequest
-from .ranking.rerank import Candidate, dedupe, rerank
+from .ranking.rerank import Candidate, Ranked, rerank
+from .ranking.statistics import merge_term_statistics
 from .runtime import Gateway
+from .text.tokenize import tokenize
 
 log = logging.getLogger(__name__)
 
@@ -27,24 +29,46 @@ class UnknownKnowledgeBase(LookupError):
 
 
 @dataclass(slots=True)
+class Verdict:
+    """What became of one distinct passage after ranking: a record, or why not."""
+
+    ranked: Ranked
+    score: float  # as the answer would carry it (rounded)
+    outcome: str  # record, below threshold, score 0, beyond top_k
+    position: int | None = None  # 1-based place among the records
+
+
+@dataclass(slots=True)
+class RetrievalTrace:
+    """Everything a retrieval decided, for `explain`: kept only when asked for."""
+
+    removed: list[Candidate]  # passages that metadata_condition filtered out
+    verdicts: list[Verdict]  # every distinct passage, best first
+
+
+@dataclass(slots=True)
 class RetrievalResult:
     records: list[dict]
     sources: list[SourceResult]
+    trace: RetrievalTrace | None = None
 
     def sources_header(self) -> str:
         """`X-Sources`: `name=outcome;name=outcome`, in the knowledge base's order."""
         return ";".join(f"{s.name}={s.outcome}" for s in self.sources)
 
 
-async def retrieve(gateway: Gateway, request: RetrievalRequest) -> RetrievalResult:
-    """Fan out, filter, merge, rerank, cut. Raises UnknownKnowledgeBase."""
+async def retrieve(gateway: Gateway, request: RetrievalRequest, explain: bool = False) -> RetrievalResult:
+    """Fan out, filter, merge, rerank, cut. Raises UnknownKnowledgeBase.
+
+    With `explain`, the result also carries what became of every passage (the same path, nothing recomputed).
+    """
     knowledge_base = gateway.config.knowledge_bases.get(request.knowledge_id)
     if knowledge_base is None:
         raise UnknownKnowledgeBase(request.knowledge_id)
     accepts = compile_filter(request.metadata_condition)
     setting = request.retrieval_setting
     if setting.top_k == 0:  # asks for nothing: answered without bothering a source
-        return RetrievalResult([], [])
+        return RetrievalResult([], [], RetrievalTrace([], []) if explain else None)
     query = SourceQuery(
         text=request.query,
         limit=max(MIN_CANDIDATES, setting.top_k * CANDIDATES_PER_RESULT),
@@ -56,27 +80,62 @@ async def retrieve(gateway: Gateway, request: RetrievalRequest) -> RetrievalResu
     slots = [gateway.slots[name] for name in dict.fromkeys(knowledge_base.connectors)]
     results = await ask_sources(slots, query, deadline)
 
+    # Indexed sources know their whole collection: the rerank's IDF uses it (whether they answered or not).
+    terms = tokenize(request.query)
+    reported = {slot.connector.name: slot.connector.term_statistics(terms) for slot in slots}
+    local = merge_term_statistics(reported.values())
+
     candidates: list[Candidate] = []
+    removed: list[Candidate] = []
     for result in results:
         connector = gateway.slots[result.name].connector
+        settings = connector.settings
+        indexed = reported.get(connector.name) is not None
         for passage in result.passages:
             metadata = record_metadata(passage, connector.name, connector.type)
+            candidate = Candidate(passage, connector.name, connector.type, settings.weight, metadata, settings.scores, indexed)
             if accepts is None or accepts(metadata):
-                candidates.append(Candidate(passage, connector.name, connector.type, connector.settings.weight, metadata))
+                candidates.append(candidate)
+            elif explain:
+                removed.append(candidate)
 
     records: list[dict] = []
-    for ranked in rerank(request.query, dedupe(candidates), gateway.term_cache):
+    verdicts: list[Verdict] | None = [] if explain else None
+    sampled = [name for name, stats in reported.items() if stats is None]
+    for ranked in rerank(request.query, candidates, gateway.term_cache, local, sampled=sampled):
         score = round(ranked.score, SCORE_DIGITS)
-        if score < setting.score_threshold or score <= 0.0:
+        if score <= 0.0:
+            outcome = "score 0"
+        elif score < setting.score_threshold:
+            outcome = "below threshold"
+        elif len(records) >= setting.top_k:
+            outcome = "beyond top_k"
+        else:
+            outcome = "record"
+            passage, metadata = ranked.candidate.passage, ranked.candidate.metadata or {}
+            metadata["score_detail"] = score_detail(ranked)
+            records.append({"content": passage.content, "score": score, "title": passage.title, "metadata": metadata})
+        if verdicts is None:
+            if len(records) >= setting.top_k:
+                break
             continue
-        passage, metadata = ranked.candidate.passage, ranked.candidate.metadata or {}
-        metadata["score_detail"] = {
-            "bm25": round(ranked.bm25, SCORE_DIGITS),
-            "proximity": round(ranked.proximity, SCORE_DIGITS),
-            "source_score": passage.source_score,
-            "source_rank": passage.source_rank,
-        }
-        records.append({"content": passage.content, "score": score, "title": passage.title, "metadata": metadata})
-        if len(records) >= setting.top_k:
-            break
-    return RetrievalResult(records, results)
+        verdicts.append(Verdict(ranked, score, outcome, len(records) if outcome == "record" else None))
+    return RetrievalResult(records, results, None if verdicts is None else RetrievalTrace(removed, verdicts))
+
+
+def score_detail(ranked: Ranked) -> dict[str, float | int | str | None]:
+    """How a record's score came to be: the gateway's own judgement, and the source's, before and after calibration."""
+    passage = ranked.candidate.passage
+
+    def rounded(value: float | None) -> float | None:
+        return None if value is None else round(value, SCORE_DIGITS)
+
+    return {
+        "bm25": rounded(ranked.bm25),
+        "proximity": rounded(ranked.proximity),
+        "relevance": rounded(ranked.relevance),
+        "source_score": passage.source_score,
+        "source_rank": passage.source_rank,
+        "calibrated": rounded(ranked.calibrated),
+        "calibration": ranked.calibration,
+    }

@@ -22,6 +22,7 @@ from typing import Any
 from .config import DEV_API_KEY, ConfigError, GatewayConfig, load_config
 from .ops.health import HealthRecorder, ReloadRecord, now_iso, redact
 from .ops.metrics import Metrics
+from .ops.tracing import Tracing, annotate, current_trace_id
 from .pipeline import RetrievalResult
 from .runtime import Gateway
 
@@ -30,20 +31,22 @@ access_log = logging.getLogger("aggregator.access")
 
 
 class Service:
-    def __init__(self, load: Callable[[], GatewayConfig], config_path: Path | None = None) -> None:
-        """`load` gives the first config; with `config_path`, the file is also watched and reloaded."""
+    def __init__(self, load: Callable[[], GatewayConfig], config_path: Path | None = None, tracing: Tracing | None = None) -> None:
+        """`load` gives the first config; with `config_path`, the file is also watched and reloaded.
+        `tracing` defaults to what the OTEL_* environment variables ask for (off when they ask for nothing)."""
         self._load = load
         self.config_path = config_path
         self.gateway: Gateway | None = None
         self.health = HealthRecorder()
         self.metrics = Metrics(lambda: self.gateway)
+        self.tracing = Tracing.from_env() if tracing is None else tracing
         self._watcher: asyncio.Task[None] | None = None
         self._retiring: set[asyncio.Task[None]] = set()
         self._reload_lock = asyncio.Lock()
 
     @classmethod
-    def from_path(cls, path: Path) -> "Service":
-        return cls(lambda: load_config(path), path)
+    def from_path(cls, path: Path, tracing: Tracing | None = None) -> "Service":
+        return cls(lambda: load_config(path), path, tracing)
 
     async def start(self) -> None:
         self.gateway = Gateway(self._load())
@@ -63,6 +66,7 @@ class Service:
                 await task
         if self.gateway is not None:
             await self.gateway.aclose()
+        await asyncio.to_thread(self.tracing.shutdown)  # exports what is still buffered
 
     # -- reload ------------------------------------------------------------------------------------
 
@@ -122,9 +126,12 @@ class Service:
         types = {name: slot.connector.type for name, slot in gateway.slots.items()}
         self.health.record(result.sources, types, secrets)
         self.metrics.observe_sources(result.sources)
+        trace_id = current_trace_id()
+        annotate({"gateway.knowledge_id": knowledge_id, "gateway.records": len(result.records)})
         fields: dict[str, Any] = {
             "event": "retrieval",
             "request_id": request_id,
+            "trace_id": trace_id,
             "knowledge_id": knowledge_id,
             "records": len(result.records),
             "ms": round(elapsed_s * 1000, 1),
@@ -134,8 +141,8 @@ class Service:
             fields["query"] = query
         summary = " ".join(f"{s.name}={s.outcome}:{s.elapsed_ms:.0f}ms" for s in result.sources)
         access_log.info(
-            "retrieval id=%s kb=%s records=%d ms=%.1f %s%s", request_id, knowledge_id, len(result.records),
-            elapsed_s * 1000, summary, f" query={query!r}" if gateway.config.server.log_queries else "",
+            "retrieval id=%s%s kb=%s records=%d ms=%.1f %s%s", request_id, f" trace={trace_id}" if trace_id else "", knowledge_id,
+            len(result.records), elapsed_s * 1000, summary, f" query={query!r}" if gateway.config.server.log_queries else "",
             extra={"fields": fields},
         )  # fmt: skip
 
@@ -146,10 +153,11 @@ class Service:
         config = gateway.config
         used = {name for kb in config.knowledge_bases.values() for name in kb.connectors}
         secrets = config.secrets()
+        now = self.health.clock()
         sources = []
         for name, slot in gateway.slots.items():
             health = self.health.source(name, slot.connector.type)
-            sources.append(health.snapshot(slot, name in used, secrets))
+            sources.append(health.snapshot(slot, name in used, secrets, now))
         reload = self.health.last_reload
         return {
             "ready": gateway.ready,

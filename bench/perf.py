@@ -153,7 +153,7 @@ def rerank_times() -> None:
     from rank_bm25 import BM25Okapi
 
     from aggregator.ranking.pool import TermCache
-    from aggregator.ranking.rerank import Candidate, dedupe, rerank
+    from aggregator.ranking.rerank import Candidate, group, rank
     from aggregator.text.tokenize import tokenize
     from bench._cranfield import load
     from connectors.base import Passage
@@ -161,24 +161,28 @@ def rerank_times() -> None:
     docs, queries, _ = load()
     rng = random.Random(7)
     print("\n## Rerank: time per query (Cranfield passages, 20 queries)\n")
-    print("| candidates | first sight: dedupe + tokenize + score, ms | seen before: dedupe + score, ms | seen before: score only, ms | rank-bm25 BM25Okapi, pre-tokenized, ms |")
+    print("| candidates | first sight: dedupe + tokenize + score, ms | seen before: dedupe + score, ms | seen before: score only (calibrate, fuse, sort), ms | rank-bm25 BM25Okapi, pre-tokenized, ms |")
     print("| ---: | ---: | ---: | ---: | ---: |")
     for n in (50, 200, 1000):
         pool = rng.sample(docs, n)
-        candidates = [Candidate(Passage(d.body, d.title, d.id, source_score=rng.random(), source_rank=i + 1), "s", "dify") for i, d in enumerate(pool)]
+        # four sources, each with its own score scale, as the fusion meets them
+        candidates = [
+            Candidate(Passage(d.body, d.title, d.id, source_score=(10 ** (i % 4)) * rng.random(), source_rank=i // 4 + 1), f"s{i % 4}", "dify")
+            for i, d in enumerate(pool)
+        ]  # fmt: skip
         texts = [q for _, q in queries[:20]]
         cold, warm, score_only, okapi = [], [], [], []
         for text in texts:
             cache = TermCache()
             t = time.perf_counter()
-            rerank(text, dedupe(candidates), cache)
+            rank(text, group(candidates), cache)
             cold.append((time.perf_counter() - t) * 1000)
             t = time.perf_counter()
-            unique = dedupe(candidates)
-            rerank(text, unique, cache)
+            unique = group(candidates)
+            rank(text, unique, cache)
             warm.append((time.perf_counter() - t) * 1000)
             t = time.perf_counter()
-            rerank(text, unique, cache)
+            rank(text, unique, cache)
             score_only.append((time.perf_counter() - t) * 1000)
         tokenized = [tokenize(d.title) + tokenize(d.body) for d in pool]
         for text in texts:

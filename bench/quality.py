@@ -1,204 +1,295 @@
-"""Ranking quality on Cranfield: the federated gateway against one central BM25 index.
+"""Ranking quality when sources score in different ways: a scenario matrix on Cranfield.
 
-    python -m bench.quality            # the report (about a minute)
-    python -m bench.quality --sweep    # also the tuning grid over the pooled candidates
+    python -m bench.quality                  # the matrix and the threshold table (a minute or two)
+    python -m bench.quality --sweep          # also the tuning grid, over the pools captured in the same run
+    python -m bench.quality --collection cisi  # the held-out collection, with the settings tuned on Cranfield
 
-The collection is split round-robin into 4 shards, each served over loopback
-HTTP by its own Dify-compatible upstream that ranks its shard with BM25 and
-returns its top 20 with scores in [0, 1]. The gateway spans the 4 upstreams
-through its real `dify` connectors and pipeline. Baseline: one BM25 index
-over the whole collection, same tokenizer. Also shown: the naive merges
-(by upstream score; reciprocal rank fusion) of the same upstream answers.
+The collection is split round-robin into 4 shards. Each scenario is one
+knowledge base of 4 sources over loopback HTTP; a remote shard is a
+third-party engine (plain BM25: lower-cased words, no stemming, no stop
+list, not the gateway's tokenizer) behind a Dify-compatible API, returning
+its top 20 with scores in one convention:
+
+- ceiling: BM25 divided by the query's ceiling (what the gateway does itself);
+- best: BM25 divided by the shard's best hit, so every top record says 1.0;
+- raw: BM25 as it is, unbounded (Elasticsearch's `_score`);
+- rank: no score at all, only the order (Confluence search);
+- cosine: 0.55 + 0.4 * x ** 0.3 with x the ceiling-normalised BM25 (bunched like embedding similarities);
+- files: the gateway's own `files` source over the shard on local disk.
+
+Baseline: one BM25 index over the whole collection with the gateway's
+tokenizer (the stronger baseline). Also shown: the naive merges of the same
+answers (by source score; reciprocal rank fusion).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import sys
+import tempfile
 import time
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from fastapi import FastAPI
 
-from aggregator.ranking.bm25 import BM25Index, BM25Params
 from aggregator.config import parse_config
 from aggregator.models import RetrievalRequest
 from aggregator.pipeline import retrieve
-from aggregator.ranking.rerank import Candidate, dedupe, rerank
+from aggregator.ranking.bm25 import BM25Index, BM25Params
 from aggregator.runtime import Gateway
 from aggregator.text.tokenize import tokenize
+from aggregator.ranking.statistics import merge_term_statistics
+from connectors.base import Passage, TermStatistics
 from tests.loopback import serve
 
-from ._cranfield import Doc, load, mean, ndcg_at, recall_at
+from ._cranfield import Doc, mean, ndcg_at, recall_at
 
 SHARDS = 4
 UPSTREAM_TOP = 20
 K = 10
-THRESHOLDS = (0.2, 0.4, 0.6, 0.8)
+THRESHOLDS = (0.2, 0.4, 0.6)
+SCENARIOS: dict[str, list[str]] = {
+    "1 ceiling-normalised": ["ceiling"] * 4,
+    "2 normalised by best hit": ["best"] * 4,
+    "3 raw BM25": ["raw"] * 4,
+    "4 ranks only": ["rank"] * 4,
+    "5 cosine-like": ["cosine"] * 4,
+    "6 mixed: best, raw, rank, files": ["best", "raw", "rank", "files"],
+}
+_WORD = re.compile(r"\w+")
 
 
-def doc_terms(doc: Doc) -> list[str]:
-    return tokenize(doc.title) + tokenize(doc.body)
+def third_party_terms(text: str) -> list[str]:
+    """A search engine that is not the gateway: lower-cased words, no stemming, no stop list."""
+    return _WORD.findall(text.lower())
 
 
-def build_index(docs: list[Doc], params: BM25Params = BM25Params()) -> BM25Index:
+def build_index(docs: list[Doc], terms: Callable[[str], list[str]], params: BM25Params = BM25Params()) -> BM25Index:
     index = BM25Index(params)
     for doc in docs:
-        index.add(doc.id, doc_terms(doc))
+        index.add(doc.id, terms(doc.title) + terms(doc.body))
     return index
 
 
+CONVENTIONS: dict[str, Callable[[float, float, float], float]] = {
+    "ceiling": lambda raw, ceiling, best: raw / ceiling,
+    "best": lambda raw, ceiling, best: raw / best,
+    "raw": lambda raw, ceiling, best: raw,
+    "cosine": lambda raw, ceiling, best: 0.55 + 0.4 * (raw / ceiling) ** 0.3,
+}
+
+
 def shard_app(docs: list[Doc]) -> FastAPI:
-    """A Dify-compatible upstream over one shard: BM25, its top 20, scores normalised to [0, 1]."""
-    index = build_index(docs)
+    """A third-party engine over one shard, answering in every convention at `/{convention}/retrieval`."""
+    index = build_index(docs, third_party_terms)
     by_id = {doc.id: doc for doc in docs}
     app = FastAPI()
 
-    @app.post("/retrieval")
-    async def retrieval(body: dict) -> dict:
-        hits = index.search(tokenize(body["query"]), min(UPSTREAM_TOP, int(body["retrieval_setting"]["top_k"])))
-        return {"records": [
-            {"content": by_id[key].body, "title": by_id[key].title, "score": score, "metadata": {"document_id": key}}
-            for key, score in hits
-        ]}  # fmt: skip
+    @app.post("/{convention}/retrieval")
+    async def retrieval(convention: str, body: dict) -> dict:
+        terms = third_party_terms(body["query"])
+        _, ceiling = index.score_all(terms)
+        hits = index.search(terms, min(UPSTREAM_TOP, int(body["retrieval_setting"]["top_k"])))
+        if not hits:
+            return {"records": []}
+        best = hits[0][1] * ceiling
+        records = []
+        for key, normalised in hits:
+            doc = by_id[str(key)]
+            record: dict = {"content": doc.body, "title": doc.title, "metadata": {"document_id": doc.id}}
+            if convention != "rank":
+                record["score"] = CONVENTIONS[convention](normalised * ceiling, ceiling, best)
+            records.append(record)
+        return {"records": records}
 
     return app
 
 
-def tokenizer_variants(docs: list[Doc]) -> list[tuple[str, object, BM25Index]]:
-    """The shipped tokenizer against the same without stemming, and without the stop list."""
-    import unicodedata
-
-    from aggregator import tokenize as t
-
-    def variant(stem: bool, stop: bool):  # type: ignore[no-untyped-def]
-        def run(text: str) -> list[str]:
-            out: list[str] = []
-            for cjk, word in t._TOKEN.findall(unicodedata.normalize("NFKC", text).casefold()):
-                if cjk:
-                    out.extend(t._cjk_bigrams(cjk))
-                elif not (stop and word in t.STOP_WORDS):
-                    out.append(t._stem(word) if stem else word)
-            return out
-
-        return run
-
-    variants = [("stemming + stop words (shipped)", tokenize), ("no stemming", variant(False, True)), ("no stop words", variant(True, False))]
-    built = []
-    for name, tok in variants:
-        index = BM25Index()
-        for doc in docs:
-            index.add(doc.id, tok(doc.title) + tok(doc.body))  # type: ignore[operator]
-        built.append((name, tok, index))
-    return built
+def write_shard(folder: Path, docs: list[Doc]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for doc in docs:
+        (folder / f"{doc.id}.md").write_text(f"# {doc.title}\n\n{doc.body}\n" if doc.title else doc.body, encoding="utf-8")
+    return folder
 
 
-def gateway_config(urls: list[str]):
-    connectors = "".join(
-        f"""
-  shard{i}:
-    type: dify
-    endpoint: {url}
-    api_key: bench
-    knowledge_id: cranfield
-    candidates: {UPSTREAM_TOP}
-    timeout_s: 30
-"""
-        for i, url in enumerate(urls)
+def gateway_config(kinds: list[str], urls: list[str], folders: list[Path]) -> str:
+    connectors = []
+    for i, kind in enumerate(kinds):
+        if kind == "files":
+            connectors.append(f"  shard{i}:\n    type: files\n    path: {folders[i]}\n    include: ['*.md']\n    watch: false\n    chunk_chars: 20000\n")
+        else:
+            connectors.append(
+                f"  shard{i}:\n    type: dify\n    endpoint: {urls[i]}/{kind}\n    api_key: bench\n"
+                f"    knowledge_id: cranfield\n    candidates: {UPSTREAM_TOP}\n    timeout_s: 30\n"
+            )
+    names = ", ".join(f"shard{i}" for i in range(len(kinds)))
+    return (
+        "server:\n  api_keys: [{key: bench}]\n  deadline_s: 30\n  watch_config: false\n"
+        f"knowledge_bases:\n  bench:\n    connectors: [{names}]\nconnectors:\n" + "".join(connectors)
     )
-    names = ", ".join(f"shard{i}" for i in range(len(urls)))
-    text = f"server:\n  api_keys: [{{key: bench}}]\n  deadline_s: 30\n  watch_config: false\nknowledge_bases:\n  cranfield:\n    connectors: [{names}]\nconnectors:{connectors}"
-    return parse_config(text, {})
 
 
-def by_score(pool: list[Candidate]) -> list[str]:
-    ordered = sorted(pool, key=lambda c: c.passage.source_score or 0.0, reverse=True)
-    return [c.passage.document_id for c in ordered]
+def doc_id(passage: Passage) -> str:
+    return passage.document_id.removesuffix(".md")
 
 
-def rrf(pool: list[Candidate], k: int = 60) -> list[str]:
+def unique(ids: list[str]) -> list[str]:
+    return list(dict.fromkeys(ids))
+
+
+def by_source_score(pool: list[list[Passage]]) -> list[str]:
+    """Sort everything by the score each source gave (no score sorts last): what a naive merge does."""
+    flat = [p for answer in pool for p in answer]
+    flat.sort(key=lambda p: float("-inf") if p.source_score is None else p.source_score, reverse=True)
+    return unique([doc_id(p) for p in flat])
+
+
+def rrf(pool: list[list[Passage]], k: int = 60) -> list[str]:
     scores: dict[str, float] = {}
-    for c in pool:
-        scores[c.passage.document_id] = scores.get(c.passage.document_id, 0.0) + 1.0 / (k + (c.passage.source_rank or 1000))
+    for answer in pool:
+        for rank, p in enumerate(answer, start=1):
+            scores[doc_id(p)] = scores.get(doc_id(p), 0.0) + 1.0 / (k + rank)
     return sorted(scores, key=scores.__getitem__, reverse=True)
 
 
-def reranked(query: str, pool: list[Candidate], **kwargs: object) -> list[str]:
-    return [r.candidate.passage.document_id for r in rerank(query, dedupe(list(pool)), **kwargs)]  # type: ignore[arg-type]
+@dataclass
+class ScenarioRun:
+    name: str
+    rankings: dict[str, list[list[str]]] = field(default_factory=dict)
+    answers: list[list[tuple[str, float]]] = field(default_factory=list)  # the gateway's (doc, score), for thresholds
+    pools: list[list[list[Passage]]] = field(default_factory=list)  # per query, per source, what it returned
+    kinds: list[str] = field(default_factory=list)
+    local: list[TermStatistics | None] = field(default_factory=list)  # per query, what the indexed sources reported
+    shares: dict[str, float] = field(default_factory=dict)  # share of the gateway's top-10 slots per source
+    seconds: float = 0.0
 
 
-def table(rows: list[tuple[str, float, float]], central_ndcg: float) -> str:
-    lines = ["| ranking | nDCG@10 | recall@10 | nDCG ratio to central |", "| --- | ---: | ---: | ---: |"]
-    lines += [f"| {name} | {n:.4f} | {r:.4f} | {n / central_ndcg:.3f} |" for name, n, r in rows]
-    return "\n".join(lines)
-
-
-async def evaluate(sweep: bool) -> None:
-    docs, queries, qrels = load()
-    shards = [docs[i::SHARDS] for i in range(SHARDS)]
-    central = build_index(docs)
-    started = time.perf_counter()
-    with ExitStack() as stack:
+@contextmanager
+def shard_servers(shards: list[list[Doc]]) -> Iterator[tuple[list[str], list[Path]]]:
+    with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
         urls = [stack.enter_context(serve(shard_app(shard))) for shard in shards]
-        gateway = Gateway(gateway_config(urls))
-        await gateway.start()
-        runs: dict[str, list[list[str]]] = {"central BM25 (baseline)": [], "gateway (default settings)": [], "merge by upstream score": [], "reciprocal rank fusion": []}
-        pools: list[list[Candidate]] = []
-        returned: list[list[tuple[str, float]]] = []
+        folders = [write_shard(Path(tmp) / f"shard{i}", shard) for i, shard in enumerate(shards)]
+        yield urls, folders
+
+
+async def run_scenario(name: str, kinds: list[str], urls: list[str], folders: list[Path], queries: list[tuple[str, str]]) -> ScenarioRun:
+    run = ScenarioRun(name, {"gateway": [], "merge by source score": [], "reciprocal rank fusion": []}, kinds=kinds)
+    gateway = Gateway(parse_config(gateway_config(kinds, urls, folders), {}))
+    await gateway.start()
+    for slot in gateway.slots.values():
+        wait_ready = getattr(slot.connector, "wait_ready", None)
+        if wait_ready is not None:
+            await wait_ready(120)
+    slots_won: dict[str, int] = {}
+    started = time.perf_counter()
+    try:
         for _, text in queries:
-            runs["central BM25 (baseline)"].append([key for key, _ in central.search(tokenize(text), K)])
-            request = RetrievalRequest.model_validate({"knowledge_id": "cranfield", "query": text, "retrieval_setting": {"top_k": K, "score_threshold": 0}})
+            request = RetrievalRequest.model_validate({"knowledge_id": "bench", "query": text, "retrieval_setting": {"top_k": K, "score_threshold": 0}})
             result = await retrieve(gateway, request)
-            assert all(s.outcome == "ok" for s in result.sources), result.sources_header()
-            runs["gateway (default settings)"].append([r["metadata"]["document_id"] for r in result.records])
-            returned.append([(r["metadata"]["document_id"], r["score"]) for r in result.records])
-            pool = [Candidate(p, s.name, "dify") for s in result.sources for p in s.passages]
-            pools.append(pool)
-            runs["merge by upstream score"].append(by_score(pool))
-            runs["reciprocal rank fusion"].append(rrf(pool))
+            assert all(s.outcome in ("ok", "empty") for s in result.sources), result.sources_header()
+            ranked = unique([r["metadata"]["document_id"].removesuffix(".md") for r in result.records])
+            run.rankings["gateway"].append(ranked)
+            run.answers.append([(r["metadata"]["document_id"].removesuffix(".md"), r["score"]) for r in result.records])
+            for r in result.records:
+                slots_won[r["metadata"]["source"]] = slots_won.get(r["metadata"]["source"], 0) + 1
+            pool = [s.passages for s in result.sources]
+            run.pools.append(pool)
+            run.local.append(merge_term_statistics(slot.connector.term_statistics(tokenize(text)) for slot in gateway.slots.values()))
+            run.rankings["merge by source score"].append(by_source_score(pool))
+            run.rankings["reciprocal rank fusion"].append(rrf(pool))
+    finally:
         await gateway.aclose()
-    elapsed = time.perf_counter() - started
+    run.seconds = time.perf_counter() - started
+    total = sum(slots_won.values()) or 1
+    run.shares = {f"shard{i}:{kind}": slots_won.get(f"shard{i}", 0) / total for i, kind in enumerate(kinds)}
+    return run
 
-    def score(ranked_lists: list[list[str]]) -> tuple[float, float]:
-        return (
-            mean([ndcg_at(r, qrels[qid], K) for r, (qid, _) in zip(ranked_lists, queries)]),
-            mean([recall_at(r, qrels[qid], K) for r, (qid, _) in zip(ranked_lists, queries)]),
-        )
 
-    rows = [(name, *score(lists)) for name, lists in runs.items()]
-    central_ndcg = rows[0][1]
-    print(f"Cranfield: {len(docs)} documents in {SHARDS} shards, {len(queries)} judged queries; upstreams return their top {UPSTREAM_TOP}. ({elapsed:.1f} s)\n")
-    print(table(rows, central_ndcg))
+def measure(rankings: list[list[str]], queries: list[tuple[str, str]], qrels: dict[str, dict[str, int]]) -> tuple[float, float]:
+    return (
+        mean([ndcg_at(r, qrels[qid], K) for r, (qid, _) in zip(rankings, queries)]),
+        mean([recall_at(r, qrels[qid], K) for r, (qid, _) in zip(rankings, queries)]),
+    )
 
-    print("\nThreshold calibration (gateway, top_k=10): precision and recall of the records returned at or above each threshold.\n")
-    print("| score_threshold | records per query | precision | recall |\n| ---: | ---: | ---: | ---: |")
-    total_relevant = sum(len(qrels[qid]) for qid, _ in queries)
-    for threshold in (0.0, *THRESHOLDS):
-        kept = [[doc for doc, s in answer if s >= threshold] for answer in returned]
+
+def threshold_rows(run: ScenarioRun, queries: list[tuple[str, str]], qrels: dict[str, dict[str, int]]) -> list[tuple[float, float, float]]:
+    """(threshold, records per query, precision) of the gateway's answers at each threshold."""
+    rows = []
+    for threshold in THRESHOLDS:
+        kept = [[doc for doc, s in answer if s >= threshold] for answer in run.answers]
         hits = sum(len(set(k) & set(qrels[qid])) for k, (qid, _) in zip(kept, queries))
         count = sum(len(k) for k in kept)
-        precision = hits / count if count else 0.0
-        print(f"| {threshold:.1f} | {count / len(queries):.2f} | {precision:.3f} | {hits / total_relevant:.3f} |")
+        rows.append((threshold, count / len(queries), hits / count if count else 0.0))
+    return rows
 
-    if sweep:
-        print("\nTuning grid over the same pooled candidates (fusion weight λ of the pool BM25; the rest is the upstream score):\n")
-        grid: list[tuple[str, float, float]] = []
-        for lam in (0.0, 0.25, 0.4, 0.5, 0.6, 0.75, 1.0):
-            grid.append((f"λ={lam}", *score([reranked(text, pool, lam=lam) for (_, text), pool in zip(queries, pools)])))
-        for k1, b in ((0.9, 0.4), (1.2, 0.75), (1.5, 0.75), (2.0, 0.75), (1.2, 0.5), (1.2, 0.9)):
-            grid.append((f"λ=0.5 k1={k1} b={b}", *score([reranked(text, pool, params=BM25Params(k1, b)) for (_, text), pool in zip(queries, pools)])))
-        print(table(grid, central_ndcg))
-        print("\nTokenizer variants, measured on the central BM25 index (the upstreams use the same tokenizer):\n")
-        print(table([(name, *score([[k for k, _ in index.search(tok(text), K)] for _, text in queries]))
-                     for name, tok, index in tokenizer_variants(docs)], central_ndcg))
+
+def load_collection(name: str) -> tuple[list[Doc], list[tuple[str, str]], dict[str, dict[str, int]]]:
+    if name == "cisi":
+        from . import _cisi
+
+        if not _cisi.HOLDOUT.exists():
+            raise SystemExit(f"the held-out collection is not at {_cisi.HOLDOUT}")
+        return _cisi.load()
+    from . import _cranfield
+
+    return _cranfield.load()
+
+
+async def evaluate(collection: str, sweep: bool, only: list[str] | None) -> None:
+    docs, queries, qrels = load_collection(collection)
+    shards = [docs[i::SHARDS] for i in range(SHARDS)]
+    central = build_index(docs, tokenize)
+    central_run = [[str(key) for key, _ in central.search(tokenize(text), K)] for _, text in queries]
+    central_ndcg, central_recall = measure(central_run, queries, qrels)
+    print(f"{collection}: {len(docs)} documents in {SHARDS} shards, {len(queries)} judged queries; "
+          f"remote shards return their top {UPSTREAM_TOP}; top_k = {K}.\n")  # fmt: skip
+    runs: list[ScenarioRun] = []
+    with shard_servers(shards) as (urls, folders):
+        for name, kinds in SCENARIOS.items():
+            if only and not any(name.startswith(o) for o in only):
+                continue
+            runs.append(await run_scenario(name, kinds, urls, folders, queries))
+
+    plain = build_index(docs, third_party_terms)
+    plain_ndcg, plain_recall = measure([[str(k) for k, _ in plain.search(third_party_terms(t), K)] for _, t in queries], queries, qrels)
+    lines = ["| scenario | ranking | nDCG@10 | recall@10 | ratio to central |", "| --- | --- | ---: | ---: | ---: |"]
+    lines.append(f"| all | central BM25, whole collection (baseline) | {central_ndcg:.4f} | {central_recall:.4f} | 1.000 |")
+    lines.append(f"| all | central BM25 with the third-party tokenizer | {plain_ndcg:.4f} | {plain_recall:.4f} | {plain_ndcg / central_ndcg:.3f} |")
+    for run in runs:
+        for label, rankings in run.rankings.items():
+            n, r = measure(rankings, queries, qrels)
+            name = f"**{label}**" if label == "gateway" else label
+            lines.append(f"| {run.name} | {name} | {n:.4f} | {r:.4f} | {n / central_ndcg:.3f} |")
+    print("\n".join(lines))
+
+    print("\nThresholds (the gateway, top_k = 10): records per query and their precision at each score_threshold.\n")
+    header = "| scenario | " + " | ".join(f"records ≥ {t} | precision ≥ {t}" for t in THRESHOLDS) + " |"
+    print(header + "\n| --- |" + " ---: | ---: |" * len(THRESHOLDS))
+    for run in runs:
+        cells = " | ".join(f"{count:.2f} | {precision:.3f}" for _, count, precision in threshold_rows(run, queries, qrels))
+        print(f"| {run.name} | {cells} |")
+
+    print("\nShare of the gateway's top-10 slots per source:\n")
+    for run in runs:
+        print(f"- {run.name}: " + ", ".join(f"{k} {v:.0%}" for k, v in run.shares.items()) + f"  ({run.seconds:.1f} s)")
+
+    from ._fusion_sweep import sweep as replay
+
+    replay(runs, queries, qrels, central_ndcg, measure, grid=sweep)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sweep", action="store_true", help="also print the tuning grid")
+    parser.add_argument("--sweep", action="store_true", help="also print the tuning grid over the captured pools")
+    parser.add_argument("--collection", choices=("cranfield", "cisi"), default="cranfield")
+    parser.add_argument("--only", nargs="*", help="scenario numbers to run (e.g. 3 6)")
     args = parser.parse_args(argv)
-    asyncio.run(evaluate(args.sweep))
+    asyncio.run(evaluate(args.collection, args.sweep, args.only))
     return 0
 
 

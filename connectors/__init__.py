@@ -9,8 +9,12 @@ from __future__ import annotations
 from .base import Connector
 from .confluence import ConfluenceConnector
 from .dify import DifyConnector
+from .dify_dataset import DifyDatasetConnector
+from .elasticsearch import ElasticsearchConnector
 from .files import FilesConnector
+from .http_search import HttpSearchConnector
 from .notion import NotionConnector
+from .ragflow import RagflowConnector
 from .s3 import S3Connector
 
 REGISTRY: dict[str, type[Connector]] = {
@@ -19,6 +23,10 @@ REGISTRY: dict[str, type[Connector]] = {
     "s3": S3Connector,
     "confluence": ConfluenceConnector,
     "notion": NotionConnector,
+    "elasticsearch": ElasticsearchConnector,
+    "dify_dataset": DifyDatasetConnector,
+    "ragflow": RagflowConnector,
+    "http": HttpSearchConnector,
 }
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -52,6 +52,11 @@ class ConnectorSettings(BaseModel):
 
     type: str
     weight: float = Field(1.0, gt=0, le=10, description="Trust in this source relative to others.")
+    scores: Literal["auto", "rank", "trust", "ignore"] = Field(
+        "auto",
+        description="How the rerank reads this source's scores: auto (learn their scale per query), rank (use the order "
+        "only), trust (already on the gateway's scale), ignore (the gateway's own relevance alone).",
+    )
     timeout_s: float | None = Field(None, gt=0, le=60, description="Per-call budget; defaults.timeout_s if unset.")
     retries: int | None = Field(None, ge=0, le=10, description="Retries of a transient failure; defaults.retries if unset.")
     chunk_chars: int | None = Field(None, ge=200, le=20000, description="Passage size; defaults.chunk_chars if unset.")

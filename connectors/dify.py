@@ -12,12 +12,12 @@ must be, since a partial `or` would narrow the answer wrongly.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import httpx
 from pydantic import Field, SecretStr
 
+from ._remote import raw_score
 from .base import BadResponse, Connector, ConnectorSettings, Passage, SourceQuery
 from .http import DEFAULT_MAX_RESPONSE_BYTES, BaseUrl, make_client, request_json
 
@@ -48,13 +48,6 @@ def pushable_condition(condition: dict[str, Any] | None) -> dict[str, Any] | Non
     return {**condition, "conditions": keep} if keep else None
 
 
-def _score(value: Any) -> float | None:
-    """The upstream's score as it gave it (the rerank maps its scale); None when it is not a finite number."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(value)
-
-
 def parse_records(data: Any, what: str) -> list[Passage]:
     """Read `{"records": [...]}` strictly enough to trust it, leniently enough to keep what is usable."""
     if not isinstance(data, dict) or not isinstance(data.get("records"), list):
@@ -78,7 +71,7 @@ def parse_records(data: Any, what: str) -> list[Passage]:
                 chunk_index=metadata["chunk_index"] if isinstance(metadata.get("chunk_index"), int) else 0,
                 metadata=metadata,
                 updated_at=updated if isinstance(updated, str) else None,
-                source_score=_score(record.get("score")),
+                source_score=raw_score(record.get("score")),
                 source_rank=position + 1,
             )
         )

@@ -1,7 +1,8 @@
 """The one way connectors talk HTTP: a client factory and the mapping of answers to typed errors.
 
 Every connector gets its `httpx.AsyncClient` from `make_client`, so pooling,
-redirect policy, TLS verification and the user agent are the same everywhere,
+redirect policy, TLS verification, the user agent and trace propagation (the
+W3C `traceparent` of the source call in progress) are the same everywhere,
 and reads its answers through `read_json`, so no source can make us buffer
 an unbounded body or take a traceback for an unreadable one.
 """
@@ -11,15 +12,18 @@ from __future__ import annotations
 import email.utils
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any
 
 import httpx
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from pydantic import AfterValidator
 
 from .base import AuthFailed, BadResponse, NotFound, RateLimited, SourceTimeout, Unavailable
 
 USER_AGENT = "dify-knowledge-gateway/0.1"
+#: W3C trace context only: baggage a caller sent is not handed on to sources (often someone else's SaaS).
+TRACE_CONTEXT = TraceContextTextMapPropagator()
 DEFAULT_MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 
 
@@ -34,6 +38,11 @@ def _base_url(value: str) -> str:
 BaseUrl = Annotated[str, AfterValidator(_base_url)]
 
 
+async def _propagate_trace(request: httpx.Request) -> None:
+    """Pass the current trace on as `traceparent` (and `tracestate`); nothing when no trace is in progress."""
+    TRACE_CONTEXT.inject(request.headers)
+
+
 def make_client(
     base_url: str = "",
     *,
@@ -45,6 +54,7 @@ def make_client(
 ) -> httpx.AsyncClient:
     """A pooled client for one source. Redirects are not followed: a source may not send us elsewhere."""
     return httpx.AsyncClient(
+        event_hooks={"request": [_propagate_trace]},
         base_url=base_url,
         headers={"User-Agent": USER_AGENT, **(headers or {})},
         auth=auth,
@@ -71,27 +81,44 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return max(0.0, moment.timestamp() - (time.time() if now is None else now))
 
 
-def check_status(response: httpx.Response, what: str) -> None:
-    """Raise the typed error that an HTTP status means; return for 2xx."""
+def check_status(response: httpx.Response, what: str, detail: str | None = None) -> None:
+    """Raise the typed error that an HTTP status means; return for 2xx.
+
+    `detail` is the upstream's own explanation (read from its error envelope),
+    appended to the message so that /status says why, not only that.
+    """
     status = response.status_code
     if status < 300:
         return
+    because = f" ({clip(detail)})" if detail else ""
     if status in (401, 403):
-        raise AuthFailed(f"{what}: HTTP {status}, credentials refused")
+        raise AuthFailed(f"{what}: HTTP {status}, credentials refused{because}")
     if status == 429:
         retry_after = parse_retry_after(response.headers.get("Retry-After"))
-        raise RateLimited(f"{what}: HTTP 429, rate limited", retry_after)
+        raise RateLimited(f"{what}: HTTP 429, rate limited{because}", retry_after)
     if status in (502, 503, 504):
-        raise Unavailable(f"{what}: HTTP {status}")
+        raise Unavailable(f"{what}: HTTP {status}{because}")
     if status == 404:
-        raise NotFound(f"{what}: HTTP 404")
+        raise NotFound(f"{what}: HTTP 404{because}")
     if 300 <= status < 400:
         raise BadResponse(f"{what}: HTTP {status} redirect not followed")
-    raise BadResponse(f"{what}: HTTP {status}")
+    raise BadResponse(f"{what}: HTTP {status}{because}")
 
 
-async def send(client: httpx.AsyncClient, request: httpx.Request, what: str, max_bytes: int = DEFAULT_MAX_RESPONSE_BYTES) -> tuple[httpx.Response, bytes]:
-    """Send a request and read at most `max_bytes` of the answer; map transport failures to typed errors."""
+def clip(text: str, limit: int = 300) -> str:
+    """An upstream's message, on one line and bounded: it goes into /status and logs."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+async def send(
+    client: httpx.AsyncClient, request: httpx.Request, what: str, max_bytes: int = DEFAULT_MAX_RESPONSE_BYTES, *, check: bool = True
+) -> tuple[httpx.Response, bytes]:
+    """Send a request and read at most `max_bytes` of the answer; map transport failures to typed errors.
+
+    With `check=False` an error status is not raised here: the (bounded) body is
+    returned with it, for callers that read the upstream's error envelope first.
+    """
     try:
         response = await client.send(request, stream=True)
     except httpx.TimeoutException:
@@ -99,7 +126,8 @@ async def send(client: httpx.AsyncClient, request: httpx.Request, what: str, max
     except httpx.TransportError as exc:
         raise Unavailable(f"{what}: {type(exc).__name__}: cannot connect") from None
     try:
-        check_status(response, what)
+        if check:
+            check_status(response, what)
         declared = response.headers.get("Content-Length")
         if declared and declared.isdigit() and int(declared) > max_bytes:
             raise BadResponse(f"{what}: answer of {int(declared)} bytes is over the {max_bytes}-byte limit")
@@ -126,8 +154,26 @@ def decode_json(body: bytes, what: str) -> Any:
         raise BadResponse(f"{what}: answer is not JSON") from None
 
 
-async def request_json(client: httpx.AsyncClient, method: str, url: str, what: str, max_bytes: int = DEFAULT_MAX_RESPONSE_BYTES, **kwargs: Any) -> Any:
-    """Send, check, bound and decode in one call: the usual path for a JSON API."""
+#: (status, the error answer's decoded body or None when it is not JSON, `what`) -> the upstream's own
+#: words for it; or it raises a more precise SourceError itself (e.g. a 403 that is really a rate limit).
+DescribeError = Callable[[int, Any, str], "str | None"]
+
+
+async def request_json(
+    client: httpx.AsyncClient, method: str, url: str, what: str, max_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+    *, describe_error: DescribeError | None = None, **kwargs: Any,
+) -> Any:  # fmt: skip
+    """Send, check, bound and decode in one call: the usual path for a JSON API.
+
+    `describe_error` lets a connector read its API's error envelope, so that the
+    typed error says what the upstream said (`HTTP 400 (index_not_found: docs)`).
+    """
     request = client.build_request(method, url, **kwargs)
-    _, body = await send(client, request, what, max_bytes)
+    response, body = await send(client, request, what, max_bytes, check=describe_error is None)
+    if describe_error is not None and response.status_code >= 300:
+        try:
+            envelope = json.loads(body) if body else None
+        except (ValueError, RecursionError):
+            envelope = None
+        check_status(response, what, describe_error(response.status_code, envelope, what))
     return decode_json(body, what)

@@ -53,6 +53,13 @@ def make_config(folder: Path, extra_connectors: str = "", kb_connectors: str = "
     return parse_config(textwrap.dedent(text) + textwrap.indent(textwrap.dedent(extra_connectors), "  "), {})
 
 
+def condition(*conditions: tuple[str, str, object], logical: str = "and") -> dict:
+    """A validated `metadata_condition` as the pipeline hands it to sources: (name, operator, value) triples."""
+    return {"logical_operator": logical, "conditions": [
+        {"name": [name], "comparison_operator": op, "value": value} for name, op, value in conditions
+    ]}  # fmt: skip
+
+
 @pytest.fixture
 def docs_dir(tmp_path: Path) -> Path:
     return write_docs(tmp_path / "docs")

@@ -46,7 +46,7 @@ def test_valid_request_returns_sorted_records_with_metadata(client):
     assert meta["source"] == "docs" and meta["source_type"] == "files"
     assert meta["document_id"] == "keys.md" and meta["path"] == "keys.md"
     assert meta["chunk_index"] == 0 and meta["updated_at"].endswith("Z")
-    assert set(meta["score_detail"]) == {"bm25", "proximity", "source_score", "source_rank"}
+    assert set(meta["score_detail"]) == {"bm25", "proximity", "relevance", "source_score", "source_rank", "calibrated", "calibration"}
     assert response.headers["X-Sources"] == "docs=ok"
 
 

@@ -10,14 +10,17 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from aggregator.api import create_app
+from aggregator.ops.charts import OUTCOME_COLOURS, P50_COLOUR
 
 from .conftest import KEY, make_config, write_docs
+from .fakes.dify import FakeUpstream
 from .loopback import free_port, serve, wait_ready
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -35,25 +38,40 @@ def chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([CHROMIUM, *flags, *args], capture_output=True, text=True, timeout=60)
 
 
-def test_a_person_sees_the_failing_source(tmp_path: Path):
+def with_partner(tmp_path: Path, endpoint: str, timeout_s: float = 2.0):
+    """The docs folder and a `dify` source at `endpoint`, in one knowledge base."""
     extra = f"""
     partner:
       type: dify
-      endpoint: http://127.0.0.1:{free_port()}
+      endpoint: {endpoint}
       api_key: partner-key
       knowledge_id: kb
       retries: 0
+      timeout_s: {timeout_s}
     """
-    config = make_config(write_docs(tmp_path / "docs"), extra, kb_connectors="[docs, partner]")
+    return make_config(write_docs(tmp_path / "docs"), extra, kb_connectors="[docs, partner]")
+
+
+def ask(url: str) -> None:
+    body = {"knowledge_id": "demo", "query": "signing keys", "retrieval_setting": {"top_k": 3, "score_threshold": 0}}
+    assert httpx.post(url + "/retrieval", json=body, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+
+
+def look_at(tmp_path: Path, url: str, screenshot: str) -> tuple[str, Path]:
+    """The status page's DOM as Chromium builds it, and a screenshot saved under test-artifacts/."""
+    dom = chromium(tmp_path, "--dump-dom", url + "/").stdout
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / screenshot
+    chromium(tmp_path, f"--screenshot={shot}", "--window-size=1280,480", url + "/")
+    return dom, shot
+
+
+def test_a_person_sees_the_failing_source(tmp_path: Path):
+    config = with_partner(tmp_path, f"http://127.0.0.1:{free_port()}")
     with serve(create_app(lambda: config)) as url:
         wait_ready(url)
-        body = {"knowledge_id": "demo", "query": "signing keys", "retrieval_setting": {"top_k": 3, "score_threshold": 0}}
-        assert httpx.post(url + "/retrieval", json=body, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
-
-        dom = chromium(tmp_path, "--dump-dom", url + "/").stdout
-        ARTIFACTS.mkdir(exist_ok=True)
-        shot = ARTIFACTS / "status-page.png"
-        chromium(tmp_path, f"--screenshot={shot}", "--window-size=1280,480", url + "/")
+        ask(url)
+        dom, shot = look_at(tmp_path, url, "status-page.png")
 
     rows = dict(re.findall(r'<tr data-source="([^"]+)">(.*?)</tr>', dom, re.S))
     assert set(rows) == {"docs", "partner"}
@@ -62,3 +80,36 @@ def test_a_person_sees_the_failing_source(tmp_path: Path):
     assert re.search(r'class="state"[^>]*>ok<', rows["docs"])
     assert "5 docs" in rows["docs"]
     assert shot.exists() and shot.stat().st_size > 5000, "a screenshot was saved for people to look at"
+
+
+def colour_pixels(png: Path, hex_colour: str) -> int:
+    from PIL import Image
+
+    wanted = tuple(int(hex_colour[i : i + 2], 16) for i in (1, 3, 5))
+    image = Image.open(png).convert("RGB")
+    counts = image.getcolors(maxcolors=image.width * image.height) or []
+    return sum(count for count, colour in counts if colour == wanted)
+
+
+def test_a_person_sees_the_last_hour_of_a_flaky_source(tmp_path: Path):
+    """Calls spread over 16 minutes (the clock injected), then the page as Chromium draws it: the charts are
+    there in the screenshot, not only in the markup."""
+    upstream = FakeUpstream(slow_s=0.6)
+    with serve(upstream.app()) as upstream_url:
+        app = create_app(lambda: with_partner(tmp_path, upstream_url, timeout_s=0.3))
+        with serve(app) as url:
+            wait_ready(url)
+            clock = [time.time() - 16 * 60]
+            app.state.service.health.clock = lambda: clock[0]
+            for mode in ["ok"] * 4 + ["error", "slow", "ok"] * 4:
+                clock[0] += 60
+                upstream.mode = mode
+                ask(url)
+            dom, shot = look_at(tmp_path, url, "status-page-history.png")
+
+    charts = dict(re.findall(r'<tr class="hist" data-history="([^"]+)">(.*?)</tr>', dom, re.S))
+    assert set(charts) == {"docs", "partner"} and all(c.count("<svg") == 2 for c in charts.values())
+    partner = re.search(r'<tr data-source="partner">(.*?)</tr>', dom, re.S)
+    assert partner and "<b>timeout</b>" in partner.group(1) and "HTTP 500" in partner.group(1)
+    for colour in (OUTCOME_COLOURS["ok"], OUTCOME_COLOURS["error"], OUTCOME_COLOURS["timeout"], P50_COLOUR):
+        assert colour_pixels(shot, colour) > 300, f"bars of {colour} drawn (more than the legend's swatch)"

@@ -157,3 +157,23 @@ def test_bundled_config_is_valid():
 def test_connector_names_must_be_safe_in_headers_and_metrics():
     errors = errors_of(GOOD.replace("  samples:\n", "  sam;ples=x:\n").replace("[samples, partner]", "['sam;ples=x', partner]"))
     assert errors == ["connectors.sam;ples=x: a connector name is 1 to 64 letters, digits, '_', '.' or '-', starting with a letter or digit"]
+
+
+def test_a_password_written_into_a_url_is_a_secret_too(tmp_path: Path):
+    """A dead upstream's error names its URL; the password in it never reaches /status or the page."""
+    from fastapi.testclient import TestClient
+
+    from aggregator.api import create_app
+
+    from .loopback import free_port
+
+    endpoint = f"http://reader:pa%24%24word-42@127.0.0.1:{free_port()}/api"
+    config = parse_config(GOOD.replace("http://127.0.0.1:9/api/", endpoint).replace("./samples", str(tmp_path)), {"KEY": "k", "PARTNER_KEY": "p"})
+    assert {"pa%24%24word-42", "pa$$word-42"} <= set(config.secrets())
+    with TestClient(create_app(lambda: config)) as client:
+        body = {"knowledge_id": "demo", "query": "keys", "retrieval_setting": {"top_k": 3, "score_threshold": 0}}
+        response = client.post("/retrieval", json=body, headers={"Authorization": "Bearer k"})
+        assert response.status_code == 200 and "partner=error" in response.headers["X-Sources"]
+        status, page = client.get("/status").text, client.get("/").text
+    assert "127.0.0.1" in status, "the error is shown, with its URL"
+    assert "word-42" not in status and "word-42" not in page

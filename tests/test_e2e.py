@@ -142,3 +142,60 @@ def test_conformance_check_passes_on_the_bundled_config():
         )  # fmt: skip
     assert check.returncode == 0, check.stdout + check.stderr
     assert check.stdout.strip().splitlines()[-1].endswith(" 0 failed")
+
+
+def engine(records: list[tuple[str, str, float | None]]) -> FastAPI:
+    """A third-party knowledge API that answers the same list whatever the query, with its own score convention."""
+    app = FastAPI()
+
+    @app.post("/retrieval")
+    async def retrieval() -> dict:
+        out = []
+        for title, content, score in records:
+            record: dict = {"title": title, "content": content, "metadata": {"document_id": title}}
+            if score is not None:
+                record["score"] = score
+            out.append(record)
+        return {"records": out}
+
+    return app
+
+
+def test_sources_with_different_score_scales_merge_by_relevance(tmp_path: Path):
+    """A raw-score engine (12.7, 8.3, ...), a rank-only one and a local folder: relevance decides, not scale."""
+    raw = engine([
+        ("Lunch menu", "The canteen serves soup and the release party is on Friday.", 12.7),
+        ("Parking", "Parking permits are renewed every twelve months at the front desk.", 8.3),
+        ("HSM guide", "Signing keys live in the hardware security module; rotate signing keys yearly.", 3.1),
+    ])  # fmt: skip
+    ranks_only = engine([
+        ("Rotation runbook", "To rotate the release signing keys, generate new signing keys and revoke the old.", None),
+        ("Office plants", "Water the office plants on Mondays.", None),
+    ])  # fmt: skip
+    with serve(raw) as raw_url, serve(ranks_only) as rank_url:
+        extra = f"""
+        raw:
+          type: dify
+          endpoint: {raw_url}
+          api_key: k
+          knowledge_id: x
+        ranked:
+          type: dify
+          endpoint: {rank_url}
+          api_key: k
+          knowledge_id: x
+        """
+        config = make_config(write_docs(tmp_path / "docs"), extra, kb_connectors="[docs, raw, ranked]")
+        with serve(create_app(lambda: config)) as url:
+            wait_ready(url)
+            response = retrieve(url, "rotate the release signing keys", top_k=4)
+    assert response.status_code == 200 and response.headers["X-Sources"] == "docs=ok;raw=ok;ranked=ok"
+    records = response.json()["records"]
+    titles = [r["title"] for r in records]
+    assert "Rotation runbook" in titles[:2], "the rank-only source's match is among the best"
+    assert set(titles[:3]) == {"Rotation runbook", "Key rotation", "HSM guide"}, titles
+    assert "Lunch menu" not in titles[:3], "the highest raw score does not buy a place"
+    detail = {r["title"]: r["metadata"]["score_detail"] for r in records}
+    assert detail["HSM guide"]["source_score"] == 3.1 and detail["HSM guide"]["calibration"] == "scores"
+    assert detail["Rotation runbook"]["source_score"] is None and detail["Rotation runbook"]["calibration"] == "ranks"
+    assert all(0.0 <= r["score"] <= 1.0 for r in records)

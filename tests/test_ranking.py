@@ -9,7 +9,7 @@ import pytest
 from aggregator.models import RetrievalRequest
 from aggregator.pipeline import retrieve
 from aggregator.ranking.pool import TermCache
-from aggregator.ranking.rerank import Candidate, dedupe, fuse, rerank
+from aggregator.ranking.rerank import Candidate, fuse, rerank
 from aggregator.runtime import Gateway
 from connectors.base import Passage
 
@@ -76,19 +76,19 @@ def test_fusion_is_monotone_in_every_input():
     grid = [i / 10 for i in range(11)]
     for weight in (0.5, 1.0, 2.0):
         for other in grid:
-            along_bm25 = [fuse(x, other, True, other, weight) for x in grid]
-            along_source = [fuse(other, other, True, x, weight) for x in grid]
-            along_proximity = [fuse(other, x, True, other, weight) for x in grid]
-            for series in (along_bm25, along_source, along_proximity):
+            along_relevance = [float(fuse(x, other, weight)) for x in grid]
+            along_source = [float(fuse(other, x, weight)) for x in grid]
+            for series in (along_relevance, along_source):
                 assert series == sorted(series)
                 assert all(0.0 <= v <= 1.0 for v in series)
-    assert fuse(0.0, 0.0, True, 0.0, 2.0) == 0.0 and fuse(1.0, 1.0, True, 1.0, 0.5) == 1.0
+    assert float(fuse(0.0, 0.0, 2.0)) == 0.0 and float(fuse(1.0, 1.0, 0.5)) == 1.0
+    assert float(fuse(0.4, None, 1.0)) == float(fuse(0.4, 0.4, 1.0)), "no source score: the relevance alone"
 
 
 def test_weight_lifts_a_source_without_changing_its_own_order():
     scores = [0.1, 0.3, 0.6]
-    light = [fuse(s, 0.0, False, s, 1.0) for s in scores]
-    heavy = [fuse(s, 0.0, False, s, 2.0) for s in scores]
+    light = [float(fuse(s, s, 1.0)) for s in scores]
+    heavy = [float(fuse(s, s, 2.0)) for s in scores]
     assert heavy == sorted(heavy) and all(h > l for h, l in zip(heavy, light))
 
 
@@ -114,15 +114,19 @@ def test_phrase_order_counts():
     assert ranked[0].candidate is together and ranked[0].proximity > ranked[1].proximity == 0.0
 
 
-def test_duplicates_are_merged_keeping_the_best_scored_copy():
+def test_duplicates_are_merged_under_the_source_that_vouches_most():
     meta_a: dict = {"source": "a"}
     meta_b: dict = {"source": "b"}
-    a = Candidate(passage("Same   text here", 0.2), "a", "files", metadata=meta_a)
-    b = Candidate(passage("same text HERE", 0.9), "b", "dify", metadata=meta_b)
-    other = Candidate(passage("different"), "a", "files", metadata={})
-    kept = dedupe([a, b, other])
-    assert [c.source for c in kept] == ["b", "a"]
-    assert kept[0].metadata["also_in"] == ["a"]
+    text = "rotate the signing keys every year"
+    a = [Candidate(passage(t, rank=i + 1), "a", "files", metadata=meta) for i, (t, meta) in
+         enumerate([("rotate keys, a checklist", {}), ("Rotate the signing   KEYS every year", meta_a)])]  # fmt: skip
+    b = [Candidate(passage(t, rank=i + 1), "b", "dify", metadata=meta) for i, (t, meta) in
+         enumerate([(text, meta_b), ("an unrelated page about lunch", {})])]  # fmt: skip
+    ranked = rerank("rotate signing keys", a + b)
+    assert len(ranked) == 3, "the same text from two sources is one record"
+    top = ranked[0]
+    assert top.candidate.source == "b", "b ranks it first, a only second: b vouches more"
+    assert top.also_in == ["a"] and meta_b["also_in"] == ["a"]
 
 
 async def test_threshold_keeps_only_records_at_or_above_it(chinese_gateway):

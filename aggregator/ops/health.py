@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import time
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any
 
 from ..fanout import OUTCOMES, SourceResult, SourceSlot
+from .history import History, iso
 
 LATENCY_WINDOW = 256
 RECENT_WINDOW = 20
@@ -29,7 +29,7 @@ FAILURES = frozenset({"timeout", "error", "rate_limited", "auth_failed"})
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return iso(time.time())
 
 
 def percentile(values: Iterable[float], q: float) -> float | None:
@@ -61,10 +61,15 @@ class SourceHealth:
     last_success: str | None = None
     last_error: str | None = None
     last_error_at: str | None = None
+    history: History = field(default_factory=History)
 
-    def record(self, result: SourceResult, secrets: Iterable[str] = ()) -> None:
+    def record(self, result: SourceResult, secrets: Iterable[str] = (), at: float | None = None) -> None:
+        """Count one call that ended at `at` (Unix time; now if None)."""
+        at = time.time() if at is None else at
         self.calls[result.outcome] += 1
-        if result.outcome == "skipped":
+        skipped = result.outcome == "skipped"  # not a call: it has no latency
+        self.history.add(at, result.outcome, None if skipped else result.elapsed_ms)
+        if skipped:
             return
         self.last_outcome = result.outcome
         self.recent.append(result.outcome)
@@ -72,10 +77,11 @@ class SourceHealth:
         if result.outcome in FAILURES:
             self.consecutive_failures += 1
             self.last_error = redact(result.error or result.outcome, secrets)
-            self.last_error_at = now_iso()
+            self.last_error_at = iso(at)
+            self.history.add_error(at, result.outcome, self.last_error or result.outcome)
         else:
             self.consecutive_failures = 0
-            self.last_success = now_iso()
+            self.last_success = iso(at)
 
     def state(self, slot: SourceSlot | None, used: bool) -> str:
         stats = slot.connector.stats() if slot else None
@@ -92,7 +98,7 @@ class SourceHealth:
             return "degraded"
         return "ok"
 
-    def snapshot(self, slot: SourceSlot | None, used: bool, secrets: Iterable[str]) -> dict[str, Any]:
+    def snapshot(self, slot: SourceSlot | None, used: bool, secrets: Iterable[str], now: float | None = None) -> dict[str, Any]:
         secrets = list(secrets)
         window = list(self.latencies_ms)
         stats = slot.connector.stats() if slot else None
@@ -106,6 +112,7 @@ class SourceHealth:
             "last_error": {"at": self.last_error_at, "message": self.last_error} if self.last_error else None,
             "latency_ms": {"p50": percentile(window, 0.5), "p95": percentile(window, 0.95), "window": len(window)},
             "calls": {outcome: self.calls.get(outcome, 0) for outcome in OUTCOMES},
+            "history": self.history.snapshot(time.time() if now is None else now),
             "circuit": None if breaker is None else {
                 "state": breaker.state,
                 "consecutive_failures": breaker.consecutive_failures,
@@ -135,9 +142,13 @@ class ReloadRecord:
 
 
 class HealthRecorder:
-    """Outlives config reloads: a source keeps its history while its name and type stay the same."""
+    """Outlives config reloads: a source keeps its history while its name and type stay the same.
 
-    def __init__(self) -> None:
+    `clock` (Unix time) stamps every call recorded; tests replace it to place calls in given minutes.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
         self.sources: dict[str, SourceHealth] = {}
         self.started = time.time()
         self.last_reload: ReloadRecord | None = None
@@ -150,5 +161,6 @@ class HealthRecorder:
 
     def record(self, results: list[SourceResult], types: dict[str, str], secrets: Iterable[str] = ()) -> None:
         secrets = list(secrets)
+        at = self.clock()
         for result in results:
-            self.source(result.name, types.get(result.name, "?")).record(result, secrets)
+            self.source(result.name, types.get(result.name, "?")).record(result, secrets, at)

@@ -35,3 +35,6 @@ def configure_logging(level: str = "info", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # httpx logs every request's full URL at INFO: noise per source call, and a URL's query string may
+    # carry a credential (an `http` source's ?api_key=${KEY}). Its warnings still come through.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, root.level))

@@ -1,9 +1,15 @@
-"""The status page for people: server-rendered HTML, no scripts, refreshing itself every few seconds."""
+"""The status page for people: server-rendered HTML, no scripts, refreshing itself every few seconds.
+
+Under each source's row, its last hour: two small SVG charts (`charts`) and its recent errors.
+"""
 
 from __future__ import annotations
 
+import re
 from html import escape
 from typing import Any
+
+from .charts import OUTCOME_COLOURS, P50_COLOUR, P95_COLOUR, latency_chart, outcomes_chart
 
 REFRESH_S = 5
 COLOURS = {
@@ -22,7 +28,21 @@ th { background: #f6f8fa; font-weight: 600; }
 .num { text-align: right; font-variant-numeric: tabular-nums; }
 .error { color: #cf222e; max-width: 40rem; word-break: break-word; }
 .banner { background: #ffebe9; border: 1px solid #cf222e; padding: .6rem .8rem; margin-bottom: 1rem; border-radius: 6px; }
+tr[data-source] td { border-bottom: none; padding-bottom: .1rem; }
+tr[data-source] td[rowspan] { border-bottom: 1px solid #d0d7de; }
+.hist td { padding-top: 0; }
+.hist div { display: flex; gap: 1.2rem; }
+.chart text { font: 10px system-ui, sans-serif; fill: #57606a; }
+.chart .axis { stroke: #d0d7de; }
+.errors { margin: 0; padding: 0; list-style: none; max-height: 9.5em; overflow-y: auto; font-size: 12px; color: #1f2328; }
+.errors b { color: #cf222e; }
+.errors time, .quiet { color: #57606a; font-variant-numeric: tabular-nums; }
+.legend { color: #57606a; font-size: 12px; margin-bottom: .6rem; }
+.legend i { display: inline-block; width: .7rem; height: .7rem; margin: 0 .25rem 0 .7rem; vertical-align: -1px; }
 """
+#: On the page (not in /status), an error message is cut after this many characters.
+MESSAGE_CHARS = 120
+OUTCOME_LABELS = {"rate_limited": "rate limited", "auth_failed": "auth failed"}
 
 
 def _ms(value: float | None) -> str:
@@ -63,18 +83,66 @@ def _row(source: dict[str, Any]) -> str:
     failed = sum(calls[k] for k in ("timeout", "error", "rate_limited", "auth_failed"))
     index = source.get("index")
     index_text = "–" if index is None else _index_cell(index)
-    error = source.get("last_error")
-    error_text = "" if error is None else f"<small>{escape(error['at'] or '')}</small><br>{escape(error['message'] or '')}"
+    history = source.get("history")
+    error_text = _errors(history["errors"], history["now"]) if history else ""
     if index and index.get("last_refresh_error"):
-        error_text += f"<br><small>sync:</small> {escape(index['last_refresh_error'])}"
+        error_text += f"<small>sync:</small> {escape(index['last_refresh_error'])}"
+    name = escape(source["name"])
     return (
-        f'<tr data-source="{escape(source["name"])}"><td><strong>{escape(source["name"])}</strong></td>'
+        f'<tr data-source="{name}"><td><strong>{name}</strong></td>'
         f"<td>{escape(source['type'])}</td>"
         f'<td><span class="state" style="background:{colour}">{escape(state)}</span></td>'
         f'<td class="num">{_ms(source["latency_ms"]["p50"])} / {_ms(source["latency_ms"]["p95"])}</td>'
         f'<td class="num">{calls["ok"] + calls["empty"]} ok, {failed} failed, {calls["skipped"]} skipped</td>'
         f"<td>{index_text}</td>"
-        f'<td class="error">{error_text}</td></tr>'
+        f'<td class="error" rowspan="2">{error_text}</td></tr>\n'
+        f'<tr class="hist" data-history="{name}"><td colspan="6">{_charts(history)}</td></tr>'
+    )
+
+
+def _charts(history: dict[str, Any] | None) -> str:
+    if not history:
+        return ""
+    if not history["minutes"]:
+        return f'<span class="quiet">no calls in the last {history["window_minutes"]} minutes</span>'
+    return f"<div>{latency_chart(history)}{outcomes_chart(history)}</div>"
+
+
+def _clock(at: str, now: str) -> str:
+    """HH:MM:SS for today's times (UTC, like the header says), with the date for older ones."""
+    return at[11:19] if at[:10] == now[:10] else f"{at[5:10]} {at[11:16]}"
+
+
+def _errors(errors: list[dict[str, Any]], now: str) -> str:
+    """Newest first; a run of the same error (numbers aside) is one line with its count and first time."""
+    runs: list[list[dict[str, Any]]] = []
+    for error in errors:
+        key = (error["outcome"], re.sub(r"\d+", "#", error["message"]))
+        if runs and (runs[-1][0]["outcome"], re.sub(r"\d+", "#", runs[-1][0]["message"])) == key:
+            runs[-1].append(error)
+        else:
+            runs.append([error])
+    if not runs:
+        return ""
+    items = []
+    for run in runs:
+        newest, oldest = run[0], run[-1]
+        message = newest["message"]
+        if len(message) > MESSAGE_CHARS:
+            message = message[: MESSAGE_CHARS - 1] + "…"
+        count = "" if len(run) == 1 else f" ×{len(run)} since {_clock(oldest['at'], now)}"
+        outcome = OUTCOME_LABELS.get(newest["outcome"], newest["outcome"])
+        items.append(f"<li><time>{_clock(newest['at'], now)}</time> <b>{escape(outcome)}</b>{count} {escape(message)}")
+    return f'<ul class="errors">{"".join(items)}</ul>'
+
+
+def _legend() -> str:
+    swatches = "".join(
+        f'<i style="background:{colour}"></i>{OUTCOME_LABELS.get(outcome, outcome)}' for outcome, colour in OUTCOME_COLOURS.items()
+    )
+    return (
+        f'<div class="legend">Last hour, one bar per minute, now at the right (times UTC). Latency:'
+        f'<i style="background:{P50_COLOUR}"></i>p50<i style="background:{P95_COLOUR}"></i>p95 · Calls:{swatches}</div>'
     )
 
 
@@ -95,10 +163,11 @@ def render(status: dict[str, Any]) -> str:
 <title>Knowledge gateway status</title><style>{STYLE}</style></head>
 <body>
 <h1>Knowledge gateway</h1>
-<div class="meta">{escape(ready)} · config version {escape(status.get("config_version") or "?")} · up {status.get("uptime_s", 0):.0f} s · refreshes every {REFRESH_S} s</div>
+<div class="meta">{escape(ready)} · config version {escape(status.get("config_version") or "?")} · up {status.get("uptime_s", 0):.0f} s · refreshes every {REFRESH_S} s · <a href="/explain">explain a query</a></div>
 {banner}
+{_legend()}
 <table>
-<thead><tr><th>Source</th><th>Type</th><th>State</th><th class="num">Latency p50 / p95 (ms)</th><th class="num">Calls</th><th>Index</th><th>Last error</th></tr></thead>
+<thead><tr><th>Source</th><th>Type</th><th>State</th><th class="num">Latency p50 / p95 (ms)</th><th class="num">Calls</th><th>Index</th><th>Recent errors (UTC)</th></tr></thead>
 <tbody>
 {rows}
 </tbody></table>

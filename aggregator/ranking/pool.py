@@ -22,25 +22,34 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .bm25 import BM25Params
 from ..text.tokenize import tokenize
+from .bm25 import BM25Params
+from .statistics import PassageSample, QueryStatistics
 
 CACHE_PASSAGES = 50_000
 VOCABULARY_LIMIT = 2_000_000
 
 
 def content_key(text: str) -> str:
-    """Identity of a passage's text after Unicode, case and whitespace folding (for dedupe and caching)."""
-    folded = " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+    """Identity of a passage's text after Unicode, case and whitespace folding (for dedupe and caching).
+
+    For ASCII text NFKC changes nothing and case folding is lower-casing, so that shorter path gives the same key.
+    """
+    folded = " ".join((text.lower() if text.isascii() else unicodedata.normalize("NFKC", text).casefold()).split())
     return hashlib.blake2b(folded.encode(), digest_size=16).hexdigest()
 
 
 class TermCache:
-    """Term-id arrays of recently seen passages, least recently used first out."""
+    """Term-id arrays of recently seen passages, least recently used first out.
+
+    It also keeps each source's sample of passages seen (statistics.PassageSample),
+    whose counts are by the same term ids and so are cleared with them.
+    """
 
     def __init__(self, capacity: int = CACHE_PASSAGES) -> None:
         self.capacity = capacity
         self.vocabulary: dict[str, int] = {}
+        self.samples: dict[str, PassageSample] = {}
         self._arrays: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
 
     def ids(self, title: str, content: str, key: str | None = None) -> np.ndarray:
@@ -52,6 +61,7 @@ class TermCache:
         if len(self.vocabulary) > VOCABULARY_LIMIT:  # a long-lived process meets new words forever
             self.vocabulary.clear()
             self._arrays.clear()
+            self.samples.clear()
         vocabulary = self.vocabulary
         terms = tokenize(title) + tokenize(content)
         array = np.fromiter((vocabulary.setdefault(t, len(vocabulary)) for t in terms), dtype=np.int64, count=len(terms))
@@ -59,6 +69,13 @@ class TermCache:
         if len(self._arrays) > self.capacity:
             self._arrays.popitem(last=False)
         return array
+
+    def sample(self, source: str) -> PassageSample:
+        """The sample of passages seen from `source` (created empty on first use)."""
+        found = self.samples.get(source)
+        if found is None:
+            found = self.samples[source] = PassageSample()
+        return found
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,11 +93,18 @@ def _idf(n: int, df: np.ndarray | float) -> np.ndarray | float:
     return np.log1p((n - df + 0.5) / (df + 0.5))
 
 
-def score_pool(query: str, documents: Sequence[np.ndarray], cache: TermCache, params: BM25Params = BM25Params()) -> PoolScores:
-    """BM25 and proximity of each document (term-id arrays from `cache`) for `query`, normalised by the query's ceiling."""
+def score_pool(
+    query_terms: Sequence[str], documents: Sequence[np.ndarray], cache: TermCache, params: BM25Params = BM25Params(),
+    statistics: QueryStatistics | None = None,
+) -> PoolScores:  # fmt: skip
+    """BM25 and proximity of each document (term-id arrays from `cache`), normalised by the query's ceiling.
+
+    With `statistics` (aligned with the distinct `query_terms` in order of
+    first appearance), single terms take their IDF and the average length
+    from it instead of from the pool; term pairs always use the pool.
+    """
     n = len(documents)
     zeros = np.zeros(n)
-    query_terms = tokenize(query)
     if n == 0 or not query_terms:
         return PoolScores(zeros, zeros, False)
     lengths = np.fromiter((len(d) for d in documents), dtype=np.float64, count=n)
@@ -91,13 +115,17 @@ def score_pool(query: str, documents: Sequence[np.ndarray], cache: TermCache, pa
 
     bm25 = np.zeros(n)
     ceiling = 0.0
-    for term, qtf in _counts(query_terms).items():
+    term_avgdl = statistics.average_length if statistics is not None and statistics.average_length > 0 else avgdl
+    for position, (term, qtf) in enumerate(_counts(query_terms).items()):
         term_id = vocabulary.get(term, -1)
         tf = np.bincount(owner[tokens == term_id], minlength=n).astype(np.float64) if term_id >= 0 else zeros
-        weight = qtf * float(_idf(n, float(np.count_nonzero(tf))))
+        if statistics is not None:
+            weight = qtf * float(_idf(max(statistics.passages, 1.0), float(statistics.frequencies[position])))
+        else:
+            weight = qtf * float(_idf(n, float(np.count_nonzero(tf))))
         ceiling += weight * (params.k1 + 1)
         if term_id >= 0:
-            bm25 += weight * _saturated(tf, lengths, avgdl, params)
+            bm25 += weight * _saturated(tf, lengths, term_avgdl, params)
 
     pairs = [(a, b) for a, b in zip(query_terms, query_terms[1:]) if a != b]
     proximity = np.zeros(n)

@@ -1,45 +1,72 @@
-"""Merge the passages of every source into one ranking with scores in [0, 1].
+"""Merge the passages of every source into one ranking with scores in [0, 1], whatever scale each source uses.
 
-For each candidate passage p, from a source with weight w (see pool.py for bm25 and proximity)::
+No source's scale is trusted. Sources report relevance their own way: BM25
+divided by their best hit (every top record says 1.0), raw unbounded scores,
+cosine similarities bunched between 0.5 and 0.9, ranks only. So the gateway
+scores every distinct passage itself and, per query and per source, learns
+how the source's scores map onto that common scale::
 
-    relevance(p) = (1 - λ) * source_score(p) + λ * bm25(p)    when the source gave a score
-                 = bm25(p)                                    otherwise
-    fused(p)     = (relevance(p) + μ * proximity(p)) / (1 + μ)  when the query has two terms or more
-                 = relevance(p)                                otherwise
-    score(p)     = 1 - (1 - fused(p) ** γ) ** w
+    relevance(p)  = (bm25(p) + μ·proximity(p)) / (1 + μ)     the gateway's own judgement (pool.py),
+                                                           relevance = bm25 for one-term queries
+    position(p,s) = (x − min_s x) / (max_s x − min_s x)    where x is the score source s gave p (read the other
+                                                           way round when it grows down the list: a distance);
+                  = 1 / log2(1 + rank), scaled to [0, 1]   from its ranks when it gave no usable scores
+    fit over s:     relevance ≈ a_s + β_s · position        least squares, β_s ≥ 0, shrunk by n_s / (n_s + κ)
+    calibrated(p) = a_s + β_s · position(p, s)             the source's opinion on the gateway's scale
+    fused(p)      = (1 − α) · relevance(p) + α · calibrated(p)
+    score(p)      = 1 − (1 − fused(p)^γ)^w                 w: the source's weight
 
-with λ = 0.2, μ = 0.75 and γ = 0.5, tuned on Cranfield (bench/quality.py). The
-source's own score carries what the pool cannot see: its collection-wide
-statistics, or an upstream's semantic ranking. The pool's BM25 puts every
-source on one scale. Proximity, which BM25 upstreams ignore, rewards passages
-where the query's words stand together. Every part is normalised by a
-ceiling that depends on the query, not on the best candidate, so a weak
-match stays low even when it is the best of a weak pool. The weight bends
-the curve instead of multiplying, so the score stays in [0, 1], 0 stays 0
-and the order within a source is unchanged.
+A source's calibrated scores keep its own order (β ≥ 0), do not change when
+it multiplies or shifts its scores, and are worth as much as its order agrees
+with the passages' text: a source whose order says nothing gets a flat line
+at the mean relevance of what it returned. The gateway's relevance uses
+collection statistics the pool cannot see (statistics.py). Every part is
+normalised by a ceiling that depends on the query, never on the best
+candidate, so a weak match stays low even when it is the best of a weak
+pool, and a threshold means the same whatever the mix of sources.
+
+A connector's `scores` setting overrides the automatic choice: `rank` uses
+the order only, `trust` takes the source's scores as already on this scale
+(clamped to [0, 1]), `ignore` leaves the source out of the fusion.
 
 Identical passages (same text after Unicode and whitespace folding) are
-merged first; the copy with the best source score is kept and the other
-sources are listed in its `metadata.also_in`.
+merged: the copy whose source vouches for it most (highest calibrated score)
+is kept and the other sources are listed in its `metadata.also_in`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+import math
+from dataclasses import dataclass, field
+from collections.abc import Iterable
+from typing import Any, Literal
 
-from connectors.base import Passage
+import numpy as np
 
+from connectors.base import Passage, TermStatistics
+
+from ..text.tokenize import tokenize
 from .bm25 import BM25Params
 from .pool import TermCache, content_key, score_pool
+from .statistics import PassageSample, QueryStatistics
 
-#: Share of the pool's BM25 in a passage's relevance; the rest is the source's own score.
-LAMBDA = 0.2
-#: Weight of term proximity against relevance.
-MU = 0.75
-#: Calibration exponent: fused scores are spread by a power below 1 so that Dify's usual
-#: thresholds (0.3 to 0.7) separate good matches from weak ones (see the table in the README).
-GAMMA = 0.5
+ScoreUse = Literal["auto", "rank", "trust", "ignore"]
+
+
+@dataclass(frozen=True, slots=True)
+class FusionSettings:
+    """The constants of the formula above; the defaults were tuned on Cranfield (bench/quality.py --sweep)."""
+
+    bm25: BM25Params = BM25Params()
+    mu: float = 0.75  # weight of term proximity against BM25
+    alpha: float = 0.3  # share of the calibrated source score in the fused score
+    kappa: float = 3.0  # pseudo-observations that shrink a source's fitted slope toward flat
+    gamma: float = 0.5  # spread of fused scores so that thresholds 0.3 to 0.6 separate good from weak
+    sample: bool = True  # IDF from passages seen before, not only the pool
+    local: bool = True  # IDF from the local indexes' whole collections
+
+
+DEFAULT_FUSION = FusionSettings()
 
 
 @dataclass(slots=True)
@@ -49,7 +76,9 @@ class Candidate:
     source_type: str
     weight: float = 1.0
     metadata: dict[str, Any] | None = None  # record metadata, filled by the pipeline
-    key: str = ""  # content_key of the passage, filled by dedupe
+    scores: ScoreUse = "auto"
+    indexed: bool = False  # from a source whose collection statistics are already counted (no sampling)
+    calibrated: float | None = None  # this source's opinion on the gateway's scale, set by `rank`
 
 
 @dataclass(slots=True)
@@ -58,49 +87,211 @@ class Ranked:
     score: float
     bm25: float
     proximity: float
+    relevance: float = 0.0
+    calibrated: float | None = None
+    calibration: str = "none"  # how the source's score was mapped: scores, ranks, trusted, ignored, none
+    also_in: list[str] = field(default_factory=list)
+    members: list[Candidate] = field(default_factory=list)  # every source's copy of this text, the winner among them
 
 
-def dedupe(candidates: list[Candidate]) -> list[Candidate]:
-    """Keep one candidate per distinct text: the one its source scored highest (first on a tie)."""
-    kept: dict[str, Candidate] = {}
-    others: dict[str, list[str]] = {}
+@dataclass(slots=True)
+class Group:
+    """One distinct passage text and every source that returned it."""
+
+    key: str  # content_key of the text
+    members: list[Candidate]
+
+
+def group(candidates: list[Candidate]) -> list[Group]:
+    """Candidates grouped by their text after Unicode, case and whitespace folding, in order of first appearance."""
+    groups: dict[str, Group] = {}
     for candidate in candidates:
-        key = candidate.key = content_key(candidate.passage.content)
-        best = kept.get(key)
-        if best is None:
-            kept[key] = candidate
-            continue
-        if (candidate.passage.source_score or 0.0) > (best.passage.source_score or 0.0):
-            kept[key], candidate = candidate, best
-        others.setdefault(key, []).append(candidate.source)
-    for key, sources in others.items():
-        winner = kept[key]
-        if winner.metadata is not None:
-            also = [s for s in dict.fromkeys(sources) if s != winner.source]
-            if also:
-                winner.metadata["also_in"] = also
-    return list(kept.values())
+        key = content_key(candidate.passage.content)
+        found = groups.get(key)
+        if found is None:
+            groups[key] = Group(key, [candidate])
+        else:
+            found.members.append(candidate)
+    return list(groups.values())
 
 
-def fuse(bm25: float, proximity: float, has_pairs: bool, source_score: float | None, weight: float,
-         lam: float = LAMBDA, mu: float = MU) -> float:  # fmt: skip
-    relevance = bm25 if source_score is None else (1.0 - lam) * source_score + lam * bm25
-    fused = (relevance + mu * proximity) / (1.0 + mu) if has_pairs else relevance
-    calibrated = min(1.0, max(0.0, fused)) ** GAMMA
-    return 1.0 - (1.0 - calibrated) ** weight
+_NO_RANK = float(2**31)
 
 
-def rerank(query: str, candidates: list[Candidate], cache: TermCache | None = None, params: BM25Params = BM25Params(),
-           lam: float = LAMBDA, mu: float = MU) -> list[Ranked]:  # fmt: skip
-    """Score and sort deduplicated candidates, best first; ties keep the sources' order."""
-    if not candidates:
+def _positions(use: ScoreUse, ranks: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, str]:
+    """Each passage's position in [0, 1] in its source's answer (1 = the best), and whether scores or ranks gave it.
+
+    `ranks` holds the source's ranks (_NO_RANK where it gave none), `scores`
+    its scores (NaN where it gave none). Scores that grow down the source's
+    ranked list are distances (lower is better) and are read that way round.
+    """
+    n = len(ranks)
+    order = np.lexsort((np.arange(n), ranks))
+    if use != "rank" and n > 1 and not np.isnan(scores).any():
+        low, high = float(scores.min()), float(scores.max())
+        if high > low:
+            position = (scores - low) / (high - low)
+            if (ranks < _NO_RANK).all() and np.sign(np.diff(scores[order])).sum() > 0:
+                position = 1.0 - position
+            return position, "scores"
+    position = np.ones(n)
+    if n > 1:  # the discount of DCG: relevance falls fast at the top of a list, then slowly
+        floor = 1.0 / math.log2(n + 1)
+        position[order] = (1.0 / np.log2(np.arange(n) + 2.0) - floor) / (1.0 - floor)
+    return position, "ranks"
+
+
+def _calibrate(use: ScoreUse, ranks: np.ndarray, scores: np.ndarray, relevance: np.ndarray, kappa: float) -> tuple[np.ndarray, str]:
+    """One source's scores on the gateway's scale (-1 where it has none), and how they were obtained.
+
+    Fits relevance ≈ a + β·position by least squares over the source's
+    passages, with β ≥ 0 shrunk by n / (n + κ): with few passages, or an
+    order that disagrees with the text, the line flattens toward the mean
+    relevance of what the source returned.
+    """
+    if use == "ignore":
+        return np.full(len(ranks), -1.0), "ignored"
+    if use == "trust":
+        return np.where(np.isnan(scores), -1.0, np.clip(scores, 0.0, 1.0)), "trusted"
+    x, how = _positions(use, ranks, scores)
+    n = len(x)
+    dx, dy = x - x.mean(), relevance - relevance.mean()
+    spread = float(dx @ dx)
+    slope = max(0.0, float(dx @ dy) / spread) * n / (n + kappa) if spread > 0 else 0.0
+    intercept = float(relevance.mean()) - slope * float(x.mean())
+    return np.clip(intercept + slope * x, 0.0, 1.0), how
+
+
+def query_statistics(
+    query_terms: list[str], cache: TermCache, local: TermStatistics | None, sampled: Iterable[str], settings: FusionSettings
+) -> QueryStatistics | None:
+    """Collection statistics for the query's distinct terms: the local indexes' counts plus the samples of `sampled` sources."""
+    distinct = list(dict.fromkeys(query_terms))
+    passages = total = 0.0
+    frequencies = np.zeros(len(distinct))
+    if settings.local and local is not None and local.passages:
+        passages += local.passages
+        total += local.total_length
+        frequencies += np.fromiter((local.frequencies.get(t, 0) for t in distinct), dtype=np.float64, count=len(distinct))
+    if settings.sample:
+        ids = [cache.vocabulary.get(t, -1) for t in distinct]
+        for source in sampled:
+            sample = cache.samples.get(source)
+            if sample is not None and sample.passages:
+                passages += sample.passages
+                total += sample.total_length
+                frequencies += sample.frequencies(ids)
+    if passages <= 0:
+        return None
+    return QueryStatistics(passages, total / passages, frequencies)
+
+
+def fuse(relevance: Any, calibrated: Any, weight: Any, settings: FusionSettings = DEFAULT_FUSION) -> np.ndarray:
+    """The final score from the gateway's relevance and the source's calibrated score, on numbers or arrays.
+
+    A calibrated value below 0 (or None) means the source gave none: the relevance alone counts.
+    """
+    source = np.asarray(-1.0 if calibrated is None else calibrated, dtype=np.float64)
+    mixed = (1.0 - settings.alpha) * np.asarray(relevance, dtype=np.float64) + settings.alpha * source
+    fused = np.where(source >= 0.0, mixed, relevance)
+    return 1.0 - (1.0 - np.clip(fused, 0.0, 1.0) ** settings.gamma) ** np.asarray(weight, dtype=np.float64)
+
+
+def rerank(
+    query: str, candidates: list[Candidate], cache: TermCache | None = None, local: TermStatistics | None = None,
+    settings: FusionSettings = DEFAULT_FUSION, sampled: Iterable[str] | None = None,
+) -> list[Ranked]:  # fmt: skip
+    """Merge duplicates, then rank them (`rank`): best first, ties broken by a stable key."""
+    return rank(query, group(candidates), cache, local, settings, sampled)
+
+
+def rank(
+    query: str, groups: list[Group], cache: TermCache | None = None, local: TermStatistics | None = None,
+    settings: FusionSettings = DEFAULT_FUSION, sampled: Iterable[str] | None = None,
+) -> list[Ranked]:  # fmt: skip
+    """Score each distinct passage, calibrate each source, fuse and sort.
+
+    `local` holds the collection statistics of the query's terms reported by
+    the knowledge base's indexed sources (their candidates are marked
+    `indexed`). Every other candidate is counted into its source's sample,
+    and the samples of the `sampled` sources (by default, the candidates'
+    sources that are not indexed) join the statistics.
+    """
+    if not groups:
         return []
-    cache = cache or TermCache(capacity=len(candidates))
-    documents = [cache.ids(c.passage.title, c.passage.content, c.key or None) for c in candidates]
-    pool = score_pool(query, documents, cache, params)
-    ranked = [
-        Ranked(candidate, fuse(float(b), float(x), pool.has_pairs, candidate.passage.source_score, candidate.weight, lam, mu), float(b), float(x))
-        for candidate, b, x in zip(candidates, pool.bm25, pool.proximity)
-    ]
-    ranked.sort(key=lambda r: (r.score, r.bm25), reverse=True)
-    return ranked
+    cache = cache or TermCache(capacity=len(groups))
+    documents = []
+    samples: dict[str, PassageSample] = {}
+    for found in groups:
+        first = found.members[0].passage
+        ids = cache.ids(first.title, first.content, found.key)
+        documents.append(ids)
+        for member in found.members:
+            if not member.indexed:
+                sample = samples.get(member.source) or samples.setdefault(member.source, cache.sample(member.source))
+                sample.observe(found.key, ids)
+    if sampled is None:
+        sampled = list(samples)
+    query_terms = tokenize(query)
+    statistics = query_statistics(query_terms, cache, local, sampled, settings) if (settings.sample or settings.local) else None
+    pool = score_pool(query_terms, documents, cache, settings.bm25, statistics)
+    if pool.has_pairs:
+        relevance = (pool.bm25 + settings.mu * pool.proximity) / (1.0 + settings.mu)
+    else:
+        relevance = pool.bm25
+
+    # Every (group, source) sighting in one flat list; each source's calibration is fitted over its own sightings.
+    sizes = [len(found.members) for found in groups]
+    sighted = [member for found in groups for member in found.members]
+    group_of = np.repeat(np.arange(len(groups)), sizes)
+    ranks = np.fromiter((m.passage.source_rank or _NO_RANK for m in sighted), dtype=np.float64, count=len(sighted))
+    given = np.fromiter((np.nan if m.passage.source_score is None else m.passage.source_score for m in sighted), dtype=np.float64, count=len(sighted))
+    by_source: dict[str, list[int]] = {}
+    for i, member in enumerate(sighted):
+        by_source.setdefault(member.source, []).append(i)
+    calibrated = np.empty(len(sighted))
+    how: dict[str, str] = {}
+    for source, indexes in by_source.items():
+        use = sighted[indexes[0]].scores
+        values, how[source] = _calibrate(use, ranks[indexes], given[indexes], relevance[group_of[indexes]], settings.kappa)
+        calibrated[indexes] = values
+        for i, value in zip(indexes, values.tolist()):
+            sighted[i].calibrated = value if value >= 0.0 else None
+
+    # The sighting that vouches most for each passage speaks for it (the first on a tie).
+    winner = np.cumsum([0, *sizes[:-1]])
+    for g in np.flatnonzero(np.asarray(sizes) > 1):
+        start = int(winner[g])
+        winner[g] = start + int(np.argmax(calibrated[start : start + sizes[g]]))
+    best = calibrated[winner]
+    weights = np.fromiter((sighted[i].weight for i in winner), dtype=np.float64, count=len(groups))
+    scores = fuse(relevance, best, weights, settings)
+
+    ranked: list[Ranked] = []
+    rows = zip(winner.tolist(), scores.tolist(), pool.bm25.tolist(), pool.proximity.tolist(), relevance.tolist(), best.tolist())
+    for g, (i, score, bm25, proximity, rel, value) in enumerate(rows):
+        candidate = sighted[i]
+        also: list[str] = []
+        if sizes[g] > 1:
+            also = [s for s in dict.fromkeys(m.source for m in groups[g].members) if s != candidate.source]
+            if also and candidate.metadata is not None:
+                candidate.metadata["also_in"] = also
+        label = how[candidate.source]
+        if value < 0.0:
+            value, label = None, ("ignored" if label == "ignored" else "none")
+        ranked.append(Ranked(candidate, score, bm25, proximity, rel, value, label, also, groups[g].members))
+    return _sorted(ranked, scores, relevance)
+
+
+def _sorted(ranked: list[Ranked], scores: np.ndarray, relevance: np.ndarray) -> list[Ranked]:
+    """Best score first; then the gateway's own relevance; then a key that does not depend on arrival order."""
+    order = np.lexsort((-relevance, -scores))
+    same = (np.diff(scores[order]) == 0) & (np.diff(relevance[order]) == 0)
+    if not same.any():
+        return [ranked[i] for i in order.tolist()]
+
+    def key(r: Ranked) -> tuple[float, float, str, str, int]:
+        p = r.candidate.passage
+        return (-r.score, -r.relevance, r.candidate.source, p.document_id, p.chunk_index)
+
+    return sorted(ranked, key=key)

@@ -1,0 +1,92 @@
+"""Collection statistics for the rerank: how rare each query term is beyond the pool of candidates.
+
+The pool alone is a poor judge of rarity: its candidates were picked because
+they contain the query's words, so every query term looks common in it (on
+Cranfield, BM25 over the pool alone loses 10 % nDCG against a central
+index). Two better sources of document frequencies are combined:
+
+- sources with an index of their own (`files`, `s3`, `notion`) report exact
+  counts over their whole collection (`Connector.term_statistics`);
+- every distinct passage the gateway has seen from each of the other
+  sources is counted once into that source's bounded sample (query-based
+  sampling): over many queries it approaches the remote collection's own
+  statistics.
+
+A knowledge base's statistics are the sum over its own sources only, so one
+knowledge base's traffic never skews another's ranking. Counts are over
+passages, with the terms of the one tokenizer. Samples are keyed by the
+TermCache's term ids, so they live and are cleared with its vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from connectors.base import TermStatistics
+
+#: Distinct passages a source's sample remembers; beyond this its counts are halved and it starts remembering anew.
+SAMPLE_PASSAGES = 50_000
+
+
+class PassageSample:
+    """One source's document frequencies over the distinct passages seen from it, by term id; memory bounded."""
+
+    def __init__(self, capacity: int = SAMPLE_PASSAGES) -> None:
+        self.capacity = capacity
+        self.passages = 0.0
+        self.total_length = 0.0
+        self._df: Counter[int] = Counter()
+        self._seen: set[int] = set()
+
+    def observe(self, key: str, term_ids: np.ndarray) -> None:
+        """Count a passage once, however often it comes back (`key` is its content key)."""
+        seen = int(key[:16], 16)
+        if seen in self._seen:
+            return
+        if len(self._seen) >= self.capacity:
+            self._decay()
+        self._seen.add(seen)
+        self._df.update(np.unique(term_ids).tolist())
+        self.passages += 1.0
+        self.total_length += float(len(term_ids))
+
+    def frequencies(self, term_ids: Sequence[int]) -> np.ndarray:
+        """Document frequency of each id (0 for ids never seen from this source, and for -1: unknown words)."""
+        df = self._df
+        return np.fromiter((df.get(i, 0.0) for i in term_ids), dtype=np.float64, count=len(term_ids))
+
+    def _decay(self) -> None:
+        """Halve what was counted and forget which passages were seen: old evidence weighs less, memory stays flat."""
+        self._df = Counter({term: count / 2 for term, count in self._df.items() if count >= 1.0})
+        self.passages /= 2
+        self.total_length /= 2
+        self._seen.clear()
+
+
+@dataclass(frozen=True, slots=True)
+class QueryStatistics:
+    """What the pool's BM25 uses instead of the pool's own counts, for one query's terms."""
+
+    passages: float
+    average_length: float
+    frequencies: np.ndarray  # aligned with the query's distinct terms
+
+
+def merge_term_statistics(found: Iterable[TermStatistics | None]) -> TermStatistics | None:
+    """The sum of several sources' statistics (their collections are disjoint), or None if none reported."""
+    passages = total = 0
+    frequencies: dict[str, int] = {}
+    reported = False
+    for stats in found:
+        if stats is None:
+            continue
+        reported = True
+        passages += stats.passages
+        total += stats.total_length
+        for term, count in stats.frequencies.items():
+            frequencies[term] = frequencies.get(term, 0) + count
+    return TermStatistics(passages, total, frequencies) if reported else None

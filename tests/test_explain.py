@@ -1,0 +1,135 @@
+"""Explain a query: "why did this document not show up?", answered over two real sources."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from aggregator.api import create_app
+from aggregator.cli import main as cli
+
+from .conftest import DOCS, KEY, make_config, write_docs
+from .loopback import serve, wait_ready
+from .test_browser import ARTIFACTS, CHROMIUM, chromium
+
+QUERY = "rotate the signing keys"
+ARCHIVED = {"title": "Key rotation (archived)", "content": "Old procedure: rotate the signing keys by hand on the build host."}
+
+
+def partner_app() -> FastAPI:
+    """A partner knowledge API: one passage that the local folder holds too, one archived page, one weak match."""
+    app = FastAPI()
+
+    @app.post("/retrieval")
+    async def retrieval() -> dict:
+        return {"records": [
+            {"title": "Key rotation", "content": DOCS["keys.md"], "score": 0.92, "metadata": {"document_id": "keys"}},
+            {**ARCHIVED, "score": 0.85, "metadata": {"document_id": "archive/keys"}},
+            {"title": "Canteen", "content": "The canteen rotates its menu every week.", "score": 0.41, "metadata": {"document_id": "canteen"}},
+        ]}  # fmt: skip
+
+    return app
+
+
+@pytest.fixture
+def gateway_url(tmp_path: Path):
+    with serve(partner_app()) as partner:
+        extra = f"""
+        partner:
+          type: dify
+          endpoint: {partner}
+          api_key: k
+          knowledge_id: x
+        """
+        config_text = make_config(write_docs(tmp_path / "docs"), extra, kb_connectors="[docs, partner]")
+        with serve(create_app(lambda: config_text)) as url:
+            wait_ready(url)
+            yield url
+
+
+FILTER = {"conditions": [{"name": "title", "comparison_operator": "not contains", "value": "archived"}]}
+PARAMS = {"kb": "demo", "q": QUERY, "top_k": "3", "threshold": "0.45", "filter": json.dumps(FILTER)}
+
+
+def test_explain_json_shows_the_filter_the_duplicate_and_the_cut(gateway_url: str):
+    data = httpx.get(gateway_url + "/explain", params={**PARAMS, "format": "json"}).json()
+    assert set(data) >= {"knowledge_id", "query", "sources", "passages", "records", "ms"}
+    sources = {s["name"]: s for s in data["sources"]}
+    assert sources["partner"]["outcome"] == "ok" and sources["docs"]["outcome"] == "ok"
+    fates = {e["title"]: e["fate"] for e in sources["partner"]["returned"]}
+    assert fates["Key rotation (archived)"] == "removed by metadata_condition"
+    assert fates["Key rotation"].startswith("merged into ") or fates["Key rotation"].startswith("record")
+    merged = next(p for p in data["passages"] if p["title"] == "Key rotation")
+    assert {c["source"] for c in merged["copies"]} == {"docs", "partner"} and merged["also_in"]
+    assert merged["outcome"] == "record" and merged["position"] == 1
+    assert any(p["outcome"] == "below threshold" for p in data["passages"]), [(p["title"], p["score"]) for p in data["passages"]]
+    for p in data["passages"]:
+        assert set(p) >= {"score", "relevance", "bm25", "proximity", "calibrated", "calibration", "copies", "outcome"}
+        assert (p["outcome"] == "record") == (p["score"] >= 0.45 and p["position"] is not None)
+    assert [r["title"] for r in data["records"]] == [p["title"] for p in data["passages"] if p["outcome"] == "record"]
+
+
+def test_explain_ranks_exactly_as_the_retrieval_does(gateway_url: str):
+    explained = httpx.get(gateway_url + "/explain", params={**PARAMS, "format": "json"}).json()["records"]
+    body = {"knowledge_id": "demo", "query": QUERY, "retrieval_setting": {"top_k": 3, "score_threshold": 0.45}, "metadata_condition": FILTER}
+    answered = httpx.post(gateway_url + "/retrieval", json=body, headers={"Authorization": f"Bearer {KEY}"}).json()["records"]
+    assert [(r["title"], r["score"]) for r in explained] == [(r["title"], r["score"]) for r in answered]
+
+
+def test_explain_page_errors_are_shown_not_raised(gateway_url: str):
+    page = httpx.get(gateway_url + "/explain")
+    assert page.status_code == 200 and "<form" in page.text and "<script" not in page.text
+    bad = httpx.get(gateway_url + "/explain", params={**PARAMS, "top_k": "many"})
+    assert bad.status_code == 400 and "retrieval_setting.top_k" in bad.text and "<form" in bad.text
+    assert httpx.get(gateway_url + "/explain", params={**PARAMS, "filter": "{oops", "format": "json"}).json()["error_code"] == 3001
+    assert httpx.get(gateway_url + "/explain", params={**PARAMS, "kb": "nope", "format": "json"}).status_code == 404
+
+
+def test_explain_needs_ops_access(tmp_path: Path):
+    config = make_config(write_docs(tmp_path / "docs"))
+    config.server.ops_token = None
+    with serve(create_app(lambda: config)) as url:
+        wait_ready(url)
+        assert httpx.get(url + "/explain", params={"q": "keys"}).status_code == 200  # loopback
+    from pydantic import SecretStr
+
+    config.server.ops_token = SecretStr("ops-token-123")
+    with serve(create_app(lambda: config)) as url:
+        wait_ready(url)
+        assert httpx.get(url + "/explain", params={"q": "keys"}).status_code == 403
+        assert httpx.get(url + "/explain", params={"q": "keys", "token": "ops-token-123"}).status_code == 200
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (.ci/run installs Debian's chromium)")
+def test_a_person_sees_why_a_passage_did_not_show_up(tmp_path: Path, gateway_url: str):
+    url = gateway_url + "/explain?" + httpx.QueryParams(PARAMS).__str__()
+    dom = chromium(tmp_path, "--dump-dom", url).stdout
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "explain-page.png"
+    chromium(tmp_path, f"--screenshot={shot}", "--window-size=1280,1000", url)
+    assert re.search(r'<input name="q" value="rotate the signing keys"', dom), "the query stays in the form"
+    assert "removed by metadata_condition" in dom and "below threshold" in dom and "merged into" in dom
+    records = httpx.get(gateway_url + "/explain", params={**PARAMS, "format": "json"}).json()["records"]
+    assert len(re.findall(r'<tr class="record">', dom)) == len(records) >= 1, "the records Dify gets are marked"
+    assert len(re.findall(r'<tr class="cut">', dom)) == 1, "one line marks the cut"
+    assert shot.exists() and shot.stat().st_size > 5000
+
+
+def test_explain_command(tmp_path: Path, capsys):
+    config = tmp_path / "connectors.yaml"
+    write_docs(tmp_path / "docs")
+    config.write_text(
+        f"server:\n  api_keys: [{{key: {KEY}}}]\nknowledge_bases:\n  demo: {{connectors: [docs]}}\n"
+        f"connectors:\n  docs: {{type: files, path: {tmp_path / 'docs'}}}\n"
+    )
+    assert cli(["explain", "--config", str(config), "--kb", "demo", "--top-k", "1", "rotate the keys, renew the VPN profile"]) == 0
+    out = capsys.readouterr().out
+    assert "docs (files): ok" in out and "cut: beyond top_k" in out and "Key rotation" in out
+    assert cli(["explain", "--config", str(config), "--kb", "demo", "--json", QUERY]) == 0
+    assert json.loads(capsys.readouterr().out)["records"][0]["title"] == "Key rotation"
+    assert cli(["explain", "--config", str(config), "--kb", "demo", "--filter", "{nope", QUERY]) == 2

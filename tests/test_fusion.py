@@ -1,0 +1,169 @@
+"""Fusion when sources disagree about scales: no source's scale decides the ranking, only relevance does."""
+
+from __future__ import annotations
+
+import pytest
+
+from aggregator.ranking.pool import TermCache
+from aggregator.ranking.rerank import Candidate, Ranked, fuse, rerank
+from aggregator.ranking.statistics import PassageSample, merge_term_statistics
+from connectors.base import Passage, TermStatistics
+
+QUERY = "rotate the release signing keys"
+STRONG = [
+    "How to rotate the release signing keys: generate new signing keys in the hardware module, then rotate.",
+    "Release signing keys are rotated every twelve months; rotate them earlier after a leak.",
+    "Rotating signing keys for a release: revoke the old keys, publish the new release keys.",
+]
+WEAK = [f"Notes from meeting {i}: the release train, lunch orders and the office plants." for i in range(12)]
+MIDDLE = [f"Keys for the office doors, set {i}: rotate the cleaning rota weekly." for i in range(6)]
+
+
+def source(name: str, texts: list[str], given: list[float] | None, **kwargs: object) -> list[Candidate]:
+    """One source's answer, in its own order (rank 1 first), with the scores it gave (or none)."""
+    return [
+        Candidate(Passage(text, "", f"{name}-{i}", source_score=None if given is None else given[i], source_rank=i + 1), name, "dify", **kwargs)  # type: ignore[arg-type]
+        for i, text in enumerate(texts)
+    ]
+
+
+def order(ranked: list[Ranked]) -> list[str]:
+    return [r.candidate.passage.content for r in ranked]
+
+
+def descending(n: int, top: float = 1.0, bottom: float = 0.1) -> list[float]:
+    return [top - (top - bottom) * i / max(n - 1, 1) for i in range(n)]
+
+
+def test_a_source_that_multiplies_its_scores_by_ten_changes_nothing():
+    a_texts, b_texts = STRONG[:2] + WEAK[:6], STRONG[2:] + MIDDLE
+    a_scores, b_scores = descending(len(a_texts), 0.9, 0.2), descending(len(b_texts), 0.8, 0.3)
+    before = rerank(QUERY, source("a", a_texts, a_scores) + source("b", b_texts, b_scores))
+    inflated = rerank(QUERY, source("a", a_texts, [10 * s for s in a_scores]) + source("b", b_texts, b_scores))
+    shifted = rerank(QUERY, source("a", a_texts, [s - 3.0 for s in a_scores]) + source("b", b_texts, b_scores))
+    assert order(before) == order(inflated) == order(shifted)
+    assert [r.score for r in before] == pytest.approx([r.score for r in inflated])
+
+
+def test_a_source_whose_scores_are_all_one_does_not_push_a_better_passage_out():
+    loud = source("loud", WEAK, [1.0] * len(WEAK))
+    quiet = source("quiet", STRONG[:1], [0.31])
+    ranked = rerank(QUERY, loud + quiet)
+    assert order(ranked)[0] == STRONG[0], "the real match comes first, whatever the other source claims"
+    assert ranked[0].score > 0.5 > max(r.score for r in ranked if r.candidate.source == "loud")
+
+
+def test_a_source_with_inflated_raw_scores_does_not_take_every_slot():
+    raw = source("raw", MIDDLE + WEAK, [12.7 - 0.5 * i for i in range(len(MIDDLE) + len(WEAK))])
+    bounded = source("bounded", STRONG, [0.6, 0.5, 0.4])
+    top10 = rerank(QUERY, raw + bounded)[:10]
+    assert set(order(top10)[:3]) == set(STRONG)
+
+
+def test_a_rank_only_source_best_passage_can_come_first():
+    ranks_only = source("confluence", [STRONG[0], *WEAK[:5]], None)
+    scored = source("scored", [STRONG[1], *MIDDLE], descending(7, 0.99, 0.9))
+    ranked = rerank(QUERY, ranks_only + scored)
+    assert ranked[0].candidate.source == "confluence" and ranked[0].calibration == "ranks"
+
+
+def test_the_order_within_one_source_is_kept_by_its_calibrated_scores():
+    # A source whose order disagrees with the text: its calibration may flatten, never invert.
+    texts = WEAK[:4] + STRONG + MIDDLE[:3]
+    ranked = rerank(QUERY, source("s", texts, descending(len(texts))))
+    by_rank = sorted(ranked, key=lambda r: r.candidate.passage.source_rank)
+    calibrated = [r.calibrated for r in by_rank]
+    assert all(a >= b for a, b in zip(calibrated, calibrated[1:]))
+
+
+def test_passages_the_gateway_cannot_tell_apart_keep_their_source_order():
+    texts = [f"Signing keys are rotated: see runbook number {n}." for n in ("one", "two", "three", "four")]
+    ranked = rerank("rotate signing keys", source("s", texts, descending(4)))
+    assert order(ranked) == texts
+
+
+@pytest.mark.parametrize(
+    "scores",
+    [[0.7], [5.0, 5.0], [0.9, 0.4], [1.0] * 5, [-2.0, -3.5, -9.0], [1e9, 2.0, -1e9], None],
+    ids=["one", "two-tied", "two", "all-equal", "negative", "huge-range", "no-scores"],
+)
+def test_degenerate_answers_give_finite_scores_in_range(scores):
+    texts = (STRONG + MIDDLE)[: len(scores) if scores else 4]
+    ranked = rerank(QUERY, source("s", texts, scores) + source("other", WEAK[:3], [0.2, 0.1, 0.05]))
+    assert all(0.0 <= r.score <= 1.0 for r in ranked)
+    assert all(r.calibrated is None or 0.0 <= r.calibrated <= 1.0 for r in ranked)
+    mine = [r for r in ranked if r.candidate.source == "s"]
+    assert [r.candidate.passage.source_score for r in sorted(mine, key=lambda r: r.candidate.passage.source_rank)] == (
+        scores or [None] * len(texts)
+    ), "the raw score is kept as the source gave it"
+
+
+def test_a_single_answer_is_judged_by_its_text():
+    [only] = rerank(QUERY, source("s", STRONG[:1], [0.01]))
+    assert only.calibrated == pytest.approx(only.relevance)
+
+
+def test_distances_are_read_lower_is_better():
+    texts = STRONG + WEAK[:5]
+    distances = [0.1, 0.2, 0.25, 0.8, 0.85, 0.9, 0.95, 0.99]  # ascending down the list: a distance, not a similarity
+    ranked = rerank(QUERY, source("vectors", texts, distances))
+    best = max(ranked, key=lambda r: r.calibrated)
+    assert best.candidate.passage.source_rank == 1 and best.calibration == "scores"
+
+
+def test_a_weak_pool_stays_low_whatever_its_source_says():
+    ranked = rerank("hardware security module firmware", source("s", WEAK[:6], [1000.0] * 6))
+    assert max(r.score for r in ranked) < 0.3
+
+
+@pytest.mark.parametrize("use,calibration", [("trust", "trusted"), ("rank", "ranks"), ("ignore", "ignored"), ("auto", "scores")])
+def test_the_scores_setting_of_a_connector(use, calibration):
+    ranked = rerank(QUERY, source("s", STRONG + WEAK[:3], [0.95, 0.9, 0.2, 0.15, 0.1, 0.05], scores=use))
+    assert {r.calibration for r in ranked} == {calibration}
+    first = next(r for r in ranked if r.candidate.passage.source_rank == 1)
+    if use == "trust":
+        assert first.calibrated == 0.95
+    if use == "ignore":
+        assert first.calibrated is None and first.score == pytest.approx(float(fuse(first.relevance, None, 1.0)))
+
+
+def test_local_collection_statistics_change_how_rare_a_word_is():
+    """Words common in the pool but rare in the whole collection count as rare once the index says so."""
+    texts = [f"Rotate the keys of service {i} and restart it." for i in range(5)] + ["The hardware module is in rack four."]
+    candidates = source("s", texts, None, indexed=True)
+    pool_only = rerank("hardware keys", candidates)
+    rare_keys = TermStatistics(passages=10_000, total_length=80_000, frequencies={"hardwar": 5_000, "key": 3})
+    with_collection = rerank("hardware keys", candidates, local=rare_keys)
+    assert order(pool_only)[0] == texts[-1] and order(with_collection)[0] != texts[-1]
+
+
+def test_each_source_is_sampled_once_per_passage_and_knowledge_bases_do_not_mix():
+    cache = TermCache()
+    remote = source("remote", STRONG + WEAK[:3], None)
+    rerank(QUERY, remote, cache)
+    rerank(QUERY, remote, cache)
+    assert cache.samples["remote"].passages == 6, "a passage seen twice is counted once"
+    local = source("files", MIDDLE, None, indexed=True)
+    rerank(QUERY, local, cache)
+    assert "files" not in cache.samples, "an indexed source's passages are counted by its index, not sampled"
+    other = source("other-kb-source", WEAK, None)
+    before = [r.score for r in rerank(QUERY, remote, cache, sampled=["remote"])]
+    rerank(QUERY, other, cache)
+    after = [r.score for r in rerank(QUERY, remote, cache, sampled=["remote"])]
+    assert before == after, "another knowledge base's sources do not change this one's statistics"
+
+
+def test_the_sample_stays_bounded():
+    sample = PassageSample(capacity=100)
+    cache = TermCache()
+    for i in range(1000):
+        text = f"passage {i} about topic {i % 7}"
+        sample.observe(f"{i:032x}", cache.ids("", text))
+    assert sample.passages <= 100 and len(sample._seen) <= 100
+    assert sample.frequencies([cache.vocabulary["topic"]])[0] <= sample.passages
+
+
+def test_merged_statistics_add_disjoint_collections():
+    merged = merge_term_statistics([TermStatistics(10, 100, {"a": 2}), None, TermStatistics(5, 40, {"a": 1, "b": 5})])
+    assert merged == TermStatistics(15, 140, {"a": 3, "b": 5})
+    assert merge_term_statistics([None, None]) is None
