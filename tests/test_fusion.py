@@ -193,19 +193,12 @@ def test_samples_survive_a_round_trip_and_refuse_another_tokenizer():
 async def test_the_service_keeps_its_samples_in_the_state_folder(tmp_path):
     from aggregator.service import SAMPLES_FILE, Service
 
-    from .conftest import make_config, write_docs
+    from .conftest import dify_source, make_config, write_docs
     from .fakes.dify import FakeUpstream
     from .loopback import serve
 
     with serve(FakeUpstream().app()) as url:
-        extra = f"""
-        remote:
-          type: dify
-          endpoint: {url}
-          api_key: k
-          knowledge_id: x
-        """
-        config = make_config(write_docs(tmp_path / "docs"), extra, kb_connectors="[docs, remote]")
+        config = make_config(write_docs(tmp_path / "docs"), dify_source("remote", url), kb_connectors="[docs, remote]")
         config.server.state_dir = tmp_path / "state"
         from aggregator.models import RetrievalRequest
         from aggregator.pipeline import retrieve
