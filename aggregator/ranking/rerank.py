@@ -88,10 +88,14 @@ class Ranked:
     bm25: float
     proximity: float
     relevance: float = 0.0
-    calibrated: float | None = None
     calibration: str = "none"  # how the source's score was mapped: scores, ranks, trusted, ignored, none
     also_in: list[str] = field(default_factory=list)
     members: list[Candidate] = field(default_factory=list)  # every source's copy of this text, the winner among them
+
+    @property
+    def calibrated(self) -> float | None:
+        """The winning copy's calibrated source score: what the fusion used."""
+        return self.candidate.calibrated
 
 
 @dataclass(slots=True)
@@ -233,7 +237,7 @@ def rank(
     if sampled is None:
         sampled = list(samples)
     query_terms = tokenize(query)
-    statistics = query_statistics(query_terms, cache, local, sampled, settings) if (settings.sample or settings.local) else None
+    statistics = query_statistics(query_terms, cache, local, sampled, settings)
     pool = score_pool(query_terms, documents, cache, settings.bm25, statistics)
     if pool.has_pairs:
         relevance = (pool.bm25 + settings.mu * pool.proximity) / (1.0 + settings.mu)
@@ -277,9 +281,9 @@ def rank(
             if also and candidate.metadata is not None:
                 candidate.metadata["also_in"] = also
         label = how[candidate.source]
-        if value < 0.0:
-            value, label = None, ("ignored" if label == "ignored" else "none")
-        ranked.append(Ranked(candidate, score, bm25, proximity, rel, value, label, also, groups[g].members))
+        if value < 0.0 and label != "ignored":
+            label = "none"
+        ranked.append(Ranked(candidate, score, bm25, proximity, rel, label, also, groups[g].members))
     return _sorted(ranked, scores, relevance)
 
 
