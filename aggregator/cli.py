@@ -1,4 +1,4 @@
-"""`aggregator serve | validate | query | explain | check`: run the service, check a config, try and explain a query, try every source."""
+"""`aggregator serve | validate | query | explain | check | gc`: run the service, check a config, try and explain a query, try every source, tidy the state folder."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--log-level", default=os.environ.get("AGGREGATOR_LOG_LEVEL", "info"))
-    serve.add_argument("--workers", type=int, default=1, help="worker processes (each keeps its own indexes and health)")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes (they share the indexes under state_dir; one syncs each)")
     serve.add_argument("--log-format", choices=["text", "json"], default=os.environ.get("AGGREGATOR_LOG_FORMAT", "text"))
 
     check = commands.add_parser("check", help="send a real query to every source; exit 1 if any fails")
@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="check a config file; exit 1 listing every error")
     _config_arg(validate)
+
+    gc = commands.add_parser("gc", help="delete the stored indexes of sources the config no longer names")
+    _config_arg(gc)
+    gc.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
 
     query = commands.add_parser("query", help="run one retrieval in-process and print the records")
     _config_arg(query)
@@ -109,6 +113,32 @@ def cmd_validate(args: argparse.Namespace) -> int:
     kbs = ", ".join(f"{k} ({len(v.connectors)} sources)" for k, v in config.knowledge_bases.items())
     print(f"{resolve_config_path(args.config)}: OK, version {config.version}; {len(config.connectors)} connectors; knowledge bases: {kbs}")
     return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    """Stores of removed sources are kept until this runs: a source renamed or commented out by mistake keeps its index."""
+    from .state.local import folder_bytes, remove_store, unused_stores
+
+    config = _load_or_report(args.config)
+    if config is None:
+        return 1
+    root = config.server.state_dir
+    assert root is not None  # load_config fills the default
+    unused = unused_stores(root, set(config.connectors))
+    if not unused:
+        print(f"{root}: nothing to delete")
+        return 0
+    busy = 0
+    for folder in unused:
+        size = folder_bytes(folder) / 2**20
+        if args.dry_run:
+            print(f"would delete {folder} ({size:.1f} MiB)")
+        elif remove_store(folder):
+            print(f"deleted {folder} ({size:.1f} MiB)")
+        else:
+            busy += 1
+            print(f"kept {folder}: a running gateway syncs it", file=sys.stderr)
+    return 1 if busy else 0
 
 
 def format_table(records: list[dict], sources: str) -> str:
@@ -256,6 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_serve(args)
     if args.command == "validate":
         return cmd_validate(args)
+    if args.command == "gc":
+        return cmd_gc(args)
     configure_logging("warning")
     if args.command == "check":
         return asyncio.run(_check(args))

@@ -22,6 +22,8 @@ from connectors import REGISTRY
 from connectors.base import CircuitSettings, ConnectorSettings
 
 DEFAULT_CONFIG_PATH = "connectors.yaml"
+#: The state folder's name when `server.state_dir` is unset: beside the config file.
+DEFAULT_STATE_DIR = "gateway-state"
 #: The key the bundled connectors.yaml falls back to. Fine on a laptop, announced loudly at startup.
 DEV_API_KEY = "dev-only-change-me"
 
@@ -76,6 +78,9 @@ class ServerSettings(BaseModel):
     log_queries: bool = Field(False, description="Write the query text into the per-retrieval log line.")
     watch_config: bool = Field(True, description="Reload connectors.yaml when it changes.")
     max_body_bytes: int = Field(1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    state_dir: Path | None = Field(
+        None, description=f"Where indexed sources persist their index; default: {DEFAULT_STATE_DIR}/ beside connectors.yaml."
+    )
 
 
 class Defaults(BaseModel):
@@ -271,7 +276,9 @@ def load_config(path: str | os.PathLike[str] | None = None, environ: Mapping[str
 
 
 def _anchor_paths(config: GatewayConfig, base: Path) -> None:
-    """Relative `path:` settings are relative to the config file, not to the current directory."""
+    """Relative `path:` settings (and `server.state_dir`) are relative to the config file, not to the current directory."""
+    state_dir = config.server.state_dir or Path(DEFAULT_STATE_DIR)
+    config.server.state_dir = state_dir if state_dir.is_absolute() else (base / state_dir).resolve()
     for settings in config.connectors.values():
         local = getattr(settings, "path", None)
         if isinstance(local, Path) and not local.is_absolute():

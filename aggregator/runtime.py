@@ -21,6 +21,8 @@ from .circuit import CircuitBreaker
 from .config import DEV_API_KEY, GatewayConfig
 from .fanout import SourcePolicy, SourceSlot
 from .ranking.pool import TermCache
+from .state import LocalBackend
+from .state.local import unused_stores
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,8 @@ class Gateway:
         self.term_cache = previous.term_cache if previous else TermCache()
         self.slots: dict[str, SourceSlot] = {}
         self.adopted: set[str] = set()
+        #: Where indexed sources persist their index (None: each keeps a temporary one, as in tests).
+        self.state = LocalBackend(config.server.state_dir) if config.server.state_dir is not None else None
         for name in config.connectors:
             settings = config.effective(name)
             old = previous.slots.get(name) if previous else None
@@ -42,8 +46,11 @@ class Gateway:
                 self.adopted.add(name)
                 continue
             assert settings.circuit is not None  # filled from defaults by effective()
+            connector = build_connector(name, settings)
+            if self.state is not None:
+                connector.bind_state(self.state)
             self.slots[name] = SourceSlot(
-                connector=build_connector(name, settings),
+                connector=connector,
                 policy=SourcePolicy(timeout_s=settings.timeout_s or 3.0, retries=settings.retries or 0),
                 breaker=CircuitBreaker(settings.circuit),
             )
@@ -79,6 +86,11 @@ class Gateway:
 
     async def start(self) -> None:
         """Start the sources this gateway did not adopt (adopted ones are running already)."""
+        if self.state is not None and not self.adopted:
+            unused = [p.name for p in unused_stores(self.state.root, set(self.slots))]
+            if unused:
+                log.info("state of sources no longer configured in %s: %s; `aggregator gc` deletes it",
+                         self.state.root, ", ".join(unused))  # fmt: skip
         await asyncio.gather(*(s.connector.start() for n, s in self.slots.items() if n not in self.adopted))
 
     async def drain_and_close(self, keep: set[str] = frozenset(), drain_timeout: float = 30.0) -> None:

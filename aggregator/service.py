@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,9 +24,15 @@ from .ops.health import HealthRecorder, ReloadRecord, now_iso, redact
 from .ops.metrics import Metrics
 from .ops.tracing import Tracing, annotate, current_trace_id
 from .pipeline import RetrievalResult
+from .ranking.statistics import dump_samples, load_samples
 from .runtime import Gateway
+from .text.tokenize import TOKENIZER_VERSION
 
 log = logging.getLogger("aggregator")
+
+#: In the state folder: the rerank's samples of passages seen from remote sources (ranking/statistics.py).
+SAMPLES_FILE = "rerank-samples.json.gz"
+SAMPLES_SAVE_S = 300.0
 access_log = logging.getLogger("aggregator.access")
 
 
@@ -42,6 +49,7 @@ class Service:
         self._watcher: asyncio.Task[None] | None = None
         self._retiring: set[asyncio.Task[None]] = set()
         self._reload_lock = asyncio.Lock()
+        self._saver: asyncio.Task[None] | None = None
 
     @classmethod
     def from_path(cls, path: Path, tracing: Tracing | None = None) -> "Service":
@@ -51,7 +59,9 @@ class Service:
         self.gateway = Gateway(self._load())
         if self.gateway.uses_dev_key():
             log.warning("an API key is the development default %r: set AGGREGATOR_API_KEY before exposing this service", DEV_API_KEY)
+        await asyncio.to_thread(self._load_samples)
         await self.gateway.start()
+        self._saver = asyncio.create_task(self._save_samples_every(SAMPLES_SAVE_S), name="save:samples")
         if self.config_path is not None and self.gateway.config.server.watch_config:
             self._watcher = asyncio.create_task(self._watch(self.config_path), name="watch:config")
 
@@ -63,9 +73,48 @@ class Service:
         for task in list(self._retiring):
             with contextlib.suppress(Exception):
                 await task
+        if self._saver is not None:
+            self._saver.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._saver
         if self.gateway is not None:
+            await asyncio.to_thread(self._save_samples)
             await self.gateway.aclose()
         await asyncio.to_thread(self.tracing.shutdown)  # exports what is still buffered
+
+    # -- the rerank's samples of remote sources, kept across restarts ----------------------------------
+
+    def _samples_path(self) -> Path | None:
+        state_dir = self.gateway.config.server.state_dir if self.gateway is not None else None
+        return None if state_dir is None else Path(state_dir) / SAMPLES_FILE
+
+    def _load_samples(self) -> None:
+        path = self._samples_path()
+        if path is None or not path.exists() or self.gateway is None:
+            return
+        cache = self.gateway.term_cache
+        try:
+            cache.samples.update(load_samples(path.read_bytes(), cache.vocabulary, TOKENIZER_VERSION))
+        except (OSError, ValueError) as exc:
+            log.warning("%s: rerank statistics not loaded (%s); they are gathered again from the next queries", path, exc)
+
+    def _save_samples(self) -> None:
+        path = self._samples_path()
+        if path is None or self.gateway is None or not self.gateway.term_cache.samples:
+            return
+        cache = self.gateway.term_cache
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            partial = path.with_name(f".{path.name}.{os.getpid()}")
+            partial.write_bytes(dump_samples(cache.samples, cache.vocabulary, TOKENIZER_VERSION))
+            os.replace(partial, path)  # workers each write a whole file; the last one wins
+        except OSError as exc:
+            log.warning("%s: rerank statistics not saved (%s)", path, exc)
+
+    async def _save_samples_every(self, seconds: float) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            await asyncio.to_thread(self._save_samples)
 
     # -- reload ------------------------------------------------------------------------------------
 
@@ -164,6 +213,8 @@ class Service:
             "config_path": str(self.config_path) if self.config_path else None,
             "last_reload": None if reload is None else {"at": reload.at, "result": reload.result, "error": reload.error},
             "uptime_s": round(time.time() - self.health.started, 1),
+            "pid": os.getpid(),  # with --workers N, which worker answered (one of them syncs each indexed source)
+            "state_dir": str(config.server.state_dir) if config.server.state_dir else None,
             "tasks": len(asyncio.all_tasks()),
             "knowledge_bases": {kb_id: kb.connectors for kb_id, kb in config.knowledge_bases.items()},
             "sources": sources,

@@ -1,7 +1,7 @@
 """What the gateway itself costs: latency overhead, throughput, rerank time, and a large local index.
 
     python -m bench.perf                 # everything (a few minutes)
-    python -m bench.perf --only rerank   # one part: overhead, throughput, rerank, index, cpu
+    python -m bench.perf --only rerank   # one part: overhead, throughput, rerank, index, engines, cpu
     python -m bench.perf --only cpu --baseline main   # CPU per retrieval, also of another commit in the same run
 
 Every figure is compared with a baseline measured in the same run. All
@@ -17,12 +17,12 @@ import contextlib
 import gc
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -169,57 +169,332 @@ def rerank_times() -> None:
         print(f"| {n} | {statistics.median(cold):.2f} | {statistics.median(warm):.2f} | {statistics.median(score_only):.2f} | {statistics.median(okapi):.2f} |")
 
 
-def index_scale(passages: int) -> None:
-    from aggregator.text.tokenize import tokenize  # noqa: F401  (warm imports before measuring)
+def _corpus_folder(root: Path, passages: int) -> None:
+    """`passages` paragraphs of about 1,000 characters of Cranfield sentences, 10 per file: one passage each."""
     from bench._cranfield import load
+
+    docs, _, _ = load()
+    sentences = [s.strip() for d in docs for s in d.body.split(" . ") if len(s.split()) > 4]
+    rng = random.Random(11)
+    per_file = 10
+    for f in range(passages // per_file):
+        paragraphs = []
+        for _ in range(per_file):
+            text = ""
+            while len(text) < 950:
+                text += rng.choice(sentences) + ". "
+            paragraphs.append(text.strip())
+        (root / f"doc{f:06}.txt").write_text("\n\n".join(paragraphs))
+
+
+def _queries() -> list[str]:
+    from bench._cranfield import load
+
+    return [text for _, text in load()[1][:200]]
+
+
+def _pss_kib(pid: int) -> int:
+    """Proportional set size: pages shared with other processes (a mapped index) count once in all."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _workers_of(pid: int) -> list[int]:
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                cmdline = (entry / "cmdline").read_bytes()
+                if int(fields[1]) == pid and b"resource_tracker" not in cmdline:
+                    children.append(int(entry.name))
+    return children or [pid]
+
+
+def _serve_memory(config: Path, workers: int, queries: list[str]) -> tuple[float, int, float]:
+    """(seconds from process start to ready, processes, total PSS MiB after 100 queries) of `serve --workers N`."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    started = time.perf_counter()
+    command = [sys.executable, "-m", "aggregator", "serve", "--config", str(config), "--port", str(port),
+               "--log-level", "warning", "--workers", str(workers)]  # fmt: skip
+    with processes(command) as [process]:
+        wait_ready(url, timeout=120)
+        ready = time.perf_counter() - started
+        with httpx.Client(headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as client:
+            for text in queries[:100]:
+                body = {"knowledge_id": "kb", "query": text, "retrieval_setting": {"top_k": 5, "score_threshold": 0}}
+                client.post(url + "/retrieval", json=body, headers={"Connection": "close"})
+        time.sleep(0.5)
+        pids = _workers_of(process.pid)
+        total = sum(_pss_kib(p) for p in pids) / 1024
+    return ready, len(pids), total
+
+
+def index_scale(passages: int) -> None:
+    """The persistent store against today's in-memory BM25Index, on the same files, in the same run."""
+    from aggregator.ranking.bm25 import BM25Index
+    from aggregator.state import LocalBackend
+    from aggregator.text.chunking import split_passages
+    from aggregator.text.tokenize import tokenize
     from connectors.base import SourceQuery
     from connectors.files import FilesConnector, FilesSettings
 
-    docs, queries, _ = load()
-    sentences = [s.strip() for d in docs for s in d.body.split(" . ") if len(s.split()) > 4]
-    rng = random.Random(11)
+    queries = _queries()
     print(f"\n## Index scale: a `files` source of {passages:,} passages\n")
     with tempfile.TemporaryDirectory() as folder:
-        root = Path(folder)
-        per_file = 10
-        for f in range(passages // per_file):  # 10 paragraphs of ~1,000 characters per file: one passage each
-            paragraphs = []
-            for _ in range(per_file):
-                text = ""
-                while len(text) < 950:
-                    text += rng.choice(sentences) + ". "
-                paragraphs.append(text.strip())
-            (root / f"doc{f:06}.txt").write_text("\n\n".join(paragraphs))
+        root = Path(folder) / "docs"
+        root.mkdir()
+        state = Path(folder) / "state"
+        _corpus_folder(root, passages)
 
-        async def run() -> tuple[float, int, int, list[float], int]:
-            gc.collect()
-            tracemalloc.start()
-            connector = FilesConnector("big", FilesSettings(path=root, watch=False))
+        # Baseline: today's in-memory index, built as fast as one process can (read, split, tokenize, add).
+        gc.collect()
+        before = _pss_kib(os.getpid())
+        t = time.perf_counter()
+        memory, texts = BM25Index(), {}
+        for path in sorted(root.iterdir()):
+            for i, passage in enumerate(split_passages(path.read_text(), 1500)):
+                key = f"{path.name}#{i}"
+                texts[key] = passage
+                memory.add(key, tokenize(path.name) + tokenize(passage))
+        base_build = time.perf_counter() - t
+        gc.collect()
+        base_memory = (_pss_kib(os.getpid()) - before) * 1024
+        base_times = []
+        for text in queries:
             t = time.perf_counter()
+            memory.search(tokenize(text), 20)
+            base_times.append((time.perf_counter() - t) * 1000)
+        del memory, texts
+        gc.collect()
+
+        async def build_and_restart() -> tuple[float, float, float, list[float], int, float | None]:
+            connector = FilesConnector("big", FilesSettings(path=root, watch=False))
+            connector.bind_state(LocalBackend(state))
+            lags: list[float] = []
+
+            async def ticker() -> None:  # how long the event loop is held while the build runs
+                while True:
+                    t0 = time.perf_counter()
+                    await asyncio.sleep(0.005)
+                    lags.append((time.perf_counter() - t0) * 1000 - 5)
+
+            tick = asyncio.create_task(ticker())
+            t0 = time.perf_counter()
             await connector.start()
             await connector.wait_ready(3600)
-            build = time.perf_counter() - t
-            _, peak = tracemalloc.get_traced_memory()
-            gc.collect()
-            current, _ = tracemalloc.get_traced_memory()
-            tracemalloc.stop()
-            times = []
-            for _, text in queries[:200]:
-                t = time.perf_counter()
+            build = time.perf_counter() - t0
+            tick.cancel()
+            rate = connector.stats().passages_per_s
+            await connector.aclose()
+            t0 = time.perf_counter()
+            connector = FilesConnector("big", FilesSettings(path=root, watch=False))
+            connector.bind_state(LocalBackend(state))
+            await connector.start()
+            await connector.wait_ready(3600)
+            restart = time.perf_counter() - t0
+            await asyncio.wait_for(connector._first_attempt.wait(), 600)  # its background sync (nothing changed) is done
+            for text in queries[:10]:
                 await connector.search(SourceQuery(text, 20))
-                times.append((time.perf_counter() - t) * 1000)
+            times = []
+            for text in queries:
+                t0 = time.perf_counter()
+                await connector.search(SourceQuery(text, 20))
+                times.append((time.perf_counter() - t0) * 1000)
             count = connector.stats().passages
             await connector.aclose()
-            return build, current, peak, times, count
+            return build, restart, pct(lags, 0.99), times, count, rate
 
-        build, current, peak, times, count = asyncio.run(run())
-    print("| passages indexed | build s | memory held MiB | peak MiB | query p50 ms | query p95 ms |\n| ---: | ---: | ---: | ---: | ---: | ---: |")
-    print(f"| {count:,} | {build:.1f} | {current / 2**20:.0f} | {peak / 2**20:.0f} | {pct(times, .5):.1f} | {pct(times, .95):.1f} |")
+        build, restart, lag, times, count, rate = asyncio.run(build_and_restart())
+        disk = sum(p.stat().st_size for p in (state / "big").iterdir()) / 2**20
+
+        config = Path(folder) / "connectors.yaml"
+        empty = Path(folder) / "empty"
+        empty.mkdir()
+        for target, name in ((root, "full"), (empty, "empty")):
+            (Path(folder) / f"{name}.yaml").write_text(
+                f"server:\n  api_keys: [{{key: {KEY}}}]\n  watch_config: false\n  state_dir: {state}\n"
+                f"knowledge_bases:\n  kb: {{connectors: [big]}}\nconnectors:\n  big: {{type: files, path: {target}, watch: false}}\n"
+            )
+        del config
+        served = {}
+        for name in ("empty", "full"):
+            if name == "empty":
+                shutil.rmtree(state / "big", ignore_errors=True)  # the empty folder's own (tiny) store
+            for workers in (1, 3):
+                served[name, workers] = _serve_memory(Path(folder) / f"{name}.yaml", workers, queries)
+            if name == "empty":  # rebuild the full store once so the served runs start from a persisted index
+                shutil.rmtree(state / "big", ignore_errors=True)
+                _serve_memory(Path(folder) / "full.yaml", 1, queries[:1])
+
+    held = {w: served["full", w][2] - served["empty", w][2] for w in (1, 3)}
+    print(f"{count:,} passages in {passages // 10:,} files; queries: 200 Cranfield queries, 20 results each.\n")
+    print("| index | first build s | restart to ready s | query p50 ms | query p95 ms | memory MiB | disk MiB |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(f"| in-memory `BM25Index` (baseline: read, split, tokenize, add; one process) | {base_build:.1f} | {base_build:.1f} (rebuilt) "
+          f"| {pct(base_times, .5):.2f} | {pct(base_times, .95):.2f} | {base_memory / 2**20:.0f} (PSS growth) | 0 |")
+    print(f"| persistent store (`files` source, in-process) | {build:.1f} | {restart:.2f} | {pct(times, .5):.2f} "
+          f"| {pct(times, .95):.2f} | {held[1]:.0f} (one worker, PSS over an empty source) | {disk:.0f} |")
+    print(f"\nBuild rate reported in /status: {rate} passages/s; event loop held at most {lag:.1f} ms (p99 of 5 ms ticks) during the build.\n")
+    print("| `aggregator serve` on the persisted store | workers | process start to ready s | PSS MiB, all workers | over an empty source MiB |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for workers in (1, 3):
+        ready, procs, total = served["full", workers]
+        print(f"| {workers} worker(s) | {procs} | {ready:.2f} | {total:.0f} | {held[workers]:.0f} |")
+    print(f"\nIndex memory of 3 workers / 1 worker: **{held[3] / held[1]:.2f}×** (goal ≤ 1.5×).")
+
+
+def _engine_corpus(passages: int) -> tuple[list[list[str]], list[list[str]]]:
+    """Pre-tokenized passages (as `_corpus_folder` writes them) and pre-tokenized queries."""
+    from aggregator.text.tokenize import tokenize
+    from bench._cranfield import load
+
+    docs, _, _ = load()
+    sentences = [s.strip() for d in docs for s in d.body.split(" . ") if len(s.split()) > 4]
+    rng = random.Random(11)
+    corpus = []
+    for _ in range(passages):
+        text = ""
+        while len(text) < 950:
+            text += rng.choice(sentences) + ". "
+        corpus.append(tokenize(text))
+    return corpus, [tokenize(q) for q in _queries()]
+
+
+def _agreement(reference: list[list[tuple[int, float]]], found: list[list[tuple[int, float]]]) -> tuple[float, float]:
+    """Share of the reference top 20 found in the engine's top 20, and the largest relative score error over them."""
+    overlap, error = [], 0.0
+    for want, got in zip(reference, found):
+        if not want:
+            continue
+        scores = dict(got)
+        overlap.append(len(set(scores) & {k for k, _ in want}) / len(want))
+        for key, score in want:
+            if key in scores:
+                error = max(error, abs(scores[key] - score) / score)
+    return statistics.mean(overlap), error
+
+
+def engines(passages: int) -> None:
+    """The candidates for the persistent index, on the same pre-tokenized passages, scored against bm25.py."""
+    import math
+    import sqlite3
+    from collections import Counter
+
+    from aggregator.ranking.bm25 import K1, BM25Index, idf
+    from aggregator.state import LocalBackend, PreparedDocument, SyncStatus
+
+    corpus, queries = _engine_corpus(passages)
+    print(f"\n## Engines: {passages:,} pre-tokenized passages of about 1,000 characters, 200 queries, top 20\n")
+    rows = []
+
+    def timed(search) -> tuple[list[float], list[list[tuple[int, float]]]]:  # type: ignore[no-untyped-def]
+        for terms in queries[:10]:
+            search(terms)
+        times, answers = [], []
+        for terms in queries:
+            t = time.perf_counter()
+            answers.append(search(terms))
+            times.append((time.perf_counter() - t) * 1000)
+        return times, answers
+
+    # The reference: today's in-memory index, which computes the formula of bm25.py.
+    t = time.perf_counter()
+    memory = BM25Index()
+    for pid, terms in enumerate(corpus):
+        memory.add(pid, terms)
+    build = time.perf_counter() - t
+    times, reference = timed(lambda terms: memory.search(terms, 20))
+    rows.append(("in-memory `BM25Index` (today; the reference)", build, times, 0.0, 1.0, 0.0, "exact"))
+
+    with tempfile.TemporaryDirectory() as folder:
+        # The chosen store: SQLite for documents and text, numpy segments for postings.
+        store = LocalBackend(Path(folder) / "numpy").open("bench", "fp")
+        store.try_lead()
+        writer = store.open_writer()
+        t = time.perf_counter()
+        for start in range(0, len(corpus), 5000):
+            batch = [PreparedDocument(str(pid), "1", "", None, {}, [("", terms)]) for pid, terms in enumerate(corpus[start : start + 5000], start)]
+            writer.apply(batch, [], SyncStatus())
+        writer.finish(SyncStatus())
+        build = time.perf_counter() - t
+        times, found = timed(lambda terms: [(int(p.document_id), p.score) for p in store.search(terms, 20)])
+        disk = sum(p.stat().st_size for p in (Path(folder) / "numpy" / "bench").iterdir())
+        overlap, error = _agreement(reference, found)
+        rows.append(("numpy segments + SQLite (chosen)", build, times, disk, overlap, error, "bm25.py's formula; df exact after removals"))
+        store.close()
+
+        # SQLite FTS5, standard library; the terms as space-separated text.
+        db = sqlite3.connect(Path(folder) / "fts5.sqlite3")
+        db.execute("CREATE VIRTUAL TABLE p USING fts5(terms, tokenize = 'unicode61 remove_diacritics 0')")
+        t = time.perf_counter()
+        with db:
+            db.executemany("INSERT INTO p (rowid, terms) VALUES (?, ?)", ((pid, " ".join(terms)) for pid, terms in enumerate(corpus)))
+        db.execute("INSERT INTO p (p) VALUES ('optimize')")
+        build = time.perf_counter() - t
+
+        def fts5(terms: list[str]) -> list[tuple[int, float]]:
+            match = " OR ".join(f'"{term}"' for term in dict.fromkeys(terms))
+            rows = db.execute("SELECT rowid, -bm25(p) FROM p WHERE p MATCH ? ORDER BY bm25(p) LIMIT 20", (match,)).fetchall()
+            return [(pid, score) for pid, score in rows]
+
+        times, found = timed(fts5)
+        disk = (Path(folder) / "fts5.sqlite3").stat().st_size
+        overlap, _ = _agreement(reference, found)
+        rows.append(("SQLite FTS5 `bm25()`", build, times, disk, overlap, float("nan"), "its own idf (log((N-n+0.5)/(n+0.5)), floored), query terms counted once"))
+        db.close()
+
+        try:
+            import tantivy
+        except ImportError:
+            print("(tantivy not installed: `pip install -e '.[bench]'` to include it)\n")
+            tantivy = None
+        if tantivy is not None:
+            builder = tantivy.SchemaBuilder()
+            builder.add_text_field("terms", tokenizer_name="whitespace", index_option="freq")
+            builder.add_unsigned_field("pid", stored=True)
+            schema = builder.build()
+            (Path(folder) / "tantivy").mkdir()
+            index = tantivy.Index(schema, path=str(Path(folder) / "tantivy"))
+            t = time.perf_counter()
+            writer = index.writer(heap_size=256_000_000, num_threads=2)
+            for pid, terms in enumerate(corpus):
+                writer.add_document(tantivy.Document(pid=pid, terms=" ".join(terms)))
+            writer.commit()
+            writer.wait_merging_threads()
+            index.reload()
+            build = time.perf_counter() - t
+            searcher = index.searcher()
+            n = searcher.num_docs
+
+            def tantivy_search(terms: list[str]) -> list[tuple[int, float]]:
+                counts = Counter(terms)
+                query = tantivy.Query.boolean_query(
+                    [(tantivy.Occur.Should, tantivy.Query.term_query(schema, "terms", term)) for term in terms]
+                )
+                ceiling = sum(q * idf(n, searcher.doc_freq("terms", term)) * (K1 + 1) for term, q in counts.items())
+                hits = searcher.search(query, 20).hits
+                return [(searcher.doc(address)["pid"][0], score / ceiling) for score, address in hits] if ceiling else []
+
+            times, found = timed(tantivy_search)
+            disk = sum(p.stat().st_size for p in (Path(folder) / "tantivy").rglob("*") if p.is_file())
+            overlap, error = _agreement(reference, found)
+            version = tantivy.__version__.replace("tantivy", "").split(",")[0].strip()
+            rows.append((f"tantivy {version} (Rust, on-disk segments)",
+                         build, times, disk, overlap, error, "lengths rounded to one byte; df counts deleted documents until a merge"))  # fmt: skip
+    print("| engine | build s | query p50 ms | query p95 ms | disk MiB | top-20 agreement | largest score error | scoring |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    for name, build, times, disk, overlap, error, note in rows:
+        shown = "–" if math.isnan(error) else f"{error:.1e}"
+        print(f"| {name} | {build:.1f} | {pct(times, .5):.2f} | {pct(times, .95):.2f} | {disk / 2**20:.0f} | {overlap:.3f} | {shown} | {note} |")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["overhead", "throughput", "rerank", "index", "cpu"])
+    parser.add_argument("--only", choices=["overhead", "throughput", "rerank", "index", "engines", "cpu"])
     parser.add_argument("--seconds", type=float, default=10.0, help="duration of the throughput run")
     parser.add_argument("--passages", type=int, default=100_000)
     parser.add_argument("--requests", type=int, default=2000, help="cpu: retrievals per batch")
@@ -233,7 +508,7 @@ def main() -> int:
 
     parts = {
         "overhead": overhead, "throughput": lambda: throughput(args.seconds), "rerank": rerank_times,
-        "index": lambda: index_scale(args.passages),
+        "index": lambda: index_scale(args.passages), "engines": lambda: engines(args.passages),
         "cpu": lambda: _cpu.run(args.requests, args.rounds, args.baseline, args.all_clients, not args.no_profile),
     }  # fmt: skip
     for name, part in parts.items():

@@ -1,10 +1,18 @@
 """Shared machinery for sources that have no search API of their own (files, S3, Notion).
 
 A subclass says how to list its documents with a version token (mtime, ETag,
-last_edited_time) and how to fetch one; this class keeps a BM25 index of
-their passages fresh: the first sync runs in the background at start, later
-ones every `refresh_s` or when `trigger_refresh()` is called, and each sync
-fetches only what is new or changed and drops what disappeared.
+last_edited_time) and how to fetch them; this class keeps their passages in a
+persistent index store (`aggregator.state`) shared by every worker process:
+
+- the store lives under `server.state_dir` and survives restarts: a source
+  serves what is stored at once and syncs only documents whose version changed;
+- one process per source syncs it (the store's lock); the others answer from
+  the same store and pick up each commit at their next query;
+- a sync fetches in batches, splits and tokenizes off the event loop, and
+  commits every few thousand passages, so requests are answered while it runs
+  and a killed sync loses at most its last batch;
+- later syncs run every `refresh_s`, or at once when `trigger_refresh()` is
+  called (a file watcher does).
 """
 
 from __future__ import annotations
@@ -13,15 +21,19 @@ import abc
 import asyncio
 import contextlib
 import logging
+import shutil
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from itertools import count
-from collections.abc import Sequence
-from typing import Any, ClassVar
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
 
 from pydantic import Field
 
-from aggregator.ranking.bm25 import BM25Index
+from aggregator.state import IndexStore, LocalBackend, PreparedDocument, StateBackend, StoredPassage, SyncStatus, settings_fingerprint
 from aggregator.text.chunking import split_passages
 from aggregator.text.tokenize import tokenize
 
@@ -30,6 +42,15 @@ from .base import (
 )  # fmt: skip
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: How often a process that is not the syncer asks for the lock (and so how soon it takes over).
+LEAD_POLL_S = 1.0
+#: A sync commits when this many passages are waiting, or when COMMIT_EVERY_S has passed since its last commit.
+COMMIT_PASSAGES = 5_000
+COMMIT_EVERY_S = 2.0
+#: Names of skipped documents kept for /status (the count is always whole).
+SKIPPED_NAMES_SHOWN = 100
 
 
 class IndexedSettings(ConnectorSettings):
@@ -48,31 +69,36 @@ class Document:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(slots=True)
-class _Indexed:
-    version: str
-    keys: list[int]
-
-
 def iso_utc(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, tz=timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def now_iso() -> str:
+    return iso_utc(time.time())
 
 
 class IndexedConnector(Connector):
     settings: IndexedSettings
     #: How many documents are fetched at once during a sync.
     fetch_concurrency: ClassVar[int] = 8
+    #: Documents handed to `fetch_many` at a time.
+    batch_size: ClassVar[int] = 64
+    #: Settings that do not change what is indexed: editing them keeps the stored index.
+    runtime_fields: ClassVar[frozenset[str]] = frozenset(
+        {"weight", "timeout_s", "retries", "circuit", "refresh_s", "watch", "requests_per_second", "verify_tls"}
+    )
 
     def __init__(self, name: str, settings: IndexedSettings) -> None:
         super().__init__(name, settings)
-        self._index = BM25Index()
-        self._passages: dict[int, Passage] = {}
-        self._documents: dict[str, _Indexed] = {}
-        self._ids = count()
-        self._stats = SourceStats()
-        self._first_sync = asyncio.Event()
+        self._backend: StateBackend | None = None
+        self._ephemeral: str | None = None  # a temporary state folder when no backend was bound
+        self._store: IndexStore | None = None
+        self._status = SyncStatus()
+        self._skipped: tuple[int, list[str]] = (0, [])
+        self._first_attempt = asyncio.Event()  # this process finished (or failed) a sync as the syncer
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._executor: ThreadPoolExecutor | None = None
 
     # -- what a subclass provides -------------------------------------------------------------
 
@@ -84,27 +110,98 @@ class IndexedConnector(Connector):
     async def fetch(self, document_id: str) -> Document | None:
         """One document, or None if it vanished or must be skipped since listing."""
 
+    async def fetch_many(self, document_ids: Sequence[str]) -> list[Document | None | BaseException]:
+        """A batch of documents, `fetch_concurrency` at a time; a failure is returned in its place."""
+        gate = asyncio.Semaphore(self.fetch_concurrency)
+
+        async def one(document_id: str) -> Document | None:
+            async with gate:
+                return await self.fetch(document_id)
+
+        return list(await asyncio.gather(*(one(d) for d in document_ids), return_exceptions=True))
+
+    def on_lead(self) -> None:
+        """Called once when this process becomes the source's syncer (a file watcher starts here)."""
+
+    # -- state ------------------------------------------------------------------------------------
+
+    def bind_state(self, backend: StateBackend) -> None:
+        """Keep the index in `backend` (the gateway passes the one of `server.state_dir`)."""
+        self._backend = backend
+
+    def fingerprint(self) -> str:
+        """The settings that shape the index: a stored index of other settings is never served."""
+        shaping = self.settings.model_dump(mode="json", exclude=set(self.runtime_fields))
+        shaping["chunk_chars"] = self.settings.chunk_chars or 1500
+        shaping["source_name"] = self.name
+        return settings_fingerprint(shaping)
+
+    def _open_store(self) -> IndexStore:
+        if self._store is None:
+            backend = self._backend
+            if backend is not None:
+                try:
+                    self._store = backend.open(self.name, self.fingerprint())
+                except OSError as exc:  # e.g. a read-only state_dir: serve anyway, and say so
+                    problem = f"the state folder cannot be used ({exc.strerror or exc}); the index is kept in a temporary folder until restart"
+                    log.error("source %s: %s", self.name, problem)
+                    self._status.last_error, self._status.last_outcome = problem, "error"
+            if self._store is None:  # used on its own (tests, tools), or no usable state folder: private, removed at close
+                self._ephemeral = tempfile.mkdtemp(prefix=f"gateway-{self.name}-")
+                self._store = LocalBackend(Path(self._ephemeral)).open(self.name, self.fingerprint())
+        return self._store
+
     # -- lifecycle -------------------------------------------------------------------------------
 
     @property
     def ready(self) -> bool:
-        return self._first_sync.is_set()
+        """Ready once the store holds a finished sync of these settings (this process's or the syncer's)."""
+        if self._first_attempt.is_set():
+            return True
+        store = self._store
+        return store is not None and store.info().synced_once
+
+    @property
+    def syncing_here(self) -> bool:
+        return self._store is not None and self._store.leading
 
     def term_statistics(self, terms: Sequence[str]) -> TermStatistics:
-        index = self._index
-        return TermStatistics(len(index), index.total_length, index.document_frequencies(terms))
+        if self._store is None:
+            return TermStatistics(0, 0, {t: 0 for t in terms})
+        passages, total_length, frequencies = self._store.term_statistics(terms)
+        return TermStatistics(passages, total_length, frequencies)
 
     def stats(self) -> SourceStats:
-        self._stats.documents = len(self._documents)
-        self._stats.passages = len(self._passages)
-        return self._stats
+        store = self._store
+        info = store.info() if store is not None else None
+        status = self._status if self.syncing_here or info is None else info.status
+        return SourceStats(
+            documents=info.documents if info else 0,
+            passages=info.passages if info else 0,
+            last_refresh=status.last_sync,
+            last_refresh_error=status.last_error,
+            last_refresh_outcome=status.last_outcome,
+            skipped=status.skipped,
+            skipped_paths=list(status.skipped_paths),
+            store_bytes=info.bytes_on_disk if info else 0,
+            syncing=status.syncing,
+            sync_done=status.done,
+            sync_total=status.total,
+            passages_per_s=status.passages_per_s,
+            syncer=self.syncing_here,
+        )
 
     async def start(self) -> None:
         if self._task is None:
+            self._open_store()
             self._task = asyncio.create_task(self._run(), name=f"sync:{self.name}")
 
     async def wait_ready(self, timeout: float | None = None) -> None:
-        await asyncio.wait_for(self._first_sync.wait(), timeout)
+        async def until_ready() -> None:
+            while not self.ready:
+                await asyncio.sleep(0.02)
+
+        await asyncio.wait_for(until_ready(), timeout)
 
     def trigger_refresh(self) -> None:
         """Ask for a sync now (a file watcher calls this)."""
@@ -116,30 +213,68 @@ class IndexedConnector(Connector):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        executor, self._executor = self._executor, None
+        if executor is not None:  # let a commit in progress finish before the store (and its lock) goes
+            await asyncio.to_thread(executor.shutdown, True)
+        store, self._store = self._store, None
+        if store is not None:
+            store.close()
+        if self._ephemeral is not None:
+            shutil.rmtree(self._ephemeral, ignore_errors=True)
+            self._ephemeral = None
+
+    async def _blocking(self, function: Callable[..., T], *args: Any) -> T:
+        """Run store I/O on this source's own thread: one at a time, in order, off the event loop."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"sync-{self.name}")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
 
     async def _run(self) -> None:
+        store = self._open_store()
+        while not store.leading:
+            if await self._blocking(store.try_lead):
+                break
+            store.refresh()
+            await asyncio.sleep(LEAD_POLL_S)
+        log.info("source %s: this process syncs it", self.name)
+        published = store.info()
+        self._status = published.status if published.synced_once else SyncStatus()
+        self._status.syncing = False
+        try:
+            writer = await self._blocking(store.open_writer)
+        except Exception:
+            log.exception("source %s: cannot open its index store", self.name)
+            self._status.last_error, self._status.last_outcome = "the index store cannot be opened (see the log)", "error"
+            self._first_attempt.set()
+            return
+        self.on_lead()
         while True:
             wait = self.settings.refresh_s
+            status = self._status
             try:
                 await self.sync()
-                self._stats.last_refresh_error = self._stats.last_refresh_outcome = None
-                self._first_sync.set()
+                status.last_error = status.last_outcome = None
+                self._first_attempt.set()
             except asyncio.CancelledError:
                 raise
             except RateLimited as exc:
                 # A pause the source asked for: what is indexed stays, the sync resumes when it said.
-                self._stats.last_refresh_error, self._stats.last_refresh_outcome = str(exc), exc.outcome
+                status.last_error, status.last_outcome = str(exc), exc.outcome
                 wait = min(wait, exc.retry_after if exc.retry_after is not None else 30.0)
                 log.info("source %s: rate limited during sync; resuming in %.0f s", self.name, wait)
             except SourceError as exc:
-                self._stats.last_refresh_error, self._stats.last_refresh_outcome = str(exc), exc.outcome
+                status.last_error, status.last_outcome = str(exc), exc.outcome
                 log.warning("source %s: sync failed: %s", self.name, exc)
-                self._first_sync.set()  # a source that cannot sync must not keep the whole service unready
+                self._first_attempt.set()  # a source that cannot sync must not keep the whole service unready
             except Exception as exc:  # a bug in a connector must not stop the refresh loop
-                self._stats.last_refresh_error = f"{type(exc).__name__}: {exc}"
-                self._stats.last_refresh_outcome = "error"
+                status.last_error, status.last_outcome = f"{type(exc).__name__}: {exc}", "error"
                 log.exception("source %s: sync failed", self.name)
-                self._first_sync.set()
+                self._first_attempt.set()
+            status.syncing = False
+            status.last_sync = now_iso()
+            if status.last_outcome != RateLimited.outcome:
+                with contextlib.suppress(Exception):
+                    await self._blocking(writer.finish, status)
             self._wake.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), wait)
@@ -147,90 +282,109 @@ class IndexedConnector(Connector):
     # -- syncing ---------------------------------------------------------------------------------
 
     async def sync(self) -> None:
-        """Bring the index in line with the source: fetch new and changed documents, drop removed ones."""
+        """Bring the store in line with the source: fetch new and changed documents, drop removed ones."""
+        store = self._open_store()
+        if not store.leading and not await self._blocking(store.try_lead):
+            return  # another process syncs this source
+        writer = await self._blocking(store.open_writer)
+        stored = writer.versions()
         versions = await self.list_versions()
-        for document_id in [d for d in self._documents if d not in versions]:
-            self._drop(document_id)
-        stale = [d for d, v in versions.items() if d not in self._documents or self._documents[d].version != v]
-        gate = asyncio.Semaphore(self.fetch_concurrency)
+        status = self._status
+        removed = sorted(d for d in stored if d not in versions)
+        stale = sorted(d for d, v in versions.items() if stored.get(d) != v)
+        status.syncing, status.done, status.total, status.started_at = True, 0, len(stale), now_iso()
+        status.skipped, status.skipped_paths = self._skipped[0], self._skipped[1][:SKIPPED_NAMES_SHOWN]
         chunk_chars = self.settings.chunk_chars or 1500
+        pending: list[PreparedDocument] = []
+        gone: list[str] = list(removed)
+        waiting = 0
+        last_commit = time.monotonic()
+        started = time.monotonic()
+        indexed = 0
+        failures: list[BaseException] = []
 
-        async def load(document_id: str) -> None:
-            async with gate:
-                document = await self.fetch(document_id)
-            if document is None:
-                self._drop(document_id)
-                return
-            prepared = await asyncio.to_thread(_prepare, document, chunk_chars)
-            self._replace(document, prepared)
+        async def commit() -> None:
+            nonlocal pending, gone, waiting, last_commit, indexed
+            if pending or gone:
+                await self._blocking(writer.apply, pending, gone, status)
+                indexed += waiting
+            pending, gone, waiting, last_commit = [], [], 0, time.monotonic()
 
-        results = await asyncio.gather(*(load(d) for d in stale), return_exceptions=True)
-        failures = [r for r in results if isinstance(r, BaseException)]
-        self._stats.last_refresh = iso_utc(datetime.now(timezone.utc).timestamp())
-        for failure in failures:
-            if isinstance(failure, asyncio.CancelledError):
-                raise failure
+        for start in range(0, len(stale), self.batch_size):
+            batch = stale[start : start + self.batch_size]
+            results = await self.fetch_many(batch)
+            documents = []
+            for document_id, result in zip(batch, results):
+                if isinstance(result, BaseException):
+                    if isinstance(result, asyncio.CancelledError):
+                        raise result
+                    failures.append(result)
+                elif result is None:
+                    if document_id in stored:
+                        gone.append(document_id)
+                else:
+                    documents.append(result)
+            prepared = await asyncio.to_thread(prepare_documents, documents, chunk_chars)
+            pending.extend(prepared)
+            waiting += sum(len(p.passages) for p in prepared)
+            status.done += len(batch)
+            elapsed = time.monotonic() - started
+            status.passages_per_s = round((indexed + waiting) / elapsed, 1) if elapsed > 0 else None
+            if waiting >= COMMIT_PASSAGES or time.monotonic() - last_commit >= COMMIT_EVERY_S:
+                await commit()
+            if any(isinstance(f, RateLimited) for f in failures):
+                break  # the source asked for a pause: keep what was fetched, resume later
+        await commit()
+        if indexed and time.monotonic() > started:
+            status.passages_per_s = round(indexed / (time.monotonic() - started), 1)
         limited = [f for f in failures if isinstance(f, RateLimited)]
         if limited:
             raise limited[0]
         if failures:
-            raise failures[0] if isinstance(failures[0], SourceError) else SourceError(
-                f"{len(failures)} of {len(stale)} documents could not be read: {failures[0]}"
+            first = failures[0]
+            raise first if isinstance(first, SourceError) else SourceError(
+                f"{len(failures)} of {len(stale)} documents could not be read: {first}"
             )
 
-    def _drop(self, document_id: str) -> None:
-        indexed = self._documents.pop(document_id, None)
-        if indexed is None:
-            return
-        for key in indexed.keys:
-            self._index.remove(key)
-            self._passages.pop(key, None)
-
-    def _replace(self, document: Document, prepared: list[tuple[str, list[str]]]) -> None:
-        self._drop(document.document_id)
-        keys: list[int] = []
-        for chunk_index, (content, terms) in enumerate(prepared):
-            key = next(self._ids)
-            self._passages[key] = Passage(
-                content=content,
-                title=document.title,
-                document_id=document.document_id,
-                chunk_index=chunk_index,
-                metadata=document.metadata,
-                updated_at=document.updated_at,
-            )
-            self._index.add(key, terms)
-            keys.append(key)
-        self._documents[document.document_id] = _Indexed(document.version, keys)
+    def set_skipped(self, count: int, names: Sequence[str] = ()) -> None:
+        """A listing reports what it left out (counted, and named where naming helps); /status shows it."""
+        self._skipped = (count, sorted(names))
 
     # -- searching -------------------------------------------------------------------------------
 
     async def search(self, query: SourceQuery) -> list[Passage]:
+        store = self._store
+        if store is None:
+            return []
         accept = None
         if query.accepts is not None:
-            predicate, passages = query.accepts, self._passages
+            predicate = query.accepts
 
-            def accept(key: object) -> bool:
-                return predicate(record_metadata(passages[key], self.name, self.type))  # type: ignore[index]
+            def accept(stored: StoredPassage) -> bool:
+                return predicate(record_metadata(_passage(stored), self.name, self.type))
 
-        hits = self._index.search(tokenize(query.text), query.limit, accept)
-        return [_scored(self._passages[key], score, rank) for rank, (key, score) in enumerate(hits, start=1)]  # type: ignore[index]
-
-
-def _prepare(document: Document, chunk_chars: int) -> list[tuple[str, list[str]]]:
-    """Split and tokenize off the event loop; the title is indexed with every passage."""
-    title_terms = tokenize(document.title)
-    return [(p, title_terms + tokenize(p)) for p in split_passages(document.text, chunk_chars)]
+        hits = store.search(tokenize(query.text), query.limit, accept)
+        return [_passage(hit, rank) for rank, hit in enumerate(hits, start=1)]
 
 
-def _scored(passage: Passage, score: float, rank: int) -> Passage:
+def prepare_documents(documents: Sequence[Document], chunk_chars: int) -> list[PreparedDocument]:
+    """Split and tokenize (off the event loop); the title is indexed with every passage."""
+    prepared = []
+    for document in documents:
+        title_terms = tokenize(document.title)
+        passages = [(p, title_terms + tokenize(p)) for p in split_passages(document.text, chunk_chars)]
+        prepared.append(PreparedDocument(document.document_id, document.version, document.title, document.updated_at, document.metadata, passages))
+    return prepared
+
+
+def _passage(stored: StoredPassage, rank: int | None = None) -> Passage:
     return Passage(
-        content=passage.content,
-        title=passage.title,
-        document_id=passage.document_id,
-        chunk_index=passage.chunk_index,
-        metadata=passage.metadata,
-        updated_at=passage.updated_at,
-        source_score=score,
+        content=stored.content,
+        title=stored.title,
+        document_id=stored.document_id,
+        chunk_index=stored.chunk_index,
+        metadata=stored.metadata,
+        updated_at=stored.updated_at,
+        source_score=stored.score if rank is not None else None,
         source_rank=rank,
     )

@@ -23,9 +23,12 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from aggregator.state import StateBackend
 
 
 class CircuitSettings(BaseModel):
@@ -137,7 +140,14 @@ class SourceStats:
     last_refresh: str | None = None  # ISO 8601
     last_refresh_error: str | None = None
     last_refresh_outcome: str | None = None  # the failed sync's SourceError.outcome, e.g. "auth_failed"
-    skipped: int = 0  # documents left out (too large, unreadable), counted not hidden
+    skipped: int = 0  # documents left out (too large, unreadable, outside the folder), counted not hidden
+    skipped_paths: list[str] = field(default_factory=list)  # names of those left out for a reason to act on
+    store_bytes: int = 0  # size of the persisted index on disk
+    syncing: bool = False  # a sync is running now
+    sync_done: int = 0  # documents fetched so far by the running (or last) sync
+    sync_total: int = 0  # documents that sync had to fetch
+    passages_per_s: float | None = None  # indexing rate of the last sync that indexed something
+    syncer: bool = False  # this process is the one that syncs the source
 
 
 class SourceError(Exception):
@@ -216,6 +226,10 @@ class Connector(abc.ABC):
         Called once per query on the event loop, so it must be cheap (a lookup, no I/O).
         """
         return None
+
+    def bind_state(self, backend: "StateBackend") -> None:
+        """Where a source that keeps state (an index) persists it; the gateway calls this before `start()`.
+        Sources that keep nothing ignore it."""
 
     async def start(self) -> None:
         """Open clients and start background work. Must not block on a slow sync."""

@@ -4,6 +4,11 @@ The folder is watched (inotify through `watchfiles`, where the platform has
 it) so that an added, changed or removed file is searchable within about a
 second; a full rescan every `refresh_s` catches anything a watcher can miss
 (network filesystems, editors that swap files).
+
+The source stays inside its folder: a file whose real path is elsewhere (a
+symlink to `/etc/passwd`, a linked directory outside) is skipped and named in
+/status, unless `follow_symlinks: true`. A documentation folder is often a git
+checkout, where anyone who can commit can add a symlink.
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ import asyncio
 import contextlib
 import fnmatch
 import logging
+import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -34,6 +41,7 @@ class FilesSettings(IndexedSettings):
     exclude: list[str] = Field(default_factory=list)
     max_file_bytes: int = Field(5 * 1024 * 1024, ge=1)
     watch: bool = Field(True, description="React to changes at once instead of waiting for refresh_s.")
+    follow_symlinks: bool = Field(False, description="Index files whose real path is outside the folder (through symlinks).")
 
     @field_validator("include", "exclude")
     @classmethod
@@ -61,10 +69,9 @@ class FilesConnector(IndexedConnector):
     def __init__(self, name: str, settings: FilesSettings) -> None:
         super().__init__(name, settings)
         self._watcher: asyncio.Task[None] | None = None
-        self._sizes: dict[str, int] = {}
 
-    async def start(self) -> None:
-        await super().start()
+    def on_lead(self) -> None:
+        """Only the process that syncs the folder watches it."""
         if self.settings.watch and self._watcher is None:
             self._watcher = asyncio.create_task(self._watch(), name=f"watch:{self.name}")
 
@@ -97,23 +104,37 @@ class FilesConnector(IndexedConnector):
         root = self.settings.path
         if not root.is_dir():
             raise SourceError(f"folder {root} does not exist or is not a directory")
+        real_root = root.resolve()
         found: dict[str, str] = {}
-        sizes: dict[str, int] = {}
         skipped = 0
+        outside: list[str] = []
         for pattern in self.settings.include:
             for path in root.glob(pattern):
                 relative = path.relative_to(root).as_posix()
-                if relative in found or not path.is_file() or self._excluded(relative):
+                if relative in found or relative in outside or self._excluded(relative):
                     continue
-                stat = path.stat()
+                try:
+                    if not path.is_file():
+                        continue
+                    if not self.settings.follow_symlinks and not self._inside(path, real_root):
+                        outside.append(relative)
+                        continue
+                    stat = path.stat()
+                except OSError:  # vanished, or a link loop: not a document
+                    continue
                 if stat.st_size > self.settings.max_file_bytes:
                     skipped += 1
                     continue
                 found[relative] = f"{stat.st_mtime_ns}:{stat.st_size}"
-                sizes[relative] = stat.st_size
-        self._stats.skipped = skipped
-        self._sizes = sizes
+        if outside:
+            log.warning("source %s: %d file(s) lead outside the folder and are skipped (follow_symlinks: false): %s",
+                        self.name, len(outside), ", ".join(sorted(outside)[:5]))  # fmt: skip
+        self.set_skipped(skipped + len(outside), outside)
         return found
+
+    @staticmethod
+    def _inside(path: Path, real_root: Path) -> bool:
+        return path.resolve().is_relative_to(real_root)
 
     def _excluded(self, relative: str) -> bool:
         """`exclude` globs match the relative path; `*` may span folders, so `drafts/*` drops a whole tree."""
@@ -125,9 +146,17 @@ class FilesConnector(IndexedConnector):
     def _read(self, relative: str) -> Document | None:
         path = self.settings.path / relative
         try:
-            stat = path.stat()
-            raw = path.read_bytes()
-        except FileNotFoundError:
+            if not self.settings.follow_symlinks:
+                # Checked again at reading time: the file may have become a link since the scan.
+                path = path.resolve()
+                if not path.is_relative_to(self.settings.path.resolve()):
+                    return None
+            with open(path, "rb") as handle:
+                stat = os.fstat(handle.fileno())
+                if stat.st_size > self.settings.max_file_bytes:
+                    return None
+                raw = handle.read(self.settings.max_file_bytes + 1)
+        except (FileNotFoundError, NotADirectoryError):
             return None
         text = raw.decode("utf-8", errors="replace").lstrip("\ufeff")
         return Document(
@@ -136,8 +165,21 @@ class FilesConnector(IndexedConnector):
             text=text,
             version=f"{stat.st_mtime_ns}:{stat.st_size}",
             updated_at=iso_utc(stat.st_mtime),
-            metadata={"path": relative, "size": stat.st_size, "extension": path.suffix.lstrip(".")},
+            metadata={"path": relative, "size": stat.st_size, "extension": Path(relative).suffix.lstrip(".")},
         )
 
     async def fetch(self, document_id: str) -> Document | None:
         return await asyncio.to_thread(self._read, document_id)
+
+    async def fetch_many(self, document_ids: Sequence[str]) -> list[Document | None | BaseException]:
+        """Local reads are fast: a whole batch in one thread hop, not one task per file."""
+        return await asyncio.to_thread(self._read_many, document_ids)
+
+    def _read_many(self, document_ids: Sequence[str]) -> list[Document | None | BaseException]:
+        results: list[Document | None | BaseException] = []
+        for relative in document_ids:
+            try:
+                results.append(self._read(relative))
+            except OSError as exc:
+                results.append(SourceError(f"{relative}: cannot read ({exc.strerror or exc})"))
+        return results

@@ -102,6 +102,7 @@ class NotionConnector(IndexedConnector):
     settings_model = NotionSettings
     settings: NotionSettings
     fetch_concurrency = 3
+    batch_size = 9  # pages are slow to read (3 requests a second): commit progress often
 
     def __init__(self, name: str, settings: NotionSettings) -> None:
         super().__init__(name, settings)

@@ -120,7 +120,7 @@ class S3Connector(IndexedConnector):
         except Exception as exc:
             raise _translate(exc, what) from None
         self._listed = listed
-        self._stats.skipped = skipped
+        self.set_skipped(skipped)
         return versions
 
     async def list_versions(self) -> dict[str, str]:

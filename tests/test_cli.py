@@ -110,3 +110,27 @@ def test_check_reports_each_source_and_fails_when_one_does(tmp_path: Path):
 
     healthy = run("check", "--config", "connectors.yaml")
     assert healthy.returncode == 0 and "samples" in healthy.stdout
+
+
+def test_gc_deletes_the_state_of_sources_no_longer_configured(tmp_path: Path):
+    from aggregator.state import LocalBackend
+
+    folder = write_docs(tmp_path / "docs", DOCS)
+    config = tmp_path / "connectors.yaml"
+    config.write_text(f"server:\n  api_keys: [{{key: k}}]\nknowledge_bases:\n  kb: {{connectors: [docs]}}\nconnectors:\n  docs: {{type: files, path: {folder}}}\n")
+    for name in ("docs", "old-wiki", "busy"):  # what earlier versions of the config left behind
+        store = LocalBackend(tmp_path / "gateway-state").open(name, "fp")
+        assert store.try_lead()
+        store.open_writer()
+        if name != "busy":
+            store.close()
+    dry = run("gc", "--config", str(config), "--dry-run")
+    assert dry.returncode == 0 and "would delete" in dry.stdout and "old-wiki" in dry.stdout and "docs" not in dry.stdout.replace(str(tmp_path), "")
+    assert (tmp_path / "gateway-state" / "old-wiki").exists()
+    result = run("gc", "--config", str(config))
+    assert result.returncode == 1, "one store is in use"
+    assert "deleted" in result.stdout and "kept" in result.stderr and "busy" in result.stderr
+    assert sorted(p.name for p in (tmp_path / "gateway-state").iterdir()) == ["busy", "docs"]
+    store.close()
+    assert run("gc", "--config", str(config)).returncode == 0
+    assert sorted(p.name for p in (tmp_path / "gateway-state").iterdir()) == ["docs"]

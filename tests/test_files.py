@@ -131,3 +131,42 @@ def test_titles():
     assert title_of("a/b.md", "---\ntitle: From Front Matter\n---\n# Heading") == "From Front Matter"
     assert title_of("notes.txt", "# not markdown") == "notes.txt"
     assert title_of("x.md", "no heading") == "x.md"
+
+
+async def test_files_outside_the_folder_are_skipped_and_named_unless_links_are_followed(tmp_path: Path):
+    secret = tmp_path / "outside" / "passwd"
+    secret.parent.mkdir()
+    secret.write_text("root:x:0:0:root:/root:/bin/bash")
+    (tmp_path / "outside" / "notes.md").write_text("# Notes\n\nroot shell notes")
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "guide.md").write_text("# Guide\n\nThe root of the documentation.")
+    (folder / "passwd.md").symlink_to(secret)
+    (folder / "linked").symlink_to(tmp_path / "outside", target_is_directory=True)
+    (folder / "inside.md").symlink_to(folder / "guide.md")  # a link that stays inside is fine
+    include = ["**/*.md", "linked/*.md"]  # `**` does not descend into linked folders; a pattern may name one
+    async with FilesConnector("docs", FilesSettings(path=folder, include=include, watch=False)) as docs:
+        await docs.wait_ready(5)
+        found = {p.document_id for p in await docs.search(SourceQuery("root bash shell", 10))}
+        stats = docs.stats()
+    assert found == {"guide.md", "inside.md"}
+    assert stats.skipped == 2 and stats.skipped_paths == ["linked/notes.md", "passwd.md"]
+    async with FilesConnector("docs", FilesSettings(path=folder, include=include, watch=False, follow_symlinks=True)) as docs:
+        await docs.wait_ready(5)
+        found = {p.document_id for p in await docs.search(SourceQuery("root bash shell", 10))}
+        assert docs.stats().skipped == 0
+    assert found == {"guide.md", "inside.md", "passwd.md", "linked/notes.md"}
+
+
+async def test_a_file_swapped_for_a_link_after_the_scan_is_not_read(tmp_path: Path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("private key material")
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.md").write_text("harmless")
+    connector = FilesConnector("docs", FilesSettings(path=folder, watch=False))
+    assert "a.md" in await connector.list_versions()
+    (folder / "a.md").unlink()
+    (folder / "a.md").symlink_to(secret)
+    assert await connector.fetch("a.md") is None
+    await connector.aclose()

@@ -161,3 +161,20 @@ def test_one_log_line_per_retrieval_without_the_query_unless_asked(folder: Path,
         ask(client, "a very private question about keys")
     [line] = [r for r in caplog.records if r.name == "aggregator.access"]
     assert line.fields["query"] == "a very private question about keys"
+
+
+def test_the_status_page_shows_an_index_being_built():
+    from aggregator.ops import statuspage
+
+    source = {
+        "name": "docs", "type": "files", "state": "ok", "latency_ms": {"p50": 1.0, "p95": 2.0},
+        "calls": {"ok": 1, "empty": 0, "timeout": 0, "error": 0, "rate_limited": 0, "auth_failed": 0, "skipped": 0},
+        "last_error": None,
+        "index": {"documents": 120, "passages": 4000, "store_bytes": 3 * 2**20, "last_refresh": None, "last_refresh_error": None,
+                  "syncing": True, "sync_progress": {"done": 40, "total": 100}, "passages_per_s": 9500.0, "syncer": True,
+                  "skipped": 1, "skipped_paths": ["escape.md"]},
+    }  # fmt: skip
+    page = statuspage.render({"ready": False, "config_version": "abc", "uptime_s": 3, "sources": [source]})
+    for text in ("120 docs, 4000 passages, 3.0 MiB on disk", "syncing: 40 of 100 documents, 9500 passages/s",
+                 "this worker syncs it", "1 skipped (escape.md)"):  # fmt: skip
+        assert text in page, text

@@ -126,8 +126,14 @@ class SourceHealth:
                 "documents": stats.documents,
                 "passages": stats.passages,
                 "skipped": stats.skipped,
+                "skipped_paths": stats.skipped_paths,
+                "store_bytes": stats.store_bytes,
                 "last_refresh": stats.last_refresh,
                 "last_refresh_error": redact(stats.last_refresh_error, secrets),
+                "syncing": stats.syncing,
+                "sync_progress": {"done": stats.sync_done, "total": stats.sync_total},
+                "passages_per_s": stats.passages_per_s,
+                "syncer": stats.syncer,
             },
         }  # fmt: skip
 

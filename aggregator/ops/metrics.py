@@ -33,6 +33,7 @@ class _LiveState(Collector):
         circuit = GaugeMetricFamily("gateway_circuit_state", "Circuit breaker per source: 0 closed, 1 half-open, 2 open.", labels=["source"])
         documents = GaugeMetricFamily("gateway_indexed_documents", "Documents in an indexed source's local index.", labels=["source"])
         passages = GaugeMetricFamily("gateway_indexed_passages", "Passages in an indexed source's local index.", labels=["source"])
+        store = GaugeMetricFamily("gateway_index_store_bytes", "Size on disk of an indexed source's persisted index.", labels=["source"])
         ready = GaugeMetricFamily("gateway_ready", "1 once every index has finished its first sync.")
         if gateway is not None:
             for name, slot in gateway.slots.items():
@@ -41,8 +42,9 @@ class _LiveState(Collector):
                 if stats is not None:
                     documents.add_metric([name], stats.documents)
                     passages.add_metric([name], stats.passages)
+                    store.add_metric([name], stats.store_bytes)
             ready.add_metric([], 1 if gateway.ready else 0)
-        yield from (circuit, documents, passages, ready)
+        yield from (circuit, documents, passages, store, ready)
 
 
 class Metrics:

@@ -51,13 +51,38 @@ def _ms(value: float | None) -> str:
     return f"{value:.1f}" if value < 10 else f"{value:.0f}"
 
 
+def _size(count: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024  # type: ignore[assignment]
+    return ""
+
+
+def _index_cell(index: dict[str, Any]) -> str:
+    """Documents and passages, size on disk, the last sync or the one running, and who syncs."""
+    lines = [f"{index['documents']} docs, {index['passages']} passages, {_size(index.get('store_bytes') or 0)} on disk"]
+    progress = index.get("sync_progress") or {}
+    if index.get("syncing"):
+        rate = f", {index['passages_per_s']:.0f} passages/s" if index.get("passages_per_s") else ""
+        lines.append(f"syncing: {progress.get('done', 0)} of {progress.get('total', 0)} documents{rate}")
+    else:
+        lines.append(f"last sync {index['last_refresh'] or 'not yet'}")
+    lines.append("this worker syncs it" if index.get("syncer") else "synced by another worker")
+    if index.get("skipped"):
+        names = index.get("skipped_paths") or []
+        shown = ", ".join(names[:5]) + (" …" if len(names) > 5 else "")
+        lines.append(f"{index['skipped']} skipped" + (f" ({shown})" if shown else ""))
+    return escape(lines[0]) + "".join(f"<br><small>{escape(line)}</small>" for line in lines[1:])
+
+
 def _row(source: dict[str, Any]) -> str:
     state = source["state"]
     colour = COLOURS.get(state, "#6e7781")
     calls = source["calls"]
     failed = sum(calls[k] for k in ("timeout", "error", "rate_limited", "auth_failed"))
     index = source.get("index")
-    index_text = "–" if index is None else f"{index['documents']} docs, {index['passages']} passages<br><small>{escape(index['last_refresh'] or 'syncing…')}</small>"
+    index_text = "–" if index is None else _index_cell(index)
     history = source.get("history")
     error_text = _errors(history["errors"], history["now"]) if history else ""
     if index and index.get("last_refresh_error"):

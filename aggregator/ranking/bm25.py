@@ -14,8 +14,10 @@ the best candidate happens to be. So a weak match stays low even when it is
 the best of a weak pool, and a threshold means the same for every query.
 Query terms absent from the collection still count in the ceiling.
 
-The local indexes of `files`-like sources use `BM25Index`; the rerank of the
-merged pool (pool.py) computes the same formula over a small pool.
+The persistent index of `files`-like sources (aggregator/state) scores with this
+formula and these constants; `BM25Index` is the in-memory index it replaced, kept
+as the reference its tests and benchmarks compare with. The rerank of the merged
+pool (pool.py) computes the same formula over a small pool.
 """
 
 from __future__ import annotations

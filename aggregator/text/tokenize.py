@@ -36,6 +36,10 @@ STOP_WORDS = frozenset(
 
 _stemmer = Stemmer.Stemmer("english")
 
+#: Bump whenever `tokenize` gives other terms for some text: persisted indexes made with another
+#: version are discarded and rebuilt (aggregator/state keeps this and a probe of the output).
+TOKENIZER_VERSION = "1"
+
 
 @lru_cache(maxsize=200_000)
 def _stem(word: str) -> str:

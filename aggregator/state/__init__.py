@@ -1,0 +1,17 @@
+"""Where indexed sources keep their index between restarts, shared by every worker process.
+
+`base` is the interface (a backend opens one `IndexStore` per source); `local`
+is the embedded default under `server.state_dir`; `segments` the memory-mapped
+postings it is made of. Imports only the text tools and the BM25 constants,
+so connectors may use it.
+"""
+
+from .base import (
+    IndexStore, IndexWriter, PreparedDocument, StateBackend, StoredPassage, StoreInfo, SyncStatus, settings_fingerprint,
+)  # fmt: skip
+from .local import LocalBackend, LocalStore
+
+__all__ = [
+    "IndexStore", "IndexWriter", "LocalBackend", "LocalStore", "PreparedDocument", "StateBackend", "StoreInfo",
+    "StoredPassage", "SyncStatus", "settings_fingerprint",
+]  # fmt: skip
