@@ -21,10 +21,31 @@ from .circuit import CircuitBreaker
 from .config import DEV_API_KEY, GatewayConfig
 from .fanout import SourcePolicy, SourceSlot
 from .ranking.pool import TermCache
-from .state import LocalBackend
+from .state import LocalBackend, StateBackend
 from .state.local import unused_stores
 
 log = logging.getLogger(__name__)
+
+
+def state_backend(config: GatewayConfig, previous: StateBackend | None) -> StateBackend | None:
+    """The backend of `server.state_url` (PostgreSQL) or of `server.state_dir`.
+
+    A database backend outlives reloads (its connections and readers serve every version); changing
+    `state_url` takes effect at the next start, as the log says.
+    """
+    url = config.server.state_url
+    if url is None:
+        if previous is not None and not isinstance(previous, LocalBackend):
+            log.warning("server.state_url was removed: the indexes stay in PostgreSQL until the service restarts")
+            return previous
+        return LocalBackend(config.server.state_dir) if config.server.state_dir is not None else None
+    if previous is not None and not isinstance(previous, LocalBackend):
+        if getattr(previous, "url", None) != url:
+            log.warning("server.state_url changed: the new database is used from the next start of the service")
+        return previous
+    from .state.postgres import PostgresBackend  # psycopg is an optional extra
+
+    return PostgresBackend(url)
 
 
 class Gateway:
@@ -37,7 +58,7 @@ class Gateway:
         self.slots: dict[str, SourceSlot] = {}
         self.adopted: set[str] = set()
         #: Where indexed sources persist their index (None: each keeps a temporary one, as in tests).
-        self.state = LocalBackend(config.server.state_dir) if config.server.state_dir is not None else None
+        self.state = state_backend(config, previous.state if previous else None)
         for name in config.connectors:
             settings = config.effective(name)
             old = previous.slots.get(name) if previous else None
@@ -83,7 +104,9 @@ class Gateway:
 
     async def start(self) -> None:
         """Start the sources this gateway did not adopt (adopted ones are running already)."""
-        if self.state is not None and not self.adopted:
+        if self.state is not None:
+            await self.state.start()  # a database backend connects (once: a successor shares it)
+        if isinstance(self.state, LocalBackend) and not self.adopted:
             unused = [p.name for p in unused_stores(self.state.root, set(self.slots))]
             if unused:
                 log.info("state of sources no longer configured in %s: %s; `aggregator gc` deletes it",
@@ -97,7 +120,10 @@ class Gateway:
         await self._close([name for name in self.slots if name not in keep])
 
     async def aclose(self) -> None:
+        """Close every source and the state backend: the service stops (a retired version uses drain_and_close)."""
         await self._close(list(self.slots))
+        if self.state is not None:
+            await self.state.aclose()
 
     async def _close(self, names: list[str]) -> None:
         results = await asyncio.gather(*(self.slots[n].connector.aclose() for n in names), return_exceptions=True)
