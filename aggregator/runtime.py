@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from connectors import build_connector
 from connectors.base import Connector
@@ -23,6 +24,9 @@ from .fanout import SourcePolicy, SourceSlot
 from .ranking.pool import TermCache
 from .state import LocalBackend, StateBackend
 from .state.local import unused_stores
+
+if TYPE_CHECKING:
+    from .shared.circuit import SharedBreakers
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +55,11 @@ def state_backend(config: GatewayConfig, previous: StateBackend | None) -> State
 class Gateway:
     """Owns the sources of one config version."""
 
-    def __init__(self, config: GatewayConfig, previous: "Gateway | None" = None) -> None:
+    def __init__(self, config: GatewayConfig, previous: "Gateway | None" = None, breakers: "SharedBreakers | None" = None) -> None:
+        """`breakers`: circuit breakers shared through Redis (the service's, when it has `redis_url`); a
+        successor gateway keeps its predecessor's."""
         self.config = config
+        self.breakers = breakers if breakers is not None else (previous.breakers if previous else None)
         #: Tokenized passages for the rerank; carried across reloads, like the sources.
         self.term_cache = previous.term_cache if previous else TermCache()
         self.slots: dict[str, SourceSlot] = {}
@@ -73,7 +80,7 @@ class Gateway:
             self.slots[name] = SourceSlot(
                 connector=connector,
                 policy=SourcePolicy(timeout_s=settings.timeout_s or 3.0, retries=settings.retries or 0),
-                breaker=CircuitBreaker(settings.circuit),
+                breaker=self.breakers.breaker(name, settings.circuit) if self.breakers else CircuitBreaker(settings.circuit),
             )
         self._inflight = 0
         self._idle = asyncio.Event()

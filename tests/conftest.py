@@ -32,14 +32,17 @@ def write_docs(folder: Path, docs: dict[str, str] = DOCS) -> Path:
     return folder
 
 
-def make_config(folder: Path, extra_connectors: str = "", kb_connectors: str = "[docs]", deadline_s: float = 4.0) -> GatewayConfig:
+def make_config(
+    folder: Path, extra_connectors: str = "", kb_connectors: str = "[docs]", deadline_s: float = 4.0, cache_ttl_s: float | None = None
+) -> GatewayConfig:
+    """`cache_ttl_s=0` for a test that repeats one query to watch what the sources do (the cache would answer it)."""
     text = f"""
     server:
       api_keys:
         - key: {KEY}
         - key: {SCOPED_KEY}
           knowledge_ids: [other]
-      deadline_s: {deadline_s}
+      deadline_s: {deadline_s}{"" if cache_ttl_s is None else f"{chr(10)}      cache_ttl_s: {cache_ttl_s}"}
     defaults:
       timeout_s: 2.0
       retries: 1
