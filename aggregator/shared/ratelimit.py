@@ -2,8 +2,8 @@
 
 `credential_limiter(credential, per_second)` is what a connector asks for. Connectors with the same credential
 share one limiter in the process; when the service has Redis (`server.redis_url`), every process and replica
-shares it: each request reserves the next free slot, `1 / per_second` after the previous one, in one atomic
-script (GCRA, no burst), and waits for it. While Redis is unreachable, the per-process limiter of that credential
+shares it: each request reserves the next free slot, `1 / per_second` (plus a 10 % margin for the network's
+jitter) after the previous one, in one atomic script (GCRA, no burst), and waits for it. While Redis is unreachable, the per-process limiter of that credential
 takes over (aiolimiter's leaky bucket, as before replicas existed).
 
 The credential is kept only as a hash. Imports nothing of the web app, so connectors may use it.
@@ -20,6 +20,9 @@ from aiolimiter import AsyncLimiter
 if TYPE_CHECKING:
     from .redis import SharedState
 
+#: Slots are this much further apart than 1 / per_second: requests leave at their slot and arrive with some
+#: jitter, and the limit must hold in every second as the upstream counts it.
+SPACING_MARGIN = 1.1
 _RESERVE = """
 local now_parts = redis.call('TIME')
 local now = now_parts[1] * 1000 + now_parts[2] / 1000
@@ -52,7 +55,7 @@ class CredentialLimiter:
     def __init__(self, limits: RateLimits, key: str, per_second: float, local: AsyncLimiter) -> None:
         self._limits = limits
         self._key = f"gw:rate:{key}"
-        self._interval_ms = 1000.0 / per_second
+        self._interval_ms = 1000.0 / per_second * SPACING_MARGIN
         self._local = local
 
     async def __aenter__(self) -> None:
