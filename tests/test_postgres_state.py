@@ -196,3 +196,22 @@ async def test_stores_of_other_settings_and_of_removed_sources_are_deleted(pg_ur
         assert await asyncio.to_thread(unused_stores, pg_url, {"src"}) == []
     finally:
         await backend.aclose()
+
+
+async def test_gc_deletes_the_indexes_of_sources_no_longer_configured(pg_url: str, tmp_path, capsys: pytest.CaptureFixture[str]):  # type: ignore[no-untyped-def]
+    from aggregator.cli import main
+
+    backend = await started(pg_url, "a")
+    store, writer = await lead(backend, "old-source", "fp")
+    await asyncio.to_thread(writer.apply, [doc("d1", [["alpha"]])], [], SyncStatus())
+    store.close()
+    await backend.aclose()
+    (tmp_path / "docs").mkdir()
+    config = tmp_path / "connectors.yaml"
+    config.write_text(f"server:\n  api_keys: [{{key: k}}]\n  state_url: {pg_url}\nknowledge_bases:\n  kb: {{connectors: [docs]}}\n"
+                      f"connectors:\n  docs: {{type: files, path: {tmp_path / 'docs'}}}\n")  # fmt: skip
+    assert await asyncio.to_thread(main, ["gc", "--config", str(config), "--dry-run"]) == 0
+    assert "would delete the index of old-source" in capsys.readouterr().out
+    assert await asyncio.to_thread(main, ["gc", "--config", str(config)]) == 0
+    assert "deleted the index of old-source" in capsys.readouterr().out
+    assert await asyncio.to_thread(unused_stores, pg_url, {"docs"}) == []

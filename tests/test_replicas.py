@@ -142,6 +142,8 @@ def test_two_replicas_share_one_index_fetch_each_page_once_and_hand_the_sync_ove
         eventually(lambda: len(status(a)["replicas"]) == 2, what="each replica sees both")
         views = {v["replica"].split("/")[0]: v for v in source(a, "wiki")["replicas"]}
         assert set(views) == {"replica-0", "replica-1"} and sum(v["syncer"] for v in views.values()) == 1
+        page = httpx.get(a + "/").text
+        assert "of 2 · index in PostgreSQL (reachable) · Redis connected" in page and page.count("(syncs)") == 1
         assert status(b)["shared_state"]["index"]["kind"] == "postgresql" and status(b)["shared_state"]["redis"]["state"] == "connected"
 
         syncer, survivor = (process_a, b) if syncers[a] else (process_b, a)
@@ -207,6 +209,8 @@ def test_redis_stopped_mid_run_leaves_both_answering_and_shared_state_comes_back
                 assert time.monotonic() - started < 2.0, "no request waits on the dead Redis"
             eventually(lambda: all(status(u)["shared_state"]["redis"]["state"] == "unreachable" for u in (a, b)), timeout=5)
             assert status(a)["shared_state"]["redis"]["error"]
+            page = httpx.get(a + "/").text
+            assert 'class="banner">Redis (redis://127.0.0.1:' in page and "are per process until it is back" in page
             redis.start()  # the same port: Redis is back
             eventually(lambda: all(status(u)["shared_state"]["redis"]["state"] == "connected" for u in (a, b)), timeout=8)
             first = ask(a, "key rotation HSM")
