@@ -96,3 +96,15 @@ def test_a_config_reload_invalidates_the_cache(tmp_path: Path):
             assert time.monotonic() < deadline, "the edit was not reloaded"
             time.sleep(0.1)
         assert ask(url).headers["X-Cache"] == "miss", "nothing answered under the old version is served again"
+
+
+def test_the_shared_stores_urls_are_shown_without_their_passwords(tmp_path: Path):
+    from aggregator.shared.redis import SharedState
+    from aggregator.state.postgres import PostgresBackend
+
+    config = make_config(write_docs(tmp_path / "docs"))
+    config.server.state_url = "postgresql://gateway:pg-s3cret@db:5432/gateway"
+    config.server.redis_url = "redis://:redis-s3cret@cache:6379/3"
+    assert {"pg-s3cret", "redis-s3cret"} <= set(config.secrets()), "scrubbed from every message like any secret"
+    described = PostgresBackend(config.server.state_url).describe()["url"] + SharedState(config.server.redis_url).describe()["url"]
+    assert "s3cret" not in described and "db:5432/gateway" in described and "cache:6379/3" in described
