@@ -17,6 +17,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from ..tasks import cancel_and_wait
+
 log = logging.getLogger("aggregator.shared")
 T = TypeVar("T")
 
@@ -78,10 +80,8 @@ class SharedState:
         self._tasks.append(asyncio.create_task(self._monitor(), name="shared:monitor"))
 
     async def aclose(self) -> None:
-        for task in [*self._tasks, *([self._pubsub_task] if self._pubsub_task else [])]:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        for task in [*self._tasks, self._pubsub_task]:
+            await cancel_and_wait(task)
         self._tasks, self._pubsub_task = [], None
         client, self.client = self.client, None
         if client is not None:

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aggregator.ranking.bm25 import B, K1, idf
+from aggregator.tasks import cancel_and_wait
 
 from .base import (
     IndexStore, IndexWriter, PreparedDocument, StateBackend, StoreInfo, StoredPassage, StoreUnavailable, SyncStatus,
@@ -181,10 +182,7 @@ class PostgresBackend(StateBackend):
 
     async def aclose(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         for store in list(self.stores.values()):
             store.close()
         pool, self._pool = self._pool, None
