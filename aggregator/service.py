@@ -26,13 +26,19 @@ from .ops.history import iso
 from .ops.metrics import Metrics, SharedView
 from .ops.tracing import Tracing, annotate, current_trace_id
 from .pipeline import RetrievalResult
+from .ranking.statistics import dump_samples, load_samples
 from .runtime import Gateway
 from .shared.circuit import SharedBreakers
 from .shared.peers import Peers
 from .shared.ratelimit import PROCESS_LIMITS
 from .shared.redis import SharedState, replica_name
+from .text.tokenize import TOKENIZER_VERSION
 
 log = logging.getLogger("aggregator")
+
+#: In the state folder: the rerank's samples of passages seen from remote sources (ranking/statistics.py).
+SAMPLES_FILE = "rerank-samples.json.gz"
+SAMPLES_SAVE_S = 300.0
 access_log = logging.getLogger("aggregator.access")
 
 
@@ -49,6 +55,7 @@ class Service:
         self._watcher: asyncio.Task[None] | None = None
         self._retiring: set[asyncio.Task[None]] = set()
         self._reload_lock = asyncio.Lock()
+        self._saver: asyncio.Task[None] | None = None
         #: Redis (`server.redis_url`): breakers, peers' health, rate limits and the cache shared across replicas.
         self.shared: SharedState | None = None
         self.peers: Peers | None = None
@@ -80,7 +87,9 @@ class Service:
         self.gateway = Gateway(config, breakers=breakers)
         if self.gateway.uses_dev_key():
             log.warning("an API key is the development default %r: set AGGREGATOR_API_KEY before exposing this service", DEV_API_KEY)
+        await asyncio.to_thread(self._load_samples)
         await self.gateway.start()
+        self._saver = asyncio.create_task(self._save_samples_every(SAMPLES_SAVE_S), name="save:samples")
         if self.config_path is not None and self.gateway.config.server.watch_config:
             self._watcher = asyncio.create_task(self._watch(self.config_path), name="watch:config")
 
@@ -92,9 +101,52 @@ class Service:
         for task in list(self._retiring):
             with contextlib.suppress(Exception):
                 await task
+        if self._saver is not None:
+            self._saver.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._saver
         if self.gateway is not None:
+            await asyncio.to_thread(self._save_samples)
             await self.gateway.aclose()
+        if self.shared is not None:
+            if PROCESS_LIMITS.shared is self.shared:
+                PROCESS_LIMITS.shared = None
+            await self.shared.aclose()
         await asyncio.to_thread(self.tracing.shutdown)  # exports what is still buffered
+
+    # -- the rerank's samples of remote sources, kept across restarts ----------------------------------
+
+    def _samples_path(self) -> Path | None:
+        state_dir = self.gateway.config.server.state_dir if self.gateway is not None else None
+        return None if state_dir is None else Path(state_dir) / SAMPLES_FILE
+
+    def _load_samples(self) -> None:
+        path = self._samples_path()
+        if path is None or not path.exists() or self.gateway is None:
+            return
+        cache = self.gateway.term_cache
+        try:
+            cache.samples.update(load_samples(path.read_bytes(), cache.vocabulary, TOKENIZER_VERSION))
+        except (OSError, ValueError) as exc:
+            log.warning("%s: rerank statistics not loaded (%s); they are gathered again from the next queries", path, exc)
+
+    def _save_samples(self) -> None:
+        path = self._samples_path()
+        if path is None or self.gateway is None or not self.gateway.term_cache.samples:
+            return
+        cache = self.gateway.term_cache
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            partial = path.with_name(f".{path.name}.{os.getpid()}")
+            partial.write_bytes(dump_samples(cache.samples, cache.vocabulary, TOKENIZER_VERSION))
+            os.replace(partial, path)  # workers each write a whole file; the last one wins
+        except OSError as exc:
+            log.warning("%s: rerank statistics not saved (%s)", path, exc)
+
+    async def _save_samples_every(self, seconds: float) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            await asyncio.to_thread(self._save_samples)
 
     # -- reload ------------------------------------------------------------------------------------
 

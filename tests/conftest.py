@@ -59,6 +59,13 @@ def make_config(
     return parse_config(textwrap.dedent(text) + textwrap.indent(textwrap.dedent(extra_connectors), "  "), {})
 
 
+def dify_source(name: str, endpoint: str, **fields: object) -> str:
+    """A `dify` connector entry for `make_config`'s extra_connectors."""
+    lines = [f"{name}:", "  type: dify", f"  endpoint: {endpoint}", "  api_key: k", "  knowledge_id: x"]
+    lines += [f"  {key}: {value}" for key, value in fields.items()]
+    return "\n".join(lines) + "\n"
+
+
 def condition(*conditions: tuple[str, str, object], logical: str = "and") -> dict:
     """A validated `metadata_condition` as the pipeline hands it to sources: (name, operator, value) triples."""
     return {"logical_operator": logical, "conditions": [

@@ -14,7 +14,7 @@ from fastapi import FastAPI, Request
 
 from aggregator.api import create_app
 
-from .conftest import KEY, make_config, write_docs
+from .conftest import KEY, dify_source, make_config, write_docs
 from .loopback import free_port, serve, serve_cli, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -173,18 +173,7 @@ def test_sources_with_different_score_scales_merge_by_relevance(tmp_path: Path):
         ("Office plants", "Water the office plants on Mondays.", None),
     ])  # fmt: skip
     with serve(raw) as raw_url, serve(ranks_only) as rank_url:
-        extra = f"""
-        raw:
-          type: dify
-          endpoint: {raw_url}
-          api_key: k
-          knowledge_id: x
-        ranked:
-          type: dify
-          endpoint: {rank_url}
-          api_key: k
-          knowledge_id: x
-        """
+        extra = dify_source("raw", raw_url) + dify_source("ranked", rank_url)
         config = make_config(write_docs(tmp_path / "docs"), extra, kb_connectors="[docs, raw, ranked]")
         with serve(create_app(lambda: config)) as url:
             wait_ready(url)

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from aggregator.api import create_app
 from aggregator.cli import main as cli
 
-from .conftest import DOCS, KEY, make_config, write_docs
+from .conftest import DOCS, KEY, dify_source, make_config, write_docs
 from .loopback import serve, wait_ready
 from .test_browser import ARTIFACTS, CHROMIUM, chromium
 
@@ -39,15 +39,8 @@ def partner_app() -> FastAPI:
 @pytest.fixture
 def gateway_url(tmp_path: Path):
     with serve(partner_app()) as partner:
-        extra = f"""
-        partner:
-          type: dify
-          endpoint: {partner}
-          api_key: k
-          knowledge_id: x
-        """
-        config_text = make_config(write_docs(tmp_path / "docs"), extra, kb_connectors="[docs, partner]")
-        with serve(create_app(lambda: config_text)) as url:
+        config = make_config(write_docs(tmp_path / "docs"), dify_source("partner", partner), kb_connectors="[docs, partner]")
+        with serve(create_app(lambda: config)) as url:
             wait_ready(url)
             yield url
 

@@ -167,3 +167,56 @@ def test_merged_statistics_add_disjoint_collections():
     merged = merge_term_statistics([TermStatistics(10, 100, {"a": 2}), None, TermStatistics(5, 40, {"a": 1, "b": 5})])
     assert merged == TermStatistics(15, 140, {"a": 3, "b": 5})
     assert merge_term_statistics([None, None]) is None
+
+
+def test_samples_survive_a_round_trip_and_refuse_another_tokenizer():
+    from aggregator.ranking.statistics import dump_samples, load_samples
+
+    cache = TermCache()
+    rerank(QUERY, source("remote", STRONG + WEAK, None), cache)
+    raw = dump_samples(cache.samples, cache.vocabulary, "1")
+    fresh = TermCache()
+    loaded = load_samples(raw, fresh.vocabulary, "1")
+    ids_before = [cache.vocabulary["key"], cache.vocabulary["rotat"]]
+    ids_after = [fresh.vocabulary["key"], fresh.vocabulary["rotat"]]
+    assert loaded["remote"].passages == cache.samples["remote"].passages == len(STRONG + WEAK)
+    assert list(loaded["remote"].frequencies(ids_after)) == list(cache.samples["remote"].frequencies(ids_before))
+    fresh.samples.update(loaded)
+    rerank(QUERY, source("remote", STRONG, None), fresh)
+    assert fresh.samples["remote"].passages == len(STRONG + WEAK), "passages seen before the restart are not counted twice"
+    with pytest.raises(ValueError):
+        load_samples(raw, {}, "2")
+    with pytest.raises(ValueError):
+        load_samples(raw[:20], {}, "1")
+
+
+async def test_the_service_keeps_its_samples_in_the_state_folder(tmp_path):
+    from aggregator.service import SAMPLES_FILE, Service
+
+    from .conftest import dify_source, make_config, write_docs
+    from .fakes.dify import FakeUpstream
+    from .loopback import serve
+
+    with serve(FakeUpstream().app()) as url:
+        config = make_config(write_docs(tmp_path / "docs"), dify_source("remote", url), kb_connectors="[docs, remote]")
+        config.server.state_dir = tmp_path / "state"
+        from aggregator.models import RetrievalRequest
+        from aggregator.pipeline import retrieve
+
+        first = Service(lambda: config)
+        await first.start()
+        await retrieve(first.gateway, RetrievalRequest.model_validate({"knowledge_id": "demo", "query": "signing keys"}))
+        assert first.gateway.term_cache.samples["remote"].passages == 1
+        assert "docs" not in first.gateway.term_cache.samples, "an indexed source is not sampled"
+        await first.aclose()
+        assert (tmp_path / "state" / SAMPLES_FILE).exists()
+
+        second = Service(lambda: config)
+        await second.start()
+        assert second.gateway.term_cache.samples["remote"].passages == 1
+        await second.aclose()
+        (tmp_path / "state" / SAMPLES_FILE).write_bytes(b"garbage")
+        third = Service(lambda: config)
+        await third.start()  # an unreadable file is logged and ignored
+        assert not third.gateway.term_cache.samples
+        await third.aclose()

@@ -144,3 +144,17 @@ def test_term_cache_reuses_tokenized_passages():
     cache.ids("t", "another")
     cache.ids("t", "third one")
     assert cache.ids("t", "some passage text") is not first, "least recently used is evicted"
+
+
+def test_a_pool_scores_the_same_whatever_was_scored_before():
+    from aggregator.ranking.pool import score_pool
+    from aggregator.text.tokenize import tokenize
+
+    texts = ["rotate the signing keys", "signing keys in the module", "lunch menu and keys", "vpn profile rotate"]
+    shared = TermCache()
+    docs = [shared.ids("", t) for t in texts]
+    score_pool(tokenize("lunch menu vpn"), docs, shared)
+    after = score_pool(tokenize("rotate signing keys"), docs, shared)
+    fresh = TermCache()
+    alone = score_pool(tokenize("rotate signing keys"), [fresh.ids("", t) for t in texts], fresh)
+    assert after.bm25.tolist() == alone.bm25.tolist() and after.proximity.tolist() == alone.proximity.tolist()

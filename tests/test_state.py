@@ -200,3 +200,15 @@ def test_the_in_memory_index_agrees_with_the_store(tmp_path: Path):
     assert [k.split("#")[0] for k, _ in want] == [p.document_id for p in got]
     assert all(math.isclose(s, p.score, rel_tol=1e-6) for (_, s), p in zip(want, got))
     store.close()
+
+
+def test_statistics_and_search_before_anything_is_committed_are_empty(tmp_path: Path):
+    """A query can arrive while the syncer has created the database file but not yet its tables."""
+    import sqlite3
+
+    store = LocalBackend(tmp_path).open("src", "fp")
+    folder = tmp_path / "src"
+    folder.mkdir(parents=True, exist_ok=True)
+    sqlite3.connect(folder / local.DB_NAME).close()  # an empty database: no tables yet
+    assert store.term_statistics(["key", "rotat"]) == (0, 0, {"key": 0, "rotat": 0})
+    assert store.search(["key"], 5) == []

@@ -51,6 +51,7 @@ class TermCache:
         self.vocabulary: dict[str, int] = {}
         self.samples: dict[str, PassageSample] = {}
         self._arrays: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
+        self._columns = np.zeros(0, dtype=np.int32)  # by term id: 1 + the term's column in the query scored now, else 0
 
     def ids(self, title: str, content: str, key: str | None = None) -> np.ndarray:
         cache_key = (key or content_key(content), title)
@@ -69,6 +70,23 @@ class TermCache:
         if len(self._arrays) > self.capacity:
             self._arrays.popitem(last=False)
         return array
+
+    def columns(self, term_ids: Sequence[int]) -> np.ndarray:
+        """A table from term id to 1 + its position in `term_ids` (0 for every other id); reset with `release`.
+
+        One gather through it labels every token of a pool at once, instead of one pass per query term.
+        """
+        if len(self._columns) < len(self.vocabulary):
+            self._columns = np.zeros(max(len(self.vocabulary), 2 * len(self._columns)), dtype=np.int32)
+        for column, term_id in enumerate(term_ids):
+            if term_id >= 0:
+                self._columns[term_id] = column + 1
+        return self._columns
+
+    def release(self, term_ids: Sequence[int]) -> None:
+        for term_id in term_ids:
+            if term_id >= 0:
+                self._columns[term_id] = 0
 
     def sample(self, source: str) -> PassageSample:
         """The sample of passages seen from `source` (created empty on first use)."""
@@ -111,34 +129,48 @@ def score_pool(
     avgdl = float(lengths.mean()) or 1.0
     tokens = np.concatenate(documents) if n else np.zeros(0, dtype=np.int64)
     owner = np.repeat(np.arange(n), lengths.astype(np.int64))
-    vocabulary = cache.vocabulary
+    counts = _counts(query_terms)
+    terms = list(counts)
+    term_ids = [cache.vocabulary.get(term, -1) for term in terms]
+    table = cache.columns(term_ids)
+    try:
+        columns = table[tokens]  # per token: 1 + its query term's position, or 0
+    finally:
+        cache.release(term_ids)
+    hit = np.flatnonzero(columns)
+    k = len(terms)
+    tfs = np.bincount((columns[hit] - 1) * n + owner[hit], minlength=k * n).reshape(k, n).astype(np.float64)
 
     bm25 = np.zeros(n)
     ceiling = 0.0
     term_avgdl = statistics.average_length if statistics is not None and statistics.average_length > 0 else avgdl
-    for position, (term, qtf) in enumerate(_counts(query_terms).items()):
-        term_id = vocabulary.get(term, -1)
-        tf = np.bincount(owner[tokens == term_id], minlength=n).astype(np.float64) if term_id >= 0 else zeros
+    for position, term in enumerate(terms):
+        tf = tfs[position]
         if statistics is not None:
-            weight = qtf * float(_idf(max(statistics.passages, 1.0), float(statistics.frequencies[position])))
+            weight = counts[term] * float(_idf(max(statistics.passages, 1.0), float(statistics.frequencies[position])))
         else:
-            weight = qtf * float(_idf(n, float(np.count_nonzero(tf))))
+            weight = counts[term] * float(_idf(n, float(np.count_nonzero(tf))))
         ceiling += weight * (params.k1 + 1)
-        if term_id >= 0:
+        if term_ids[position] >= 0:
             bm25 += weight * _saturated(tf, lengths, term_avgdl, params)
 
     pairs = [(a, b) for a, b in zip(query_terms, query_terms[1:]) if a != b]
     proximity = np.zeros(n)
     pair_ceiling = 0.0
     if pairs and len(tokens) > 1:
-        same_owner = owner[:-1] == owner[1:]
-        first, second, pair_owner = tokens[:-1][same_owner], tokens[1:][same_owner], owner[:-1][same_owner]
-        for (a, b), qtf in _counts(pairs).items():
-            a_id, b_id = vocabulary.get(a, -1), vocabulary.get(b, -1)
-            if a_id >= 0 and b_id >= 0:
-                tf = np.bincount(pair_owner[(first == a_id) & (second == b_id)], minlength=n).astype(np.float64)
-            else:
-                tf = zeros
+        pair_counts = _counts(pairs)
+        # A pair of adjacent tokens is a query pair when both are query terms, in one passage, in a pair's order.
+        position_of = {term: i for i, term in enumerate(terms)}
+        pair_index = np.full(k * k, -1, dtype=np.int64)
+        for p, (a, b) in enumerate(pair_counts):
+            pair_index[position_of[a] * k + position_of[b]] = p
+        first, second = columns[:-1], columns[1:]
+        adjacent = np.flatnonzero((first > 0) & (second > 0) & (owner[:-1] == owner[1:]))
+        which = pair_index[(first[adjacent] - 1) * k + (second[adjacent] - 1)]
+        found = which >= 0
+        pair_tfs = np.bincount(which[found] * n + owner[adjacent][found], minlength=len(pair_counts) * n).reshape(-1, n).astype(np.float64)
+        for p, qtf in enumerate(pair_counts.values()):
+            tf = pair_tfs[p]
             weight = qtf * float(_idf(n, float(np.count_nonzero(tf))))
             pair_ceiling += weight * (params.k1 + 1)
             proximity += weight * _saturated(tf, lengths, avgdl, params)

@@ -38,8 +38,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from collections.abc import Iterable
-from typing import Any, Literal
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Literal, overload
 
 import numpy as np
 
@@ -88,10 +88,14 @@ class Ranked:
     bm25: float
     proximity: float
     relevance: float = 0.0
-    calibrated: float | None = None
     calibration: str = "none"  # how the source's score was mapped: scores, ranks, trusted, ignored, none
     also_in: list[str] = field(default_factory=list)
     members: list[Candidate] = field(default_factory=list)  # every source's copy of this text, the winner among them
+
+    @property
+    def calibrated(self) -> float | None:
+        """The winning copy's calibrated source score: what the fusion used."""
+        return self.candidate.calibrated
 
 
 @dataclass(slots=True)
@@ -200,7 +204,7 @@ def fuse(relevance: Any, calibrated: Any, weight: Any, settings: FusionSettings 
 def rerank(
     query: str, candidates: list[Candidate], cache: TermCache | None = None, local: TermStatistics | None = None,
     settings: FusionSettings = DEFAULT_FUSION, sampled: Iterable[str] | None = None,
-) -> list[Ranked]:  # fmt: skip
+) -> Sequence[Ranked]:  # fmt: skip
     """Merge duplicates, then rank them (`rank`): best first, ties broken by a stable key."""
     return rank(query, group(candidates), cache, local, settings, sampled)
 
@@ -208,7 +212,7 @@ def rerank(
 def rank(
     query: str, groups: list[Group], cache: TermCache | None = None, local: TermStatistics | None = None,
     settings: FusionSettings = DEFAULT_FUSION, sampled: Iterable[str] | None = None,
-) -> list[Ranked]:  # fmt: skip
+) -> Sequence[Ranked]:  # fmt: skip
     """Score each distinct passage, calibrate each source, fuse and sort.
 
     `local` holds the collection statistics of the query's terms reported by
@@ -233,7 +237,7 @@ def rank(
     if sampled is None:
         sampled = list(samples)
     query_terms = tokenize(query)
-    statistics = query_statistics(query_terms, cache, local, sampled, settings) if (settings.sample or settings.local) else None
+    statistics = query_statistics(query_terms, cache, local, sampled, settings)
     pool = score_pool(query_terms, documents, cache, settings.bm25, statistics)
     if pool.has_pairs:
         relevance = (pool.bm25 + settings.mu * pool.proximity) / (1.0 + settings.mu)
@@ -266,32 +270,68 @@ def rank(
     best = calibrated[winner]
     weights = np.fromiter((sighted[i].weight for i in winner), dtype=np.float64, count=len(groups))
     scores = fuse(relevance, best, weights, settings)
+    return RankedList(groups, sighted, winner, how, scores, pool.bm25, pool.proximity, relevance)
 
-    ranked: list[Ranked] = []
-    rows = zip(winner.tolist(), scores.tolist(), pool.bm25.tolist(), pool.proximity.tolist(), relevance.tolist(), best.tolist())
-    for g, (i, score, bm25, proximity, rel, value) in enumerate(rows):
-        candidate = sighted[i]
+
+class RankedList(Sequence[Ranked]):
+    """The ranking, best first, its entries made when first looked at.
+
+    A retrieval reads only as far as its top_k records (explain reads all),
+    so the passages below never cost an object.
+    """
+
+    def __init__(
+        self, groups: list[Group], sighted: list[Candidate], winner: np.ndarray, how: dict[str, str],
+        scores: np.ndarray, bm25: np.ndarray, proximity: np.ndarray, relevance: np.ndarray,
+    ) -> None:  # fmt: skip
+        self._groups, self._sighted, self._winner, self._how = groups, sighted, winner.tolist(), how
+        self._scores, self._bm25, self._proximity, self._relevance = scores.tolist(), bm25.tolist(), proximity.tolist(), relevance.tolist()
+        self._order = _order(sighted, self._winner, scores, relevance)
+        self._made: dict[int, Ranked] = {}
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    @overload
+    def __getitem__(self, index: int) -> Ranked: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Ranked]: ...
+    def __getitem__(self, index: int | slice) -> Ranked | list[Ranked]:
+        if isinstance(index, slice):
+            return [self._make(g) for g in self._order[index]]
+        return self._make(self._order[index])
+
+    def __iter__(self) -> Iterator[Ranked]:
+        return (self._make(g) for g in self._order)
+
+    def _make(self, g: int) -> Ranked:
+        made = self._made.get(g)
+        if made is not None:
+            return made
+        candidate = self._sighted[self._winner[g]]
+        members = self._groups[g].members
         also: list[str] = []
-        if sizes[g] > 1:
-            also = [s for s in dict.fromkeys(m.source for m in groups[g].members) if s != candidate.source]
+        if len(members) > 1:
+            also = [s for s in dict.fromkeys(m.source for m in members) if s != candidate.source]
             if also and candidate.metadata is not None:
                 candidate.metadata["also_in"] = also
-        label = how[candidate.source]
-        if value < 0.0:
-            value, label = None, ("ignored" if label == "ignored" else "none")
-        ranked.append(Ranked(candidate, score, bm25, proximity, rel, value, label, also, groups[g].members))
-    return _sorted(ranked, scores, relevance)
+        label = self._how[candidate.source]
+        if candidate.calibrated is None and label != "ignored":
+            label = "none"
+        made = self._made[g] = Ranked(
+            candidate, self._scores[g], self._bm25[g], self._proximity[g], self._relevance[g], label, also, members
+        )
+        return made
 
 
-def _sorted(ranked: list[Ranked], scores: np.ndarray, relevance: np.ndarray) -> list[Ranked]:
+def _order(sighted: list[Candidate], winner: list[int], scores: np.ndarray, relevance: np.ndarray) -> list[int]:
     """Best score first; then the gateway's own relevance; then a key that does not depend on arrival order."""
     order = np.lexsort((-relevance, -scores))
-    same = (np.diff(scores[order]) == 0) & (np.diff(relevance[order]) == 0)
-    if not same.any():
-        return [ranked[i] for i in order.tolist()]
-
-    def key(r: Ranked) -> tuple[float, float, str, str, int]:
-        p = r.candidate.passage
-        return (-r.score, -r.relevance, r.candidate.source, p.document_id, p.chunk_index)
-
-    return sorted(ranked, key=key)
+    tied = (np.diff(scores[order]) == 0) & (np.diff(relevance[order]) == 0)
+    if tied.any():  # common among passages the text does not match: break ties by source, document and chunk
+        winners = [sighted[i] for i in winner]
+        order = np.lexsort((
+            np.fromiter((c.passage.chunk_index for c in winners), dtype=np.int64, count=len(winners)),
+            np.array([c.passage.document_id for c in winners]), np.array([c.source for c in winners]), -relevance, -scores,
+        ))  # fmt: skip
+    return order.tolist()

@@ -13,13 +13,16 @@ index). Two better sources of document frequencies are combined:
   statistics.
 
 A knowledge base's statistics are the sum over its own sources only, so one
-knowledge base's traffic never skews another's ranking. Counts are over
+knowledge base's traffic never skews another's ranking. The service keeps
+the samples in its state folder across restarts (`dump_samples`). Counts are over
 passages, with the terms of the one tokenizer. Samples are keyed by the
 TermCache's term ids, so they live and are cleared with its vocabulary.
 """
 
 from __future__ import annotations
 
+import gzip
+import json
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -90,3 +93,47 @@ def merge_term_statistics(found: Iterable[TermStatistics | None]) -> TermStatist
         for term, count in stats.frequencies.items():
             frequencies[term] = frequencies.get(term, 0) + count
     return TermStatistics(passages, total, frequencies) if reported else None
+
+
+# -- keeping the samples across restarts --------------------------------------------------------------
+
+SAMPLES_FORMAT = 1
+
+
+def dump_samples(samples: dict[str, PassageSample], vocabulary: dict[str, int], tokenizer: str) -> bytes:
+    """The samples as compressed JSON, by term text (term ids belong to one process's vocabulary)."""
+    terms = {term_id: term for term, term_id in vocabulary.items()}
+    data = {
+        "format": SAMPLES_FORMAT,
+        "tokenizer": tokenizer,
+        "sources": {
+            source: {
+                "passages": sample.passages,
+                "total_length": sample.total_length,
+                "df": {terms[i]: count for i, count in sample._df.items() if i in terms},
+                "seen": sorted(sample._seen),
+            }
+            for source, sample in samples.items()
+            if sample.passages
+        },
+    }
+    return gzip.compress(json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode(), 6)
+
+
+def load_samples(raw: bytes, vocabulary: dict[str, int], tokenizer: str) -> dict[str, PassageSample]:
+    """Samples written by `dump_samples`, their terms added to `vocabulary`; ValueError when unreadable or of another tokenizer."""
+    try:
+        data = json.loads(gzip.decompress(raw))
+    except (OSError, EOFError, ValueError) as exc:
+        raise ValueError(f"unreadable: {exc}") from None
+    if not isinstance(data, dict) or data.get("format") != SAMPLES_FORMAT or data.get("tokenizer") != tokenizer:
+        raise ValueError("written by another version or tokenizer")
+    samples: dict[str, PassageSample] = {}
+    for source, stored in data["sources"].items():
+        sample = PassageSample()
+        sample.passages = float(stored["passages"])
+        sample.total_length = float(stored["total_length"])
+        sample._df = Counter({vocabulary.setdefault(term, len(vocabulary)): float(count) for term, count in stored["df"].items()})
+        sample._seen = set(stored["seen"][-sample.capacity :])
+        samples[source] = sample
+    return samples

@@ -293,8 +293,12 @@ class LocalStore(IndexStore):
         wanted = [t for t in dict.fromkeys(terms) if t not in self._term_ids and t not in self._absent]
         if wanted and self._reader is not None:
             marks = ",".join("?" * len(wanted))
-            for term, term_id in self._reader.execute(f"SELECT term, id FROM terms WHERE term IN ({marks})", wanted):
-                self._term_ids[term] = term_id
+            try:
+                for term, term_id in self._reader.execute(f"SELECT term, id FROM terms WHERE term IN ({marks})", wanted):
+                    self._term_ids[term] = term_id
+            except sqlite3.Error as exc:  # a store being replaced under us: nothing found now, asked again next time
+                log.debug("source %s: term lookup failed (%s)", self.source, exc)
+                return {t: self._term_ids[t] for t in terms if t in self._term_ids}
             self._absent.update(t for t in wanted if t not in self._term_ids)
         return {t: self._term_ids[t] for t in terms if t in self._term_ids}
 
@@ -313,8 +317,10 @@ class LocalStore(IndexStore):
 
     def term_statistics(self, terms: Sequence[str]) -> tuple[int, int, dict[str, int]]:
         self.refresh()
-        ids = self._lookup_terms(terms)
         view = self._view
+        if not view.valid or not view.passages:  # nothing committed yet (a first sync has not written its tables)
+            return 0, 0, dict.fromkeys(terms, 0)
+        ids = self._lookup_terms(terms)
         return view.passages, view.total_length, {t: self._frequency(ids[t]) if t in ids else 0 for t in dict.fromkeys(terms)}
 
     def search(
