@@ -83,7 +83,7 @@ def gateway(urls: list[str]) -> Iterator[str]:
     names = ", ".join(f"up{i}" for i in range(len(urls)))
     with tempfile.TemporaryDirectory() as folder:
         config = Path(folder) / "connectors.yaml"
-        config.write_text(f"server:\n  api_keys: [{{key: {KEY}}}]\n  watch_config: false\nknowledge_bases:\n  kb: {{connectors: [{names}]}}\nconnectors:\n{connectors}")
+        config.write_text(f"server:\n  api_keys: [{{key: {KEY}}}]\n  watch_config: false\n  cache_ttl_s: 0\nknowledge_bases:\n  kb: {{connectors: [{names}]}}\nconnectors:\n{connectors}")
         port = free_port()
         with processes([sys.executable, "-m", "aggregator", "serve", "--config", str(config), "--port", str(port), "--log-level", "warning"]):
             url = f"http://127.0.0.1:{port}"
