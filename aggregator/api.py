@@ -37,6 +37,7 @@ from starlette.types import Message, Receive, Scope, Send
 from .ops import explain, statuspage
 from .ops.health import redact
 from .ops.tracing import Tracing
+from .cache import Answer, answered_by_all, serve_cached
 from .config import ApiKey, GatewayConfig
 from .models import ErrorBody, RetrievalRequest, RetrievalResponse
 from .pipeline import UnknownKnowledgeBase, retrieve
@@ -202,7 +203,7 @@ def create_app(load: Callable[[], GatewayConfig] | None = None, config_path: Pat
         log.exception("unhandled error")
         return error(500, 5001, f"internal error ({type(exc).__name__}); see the service log")
 
-    async def answer(request: Request, gateway: Gateway) -> JSONResponse:
+    async def answer(request: Request, gateway: Gateway) -> Response:
         token = bearer_token(request.headers.get("authorization"))
         if token is None:
             return error(403, 1001, "missing or malformed Authorization header; expected 'Bearer <API key>'")
@@ -222,18 +223,24 @@ def create_app(load: Callable[[], GatewayConfig] | None = None, config_path: Pat
             return parsed
         if not api_key.allows(parsed.knowledge_id):
             return error(403, 1002, f"this API key may not read knowledge base {parsed.knowledge_id!r}")
-        started = time.perf_counter()
-        try:
-            result = await retrieve(gateway, parsed)
-        except UnknownKnowledgeBase:
-            return error(404, 2001, f"knowledge_id: no knowledge base named {parsed.knowledge_id!r}")
         request_id = request.headers.get("x-request-id") or f"{random.getrandbits(64):016x}"  # for logs, not a secret
-        service.record(gateway, parsed.knowledge_id, parsed.query, result, time.perf_counter() - started, request_id)
-        return JSONResponse(
-            {"records": result.records}, headers={"X-Sources": result.sources_header(), "X-Request-Id": request_id}
-        )
 
-    async def retrieval(request: Request) -> JSONResponse:
+        async def respond() -> tuple[Response, Answer | None]:
+            """The retrieval itself, and its answer for the response cache when it is a 200."""
+            started = time.perf_counter()
+            try:
+                result = await retrieve(gateway, parsed)
+            except UnknownKnowledgeBase:
+                return error(404, 2001, f"knowledge_id: no knowledge base named {parsed.knowledge_id!r}"), None
+            service.record(gateway, parsed.knowledge_id, parsed.query, result, time.perf_counter() - started, request_id)
+            sources = result.sources_header()
+            response = JSONResponse({"records": result.records}, headers={"X-Sources": sources, "X-Request-Id": request_id})
+            return response, Answer(bytes(response.body), sources, complete=answered_by_all(result.sources))
+
+        # Dify's retries (and any identical retrieval within server.cache_ttl_s) are answered once: aggregator/cache.py
+        return await serve_cached(service, gateway, api_key, parsed, request_id, respond)
+
+    async def retrieval(request: Request) -> Response:
         started = time.perf_counter()
         gateway = service.gateway
         if gateway is None:

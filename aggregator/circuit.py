@@ -55,6 +55,17 @@ class CircuitBreaker:
         elif self.state == "closed" and self.consecutive_failures >= self.settings.failures:
             self._open()
 
+    async def admit(self) -> bool:
+        """`allow()` for the fan-out; a breaker shared across replicas (aggregator/shared/circuit.py) may ask Redis."""
+        return self.allow()
+
+    async def report(self, success: bool) -> None:
+        """One call's verdict, for the fan-out; a shared breaker also tells the other replicas."""
+        if success:
+            self.record_success()
+        else:
+            self.record_failure()
+
     def release(self) -> None:
         """A trial that ended without a verdict (cancelled): let the next call try."""
         self._trial_in_flight = False

@@ -122,6 +122,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
     config = _load_or_report(args.config)
     if config is None:
         return 1
+    if config.server.state_url:
+        return _gc_postgres(config.server.state_url, set(config.connectors), args.dry_run)
     root = config.server.state_dir
     assert root is not None  # load_config fills the default
     unused = unused_stores(root, set(config.connectors))
@@ -139,6 +141,31 @@ def cmd_gc(args: argparse.Namespace) -> int:
             busy += 1
             print(f"kept {folder}: a running gateway syncs it", file=sys.stderr)
     return 1 if busy else 0
+
+
+def _gc_postgres(url: str, in_use: set[str], dry_run: bool) -> int:
+    """`gc` for `server.state_url`: the stores of sources no longer configured, unless a replica syncs them."""
+    from .state.postgres import display_url, remove_stores, unused_stores
+
+    where = display_url(url)
+    try:
+        unused = unused_stores(url, in_use)
+        if not unused or dry_run:
+            for _, source, size in unused:
+                print(f"would delete the index of {source} in {where} (about {size / 2**20:.1f} MiB)")
+            if not unused:
+                print(f"{where}: nothing to delete")
+            return 0
+        removed = remove_stores(url, [store_id for store_id, _, _ in unused])
+    except Exception as exc:  # psycopg.Error and connection failures: said plainly
+        print(f"error: {where}: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
+    for (_, source, size), done in zip(unused, removed):
+        if done:
+            print(f"deleted the index of {source} in {where} (about {size / 2**20:.1f} MiB)")
+        else:
+            print(f"kept the index of {source}: a running replica syncs it", file=sys.stderr)
+    return 0 if all(removed) else 1
 
 
 def format_table(records: list[dict], sources: str) -> str:

@@ -8,6 +8,7 @@ prefixed with its path in the file (`connectors.runbooks.bucket: field required`
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import re
 from collections.abc import Mapping
@@ -16,7 +17,7 @@ from urllib.parse import unquote, urlsplit
 from typing import Annotated, Any, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from connectors import REGISTRY
 from connectors.base import CircuitSettings, ConnectorSettings
@@ -81,6 +82,29 @@ class ServerSettings(BaseModel):
     state_dir: Path | None = Field(
         None, description=f"Where indexed sources persist their index; default: {DEFAULT_STATE_DIR}/ beside connectors.yaml."
     )
+    state_url: str | None = Field(
+        None, description="postgresql://… : keep the indexes in PostgreSQL, shared by every replica, instead of state_dir."
+    )
+    redis_url: str | None = Field(
+        None, description="redis://… : share circuit breakers, recent health, rate limits and the response cache across replicas."
+    )
+    cache_ttl_s: float = Field(
+        5.0, ge=0, le=3600, description="Identical retrievals within this many seconds are answered once (Dify's retries); 0: off."
+    )
+
+    @field_validator("state_url")
+    @classmethod
+    def _postgres_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("a PostgreSQL URL: postgresql://user@host:5432/database")
+        return value or None  # empty (`${STATE_URL:-}` unset): the embedded store
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("a Redis URL: redis://host:6379/0 (rediss:// for TLS, unix:// for a socket)")
+        return value or None  # empty: per-process state
 
 
 class Defaults(BaseModel):
@@ -228,6 +252,9 @@ def _cross_check(config: GatewayConfig) -> list[str]:
         for i, name in enumerate(kb.connectors):
             if name not in config.connectors:
                 errors.append(f"knowledge_bases.{kb_id}.connectors[{i}]: no connector named {name!r} is defined")
+    for field_name, module, extra in (("state_url", "psycopg_pool", "PostgreSQL"), ("redis_url", "redis", "Redis")):
+        if getattr(config.server, field_name) and importlib.util.find_spec(module) is None:
+            errors.append(f'server.{field_name}: the {extra} client is not installed: pip install "dify-knowledge-gateway[replicas]"')
     for k, api_key in enumerate(config.server.api_keys):
         for i, kb_id in enumerate(api_key.knowledge_ids):
             if kb_id != "*" and kb_id not in config.knowledge_bases:

@@ -142,23 +142,14 @@ async def ask_sources(slots: list[SourceSlot], query: SourceQuery, deadline: flo
     skipped: dict[str, SourceResult] = {}
     for slot in slots:
         name = slot.connector.name
-        if slot.breaker.allow():
+        if await slot.breaker.admit():
             calls[name] = traced_source_call(name, slot.connector.type, call_source(slot.connector, query, slot.policy, deadline))
         else:
             wait = slot.breaker.seconds_until_trial() or 0.0
             skipped[name] = SourceResult(name, "skipped", error=f"circuit open; next trial in {wait:.0f} s")
             trace_skipped(name, slot.connector.type, skipped[name])
     answered = {result.name: result for result in await fan_out(calls, deadline)}
-    results: list[SourceResult] = []
-    for slot in slots:
-        name = slot.connector.name
-        if name in skipped:
-            results.append(skipped[name])
-            continue
-        result = answered[name]
-        if result.outcome in SUCCESSES:
-            slot.breaker.record_success()
-        else:
-            slot.breaker.record_failure()
-        results.append(result)
+    results = [skipped.get(slot.connector.name) or answered[slot.connector.name] for slot in slots]
+    verdicts = [slot.breaker.report(result.outcome in SUCCESSES) for slot, result in zip(slots, results) if result.outcome != "skipped"]
+    await asyncio.gather(*verdicts)  # shared breakers tell the other replicas (no round trip while all is well)
     return results

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from connectors import build_connector
 from connectors.base import Connector
@@ -21,23 +22,50 @@ from .circuit import CircuitBreaker
 from .config import DEV_API_KEY, GatewayConfig
 from .fanout import SourcePolicy, SourceSlot
 from .ranking.pool import TermCache
-from .state import LocalBackend
+from .state import LocalBackend, StateBackend
 from .state.local import unused_stores
 
+if TYPE_CHECKING:
+    from .shared.circuit import SharedBreakers
+
 log = logging.getLogger(__name__)
+
+
+def state_backend(config: GatewayConfig, previous: StateBackend | None) -> StateBackend | None:
+    """The backend of `server.state_url` (PostgreSQL) or of `server.state_dir`.
+
+    A database backend outlives reloads (its connections and readers serve every version); changing
+    `state_url` takes effect at the next start, as the log says.
+    """
+    url = config.server.state_url
+    if url is None:
+        if previous is not None and not isinstance(previous, LocalBackend):
+            log.warning("server.state_url was removed: the indexes stay in PostgreSQL until the service restarts")
+            return previous
+        return LocalBackend(config.server.state_dir) if config.server.state_dir is not None else None
+    if previous is not None and not isinstance(previous, LocalBackend):
+        if getattr(previous, "url", None) != url:
+            log.warning("server.state_url changed: the new database is used from the next start of the service")
+        return previous
+    from .state.postgres import PostgresBackend  # psycopg is an optional extra
+
+    return PostgresBackend(url)
 
 
 class Gateway:
     """Owns the sources of one config version."""
 
-    def __init__(self, config: GatewayConfig, previous: "Gateway | None" = None) -> None:
+    def __init__(self, config: GatewayConfig, previous: "Gateway | None" = None, breakers: "SharedBreakers | None" = None) -> None:
+        """`breakers`: circuit breakers shared through Redis (the service's, when it has `redis_url`); a
+        successor gateway keeps its predecessor's."""
         self.config = config
+        self.breakers = breakers if breakers is not None else (previous.breakers if previous else None)
         #: Tokenized passages for the rerank; carried across reloads, like the sources.
         self.term_cache = previous.term_cache if previous else TermCache()
         self.slots: dict[str, SourceSlot] = {}
         self.adopted: set[str] = set()
         #: Where indexed sources persist their index (None: each keeps a temporary one, as in tests).
-        self.state = LocalBackend(config.server.state_dir) if config.server.state_dir is not None else None
+        self.state = state_backend(config, previous.state if previous else None)
         for name in config.connectors:
             settings = config.effective(name)
             old = previous.slots.get(name) if previous else None
@@ -52,7 +80,7 @@ class Gateway:
             self.slots[name] = SourceSlot(
                 connector=connector,
                 policy=SourcePolicy(timeout_s=settings.timeout_s or 3.0, retries=settings.retries or 0),
-                breaker=CircuitBreaker(settings.circuit),
+                breaker=self.breakers.breaker(name, settings.circuit) if self.breakers else CircuitBreaker(settings.circuit),
             )
         #: Worked out once per config version, not per request: what messages are scrubbed of, and each source's type.
         self.secrets: list[str] = config.secrets()
@@ -86,7 +114,9 @@ class Gateway:
 
     async def start(self) -> None:
         """Start the sources this gateway did not adopt (adopted ones are running already)."""
-        if self.state is not None and not self.adopted:
+        if self.state is not None:
+            await self.state.start()  # a database backend connects (once: a successor shares it)
+        if isinstance(self.state, LocalBackend) and not self.adopted:
             unused = [p.name for p in unused_stores(self.state.root, set(self.slots))]
             if unused:
                 log.info("state of sources no longer configured in %s: %s; `aggregator gc` deletes it",
@@ -100,7 +130,10 @@ class Gateway:
         await self._close([name for name in self.slots if name not in keep])
 
     async def aclose(self) -> None:
+        """Close every source and the state backend: the service stops (a retired version uses drain_and_close)."""
         await self._close(list(self.slots))
+        if self.state is not None:
+            await self.state.aclose()
 
     async def _close(self, names: list[str]) -> None:
         results = await asyncio.gather(*(self.slots[n].connector.aclose() for n in names), return_exceptions=True)

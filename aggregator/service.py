@@ -19,13 +19,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .cache import ResponseCache
 from .config import DEV_API_KEY, ConfigError, GatewayConfig, load_config
 from .ops.health import HealthRecorder, ReloadRecord, now_iso, redact
-from .ops.metrics import Metrics
+from .ops.history import iso
+from .ops.metrics import Metrics, SharedView
 from .ops.tracing import Tracing, annotate, current_trace_id
 from .pipeline import RetrievalResult
 from .ranking.statistics import dump_samples, load_samples
 from .runtime import Gateway
+from .shared.circuit import SharedBreakers
+from .shared.peers import Peers
+from .shared.ratelimit import PROCESS_LIMITS
+from .shared.redis import SharedState, replica_name
 from .text.tokenize import TOKENIZER_VERSION
 
 log = logging.getLogger("aggregator")
@@ -44,19 +50,41 @@ class Service:
         self.config_path = config_path
         self.gateway: Gateway | None = None
         self.health = HealthRecorder()
-        self.metrics = Metrics(lambda: self.gateway)
+        self.metrics = Metrics(lambda: self.gateway, self._shared_view)
         self.tracing = Tracing.from_env() if tracing is None else tracing
         self._watcher: asyncio.Task[None] | None = None
         self._retiring: set[asyncio.Task[None]] = set()
         self._reload_lock = asyncio.Lock()
         self._saver: asyncio.Task[None] | None = None
+        #: Redis (`server.redis_url`): breakers, peers' health, rate limits and the cache shared across replicas.
+        self.shared: SharedState | None = None
+        self.peers: Peers | None = None
+        self.cache = ResponseCache(0.0)
+
+    def _shared_view(self) -> SharedView:
+        up: dict[str, bool] = {}
+        state = self.gateway.state if self.gateway is not None else None
+        if state is not None and "reachable" in (described := state.describe()):
+            up["index"] = bool(described["reachable"])
+        if self.shared is not None:
+            up["redis"] = self.shared.available
+        return SharedView(up, self.cache.hit_ratio())
 
     @classmethod
     def from_path(cls, path: Path, tracing: Tracing | None = None) -> "Service":
         return cls(lambda: load_config(path), path, tracing)
 
     async def start(self) -> None:
-        self.gateway = Gateway(self._load())
+        config = self._load()
+        breakers = None
+        if config.server.redis_url:
+            self.shared = SharedState(config.server.redis_url)
+            await self.shared.start()
+            breakers = SharedBreakers(self.shared)
+            self.peers = Peers(self.shared, self.summary)
+            PROCESS_LIMITS.shared = self.shared
+        self.cache = ResponseCache(config.server.cache_ttl_s, self.shared)
+        self.gateway = Gateway(config, breakers=breakers)
         if self.gateway.uses_dev_key():
             log.warning("an API key is the development default %r: set AGGREGATOR_API_KEY before exposing this service", DEV_API_KEY)
         await asyncio.to_thread(self._load_samples)
@@ -80,6 +108,10 @@ class Service:
         if self.gateway is not None:
             await asyncio.to_thread(self._save_samples)
             await self.gateway.aclose()
+        if self.shared is not None:
+            if PROCESS_LIMITS.shared is self.shared:
+                PROCESS_LIMITS.shared = None
+            await self.shared.aclose()
         await asyncio.to_thread(self.tracing.shutdown)  # exports what is still buffered
 
     # -- the rerank's samples of remote sources, kept across restarts ----------------------------------
@@ -134,9 +166,13 @@ class Service:
                 return False
             if config.version == old.config.version and config.secrets() == old.config.secrets():
                 return True
+            if config.server.redis_url != old.config.server.redis_url:
+                log.warning("server.redis_url changed: the new Redis is used from the next start of the service")
             new = Gateway(config, previous=old)
             await new.start()
             self.gateway = new
+            self.cache.ttl_s = config.server.cache_ttl_s
+            self.cache.clear()  # keys carry the config version too: nothing of the old one is served again
             retire = asyncio.create_task(old.drain_and_close(keep=new.adopted), name=f"retire:{old.config.version}")
             self._retiring.add(retire)
             retire.add_done_callback(self._retiring.discard)
@@ -194,18 +230,52 @@ class Service:
             extra={"fields": fields},
         )  # fmt: skip
 
+    def record_cached(self, knowledge_id: str, request_id: str, outcome: str, elapsed_s: float) -> None:
+        """Count a retrieval's cache outcome; one answered from the cache (no source called) gets its log line here."""
+        self.metrics.cache.labels(outcome).inc()
+        if outcome == "miss":
+            return  # record() wrote its line
+        trace_id = current_trace_id()
+        fields = {"event": "retrieval", "request_id": request_id, "trace_id": trace_id, "knowledge_id": knowledge_id,
+                  "cache": outcome, "ms": round(elapsed_s * 1000, 1)}  # fmt: skip
+        access_log.info("retrieval id=%s%s kb=%s cache=%s ms=%.1f", request_id, f" trace={trace_id}" if trace_id else "",
+                        knowledge_id, outcome, elapsed_s * 1000, extra={"fields": fields})  # fmt: skip
+
+    def _sources(self, gateway: Gateway) -> list[dict[str, Any]]:
+        config = gateway.config
+        used = {name for kb in config.knowledge_bases.values() for name in kb.connectors}
+        secrets = config.secrets()
+        now = self.health.clock()
+        return [
+            self.health.source(name, slot.connector.type).snapshot(slot, name in used, secrets, now)
+            for name, slot in gateway.slots.items()
+        ]
+
+    def summary(self) -> dict[str, Any]:
+        """This replica's recent health per source, as the other replicas show it (no history: it is large)."""
+        gateway = self.gateway
+        if gateway is None:
+            return {"sources": {}}
+        kept = ("state", "calls", "latency_ms", "last_success", "last_error", "circuit")
+        return {"config_version": gateway.config.version, "sources": {
+            s["name"]: {**{k: s[k] for k in kept}, "syncer": (s["index"] or {}).get("syncer")} for s in self._sources(gateway)
+        }}  # fmt: skip
+
     def status(self) -> dict[str, Any]:
         gateway = self.gateway
         if gateway is None:
             return {"ready": False, "sources": []}
         config = gateway.config
-        used = {name for kb in config.knowledge_bases.values() for name in kb.connectors}
-        secrets = config.secrets()
-        now = self.health.clock()
-        sources = []
-        for name, slot in gateway.slots.items():
-            health = self.health.source(name, slot.connector.type)
-            sources.append(health.snapshot(slot, name in used, secrets, now))
+        sources = self._sources(gateway)
+        replica = self.shared.replica if self.shared is not None else replica_name()
+        peers = self.peers.current() if self.peers is not None else {}
+        mine = {"replica": replica, "at": time.time(), **self.summary()} if peers else None
+        everyone = {**peers, replica: mine} if mine else {}
+        for source in sources:  # each replica's view of each source, this one's fresh
+            source["replicas"] = [
+                {"replica": name, "updated": iso(seen["at"]), **seen["sources"][source["name"]]}
+                for name, seen in sorted(everyone.items()) if source["name"] in seen.get("sources", {})
+            ]  # fmt: skip
         reload = self.health.last_reload
         return {
             "ready": gateway.ready,
@@ -215,6 +285,13 @@ class Service:
             "uptime_s": round(time.time() - self.health.started, 1),
             "pid": os.getpid(),  # with --workers N, which worker answered (one of them syncs each indexed source)
             "state_dir": str(config.server.state_dir) if config.server.state_dir else None,
+            "replica": replica,
+            "replicas": sorted(everyone) or [replica],
+            "shared_state": {
+                "index": gateway.state.describe() if gateway.state is not None else {},
+                "redis": self.shared.describe() if self.shared is not None else None,
+            },
+            "cache": {"ttl_s": self.cache.ttl_s, **{k: self.cache.counts.get(k, 0) for k in ("hit", "coalesced", "miss")}},
             "tasks": len(asyncio.all_tasks()),
             "knowledge_bases": {kb_id: kb.connectors for kb_id, kb in config.knowledge_bases.items()},
             "sources": sources,

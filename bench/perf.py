@@ -80,7 +80,7 @@ def gateway(urls: list[str]) -> Iterator[str]:
     names = ", ".join(f"up{i}" for i in range(len(urls)))
     with tempfile.TemporaryDirectory() as folder:
         config = Path(folder) / "connectors.yaml"
-        config.write_text(f"server:\n  api_keys: [{{key: {KEY}}}]\n  watch_config: false\nknowledge_bases:\n  kb: {{connectors: [{names}]}}\nconnectors:\n{connectors}")
+        config.write_text(f"server:\n  api_keys: [{{key: {KEY}}}]\n  watch_config: false\n  cache_ttl_s: 0\nknowledge_bases:\n  kb: {{connectors: [{names}]}}\nconnectors:\n{connectors}")
         port = free_port()
         with processes([sys.executable, "-m", "aggregator", "serve", "--config", str(config), "--port", str(port), "--log-level", "warning"]):
             url = f"http://127.0.0.1:{port}"
@@ -118,12 +118,12 @@ def overhead() -> None:
 def throughput(seconds: float) -> None:
     print(f"\n## Throughput: 64 concurrent clients for {seconds:.0f} s, three fast upstreams\n")
     with upstreams(3, 0.0) as urls, gateway(urls) as gw:
-        direct = asyncio.run(hammer(httpx.URL(urls[0]).port or 80, None, 64, seconds, [BODY["query"]]))
-        through = asyncio.run(hammer(httpx.URL(gw).port or 80, None, 64, seconds, [BODY["query"]]))
+        direct = asyncio.run(hammer([urls[0]], 64, seconds, [BODY["query"]]))
+        through = asyncio.run(hammer([gw], 64, seconds, [BODY["query"]]))
     print("| target | requests/s | p50 ms | p99 ms | non-200 |\n| --- | ---: | ---: | ---: | ---: |")
     for label, run in (("one upstream directly", direct), ("gateway (3 upstreams per request)", through)):
-        print(f"| {label} | {run['rps']:.0f} | {run['p50']:.1f} | {run['p99']:.1f} | {run['non200']:.0f} |")
-    print(f"| ratio gateway / upstream | {through['rps'] / direct['rps']:.3f} | | | |")
+        print(f"| {label} | {run.rps:.0f} | {pct(run.latencies, .5):.1f} | {pct(run.latencies, .99):.1f} | {run.non_200} |")
+    print(f"| ratio gateway / upstream | {through.rps / direct.rps:.3f} | | | |")
 
 
 def rerank_times() -> None:

@@ -129,7 +129,7 @@ def gateway_config(kinds: list[str], urls: list[str], folders: list[Path]) -> st
             )
     names = ", ".join(f"shard{i}" for i in range(len(kinds)))
     return (
-        "server:\n  api_keys: [{key: bench}]\n  deadline_s: 30\n  watch_config: false\n"
+        "server:\n  api_keys: [{key: bench}]\n  deadline_s: 30\n  watch_config: false\n  cache_ttl_s: 0\n"
         f"knowledge_bases:\n  bench:\n    connectors: [{names}]\nconnectors:\n" + "".join(connectors)
     )
 

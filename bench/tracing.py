@@ -159,7 +159,7 @@ def main() -> None:
     with upstreams(3, 0.0) as urls, tempfile.TemporaryDirectory() as folder:
         connectors = "".join(f"  up{i}: {{type: dify, endpoint: '{u}', api_key: x, knowledge_id: kb, candidates: 20, retries: 0}}\n" for i, u in enumerate(urls))
         path = Path(folder) / "connectors.yaml"
-        path.write_text(f"server:\n  api_keys: [{{key: {KEY}}}]\n  watch_config: false\nknowledge_bases:\n  kb: {{connectors: [up0, up1, up2]}}\nconnectors:\n{connectors}")
+        path.write_text(f"server:\n  api_keys: [{{key: {KEY}}}]\n  watch_config: false\n  cache_ttl_s: 0\nknowledge_bases:\n  kb: {{connectors: [up0, up1, up2]}}\nconnectors:\n{connectors}")
         config = load_config(path)
         app = create_app(lambda: config, tracing=Tracing())
         with serve(app) as url:

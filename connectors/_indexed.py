@@ -7,7 +7,9 @@ persistent index store (`aggregator.state`) shared by every worker process:
 - the store lives under `server.state_dir` and survives restarts: a source
   serves what is stored at once and syncs only documents whose version changed;
 - one process per source syncs it (the store's lock); the others answer from
-  the same store and pick up each commit at their next query;
+  the same store and pick up each commit at their next query; with a shared
+  database the lead can be lost (the syncer's connection died), and the
+  source then asks for it again like the others;
 - a sync fetches in batches, splits and tokenizes off the event loop, and
   commits every few thousand passages, so requests are answered while it runs
   and a killed sync loses at most its last batch;
@@ -33,12 +35,15 @@ from typing import Any, ClassVar, TypeVar
 
 from pydantic import Field
 
-from aggregator.state import IndexStore, LocalBackend, PreparedDocument, StateBackend, StoredPassage, SyncStatus, settings_fingerprint
+from aggregator.state import (
+    IndexStore, LocalBackend, PreparedDocument, StateBackend, StoredPassage, StoreUnavailable, SyncStatus, settings_fingerprint,
+)  # fmt: skip
 from aggregator.text.chunking import split_passages
 from aggregator.text.tokenize import tokenize
 
 from .base import (
-    Connector, ConnectorSettings, Passage, RateLimited, SourceError, SourceQuery, SourceStats, TermStatistics, record_metadata,
+    Connector, ConnectorSettings, Passage, RateLimited, SourceError, SourceQuery, SourceStats, TermStatistics, Unavailable,
+    record_metadata,
 )  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -231,24 +236,35 @@ class IndexedConnector(Connector):
 
     async def _run(self) -> None:
         store = self._open_store()
-        while not store.leading:
-            if await self._blocking(store.try_lead):
-                break
-            store.refresh()
-            await asyncio.sleep(LEAD_POLL_S)
-        log.info("source %s: this process syncs it", self.name)
-        published = store.info()
-        self._status = published.status if published.synced_once else SyncStatus()
-        self._status.syncing = False
-        try:
-            writer = await self._blocking(store.open_writer)
-        except Exception:
-            log.exception("source %s: cannot open its index store", self.name)
-            self._status.last_error, self._status.last_outcome = "the index store cannot be opened (see the log)", "error"
-            self._first_attempt.set()
-            return
-        self.on_lead()
+        watching = False
         while True:
+            while not store.leading:
+                if await self._blocking(store.try_lead):
+                    break
+                store.refresh()
+                await asyncio.sleep(LEAD_POLL_S)
+            log.info("source %s: this process syncs it", self.name)
+            published = store.info()
+            self._status = published.status if published.synced_once else SyncStatus()
+            self._status.syncing = False
+            try:
+                writer = await self._blocking(store.open_writer)
+            except Exception:
+                log.exception("source %s: cannot open its index store", self.name)
+                self._status.last_error, self._status.last_outcome = "the index store cannot be opened (see the log)", "error"
+                self._first_attempt.set()
+                if store.leading:
+                    return
+                await asyncio.sleep(LEAD_POLL_S)
+                continue  # a shared store's connection died on the way: ask for the lead again
+            if not watching:
+                self.on_lead()
+                watching = True
+            await self._sync_while_leading(store, writer)
+            log.warning("source %s: no longer syncs it (the store's lock was lost); asking for it again", self.name)
+
+    async def _sync_while_leading(self, store: IndexStore, writer: Any) -> None:
+        while store.leading:
             wait = self.settings.refresh_s
             status = self._status
             try:
@@ -266,15 +282,18 @@ class IndexedConnector(Connector):
                 status.last_error, status.last_outcome = str(exc), exc.outcome
                 log.warning("source %s: sync failed: %s", self.name, exc)
                 self._first_attempt.set()  # a source that cannot sync must not keep the whole service unready
-            except Exception as exc:  # a bug in a connector must not stop the refresh loop
+            except Exception as exc:  # a bug in a connector, or the store's database gone: the loop goes on
                 status.last_error, status.last_outcome = f"{type(exc).__name__}: {exc}", "error"
-                log.exception("source %s: sync failed", self.name)
+                if store.leading:
+                    log.exception("source %s: sync failed", self.name)
                 self._first_attempt.set()
             status.syncing = False
             status.last_sync = now_iso()
-            if status.last_outcome != RateLimited.outcome:
+            if status.last_outcome != RateLimited.outcome and store.leading:
                 with contextlib.suppress(Exception):
                     await self._blocking(writer.finish, status)
+            if not store.leading:
+                return
             self._wake.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), wait)
@@ -363,7 +382,10 @@ class IndexedConnector(Connector):
             def accept(stored: StoredPassage) -> bool:
                 return predicate(record_metadata(_passage(stored), self.name, self.type))
 
-        hits = store.search(tokenize(query.text), query.limit, accept)
+        try:
+            hits = await store.asearch(tokenize(query.text), query.limit, accept)
+        except StoreUnavailable as exc:
+            raise Unavailable(str(exc)) from None
         return [_passage(hit, rank) for rank, hit in enumerate(hits, start=1)]
 
 

@@ -6,7 +6,8 @@ page is kept in a local index: pages are listed with an empty search
 refreshed every `refresh_s`, re-reading only pages whose `last_edited_time`
 changed; pages that were removed, archived or unshared leave it. Requests
 go through a limiter that keeps under Notion's rate limit (about three per
-second per integration); a 429 makes the sync stop and the next one start
+second per integration, shared by every connector, process and replica that uses the same token when the
+gateway has Redis: `aggregator/shared/ratelimit.py`); a 429 makes the sync stop and the next one start
 after the `Retry-After` it named, keeping what was indexed so far.
 """
 
@@ -15,8 +16,9 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import httpx
-from aiolimiter import AsyncLimiter
 from pydantic import Field, SecretStr
+
+from aggregator.shared.ratelimit import credential_limiter
 
 from ._indexed import Document, IndexedConnector, IndexedSettings
 from .base import BadResponse, NotFound
@@ -107,7 +109,8 @@ class NotionConnector(IndexedConnector):
     def __init__(self, name: str, settings: NotionSettings) -> None:
         super().__init__(name, settings)
         self._client: httpx.AsyncClient | None = None
-        self._limiter = AsyncLimiter(settings.requests_per_second, 1.0)
+        #: Notion's limit is per integration: connectors (and replicas) with the same token share one.
+        self._limiter = credential_limiter(f"notion {settings.base_url} {settings.token.get_secret_value()}", settings.requests_per_second)
         self._pages: dict[str, dict[str, Any]] = {}
 
     def _http(self) -> httpx.AsyncClient:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 import textwrap
 from pathlib import Path
 
@@ -11,6 +13,7 @@ from aggregator.config import GatewayConfig, parse_config
 
 KEY = "test-key-0123456789"
 SCOPED_KEY = "scoped-key-abcdef"
+_databases = itertools.count(1)
 
 DOCS = {
     "vpn.md": "# VPN setup\n\nInstall WireGuard and import the VPN profile from the IT portal.\n\nProfiles expire after 180 days.",
@@ -29,14 +32,17 @@ def write_docs(folder: Path, docs: dict[str, str] = DOCS) -> Path:
     return folder
 
 
-def make_config(folder: Path, extra_connectors: str = "", kb_connectors: str = "[docs]", deadline_s: float = 4.0) -> GatewayConfig:
+def make_config(
+    folder: Path, extra_connectors: str = "", kb_connectors: str = "[docs]", deadline_s: float = 4.0, cache_ttl_s: float | None = None
+) -> GatewayConfig:
+    """`cache_ttl_s=0` for a test that repeats one query to watch what the sources do (the cache would answer it)."""
     text = f"""
     server:
       api_keys:
         - key: {KEY}
         - key: {SCOPED_KEY}
           knowledge_ids: [other]
-      deadline_s: {deadline_s}
+      deadline_s: {deadline_s}{"" if cache_ttl_s is None else f"{chr(10)}      cache_ttl_s: {cache_ttl_s}"}
     defaults:
       timeout_s: 2.0
       retries: 1
@@ -75,3 +81,50 @@ def docs_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def config(docs_dir: Path) -> GatewayConfig:
     return make_config(docs_dir)
+
+
+# -- real PostgreSQL and Redis (tests/servers.py), started once per session, only by tests that ask for them ------
+
+
+@pytest.fixture(scope="session")
+def postgres():  # type: ignore[no-untyped-def]
+    pytest.importorskip("psycopg_pool", reason='the replicas extra is not installed: pip install -e ".[test]"')
+    from .servers import Unavailable, postgres_server
+
+    try:
+        with postgres_server() as server:
+            yield server
+    except Unavailable as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture
+def pg_url(postgres, request: pytest.FixtureRequest) -> str:  # type: ignore[no-untyped-def]
+    """A fresh database of the session's PostgreSQL server for this test."""
+    name = "t_" + "".join(c if c.isalnum() else "_" for c in request.node.name.lower())[:50] + f"_{os.getpid()}_{next(_databases)}"
+    return postgres.create_database(name)
+
+
+@pytest.fixture(scope="session")
+def redis_server():  # type: ignore[no-untyped-def]
+    pytest.importorskip("redis", reason='the replicas extra is not installed: pip install -e ".[test]"')
+    from .servers import RedisServer, Unavailable
+
+    try:
+        server = RedisServer()
+    except Unavailable as exc:
+        pytest.skip(str(exc))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def redis_url(redis_server) -> str:  # type: ignore[no-untyped-def]
+    """The session's Redis, emptied for this test (and started again if a test stopped it)."""
+    if redis_server.process is None:
+        redis_server.start()
+    redis_server.flush()
+    return redis_server.url

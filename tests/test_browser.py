@@ -49,7 +49,7 @@ def with_partner(tmp_path: Path, endpoint: str, timeout_s: float = 2.0):
       retries: 0
       timeout_s: {timeout_s}
     """
-    return make_config(write_docs(tmp_path / "docs"), extra, kb_connectors="[docs, partner]")
+    return make_config(write_docs(tmp_path / "docs"), extra, kb_connectors="[docs, partner]", cache_ttl_s=0)
 
 
 def ask(url: str) -> None:

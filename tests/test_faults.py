@@ -132,7 +132,7 @@ def config_for(tmp_path: Path, fault_url: str, silent_url: str):
         if name != "docs"
     )
     kb = "[" + ", ".join(EXPECTED) + "]"
-    return make_config(write_docs(tmp_path / "docs"), extra, kb_connectors=kb, deadline_s=1.5)
+    return make_config(write_docs(tmp_path / "docs"), extra, kb_connectors=kb, deadline_s=1.5, cache_ttl_s=0)
 
 
 def ask(url: str) -> tuple[httpx.Response, float]:

@@ -105,7 +105,7 @@ def flaky():
 def test_status_history_places_errors_and_timeouts_in_their_minutes(tmp_path: Path, flaky):
     url, upstream = flaky
     extra = f'partner: {{type: dify, endpoint: "{url}", api_key: upstream-secret, knowledge_id: kb, retries: 0, timeout_s: 0.3}}'
-    config = make_config(write_docs(tmp_path / "docs"), extra, kb_connectors="[docs, partner]", deadline_s=2.0)
+    config = make_config(write_docs(tmp_path / "docs"), extra, kb_connectors="[docs, partner]", deadline_s=2.0, cache_ttl_s=0)
     clock = Clock(T0)
     body = {"knowledge_id": "demo", "query": "rotate keys", "retrieval_setting": {"top_k": 3, "score_threshold": 0}}
     with TestClient(create_app(lambda: config)) as client:

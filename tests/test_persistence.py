@@ -32,6 +32,7 @@ def config_text(folder: Path, notion_url: str, state: Path, rps: int = 50) -> st
 server:
   api_keys: [{{key: {KEY}}}]
   state_dir: {state}
+  cache_ttl_s: 0  # every query reaches the index: these tests watch it change
 knowledge_bases:
   kb: {{connectors: [wiki, docs]}}
 connectors:

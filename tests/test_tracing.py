@@ -53,7 +53,7 @@ def federated(tmp_path: Path, upstream_url: str):
       knowledge_id: kb
       retries: 0
     """
-    return make_config(write_docs(tmp_path / "docs"), extra, kb_connectors="[docs, partner]")
+    return make_config(write_docs(tmp_path / "docs"), extra, kb_connectors="[docs, partner]", cache_ttl_s=0)
 
 
 def post(url: str, headers: dict[str, str] | None = None) -> httpx.Response:

@@ -25,8 +25,9 @@ CIRCUIT_VALUES = {"closed": 0, "half_open": 1, "open": 2}
 
 
 class _LiveState(Collector):
-    def __init__(self, current: Callable[[], "Gateway | None"]) -> None:
+    def __init__(self, current: Callable[[], "Gateway | None"], shared: Callable[[], "SharedView"]) -> None:
         self._current = current
+        self._shared = shared
 
     def collect(self) -> Iterator[Metric]:
         gateway = self._current()
@@ -44,11 +45,26 @@ class _LiveState(Collector):
                     passages.add_metric([name], stats.passages)
                     store.add_metric([name], stats.store_bytes)
             ready.add_metric([], 1 if gateway.ready else 0)
-        yield from (circuit, documents, passages, store, ready)
+        view = self._shared()
+        up = GaugeMetricFamily("gateway_shared_state_up", "1 while the shared store answers (index: PostgreSQL; redis), 0 while it does not.", labels=["backend"])
+        for backend, reachable in view.up.items():
+            up.add_metric([backend], 1 if reachable else 0)
+        ratio = GaugeMetricFamily("gateway_response_cache_hit_ratio", "Share of retrievals this process answered from the cache (hit or coalesced).")
+        if view.cache_hit_ratio is not None:
+            ratio.add_metric([], view.cache_hit_ratio)
+        yield from (circuit, documents, passages, store, ready, up, ratio)
+
+
+class SharedView:
+    """What the metrics read of the shared state: which shared stores answer, and the cache's hit ratio."""
+
+    def __init__(self, up: dict[str, bool] | None = None, cache_hit_ratio: float | None = None) -> None:
+        self.up = up or {}
+        self.cache_hit_ratio = cache_hit_ratio
 
 
 class Metrics:
-    def __init__(self, current: Callable[[], "Gateway | None"]) -> None:
+    def __init__(self, current: Callable[[], "Gateway | None"], shared: Callable[[], SharedView] = SharedView) -> None:
         self.registry = CollectorRegistry()
         self.source_calls = Counter(
             "gateway_source_calls", "Source calls by outcome.", ["source", "outcome"], registry=self.registry
@@ -62,7 +78,11 @@ class Metrics:
             "gateway_request_latency_seconds", "Time to answer a retrieval.", buckets=LATENCY_BUCKETS, registry=self.registry
         )
         self.reloads = Counter("gateway_config_reloads", "Config reloads by result.", ["result"], registry=self.registry)
-        self._live = _LiveState(current)
+        self.cache = Counter(
+            "gateway_response_cache", "Retrievals by response cache outcome: hit, coalesced (waited for an identical one), miss.",
+            ["outcome"], registry=self.registry,
+        )  # fmt: skip
+        self._live = _LiveState(current, shared)
         self.registry.register(self._live)
 
     def observe_sources(self, results: list[SourceResult]) -> None:

@@ -76,6 +76,36 @@ def _index_cell(index: dict[str, Any]) -> str:
     return escape(lines[0]) + "".join(f"<br><small>{escape(line)}</small>" for line in lines[1:])
 
 
+def _replicas(source: dict[str, Any]) -> str:
+    """Every replica's state of this source (with Redis): `replica-0 ok · replica-1 degraded (syncs)`."""
+    views = source.get("replicas") or []
+    if len(views) < 2:
+        return ""
+    parts = [f"{escape(v['replica'])} {escape(v['state'])}" + (" (syncs)" if v.get("syncer") else "") for v in views]
+    return "<br><small>" + " · ".join(parts) + "</small>"
+
+
+def _shared(status: dict[str, Any]) -> tuple[str, str]:
+    """The meta line's part about replicas and shared state, and a banner while a shared store is unreachable."""
+    shared = status.get("shared_state") or {}
+    index, redis = shared.get("index") or {}, shared.get("redis")
+    parts = []
+    if status.get("replicas") and redis is not None:
+        parts.append(f"replica {status.get('replica')} of {len(status['replicas'])}")
+    if index.get("kind") == "postgresql":
+        parts.append(f"index in PostgreSQL ({'reachable' if index.get('reachable') else 'unreachable'})")
+    if redis is not None:
+        parts.append(f"Redis {redis['state']}")
+    problems = []
+    if index.get("kind") == "postgresql" and not index.get("reachable"):
+        problems.append(f"PostgreSQL ({index.get('url')}) is unreachable: indexed sources answer nothing until it is back. {index.get('error') or ''}")
+    if redis is not None and redis["state"] != "connected":
+        problems.append(f"Redis ({redis.get('url')}) is unreachable since {redis.get('since')}: breakers, health, rate limits and the "
+                        f"cache are per process until it is back. {redis.get('error') or ''}")  # fmt: skip
+    banner = "".join(f'<div class="banner">{escape(problem)}</div>' for problem in problems)
+    return ("".join(f" · {escape(part)}" for part in parts)), banner
+
+
 def _row(source: dict[str, Any]) -> str:
     state = source["state"]
     colour = COLOURS.get(state, "#6e7781")
@@ -91,7 +121,7 @@ def _row(source: dict[str, Any]) -> str:
     return (
         f'<tr data-source="{name}"><td><strong>{name}</strong></td>'
         f"<td>{escape(source['type'])}</td>"
-        f'<td><span class="state" style="background:{colour}">{escape(state)}</span></td>'
+        f'<td><span class="state" style="background:{colour}">{escape(state)}</span>{_replicas(source)}</td>'
         f'<td class="num">{_ms(source["latency_ms"]["p50"])} / {_ms(source["latency_ms"]["p95"])}</td>'
         f'<td class="num">{calls["ok"] + calls["empty"]} ok, {failed} failed, {calls["skipped"]} skipped</td>'
         f"<td>{index_text}</td>"
@@ -154,6 +184,8 @@ def render(status: dict[str, Any]) -> str:
             f'<div class="banner"><strong>The last edit of connectors.yaml was rejected</strong> ({escape(reload["at"])}); '
             f"version {escape(status.get('config_version') or '?')} keeps serving.<br>{escape(reload['error'] or '')}</div>"
         )
+    shared_text, shared_banner = _shared(status)
+    banner += shared_banner
     rows = "\n".join(_row(source) for source in status["sources"]) or '<tr><td colspan="7">No sources configured.</td></tr>'
     ready = "ready" if status.get("ready") else "starting (indexes syncing)"
     return f"""<!doctype html>
@@ -163,7 +195,7 @@ def render(status: dict[str, Any]) -> str:
 <title>Knowledge gateway status</title><style>{STYLE}</style></head>
 <body>
 <h1>Knowledge gateway</h1>
-<div class="meta">{escape(ready)} · config version {escape(status.get("config_version") or "?")} · up {status.get("uptime_s", 0):.0f} s · refreshes every {REFRESH_S} s · <a href="/explain">explain a query</a></div>
+<div class="meta">{escape(ready)} · config version {escape(status.get("config_version") or "?")} · up {status.get("uptime_s", 0):.0f} s{shared_text} · refreshes every {REFRESH_S} s · <a href="/explain">explain a query</a></div>
 {banner}
 {_legend()}
 <table>

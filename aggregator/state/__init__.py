@@ -2,16 +2,18 @@
 
 `base` is the interface (a backend opens one `IndexStore` per source); `local`
 is the embedded default under `server.state_dir`; `segments` the memory-mapped
-postings it is made of. Imports only the text tools and the BM25 constants,
+postings it is made of; `postgres` the shared store of several replicas
+(`server.state_url`, imported only when configured: psycopg is an extra). Imports only the text tools and the BM25 constants,
 so connectors may use it.
 """
 
 from .base import (
-    IndexStore, IndexWriter, PreparedDocument, StateBackend, StoredPassage, StoreInfo, SyncStatus, settings_fingerprint,
+    IndexStore, IndexWriter, PreparedDocument, StateBackend, StoredPassage, StoreInfo, StoreUnavailable, SyncStatus,
+    settings_fingerprint,
 )  # fmt: skip
 from .local import LocalBackend, LocalStore
 
 __all__ = [
     "IndexStore", "IndexWriter", "LocalBackend", "LocalStore", "PreparedDocument", "StateBackend", "StoreInfo",
-    "StoredPassage", "SyncStatus", "settings_fingerprint",
+    "StoredPassage", "StoreUnavailable", "SyncStatus", "settings_fingerprint",
 ]  # fmt: skip

@@ -6,10 +6,13 @@ The embedded default is a folder per source under `server.state_dir`
 loop and the status page do not change with it.
 
 An `IndexStore` is used from two sides:
-- every process reads it (`refresh`, `search`, `term_statistics`, `info`),
-  cheaply, on the event loop: lookups in memory-mapped or cached data;
+- every process reads it (`refresh`, `asearch`, `term_statistics`, `info`),
+  cheaply, on the event loop: lookups in memory-mapped or cached data, or a
+  query to a database for `asearch`;
 - one process per source syncs it: it calls `try_lead()` until it wins,
-  then writes through `open_writer()` (from a worker thread).
+  then writes through `open_writer()` (from a worker thread). A shared
+  database can take the lead away (its connection died): `leading` turns
+  false and the syncer goes back to asking for it.
 """
 
 from __future__ import annotations
@@ -106,6 +109,10 @@ class StoreInfo:
     status: SyncStatus = field(default_factory=SyncStatus)
 
 
+class StoreUnavailable(Exception):
+    """The store cannot be read now (its database is unreachable); the source answers as unavailable."""
+
+
 class IndexWriter(abc.ABC):
     """The syncer's handle. Methods block (disk I/O): call them from a worker thread."""
 
@@ -152,6 +159,12 @@ class IndexStore(abc.ABC):
     ) -> list[StoredPassage]:
         """The `limit` best passages for the query terms, best first; ties ordered by a stable key."""
 
+    async def asearch(
+        self, terms: Sequence[str], limit: int, accept: Callable[[StoredPassage], bool] | None = None
+    ) -> list[StoredPassage]:
+        """`search` for the event loop: a store whose data is remote overrides it; local stores answer in place."""
+        return self.search(terms, limit, accept)
+
     @abc.abstractmethod
     def term_statistics(self, terms: Sequence[str]) -> tuple[int, int, dict[str, int]]:
         """(passages, total length, document frequency of each term) over the live collection."""
@@ -169,3 +182,13 @@ class StateBackend(abc.ABC):
 
     @abc.abstractmethod
     def open(self, source: str, fingerprint: str) -> IndexStore: ...
+
+    async def start(self) -> None:
+        """Connect (a database backend); called once before any store is opened. Must not fail on an outage."""
+
+    async def aclose(self) -> None:
+        """Release connections; called once when the service stops."""
+
+    def describe(self) -> dict[str, Any]:
+        """Where the indexes live and whether that place answers, for /status."""
+        return {}

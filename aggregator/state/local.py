@@ -104,6 +104,9 @@ class LocalBackend(StateBackend):
     def __init__(self, root: Path) -> None:
         self.root = root
 
+    def describe(self) -> dict[str, str]:
+        return {"kind": "local", "path": str(self.root)}
+
     def open(self, source: str, fingerprint: str) -> "LocalStore":
         make_private_dir(self.root)
         folder = self.root / source

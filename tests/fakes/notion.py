@@ -30,6 +30,7 @@ class FakeNotion:
     rate_limit_next: int = 0
     retry_after: str = "1"
     requests: list[tuple[float, str]] = field(default_factory=list)
+    clients: list[str] = field(default_factory=list)  # the client address of each request, in the same order
     versions_seen: set[str] = field(default_factory=set)
 
     def add_page(self, page_id: str, title: str, blocks: list[dict[str, Any]], edited: str = "2025-03-10T12:00:00.000Z",
@@ -61,6 +62,7 @@ def app(state: FakeNotion) -> FastAPI:
 
     def refuse(request: Request) -> JSONResponse | None:
         state.requests.append((time.monotonic(), request.url.path))
+        state.clients.append(f"{request.client.host}:{request.client.port}" if request.client else "")
         state.versions_seen.add(request.headers.get("notion-version", ""))
         if request.headers.get("authorization") != f"Bearer {state.token}":
             return JSONResponse({"object": "error", "status": 401, "code": "unauthorized", "message": "API token is invalid."}, status_code=401)

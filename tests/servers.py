@@ -1,0 +1,185 @@
+"""Real PostgreSQL and Redis servers for tests and benchmarks, from Debian's packages, on loopback in a temp folder.
+
+    with postgres_server() as server:      # initdb + postgres, as an unprivileged user when run as root
+        url = server.create_database("t1")
+    with redis_server() as server:         # redis-server, no persistence
+        server.stop(); server.start()      # the same port again: a restart mid-run
+
+Both raise `Unavailable` (with the reason) when the binaries are not installed, so that tests can skip saying why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from .loopback import free_port
+
+
+class Unavailable(RuntimeError):
+    """A server cannot be run on this machine (not installed): the reason says which package is missing."""
+
+
+def _postgres_bin() -> Path:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]) if p.split("/")[4].isdigit() else 0)
+    if found:
+        return Path(found[-1]).parent
+    initdb = shutil.which("initdb")
+    if initdb:
+        return Path(initdb).parent
+    raise Unavailable("PostgreSQL is not installed (Debian: apt-get install postgresql)")
+
+
+def _wait_port(port: int, process: subprocess.Popen, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return
+        if process.poll() is not None:
+            output = process.stdout.read() if process.stdout else ""
+            raise RuntimeError(f"{what} exited with status {process.returncode}: {output[-2000:]}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not listen on port {port} within {timeout} s")
+        time.sleep(0.05)
+
+
+class PostgresServer:
+    """One cluster in a temp folder, listening on 127.0.0.1 only, trust authentication, no durability (tests)."""
+
+    def __init__(self) -> None:
+        self.bin = _postgres_bin()
+        self.folder = Path(tempfile.mkdtemp(prefix="gateway-pg-"))
+        self.data = self.folder / "data"
+        self.port = free_port()
+        self.user = "gateway"
+        self.process: subprocess.Popen | None = None
+        # PostgreSQL refuses to run as root: as root, run it as `nobody` with the folder handed over to it.
+        self._as: list[str] = []
+        if os.geteuid() == 0:
+            if shutil.which("runuser") is None:
+                raise Unavailable("running as root without runuser (util-linux): cannot start PostgreSQL as another user")
+            nobody = pwd.getpwnam("nobody")
+            os.chown(self.folder, nobody.pw_uid, nobody.pw_gid)
+            self._as = ["runuser", "-u", "nobody", "--"]
+
+    def _run(self, *command: str) -> None:
+        result = subprocess.run([*self._as, *command], capture_output=True, text=True, cwd=self.folder, timeout=120)
+        if result.returncode:
+            raise RuntimeError(f"{command[0]} failed: {result.stdout[-1000:]}{result.stderr[-2000:]}")
+
+    def initialise(self) -> None:
+        self._run(str(self.bin / "initdb"), "-D", str(self.data), "-U", self.user, "--auth=trust", "--no-locale", "-E", "UTF8", "--no-sync")
+
+    def start(self) -> None:
+        """Start (or start again, on the same port and data) the server."""
+        command = [
+            *self._as, str(self.bin / "postgres"), "-D", str(self.data), "-p", str(self.port), "-c", "listen_addresses=127.0.0.1",
+            "-c", f"unix_socket_directories={self.folder}", "-c", "fsync=off", "-c", "synchronous_commit=off",
+            "-c", "full_page_writes=off", "-c", "max_connections=200", "-c", "shared_buffers=64MB",
+        ]  # fmt: skip
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=self.folder)
+        _wait_port(self.port, self.process, "postgres")
+        deadline = time.monotonic() + 30
+        while subprocess.run([str(self.bin / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port)], capture_output=True).returncode:
+            if time.monotonic() > deadline:
+                raise TimeoutError("PostgreSQL did not accept connections within 30 s")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            process.terminate()  # smart shutdown would wait for clients; SIGTERM is "fast": disconnects them
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://{self.user}@127.0.0.1:{self.port}/{database}"
+
+    def sql(self, statement: str, database: str = "postgres") -> str:
+        result = subprocess.run(
+            [str(self.bin / "psql"), "-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1", self.url(database), "-c", statement],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        if result.returncode:
+            raise RuntimeError(f"psql failed: {result.stderr}")
+        return result.stdout.strip()
+
+    def create_database(self, name: str) -> str:
+        """A fresh database (cheap: a copy of template0's files); its URL."""
+        self.sql(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def postgres_server() -> Iterator[PostgresServer]:
+    server = PostgresServer()
+    try:
+        server.initialise()
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+class RedisServer:
+    """redis-server on 127.0.0.1, nothing saved to disk; `stop()` and `start()` again keep the port."""
+
+    def __init__(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise Unavailable("Redis is not installed (Debian: apt-get install redis-server)")
+        self.binary = binary
+        self.folder = Path(tempfile.mkdtemp(prefix="gateway-redis-"))
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        command = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                   "--dir", str(self.folder), "--daemonize", "no", "--protected-mode", "yes"]  # fmt: skip
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        _wait_port(self.port, self.process, "redis-server")
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            process.kill()  # as abrupt as a crash: clients see their connections reset
+            process.wait(10)
+
+    def flush(self) -> None:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as connection:
+            connection.sendall(b"FLUSHALL\r\n")
+            connection.recv(64)
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
