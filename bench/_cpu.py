@@ -37,7 +37,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.loopback import free_port  # noqa: E402
+from tests.loopback import free_port, stop  # noqa: E402
 
 KEY = "bench"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -84,11 +84,7 @@ def started(command: list[str], cwd: Path = ROOT, port: int | None = None) -> It
             wait_http(port, process)
         yield process
     finally:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop(process)
 
 
 @contextlib.contextmanager

@@ -84,8 +84,13 @@ def serve_cli(*args: str, env: dict[str, str] | None = None) -> Iterator[tuple[s
         wait_ready(url, timeout=30, process=process)
         yield url, process
     finally:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop(process)
+
+
+def stop(process: subprocess.Popen, grace_s: float = 15.0) -> None:
+    """SIGTERM (a clean shutdown), then SIGKILL if it has not exited within `grace_s`."""
+    process.terminate()
+    try:
+        process.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
