@@ -220,3 +220,15 @@ async def test_the_service_keeps_its_samples_in_the_state_folder(tmp_path):
         await third.start()  # an unreadable file is logged and ignored
         assert not third.gateway.term_cache.samples
         await third.aclose()
+
+
+def test_the_ranking_does_not_depend_on_arrival_order():
+    """Ties (common among passages the text does not match) break by source, document and chunk."""
+    import random
+
+    pool = source("a", WEAK[:6] + STRONG[:1], None) + source("b", MIDDLE + WEAK[6:], [0.5] * 12) + source("c", STRONG[1:], None)
+    expected = [(r.candidate.source, r.candidate.passage.document_id) for r in rerank(QUERY, pool)]
+    for seed in range(5):
+        shuffled = pool[:]
+        random.Random(seed).shuffle(shuffled)
+        assert [(r.candidate.source, r.candidate.passage.document_id) for r in rerank(QUERY, shuffled)] == expected

@@ -151,22 +151,18 @@ def score_pool(
     k = len(terms)
     tfs = np.bincount((columns[hit] - 1) * n + owner[hit], minlength=k * n).reshape(k, n).astype(np.float64)
 
-    bm25 = np.zeros(n)
-    ceiling = 0.0
     term_avgdl = statistics.average_length if statistics is not None and statistics.average_length > 0 else avgdl
-    norm = _length_norm(lengths, term_avgdl, params)
-    for position, term in enumerate(terms):
-        tf = tfs[position]
-        if statistics is not None:
-            weight = counts[term] * float(_idf(max(statistics.passages, 1.0), float(statistics.frequencies[position])))
-        else:
-            weight = counts[term] * float(_idf(n, float(np.count_nonzero(tf))))
-        ceiling += weight * (params.k1 + 1)
-        if term_ids[position] >= 0:
-            bm25 += weight * _saturated(tf, norm, params)
+    qtf = np.fromiter(counts.values(), dtype=np.float64, count=k)
+    if statistics is not None:
+        weights = qtf * _idf(max(statistics.passages, 1.0), np.asarray(statistics.frequencies, dtype=np.float64))
+    else:
+        weights = qtf * _idf(n, np.count_nonzero(tfs, axis=1).astype(np.float64))
+    ceiling = float(weights.sum()) * (params.k1 + 1)
+    weights[np.asarray(term_ids) < 0] = 0.0  # an unknown word counts in the ceiling, and nowhere else
+    bm25 = weights @ _saturated(tfs, _length_norm(lengths, term_avgdl, params), params)
 
     pairs = [(a, b) for a, b in zip(query_terms, query_terms[1:]) if a != b]
-    proximity = np.zeros(n)
+    proximity = zeros
     pair_ceiling = 0.0
     if pairs and len(tokens) > 1:
         pair_counts = _counts(pairs)
@@ -180,12 +176,10 @@ def score_pool(
         which = pair_index[(first[adjacent] - 1) * k + (second[adjacent] - 1)]
         found = which >= 0
         pair_tfs = np.bincount(which[found] * n + owner[adjacent][found], minlength=len(pair_counts) * n).reshape(-1, n).astype(np.float64)
-        pair_norm = _length_norm(lengths, avgdl, params)
-        for p, qtf in enumerate(pair_counts.values()):
-            tf = pair_tfs[p]
-            weight = qtf * float(_idf(n, float(np.count_nonzero(tf))))
-            pair_ceiling += weight * (params.k1 + 1)
-            proximity += weight * _saturated(tf, pair_norm, params)
+        pair_qtf = np.fromiter(pair_counts.values(), dtype=np.float64, count=len(pair_counts))
+        pair_weights = pair_qtf * _idf(n, np.count_nonzero(pair_tfs, axis=1).astype(np.float64))
+        pair_ceiling = float(pair_weights.sum()) * (params.k1 + 1)
+        proximity = pair_weights @ _saturated(pair_tfs, _length_norm(lengths, avgdl, params), params)
     return PoolScores(
         bm25 / ceiling if ceiling > 0 else zeros,
         proximity / pair_ceiling if pair_ceiling > 0 else zeros,

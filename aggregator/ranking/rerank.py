@@ -119,33 +119,37 @@ def group(candidates: list[Candidate]) -> list[Group]:
     return list(groups.values())
 
 
-_NO_RANK = float(2**31)
-
-
-def _positions(use: ScoreUse, ranks: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, str]:
+def _positions(candidates: list[Candidate]) -> tuple[list[float], str]:
     """Each passage's position in [0, 1] in its source's answer (1 = the best), and whether scores or ranks gave it.
 
-    `ranks` holds the source's ranks (_NO_RANK where it gave none), `scores`
-    its scores (NaN where it gave none). Scores that grow down the source's
-    ranked list are distances (lower is better) and are read that way round.
+    Scores that grow down the source's ranked list are distances (lower is better) and are read that way
+    round. Plain Python: a source's answer is a few dozen passages, where numpy's per-call cost dominates.
     """
-    n = len(ranks)
-    order = np.lexsort((np.arange(n), ranks))
-    if use != "rank" and n > 1 and not np.isnan(scores).any():
-        low, high = float(scores.min()), float(scores.max())
+    n = len(candidates)
+    order = sorted(range(n), key=lambda i: (candidates[i].passage.source_rank or _NO_RANK, i))
+    scores = [c.passage.source_score for c in candidates]
+    if candidates[0].scores != "rank" and n > 1 and None not in scores:
+        low, high = min(scores), max(scores)  # type: ignore[type-var]
         if high > low:
-            position = (scores - low) / (high - low)
-            if (ranks < _NO_RANK).all() and np.sign(np.diff(scores[order])).sum() > 0:
-                position = 1.0 - position
-            return position, "scores"
-    position = np.ones(n)
-    if n > 1:  # the discount of DCG: relevance falls fast at the top of a list, then slowly
-        floor = 1.0 / math.log2(n + 1)
-        position[order] = (1.0 / np.log2(np.arange(n) + 2.0) - floor) / (1.0 - floor)
+            span = high - low
+            in_order = [scores[i] for i in order]
+            rising = sum((b > a) - (b < a) for a, b in zip(in_order, in_order[1:]))  # type: ignore[operator]
+            if rising > 0 and all(c.passage.source_rank is not None for c in candidates):
+                return [(high - x) / span for x in scores], "scores"  # type: ignore[operator]
+            return [(x - low) / span for x in scores], "scores"  # type: ignore[operator]
+    if n == 1:
+        return [1.0], "ranks"
+    floor = 1.0 / math.log2(n + 1)  # the discount of DCG: relevance falls fast at the top of a list, then slowly
+    position = [0.0] * n
+    for place, i in enumerate(order):
+        position[i] = (1.0 / math.log2(place + 2) - floor) / (1.0 - floor)
     return position, "ranks"
 
 
-def _calibrate(use: ScoreUse, ranks: np.ndarray, scores: np.ndarray, relevance: np.ndarray, kappa: float) -> tuple[np.ndarray, str]:
+_NO_RANK = 2**31
+
+
+def _calibrate(candidates: list[Candidate], relevance: list[float], kappa: float) -> tuple[list[float], str]:
     """One source's scores on the gateway's scale (-1 where it has none), and how they were obtained.
 
     Fits relevance ≈ a + β·position by least squares over the source's
@@ -153,18 +157,21 @@ def _calibrate(use: ScoreUse, ranks: np.ndarray, scores: np.ndarray, relevance: 
     order that disagrees with the text, the line flattens toward the mean
     relevance of what the source returned.
     """
+    use = candidates[0].scores
     if use == "ignore":
-        return np.full(len(ranks), -1.0), "ignored"
+        return [-1.0] * len(candidates), "ignored"
     if use == "trust":
-        return np.where(np.isnan(scores), -1.0, np.clip(scores, 0.0, 1.0)), "trusted"
-    x, how = _positions(use, ranks, scores)
+        scores = [c.passage.source_score for c in candidates]
+        return [-1.0 if x is None else min(1.0, max(0.0, x)) for x in scores], "trusted"
+    x, how = _positions(candidates)
     n = len(x)
-    mean_x, mean_relevance = x.mean(), relevance.mean()
-    dx, dy = x - mean_x, relevance - mean_relevance
-    spread = float(dx @ dx)
-    slope = max(0.0, float(dx @ dy) / spread) * n / (n + kappa) if spread > 0 else 0.0
-    intercept = float(mean_relevance) - slope * float(mean_x)
-    return np.clip(intercept + slope * x, 0.0, 1.0), how
+    # fsum: exactly rounded, so the fit does not depend on the order the passages arrived in
+    mean_x, mean_y = math.fsum(x) / n, math.fsum(relevance) / n
+    spread = math.fsum((a - mean_x) ** 2 for a in x)
+    covariance = math.fsum((a - mean_x) * (b - mean_y) for a, b in zip(x, relevance))
+    slope = max(0.0, covariance / spread) * n / (n + kappa) if spread > 0 else 0.0
+    intercept = mean_y - slope * mean_x
+    return [min(1.0, max(0.0, intercept + slope * a)) for a in x], how
 
 
 def query_statistics(
@@ -248,28 +255,27 @@ def rank(
     # Every (group, source) sighting in one flat list; each source's calibration is fitted over its own sightings.
     sizes = [len(found.members) for found in groups]
     sighted = [member for found in groups for member in found.members]
-    group_of = np.repeat(np.arange(len(groups)), sizes)
-    ranks = np.fromiter((m.passage.source_rank or _NO_RANK for m in sighted), dtype=np.float64, count=len(sighted))
-    given = np.fromiter((np.nan if m.passage.source_score is None else m.passage.source_score for m in sighted), dtype=np.float64, count=len(sighted))
+    group_of = [g for g, size in enumerate(sizes) for _ in range(size)]
     by_source: dict[str, list[int]] = {}
     for i, member in enumerate(sighted):
         by_source.setdefault(member.source, []).append(i)
-    calibrated = np.empty(len(sighted))
+    rel = relevance.tolist()
+    calibrated = [0.0] * len(sighted)
     how: dict[str, str] = {}
     for source, indexes in by_source.items():
-        use = sighted[indexes[0]].scores
-        values, how[source] = _calibrate(use, ranks[indexes], given[indexes], relevance[group_of[indexes]], settings.kappa)
-        calibrated[indexes] = values
-        for i, value in zip(indexes, values.tolist()):
-            sighted[i].calibrated = value if value >= 0.0 else None
+        members = [sighted[i] for i in indexes]
+        values, how[source] = _calibrate(members, [rel[group_of[i]] for i in indexes], settings.kappa)
+        for i, member, value in zip(indexes, members, values):
+            calibrated[i] = value
+            member.calibrated = value if value >= 0.0 else None
 
     # The sighting that vouches most for each passage speaks for it (the first on a tie).
-    winner = np.cumsum([0, *sizes[:-1]])
-    for g in np.flatnonzero(np.asarray(sizes) > 1):
-        start = int(winner[g])
-        winner[g] = start + int(np.argmax(calibrated[start : start + sizes[g]]))
-    best = calibrated[winner]
-    weights = np.fromiter((sighted[i].weight for i in winner), dtype=np.float64, count=len(groups))
+    winner, start = [], 0
+    for size in sizes:
+        winner.append(start if size == 1 else max(range(start, start + size), key=lambda i: (calibrated[i], -i)))
+        start += size
+    best = np.fromiter((calibrated[i] for i in winner), dtype=np.float64, count=len(winner))
+    weights = np.fromiter((sighted[i].weight for i in winner), dtype=np.float64, count=len(winner))
     scores = fuse(relevance, best, weights, settings)
     return RankedList(groups, sighted, winner, how, scores, pool.bm25, pool.proximity, relevance)
 
@@ -282,10 +288,10 @@ class RankedList(Sequence[Ranked]):
     """
 
     def __init__(
-        self, groups: list[Group], sighted: list[Candidate], winner: np.ndarray, how: dict[str, str],
+        self, groups: list[Group], sighted: list[Candidate], winner: list[int], how: dict[str, str],
         scores: np.ndarray, bm25: np.ndarray, proximity: np.ndarray, relevance: np.ndarray,
     ) -> None:  # fmt: skip
-        self._groups, self._sighted, self._winner, self._how = groups, sighted, winner.tolist(), how
+        self._groups, self._sighted, self._winner, self._how = groups, sighted, winner, how
         self._scores, self._bm25, self._proximity, self._relevance = scores.tolist(), bm25.tolist(), proximity.tolist(), relevance.tolist()
         self._order = _order(sighted, self._winner, scores, relevance)
         self._made: dict[int, Ranked] = {}
@@ -328,11 +334,20 @@ class RankedList(Sequence[Ranked]):
 def _order(sighted: list[Candidate], winner: list[int], scores: np.ndarray, relevance: np.ndarray) -> list[int]:
     """Best score first; then the gateway's own relevance; then a key that does not depend on arrival order."""
     order = np.lexsort((-relevance, -scores))
-    tied = (np.diff(scores[order]) == 0) & (np.diff(relevance[order]) == 0)
-    if tied.any():  # common among passages the text does not match: break ties by source, document and chunk
-        winners = [sighted[i] for i in winner]
-        order = np.lexsort((
-            np.fromiter((c.passage.chunk_index for c in winners), dtype=np.int64, count=len(winners)),
-            np.array([c.passage.document_id for c in winners]), np.array([c.source for c in winners]), -relevance, -scores,
-        ))  # fmt: skip
-    return order.tolist()
+    tied = np.flatnonzero((np.diff(scores[order]) == 0) & (np.diff(relevance[order]) == 0))
+    ranked = order.tolist()
+    if not len(tied):
+        return ranked
+
+    def key(g: int) -> tuple[str, str, int]:
+        candidate = sighted[winner[g]]
+        return candidate.source, candidate.passage.document_id, candidate.passage.chunk_index
+
+    # Runs of equal (score, relevance), common among passages the text does not match: sorted by source, document, chunk.
+    run_start = previous = int(tied[0])
+    for at in [*tied[1:].tolist(), -2]:
+        if at != previous + 1:
+            ranked[run_start : previous + 2] = sorted(ranked[run_start : previous + 2], key=key)
+            run_start = at
+        previous = at
+    return ranked
