@@ -114,11 +114,10 @@ async def retrieve(gateway: Gateway, request: RetrievalRequest, explain: bool = 
         else:
             outcome = "record"
             candidate = ranked.candidate
-            passage, metadata = candidate.passage, candidate.metadata
-            if metadata is None:
-                metadata = record_metadata(passage, candidate.source, candidate.source_type)
-                if ranked.also_in:  # as the rerank notes it in metadata it was given
-                    metadata["also_in"] = ranked.also_in
+            passage = candidate.passage
+            metadata = candidate.metadata if candidate.metadata is not None else record_metadata(passage, candidate.source, candidate.source_type)
+            if also_in := ranked.also_in:
+                metadata["also_in"] = also_in
             metadata["score_detail"] = score_detail(ranked)
             records.append({"content": passage.content, "score": score, "title": passage.title, "metadata": metadata})
         if verdicts is None:

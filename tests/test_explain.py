@@ -72,6 +72,8 @@ def test_explain_ranks_exactly_as_the_retrieval_does(gateway_url: str):
     body = {"knowledge_id": "demo", "query": QUERY, "retrieval_setting": {"top_k": 3, "score_threshold": 0.45}, "metadata_condition": FILTER}
     answered = httpx.post(gateway_url + "/retrieval", json=body, headers={"Authorization": f"Bearer {KEY}"}).json()["records"]
     assert [(r["title"], r["score"]) for r in explained] == [(r["title"], r["score"]) for r in answered]
+    first = answered[0]["metadata"]
+    assert answered[0]["title"] == "Key rotation" and first["also_in"] == sorted({"docs", "partner"} - {first["source"]}), "a merged copy names the other source"
 
 
 def test_explain_page_errors_are_shown_not_raised(gateway_url: str):

@@ -126,7 +126,7 @@ def test_duplicates_are_merged_under_the_source_that_vouches_most():
     assert len(ranked) == 3, "the same text from two sources is one record"
     top = ranked[0]
     assert top.candidate.source == "b", "b ranks it first, a only second: b vouches more"
-    assert top.also_in == ["a"] and meta_b["also_in"] == ["a"]
+    assert top.also_in == ["a"] and top.candidate.metadata is meta_b
 
 
 async def test_threshold_keeps_only_records_at_or_above_it(chinese_gateway):

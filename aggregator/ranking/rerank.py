@@ -48,7 +48,7 @@ from connectors.base import Passage, TermStatistics
 from ..text.tokenize import tokenize
 from .bm25 import BM25Params
 from .pool import TermCache, content_key, score_pool
-from .statistics import PassageSample, QueryStatistics
+from .statistics import QueryStatistics
 
 ScoreUse = Literal["auto", "rank", "trust", "ignore"]
 
@@ -89,13 +89,17 @@ class Ranked:
     proximity: float
     relevance: float = 0.0
     calibration: str = "none"  # how the source's score was mapped: scores, ranks, trusted, ignored, none
-    also_in: list[str] = field(default_factory=list)
     members: list[Candidate] = field(default_factory=list)  # every source's copy of this text, the winner among them
 
     @property
     def calibrated(self) -> float | None:
         """The winning copy's calibrated source score: what the fusion used."""
         return self.candidate.calibrated
+
+    @property
+    def also_in(self) -> list[str]:
+        """The other sources that returned the same text (for the record's `metadata.also_in`)."""
+        return [s for s in dict.fromkeys(m.source for m in self.members) if s != self.candidate.source]
 
 
 @dataclass(slots=True)
@@ -233,17 +237,15 @@ def rank(
         return []
     cache = cache or TermCache(capacity=len(groups))
     documents = []
-    samples: dict[str, PassageSample] = {}
     for found in groups:
         first = found.members[0].passage
         ids = cache.ids(first.title, first.content, found.key)
         documents.append(ids)
         for member in found.members:
             if not member.indexed:
-                sample = samples.get(member.source) or samples.setdefault(member.source, cache.sample(member.source))
-                sample.observe(found.key, ids)
+                cache.sample(member.source).observe(found.key, ids)
     if sampled is None:
-        sampled = list(samples)
+        sampled = dict.fromkeys(m.source for found in groups for m in found.members if not m.indexed)
     query_terms = tokenize(query)
     statistics = query_statistics(query_terms, cache, local, sampled, settings)
     pool = score_pool(query_terms, documents, cache, settings.bm25, statistics)
@@ -316,17 +318,11 @@ class RankedList(Sequence[Ranked]):
         if made is not None:
             return made
         candidate = self._sighted[self._winner[g]]
-        members = self._groups[g].members
-        also: list[str] = []
-        if len(members) > 1:
-            also = [s for s in dict.fromkeys(m.source for m in members) if s != candidate.source]
-            if also and candidate.metadata is not None:
-                candidate.metadata["also_in"] = also
         label = self._how[candidate.source]
         if candidate.calibrated is None and label != "ignored":
             label = "none"
         made = self._made[g] = Ranked(
-            candidate, self._scores[g], self._bm25[g], self._proximity[g], self._relevance[g], label, also, members
+            candidate, self._scores[g], self._bm25[g], self._proximity[g], self._relevance[g], label, self._groups[g].members
         )
         return made
 
