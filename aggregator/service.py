@@ -32,6 +32,7 @@ from .shared.circuit import SharedBreakers
 from .shared.peers import Peers
 from .shared.ratelimit import PROCESS_LIMITS
 from .shared.redis import SharedState, replica_name
+from .tasks import cancel_and_wait
 from .text.tokenize import TOKENIZER_VERSION
 
 log = logging.getLogger("aggregator")
@@ -94,17 +95,11 @@ class Service:
             self._watcher = asyncio.create_task(self._watch(self.config_path), name="watch:config")
 
     async def aclose(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
+        await cancel_and_wait(self._watcher)
         for task in list(self._retiring):
             with contextlib.suppress(Exception):
                 await task
-        if self._saver is not None:
-            self._saver.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._saver
+        await cancel_and_wait(self._saver)
         if self.gateway is not None:
             await asyncio.to_thread(self._save_samples)
             await self.gateway.aclose()

@@ -414,7 +414,7 @@ def run(requests: int = 2000, rounds: int = 3, baseline: str | None = None, all_
         return runs[len(runs) // 2]
 
     floor = cpu_ms(reference.label)
-    print(f"\n## CPU per retrieval: three `dify` upstreams on loopback, each answering 20 passages of ~800 characters")
+    print("\n## CPU per retrieval: three `dify` upstreams on loopback, each answering 20 passages of ~800 characters")
     print(f"## from a pool of {POOL:,}; Cranfield queries from {THREADS} client threads; {requests:,} requests x {rounds} rounds\n")
     print("| server, same requests, same run | CPU ms per retrieval | ratio to the reference | requests/s | not a full 200 |")
     print("| --- | ---: | ---: | ---: | ---: |")

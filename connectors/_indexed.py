@@ -38,6 +38,7 @@ from pydantic import Field
 from aggregator.state import (
     IndexStore, LocalBackend, PreparedDocument, StateBackend, StoredPassage, StoreUnavailable, SyncStatus, settings_fingerprint,
 )  # fmt: skip
+from aggregator.tasks import cancel_and_wait
 from aggregator.text.chunking import split_passages
 from aggregator.text.tokenize import tokenize
 
@@ -214,10 +215,7 @@ class IndexedConnector(Connector):
 
     async def aclose(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         executor, self._executor = self._executor, None
         if executor is not None:  # let a commit in progress finish before the store (and its lock) goes
             await asyncio.to_thread(executor.shutdown, True)
@@ -375,12 +373,10 @@ class IndexedConnector(Connector):
         store = self._store
         if store is None:
             return []
-        accept = None
-        if query.accepts is not None:
-            predicate = query.accepts
-
-            def accept(stored: StoredPassage) -> bool:
-                return predicate(record_metadata(_passage(stored), self.name, self.type))
+        predicate = query.accepts
+        accept: Callable[[StoredPassage], bool] | None = None
+        if predicate is not None:
+            accept = lambda stored: predicate(record_metadata(_passage(stored), self.name, self.type))  # noqa: E731
 
         try:
             hits = await store.asearch(tokenize(query.text), query.limit, accept)

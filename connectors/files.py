@@ -14,7 +14,6 @@ checkout, where anyone who can commit can add a symlink.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fnmatch
 import logging
 import os
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator
+
+from aggregator.tasks import cancel_and_wait
 
 from .base import SourceError
 from ._indexed import Document, IndexedConnector, IndexedSettings, iso_utc
@@ -77,10 +78,7 @@ class FilesConnector(IndexedConnector):
 
     async def aclose(self) -> None:
         watcher, self._watcher = self._watcher, None
-        if watcher is not None:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+        await cancel_and_wait(watcher)
         await super().aclose()
 
     async def _watch(self) -> None:

@@ -21,7 +21,7 @@ from connectors.base import SourceQuery
 from connectors.files import FilesConnector, FilesSettings
 
 from .fakes.notion import FakeNotion, app, block
-from .loopback import free_port, serve, serve_cli, wait_ready
+from .loopback import free_port, serve, serve_cli
 
 TOKEN = "secret_notion_token_for_persistence"
 KEY = "persist-key"

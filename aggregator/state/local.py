@@ -332,7 +332,6 @@ class LocalStore(IndexStore):
         if not terms or limit <= 0 or n == 0 or not view.segments:
             return []
         ids = self._lookup_terms(terms)
-        avgdl = view.total_length / n or 1.0
         ceiling = 0.0
         weights: list[tuple[int, float]] = []
         for term, qtf in Counter(terms).items():
