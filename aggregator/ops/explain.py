@@ -147,11 +147,8 @@ th { background: #f6f8fa; font-weight: 600; }
 
 
 def _fmt(value: Any) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.3f}" if abs(value) < 1000 else f"{value:.4g}"
-    return escape(str(value))
+    """A value for the page: as in the text report, escaped, with an en dash for none."""
+    return "–" if value is None else escape(_plain(value))
 
 
 def _form(knowledge_bases: list[str], values: dict[str, str]) -> str:
@@ -265,8 +262,9 @@ def render_text(data: dict[str, Any]) -> str:
 
 
 def _plain(value: Any) -> str:
+    """A value for the text report: scores to three decimals, huge raw scores in short form, '-' for none."""
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:.3f}" if abs(value) < 1000 else f"{value:.3g}"
+        return f"{value:.3f}" if abs(value) < 1000 else f"{value:.4g}"
     return str(value)
