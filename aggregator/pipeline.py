@@ -11,7 +11,7 @@ from connectors.base import SourceQuery, record_metadata
 from .fanout import SourceResult, ask_sources
 from .filters import compile_filter
 from .models import RetrievalRequest
-from .ranking.rerank import Candidate, Ranked, rerank
+from .ranking.rerank import Answer, Candidate, Ranked, rerank
 from .ranking.statistics import merge_term_statistics
 from .runtime import Gateway
 from .text.tokenize import tokenize
@@ -85,25 +85,30 @@ async def retrieve(gateway: Gateway, request: RetrievalRequest, explain: bool = 
     reported = {slot.connector.name: slot.connector.term_statistics(terms) for slot in slots}
     local = merge_term_statistics(reported.values())
 
-    candidates: list[Candidate] = []
+    answers: list[Answer] = []
     removed: list[Candidate] = []
     for result in results:
         connector = gateway.slots[result.name].connector
         settings = connector.settings
+        passages = result.passages
+        metadata = None
+        # Built now only when a filter or `explain` reads it; otherwise for the records alone, at the end.
+        if accepts is not None or explain:
+            metadata = [record_metadata(p, connector.name, connector.type) for p in passages]
+            if accepts is not None:
+                keep = [accepts(m) for m in metadata]
+                if explain:
+                    removed += [Candidate(p, connector.name, connector.type, settings.weight, m, settings.scores)
+                                for p, m, k in zip(passages, metadata, keep) if not k]  # fmt: skip
+                passages = [p for p, k in zip(passages, keep) if k]
+                metadata = [m for m, k in zip(metadata, keep) if k]
         indexed = reported.get(connector.name) is not None
-        for passage in result.passages:
-            # Built now only when a filter or `explain` reads it; otherwise for the records alone, at the end.
-            metadata = record_metadata(passage, connector.name, connector.type) if accepts is not None or explain else None
-            candidate = Candidate(passage, connector.name, connector.type, settings.weight, metadata, settings.scores, indexed)
-            if metadata is None or accepts is None or accepts(metadata):
-                candidates.append(candidate)
-            elif explain:
-                removed.append(candidate)
+        answers.append(Answer(connector.name, connector.type, passages, settings.weight, settings.scores, indexed, metadata))
 
     records: list[dict] = []
     verdicts: list[Verdict] | None = [] if explain else None
     sampled = [name for name, stats in reported.items() if stats is None]
-    for ranked in rerank(request.query, candidates, gateway.term_cache, local, sampled=sampled):
+    for ranked in rerank(request.query, answers, gateway.term_cache, local, sampled=sampled):
         score = round(ranked.score, SCORE_DIGITS)
         if score <= 0.0:
             outcome = "score 0"

@@ -13,7 +13,7 @@ from typing import Any
 
 from aggregator.ranking.bm25 import BM25Params
 from aggregator.ranking.pool import TermCache
-from aggregator.ranking.rerank import DEFAULT_FUSION, Candidate, FusionSettings, rerank
+from aggregator.ranking.rerank import DEFAULT_FUSION, Answer, FusionSettings, rerank
 
 from .quality import ScenarioRun, doc_id, unique
 
@@ -22,12 +22,8 @@ def replay(run: ScenarioRun, queries: list[tuple[str, str]], settings: FusionSet
     cache = TermCache()
     rankings = []
     for (_, text), pool, local in zip(queries, run.pools, run.local):
-        candidates = [
-            Candidate(p, f"shard{i}", kind, indexed=kind == "files")
-            for i, (kind, answer) in enumerate(zip(run.kinds, pool))
-            for p in answer
-        ]
-        ranked = rerank(text, candidates, cache, local, settings)
+        answers = [Answer(f"shard{i}", kind, list(answer), indexed=kind == "files") for i, (kind, answer) in enumerate(zip(run.kinds, pool))]
+        ranked = rerank(text, answers, cache, local, settings)
         rankings.append(unique([doc_id(r.candidate.passage) for r in ranked])[:10])
     return rankings
 

@@ -130,43 +130,39 @@ def rerank_times() -> None:
     from rank_bm25 import BM25Okapi
 
     from aggregator.ranking.pool import TermCache
-    from aggregator.ranking.rerank import Candidate, group, rank
+    from aggregator.ranking.rerank import Answer, rerank
     from aggregator.text.tokenize import tokenize
     from bench._cranfield import load
     from connectors.base import Passage
 
     docs, queries, _ = load()
     rng = random.Random(7)
-    print("\n## Rerank: time per query (Cranfield passages, 20 queries)\n")
-    print("| candidates | first sight: dedupe + tokenize + score, ms | seen before: dedupe + score, ms | seen before: score only (calibrate, fuse, sort), ms | rank-bm25 BM25Okapi, pre-tokenized, ms |")
-    print("| ---: | ---: | ---: | ---: | ---: |")
+    print("\n## Rerank: time per query (Cranfield passages, 20 queries; four sources, each with its own score scale)\n")
+    print("| candidates | first sight: dedupe + tokenize + score, ms | seen before, ms | rank-bm25 BM25Okapi, pre-tokenized, ms |")
+    print("| ---: | ---: | ---: | ---: |")
     for n in (50, 200, 1000):
         pool = rng.sample(docs, n)
-        # four sources, each with its own score scale, as the fusion meets them
-        candidates = [
-            Candidate(Passage(d.body, d.title, d.id, source_score=(10 ** (i % 4)) * rng.random(), source_rank=i // 4 + 1), f"s{i % 4}", "dify")
-            for i, d in enumerate(pool)
+        answers = [
+            Answer(f"s{s}", "dify", [Passage(d.body, d.title, d.id, source_score=(10**s) * rng.random(), source_rank=i + 1)
+                                     for i, d in enumerate(pool[s::4])])
+            for s in range(4)
         ]  # fmt: skip
         texts = [q for _, q in queries[:20]]
-        cold, warm, score_only, okapi = [], [], [], []
+        cold, warm, okapi = [], [], []
         for text in texts:
             cache = TermCache()
             t = time.perf_counter()
-            rank(text, group(candidates), cache)
+            rerank(text, answers, cache)
             cold.append((time.perf_counter() - t) * 1000)
             t = time.perf_counter()
-            unique = group(candidates)
-            rank(text, unique, cache)
+            rerank(text, answers, cache)
             warm.append((time.perf_counter() - t) * 1000)
-            t = time.perf_counter()
-            rank(text, unique, cache)
-            score_only.append((time.perf_counter() - t) * 1000)
         tokenized = [tokenize(d.title) + tokenize(d.body) for d in pool]
         for text in texts:
             t = time.perf_counter()
             BM25Okapi(tokenized).get_scores(tokenize(text))
             okapi.append((time.perf_counter() - t) * 1000)
-        print(f"| {n} | {statistics.median(cold):.2f} | {statistics.median(warm):.2f} | {statistics.median(score_only):.2f} | {statistics.median(okapi):.2f} |")
+        print(f"| {n} | {statistics.median(cold):.2f} | {statistics.median(warm):.2f} | {statistics.median(okapi):.2f} |")
 
 
 def _corpus_folder(root: Path, passages: int) -> None:

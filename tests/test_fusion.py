@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from aggregator.ranking.pool import TermCache
-from aggregator.ranking.rerank import Candidate, Ranked, fuse, rerank
+from aggregator.ranking.rerank import Answer, Ranked, fuse, rerank
 from aggregator.ranking.statistics import PassageSample, merge_term_statistics
 from connectors.base import Passage, TermStatistics
 
@@ -19,12 +19,10 @@ WEAK = [f"Notes from meeting {i}: the release train, lunch orders and the office
 MIDDLE = [f"Keys for the office doors, set {i}: rotate the cleaning rota weekly." for i in range(6)]
 
 
-def source(name: str, texts: list[str], given: list[float] | None, **kwargs: object) -> list[Candidate]:
-    """One source's answer, in its own order (rank 1 first), with the scores it gave (or none)."""
-    return [
-        Candidate(Passage(text, "", f"{name}-{i}", source_score=None if given is None else given[i], source_rank=i + 1), name, "dify", **kwargs)  # type: ignore[arg-type]
-        for i, text in enumerate(texts)
-    ]
+def source(name: str, texts: list[str], given: list[float] | None, **kwargs: object) -> list[Answer]:
+    """One source's answer, in its own order (rank 1 first), with the scores it gave (or none); a list, so `+` pools sources."""
+    passages = [Passage(text, "", f"{name}-{i}", source_score=None if given is None else given[i], source_rank=i + 1) for i, text in enumerate(texts)]
+    return [Answer(name, "dify", passages, **kwargs)]  # type: ignore[arg-type]
 
 
 def order(ranked: list[Ranked]) -> list[str]:
@@ -158,8 +156,9 @@ def test_the_sample_stays_bounded():
     cache = TermCache()
     for i in range(1000):
         text = f"passage {i} about topic {i % 7}"
-        sample.observe(f"{i:032x}", cache.ids("", text))
-    assert sample.passages <= 100 and len(sample._seen) <= 100
+        sample.observe(i, cache.seen("", text).ids)
+    # memory: at most `capacity` passages remembered; counts: halved at each turn, so at most twice the capacity
+    assert len(sample._seen) <= 100 and 100 <= sample.passages <= 200
     assert sample.frequencies([cache.vocabulary["topic"]])[0] <= sample.passages
 
 
@@ -229,6 +228,6 @@ def test_the_ranking_does_not_depend_on_arrival_order():
     pool = source("a", WEAK[:6] + STRONG[:1], None) + source("b", MIDDLE + WEAK[6:], [0.5] * 12) + source("c", STRONG[1:], None)
     expected = [(r.candidate.source, r.candidate.passage.document_id) for r in rerank(QUERY, pool)]
     for seed in range(5):
-        shuffled = pool[:]
-        random.Random(seed).shuffle(shuffled)
+        rng = random.Random(seed)
+        shuffled = [Answer(a.source, a.source_type, rng.sample(a.passages, len(a.passages))) for a in rng.sample(pool, len(pool))]
         assert [(r.candidate.source, r.candidate.passage.document_id) for r in rerank(QUERY, shuffled)] == expected

@@ -9,7 +9,7 @@ import pytest
 from aggregator.models import RetrievalRequest
 from aggregator.pipeline import retrieve
 from aggregator.ranking.pool import TermCache
-from aggregator.ranking.rerank import Candidate, fuse, rerank
+from aggregator.ranking.rerank import Answer, fuse, rerank
 from aggregator.runtime import Gateway
 from connectors.base import Passage
 
@@ -65,9 +65,9 @@ async def test_chinese_and_japanese_known_items_rank_first(chinese_gateway, quer
 
 
 def test_scores_are_deterministic_and_in_range():
-    candidates = [Candidate(passage(f"rotate the signing keys, step {i}. " * (i + 1), 0.1 * i), "s", "t") for i in range(8)]
-    first = [(r.candidate.passage.content, r.score) for r in rerank("rotate signing keys", candidates)]
-    second = [(r.candidate.passage.content, r.score) for r in rerank("rotate signing keys", list(reversed(candidates)))]
+    passages = [passage(f"rotate the signing keys, step {i}. " * (i + 1), 0.1 * i) for i in range(8)]
+    first = [(r.candidate.passage.content, r.score) for r in rerank("rotate signing keys", [Answer("s", "t", passages)])]
+    second = [(r.candidate.passage.content, r.score) for r in rerank("rotate signing keys", [Answer("s", "t", passages[::-1])])]
     assert sorted(first) == sorted(second)
     assert all(0.0 <= s <= 1.0 for _, s in first)
 
@@ -94,35 +94,34 @@ def test_weight_lifts_a_source_without_changing_its_own_order():
 
 def test_a_weak_match_is_not_promoted_by_a_weak_pool():
     """The best of a pool that only shares one common word with the query still scores low."""
-    weak = [Candidate(passage(f"the weekly team lunch menu number {i}"), "s", "t") for i in range(5)]
-    strong = [Candidate(passage("how to rotate the release signing keys in the hardware security module"), "s", "t")]
+    weak = [passage(f"the weekly team lunch menu number {i}") for i in range(5)]
+    strong = [passage("how to rotate the release signing keys in the hardware security module")]
     query = "rotate release signing keys hardware module"
-    best_weak = rerank(query + " lunch", weak)[0].score
-    best_strong = rerank(query, strong + weak)[0].score
+    best_weak = rerank(query + " lunch", [Answer("s", "t", weak)])[0].score
+    best_strong = rerank(query, [Answer("s", "t", strong + weak)])[0].score
     assert best_weak < 0.5 < best_strong
 
 
 def test_a_query_with_no_known_word_scores_zero():
-    ranked = rerank("zzqx vvkw", [Candidate(passage("anything at all"), "s", "t")])
+    ranked = rerank("zzqx vvkw", [Answer("s", "t", [passage("anything at all")])])
     assert ranked[0].score == 0.0
 
 
 def test_phrase_order_counts():
-    together = Candidate(passage("guide: signing keys rotation policy for releases and builds"), "s", "t")
-    apart = Candidate(passage("guide: keys rotation policy, signing of releases and builds"), "s", "t")
-    ranked = rerank("signing keys", [apart, together])
-    assert ranked[0].candidate is together and ranked[0].proximity > ranked[1].proximity == 0.0
+    together = passage("guide: signing keys rotation policy for releases and builds")
+    apart = passage("guide: keys rotation policy, signing of releases and builds")
+    ranked = rerank("signing keys", [Answer("s", "t", [apart, together])])
+    assert ranked[0].candidate.passage is together and ranked[0].proximity > ranked[1].proximity == 0.0
 
 
 def test_duplicates_are_merged_under_the_source_that_vouches_most():
     meta_a: dict = {"source": "a"}
     meta_b: dict = {"source": "b"}
     text = "rotate the signing keys every year"
-    a = [Candidate(passage(t, rank=i + 1), "a", "files", metadata=meta) for i, (t, meta) in
-         enumerate([("rotate keys, a checklist", {}), ("Rotate the signing   KEYS every year", meta_a)])]  # fmt: skip
-    b = [Candidate(passage(t, rank=i + 1), "b", "dify", metadata=meta) for i, (t, meta) in
-         enumerate([(text, meta_b), ("an unrelated page about lunch", {})])]  # fmt: skip
-    ranked = rerank("rotate signing keys", a + b)
+    a = Answer("a", "files", [passage("rotate keys, a checklist", rank=1), passage("Rotate the signing   KEYS every year", rank=2)],
+               metadata=[{}, meta_a])  # fmt: skip
+    b = Answer("b", "dify", [passage(text, rank=1), passage("an unrelated page about lunch", rank=2)], metadata=[meta_b, {}])
+    ranked = rerank("rotate signing keys", [a, b])
     assert len(ranked) == 3, "the same text from two sources is one record"
     top = ranked[0]
     assert top.candidate.source == "b", "b ranks it first, a only second: b vouches more"
@@ -139,11 +138,11 @@ async def test_threshold_keeps_only_records_at_or_above_it(chinese_gateway):
 
 def test_term_cache_reuses_tokenized_passages():
     cache = TermCache(capacity=2)
-    first = cache.ids("t", "some passage text")
-    assert cache.ids("t", "some passage text") is first
-    cache.ids("t", "another")
-    cache.ids("t", "third one")
-    assert cache.ids("t", "some passage text") is not first, "least recently used is evicted"
+    first = cache.seen("t", "some passage text")
+    assert cache.seen("t", "some passage text") is first
+    cache.seen("t", "another")
+    cache.seen("t", "third one")
+    assert cache.seen("t", "some passage text") is not first, "least recently used is evicted"
 
 
 def test_a_pool_scores_the_same_whatever_was_scored_before():
@@ -152,9 +151,9 @@ def test_a_pool_scores_the_same_whatever_was_scored_before():
 
     texts = ["rotate the signing keys", "signing keys in the module", "lunch menu and keys", "vpn profile rotate"]
     shared = TermCache()
-    docs = [shared.ids("", t) for t in texts]
+    docs = [shared.seen("", t).ids for t in texts]
     score_pool(tokenize("lunch menu vpn"), docs, shared)
     after = score_pool(tokenize("rotate signing keys"), docs, shared)
     fresh = TermCache()
-    alone = score_pool(tokenize("rotate signing keys"), [fresh.ids("", t) for t in texts], fresh)
+    alone = score_pool(tokenize("rotate signing keys"), [fresh.seen("", t).ids for t in texts], fresh)
     assert after.bm25.tolist() == alone.bm25.tolist() and after.proximity.tolist() == alone.proximity.tolist()

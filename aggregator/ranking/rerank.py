@@ -37,6 +37,8 @@ is kept and the other sources are listed in its `metadata.also_in`.
 from __future__ import annotations
 
 import math
+import operator
+from bisect import bisect_right
 from dataclasses import dataclass, field
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal, overload
@@ -47,7 +49,7 @@ from connectors.base import Passage, TermStatistics
 
 from ..text.tokenize import tokenize
 from .bm25 import BM25Params
-from .pool import TermCache, content_key, score_pool
+from .pool import TermCache, score_pool
 from .statistics import QueryStatistics
 
 ScoreUse = Literal["auto", "rank", "trust", "ignore"]
@@ -70,15 +72,30 @@ DEFAULT_FUSION = FusionSettings()
 
 
 @dataclass(slots=True)
+class Answer:
+    """One source's passages as the rerank takes them: in the source's own order, with how to read its scores."""
+
+    source: str
+    source_type: str
+    passages: list[Passage]
+    weight: float = 1.0
+    scores: ScoreUse = "auto"
+    indexed: bool = False  # from a source whose collection statistics are already counted (no sampling)
+    metadata: list[dict[str, Any]] | None = None  # record metadata per passage, when the pipeline built it (filters, explain)
+
+
+@dataclass(slots=True)
 class Candidate:
+    """One passage of one source after the rerank, as records and explain read it."""
+
     passage: Passage
     source: str
     source_type: str
     weight: float = 1.0
-    metadata: dict[str, Any] | None = None  # record metadata, filled by the pipeline
+    metadata: dict[str, Any] | None = None  # record metadata, when the pipeline built it
     scores: ScoreUse = "auto"
-    indexed: bool = False  # from a source whose collection statistics are already counted (no sampling)
-    calibrated: float | None = None  # this source's opinion on the gateway's scale, set by `rank`
+    indexed: bool = False
+    calibrated: float | None = None  # this source's opinion on the gateway's scale (None: it gave none)
 
 
 @dataclass(slots=True)
@@ -102,43 +119,22 @@ class Ranked:
         return [s for s in dict.fromkeys(m.source for m in self.members) if s != self.candidate.source]
 
 
-@dataclass(slots=True)
-class Group:
-    """One distinct passage text and every source that returned it."""
-
-    key: str  # content_key of the text
-    members: list[Candidate]
-
-
-def group(candidates: list[Candidate]) -> list[Group]:
-    """Candidates grouped by their text after Unicode, case and whitespace folding, in order of first appearance."""
-    groups: dict[str, Group] = {}
-    for candidate in candidates:
-        key = content_key(candidate.passage.content)
-        found = groups.get(key)
-        if found is None:
-            groups[key] = Group(key, [candidate])
-        else:
-            found.members.append(candidate)
-    return list(groups.values())
-
-
-def _positions(candidates: list[Candidate]) -> tuple[list[float], str]:
+def _positions(use: ScoreUse, scores: list[float | None], ranks: list[int]) -> tuple[list[float], str]:
     """Each passage's position in [0, 1] in its source's answer (1 = the best), and whether scores or ranks gave it.
 
     Scores that grow down the source's ranked list are distances (lower is better) and are read that way
     round. Plain Python: a source's answer is a few dozen passages, where numpy's per-call cost dominates.
     """
-    n = len(candidates)
-    order = sorted(range(n), key=lambda i: (candidates[i].passage.source_rank or _NO_RANK, i))
-    scores = [c.passage.source_score for c in candidates]
-    if candidates[0].scores != "rank" and n > 1 and None not in scores:
+    n = len(scores)
+    order = sorted(range(n), key=ranks.__getitem__)  # stable: arrival order among equal ranks
+    if use != "rank" and n > 1 and None not in scores:
         low, high = min(scores), max(scores)  # type: ignore[type-var]
         if high > low:
             span = high - low
             in_order = [scores[i] for i in order]
-            rising = sum((b > a) - (b < a) for a, b in zip(in_order, in_order[1:]))  # type: ignore[operator]
-            if rising > 0 and all(c.passage.source_rank is not None for c in candidates):
+            after = in_order[1:]
+            rising = sum(map(operator.gt, after, in_order)) - sum(map(operator.lt, after, in_order))
+            if rising > 0 and _NO_RANK not in ranks:
                 return [(high - x) / span for x in scores], "scores"  # type: ignore[operator]
             return [(x - low) / span for x in scores], "scores"  # type: ignore[operator]
     if n == 1:
@@ -153,7 +149,7 @@ def _positions(candidates: list[Candidate]) -> tuple[list[float], str]:
 _NO_RANK = 2**31
 
 
-def _calibrate(candidates: list[Candidate], relevance: list[float], kappa: float) -> tuple[list[float], str]:
+def _calibrate(use: ScoreUse, scores: list[float | None], ranks: list[int], relevance: list[float], kappa: float) -> tuple[list[float], str]:
     """One source's scores on the gateway's scale (-1 where it has none), and how they were obtained.
 
     Fits relevance ≈ a + β·position by least squares over the source's
@@ -161,18 +157,17 @@ def _calibrate(candidates: list[Candidate], relevance: list[float], kappa: float
     order that disagrees with the text, the line flattens toward the mean
     relevance of what the source returned.
     """
-    use = candidates[0].scores
     if use == "ignore":
-        return [-1.0] * len(candidates), "ignored"
+        return [-1.0] * len(scores), "ignored"
     if use == "trust":
-        scores = [c.passage.source_score for c in candidates]
         return [-1.0 if x is None else min(1.0, max(0.0, x)) for x in scores], "trusted"
-    x, how = _positions(candidates)
+    x, how = _positions(use, scores, ranks)
     n = len(x)
     # fsum: exactly rounded, so the fit does not depend on the order the passages arrived in
     mean_x, mean_y = math.fsum(x) / n, math.fsum(relevance) / n
-    spread = math.fsum((a - mean_x) ** 2 for a in x)
-    covariance = math.fsum((a - mean_x) * (b - mean_y) for a, b in zip(x, relevance))
+    dx = [a - mean_x for a in x]
+    spread = math.fsum(map(operator.mul, dx, dx))
+    covariance = math.fsum(map(operator.mul, dx, [b - mean_y for b in relevance]))
     slope = max(0.0, covariance / spread) * n / (n + kappa) if spread > 0 else 0.0
     intercept = mean_y - slope * mean_x
     return [min(1.0, max(0.0, intercept + slope * a)) for a in x], how
@@ -184,11 +179,11 @@ def query_statistics(
     """Collection statistics for the query's distinct terms: the local indexes' counts plus the samples of `sampled` sources."""
     distinct = list(dict.fromkeys(query_terms))
     passages = total = 0.0
-    frequencies = np.zeros(len(distinct))
+    frequencies = [0.0] * len(distinct)
     if settings.local and local is not None and local.passages:
         passages += local.passages
         total += local.total_length
-        frequencies += np.fromiter((local.frequencies.get(t, 0) for t in distinct), dtype=np.float64, count=len(distinct))
+        frequencies = [f + local.frequencies.get(t, 0) for f, t in zip(frequencies, distinct)]
     if settings.sample:
         ids = [cache.vocabulary.get(t, -1) for t in distinct]
         for source in sampled:
@@ -196,10 +191,10 @@ def query_statistics(
             if sample is not None and sample.passages:
                 passages += sample.passages
                 total += sample.total_length
-                frequencies += sample.frequencies(ids)
+                frequencies = list(map(operator.add, frequencies, sample.frequencies(ids)))
     if passages <= 0:
         return None
-    return QueryStatistics(passages, total / passages, frequencies)
+    return QueryStatistics(passages, total / passages, np.array(frequencies, dtype=np.float64))
 
 
 def fuse(relevance: Any, calibrated: Any, weight: Any, settings: FusionSettings = DEFAULT_FUSION) -> np.ndarray:
@@ -214,72 +209,122 @@ def fuse(relevance: Any, calibrated: Any, weight: Any, settings: FusionSettings 
 
 
 def rerank(
-    query: str, candidates: list[Candidate], cache: TermCache | None = None, local: TermStatistics | None = None,
+    query: str, answers: Sequence[Answer], cache: TermCache | None = None, local: TermStatistics | None = None,
     settings: FusionSettings = DEFAULT_FUSION, sampled: Iterable[str] | None = None,
 ) -> Sequence[Ranked]:  # fmt: skip
-    """Merge duplicates, then rank them (`rank`): best first, ties broken by a stable key."""
-    return rank(query, group(candidates), cache, local, settings, sampled)
-
-
-def rank(
-    query: str, groups: list[Group], cache: TermCache | None = None, local: TermStatistics | None = None,
-    settings: FusionSettings = DEFAULT_FUSION, sampled: Iterable[str] | None = None,
-) -> Sequence[Ranked]:  # fmt: skip
-    """Score each distinct passage, calibrate each source, fuse and sort.
+    """Merge identical texts, score each distinct passage, calibrate each source, fuse and sort (best first).
 
     `local` holds the collection statistics of the query's terms reported by
-    the knowledge base's indexed sources (their candidates are marked
-    `indexed`). Every other candidate is counted into its source's sample,
-    and the samples of the `sampled` sources (by default, the candidates'
-    sources that are not indexed) join the statistics.
+    the knowledge base's indexed sources (their answers are marked
+    `indexed`). Every other answer's passages are counted into its source's
+    sample, and the samples of the `sampled` sources (by default, the
+    answers' sources that are not indexed) join the statistics.
+
+    The work is done a source's answer at a time, in list comprehensions and
+    numpy, never a Python loop step per passage and stage: a retrieval ranks
+    a few dozen passages, where per-passage interpreter overhead is the cost.
     """
-    if not groups:
+    answers = _one_per_source(answers)
+    if not answers:
         return []
-    cache = cache or TermCache(capacity=len(groups))
-    documents = []
-    for found in groups:
-        first = found.members[0].passage
-        ids = cache.ids(first.title, first.content, found.key)
-        documents.append(ids)
-        for member in found.members:
-            if not member.indexed:
-                cache.sample(member.source).observe(found.key, ids)
+    cache = cache or TermCache(capacity=sum(len(a.passages) for a in answers))
+    seen = []
+    for answer in answers:
+        found = cache.recall(answer.passages)
+        if not answer.indexed:
+            cache.sample(answer.source).observe_all(found)
+        seen += found
     if sampled is None:
-        sampled = dict.fromkeys(m.source for found in groups for m in found.members if not m.indexed)
+        sampled = [a.source for a in answers if not a.indexed]
+
+    # Copies of one text (after folding) form a group, numbered in order of first appearance.
+    firsts: dict[str, int] = {}
+    first_of = [firsts.setdefault(entry.key, i) for i, entry in enumerate(seen)]
+    first = list(firsts.values())
+    if len(first) == len(seen):
+        group_of = first
+        copies: dict[int, list[int]] = {}
+    else:
+        number = {i: g for g, i in enumerate(first)}
+        group_of = [number[i] for i in first_of]
+        copies = {}
+        for i, g in enumerate(group_of):
+            if first[g] != i:
+                copies.setdefault(g, [first[g]]).append(i)
+
     query_terms = tokenize(query)
     statistics = query_statistics(query_terms, cache, local, sampled, settings)
-    pool = score_pool(query_terms, documents, cache, settings.bm25, statistics)
-    if pool.has_pairs:
-        relevance = (pool.bm25 + settings.mu * pool.proximity) / (1.0 + settings.mu)
-    else:
-        relevance = pool.bm25
-
-    # Every (group, source) sighting in one flat list; each source's calibration is fitted over its own sightings.
-    sizes = [len(found.members) for found in groups]
-    sighted = [member for found in groups for member in found.members]
-    group_of = [g for g, size in enumerate(sizes) for _ in range(size)]
-    by_source: dict[str, list[int]] = {}
-    for i, member in enumerate(sighted):
-        by_source.setdefault(member.source, []).append(i)
+    pool = score_pool(query_terms, [seen[i].ids for i in first], cache, settings.bm25, statistics)
+    relevance = (pool.bm25 + settings.mu * pool.proximity) / (1.0 + settings.mu) if pool.has_pairs else pool.bm25
     rel = relevance.tolist()
-    calibrated = [0.0] * len(sighted)
-    how: dict[str, str] = {}
-    for source, indexes in by_source.items():
-        members = [sighted[i] for i in indexes]
-        values, how[source] = _calibrate(members, [rel[group_of[i]] for i in indexes], settings.kappa)
-        for i, member, value in zip(indexes, members, values):
-            calibrated[i] = value
-            member.calibrated = value if value >= 0.0 else None
 
-    # The sighting that vouches most for each passage speaks for it (the first on a tie).
-    winner, start = [], 0
-    for size in sizes:
-        winner.append(start if size == 1 else max(range(start, start + size), key=lambda i: (calibrated[i], -i)))
-        start += size
-    best = np.fromiter((calibrated[i] for i in winner), dtype=np.float64, count=len(winner))
-    weights = np.fromiter((sighted[i].weight for i in winner), dtype=np.float64, count=len(winner))
+    # Each source's calibration, fitted over its own passages (flat numbering: the answers one after the other).
+    calibrated: list[float] = []
+    how: dict[str, str] = {}
+    for answer in answers:
+        passages = answer.passages
+        at = len(calibrated)
+        own_relevance = [rel[g] for g in group_of[at : at + len(passages)]]
+        ranks = [p.source_rank or _NO_RANK for p in passages]
+        values, how[answer.source] = _calibrate(answer.scores, [p.source_score for p in passages], ranks, own_relevance, settings.kappa)
+        calibrated += values
+
+    # The copy that vouches most for a text speaks for it (the first on a tie).
+    winner = first.copy()
+    for g, members in copies.items():
+        winner[g] = max(members, key=lambda i: (calibrated[i], -i))
+    best = [calibrated[i] for i in winner]
+    if all(a.weight == 1.0 for a in answers):
+        weights: Any = 1.0
+    else:
+        pool_answers = _Pool(answers, calibrated)
+        weights = [pool_answers.answer_of(i).weight for i in winner]
     scores = fuse(relevance, best, weights, settings)
-    return RankedList(groups, sighted, winner, how, scores, pool.bm25, pool.proximity, relevance)
+    return RankedList(_Pool(answers, calibrated), winner, copies, how, scores, pool.bm25, pool.proximity, relevance)
+
+
+def _one_per_source(answers: Sequence[Answer]) -> list[Answer]:
+    """Non-empty answers, one per source: two answers of one source are calibrated as one list."""
+    merged: dict[str, Answer] = {}
+    for answer in answers:
+        if not answer.passages:
+            continue
+        earlier = merged.get(answer.source)
+        if earlier is None:
+            merged[answer.source] = answer
+            continue
+        metadata = None
+        if earlier.metadata is not None or answer.metadata is not None:
+            metadata = (earlier.metadata or [None] * len(earlier.passages)) + (answer.metadata or [None] * len(answer.passages))  # type: ignore[operator]
+        merged[answer.source] = Answer(earlier.source, earlier.source_type, earlier.passages + answer.passages, earlier.weight,
+                                       earlier.scores, earlier.indexed, metadata)  # fmt: skip
+    return list(merged.values())
+
+
+class _Pool:
+    """The answers' passages by one flat number, made into Candidates only when looked at."""
+
+    def __init__(self, answers: list[Answer], calibrated: list[float]) -> None:
+        self.answers, self.calibrated = answers, calibrated
+        self.starts = [0]
+        for answer in answers[:-1]:
+            self.starts.append(self.starts[-1] + len(answer.passages))
+
+    def answer_of(self, i: int) -> Answer:
+        return self.answers[bisect_right(self.starts, i) - 1]
+
+    def passage(self, i: int) -> tuple[Answer, Passage]:
+        k = bisect_right(self.starts, i) - 1
+        answer = self.answers[k]
+        return answer, answer.passages[i - self.starts[k]]
+
+    def candidate(self, i: int) -> Candidate:
+        k = bisect_right(self.starts, i) - 1
+        answer, j = self.answers[k], i - self.starts[k]
+        value = self.calibrated[i]
+        metadata = answer.metadata[j] if answer.metadata is not None else None
+        return Candidate(answer.passages[j], answer.source, answer.source_type, answer.weight, metadata, answer.scores, answer.indexed,
+                         value if value >= 0.0 else None)  # fmt: skip
 
 
 class RankedList(Sequence[Ranked]):
@@ -290,12 +335,12 @@ class RankedList(Sequence[Ranked]):
     """
 
     def __init__(
-        self, groups: list[Group], sighted: list[Candidate], winner: list[int], how: dict[str, str],
+        self, pool: _Pool, winner: list[int], copies: dict[int, list[int]], how: dict[str, str],
         scores: np.ndarray, bm25: np.ndarray, proximity: np.ndarray, relevance: np.ndarray,
     ) -> None:  # fmt: skip
-        self._groups, self._sighted, self._winner, self._how = groups, sighted, winner, how
+        self._pool, self._winner, self._copies, self._how = pool, winner, copies, how
         self._scores, self._bm25, self._proximity, self._relevance = scores.tolist(), bm25.tolist(), proximity.tolist(), relevance.tolist()
-        self._order = _order(sighted, self._winner, scores, relevance)
+        self._order = _order(pool, winner, self._scores, self._relevance, scores, relevance)
         self._made: dict[int, Ranked] = {}
 
     def __len__(self) -> int:
@@ -317,33 +362,31 @@ class RankedList(Sequence[Ranked]):
         made = self._made.get(g)
         if made is not None:
             return made
-        candidate = self._sighted[self._winner[g]]
+        w = self._winner[g]
+        members = [self._pool.candidate(i) for i in self._copies[g]] if g in self._copies else [self._pool.candidate(w)]
+        candidate = next(m for m, i in zip(members, self._copies.get(g, [w])) if i == w)
         label = self._how[candidate.source]
         if candidate.calibrated is None and label != "ignored":
             label = "none"
-        made = self._made[g] = Ranked(
-            candidate, self._scores[g], self._bm25[g], self._proximity[g], self._relevance[g], label, self._groups[g].members
-        )
+        made = self._made[g] = Ranked(candidate, self._scores[g], self._bm25[g], self._proximity[g], self._relevance[g], label, members)
         return made
 
 
-def _order(sighted: list[Candidate], winner: list[int], scores: np.ndarray, relevance: np.ndarray) -> list[int]:
+def _order(pool: _Pool, winner: list[int], score: list[float], relevance: list[float], scores: np.ndarray, relevances: np.ndarray) -> list[int]:
     """Best score first; then the gateway's own relevance; then a key that does not depend on arrival order."""
-    order = np.lexsort((-relevance, -scores))
-    tied = np.flatnonzero((np.diff(scores[order]) == 0) & (np.diff(relevance[order]) == 0))
-    ranked = order.tolist()
-    if not len(tied):
-        return ranked
+    ranked = np.lexsort((-relevances, -scores)).tolist()
 
     def key(g: int) -> tuple[str, str, int]:
-        candidate = sighted[winner[g]]
-        return candidate.source, candidate.passage.document_id, candidate.passage.chunk_index
+        answer, passage = pool.passage(winner[g])
+        return answer.source, passage.document_id, passage.chunk_index
 
     # Runs of equal (score, relevance), common among passages the text does not match: sorted by source, document, chunk.
-    run_start = previous = int(tied[0])
-    for at in [*tied[1:].tolist(), -2]:
-        if at != previous + 1:
-            ranked[run_start : previous + 2] = sorted(ranked[run_start : previous + 2], key=key)
-            run_start = at
-        previous = at
+    start, previous = 0, ranked[0]
+    for at in range(1, len(ranked) + 1):
+        g = ranked[at] if at < len(ranked) else -1
+        if g < 0 or score[g] != score[previous] or relevance[g] != relevance[previous]:
+            if at - start > 1:
+                ranked[start:at] = sorted(ranked[start:at], key=key)
+            start = at
+        previous = g
     return ranked

@@ -26,10 +26,14 @@ import json
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from connectors.base import TermStatistics
+
+if TYPE_CHECKING:
+    from .pool import Seen
 
 #: Distinct passages a source's sample remembers; beyond this its counts are halved and it starts remembering anew.
 SAMPLE_PASSAGES = 50_000
@@ -45,22 +49,27 @@ class PassageSample:
         self._df: Counter[int] = Counter()
         self._seen: set[int] = set()
 
-    def observe(self, key: str, term_ids: np.ndarray) -> None:
-        """Count a passage once, however often it comes back (`key` is its content key)."""
-        seen = int(key[:16], 16)
-        if seen in self._seen:
+    def observe(self, mark: int, term_ids: np.ndarray) -> None:
+        """Count a passage once, however often it comes back (`mark`: its identity, pool.Seen.mark)."""
+        if mark in self._seen:
             return
         if len(self._seen) >= self.capacity:
             self._decay()
-        self._seen.add(seen)
+        self._seen.add(mark)
         self._df.update(np.unique(term_ids).tolist())
         self.passages += 1.0
         self.total_length += float(len(term_ids))
 
-    def frequencies(self, term_ids: Sequence[int]) -> np.ndarray:
+    def observe_all(self, seen: Iterable[Seen]) -> None:
+        """`observe` each passage of an answer (pool.Seen entries); those counted before cost a set lookup."""
+        known = self._seen
+        for entry in [e for e in seen if e.mark not in known]:
+            self.observe(entry.mark, entry.ids)
+
+    def frequencies(self, term_ids: Sequence[int]) -> list[float]:
         """Document frequency of each id (0 for ids never seen from this source, and for -1: unknown words)."""
         df = self._df
-        return np.fromiter((df.get(i, 0.0) for i in term_ids), dtype=np.float64, count=len(term_ids))
+        return [df.get(i, 0.0) for i in term_ids]
 
     def _decay(self) -> None:
         """Halve what was counted and forget which passages were seen: old evidence weighs less, memory stays flat."""
