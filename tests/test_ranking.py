@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aggregator.models import RetrievalRequest
 from aggregator.pipeline import retrieve
 from aggregator.ranking.pool import TermCache
 from aggregator.ranking.rerank import Answer, fuse, rerank
 from aggregator.runtime import Gateway
+from aggregator.text.tokenize import tokenize
 from connectors.base import Passage
 
 from .conftest import make_config, write_docs
@@ -147,7 +151,6 @@ def test_term_cache_reuses_tokenized_passages():
 
 def test_a_pool_scores_the_same_whatever_was_scored_before():
     from aggregator.ranking.pool import score_pool
-    from aggregator.text.tokenize import tokenize
 
     texts = ["rotate the signing keys", "signing keys in the module", "lunch menu and keys", "vpn profile rotate"]
     shared = TermCache()
@@ -157,3 +160,34 @@ def test_a_pool_scores_the_same_whatever_was_scored_before():
     fresh = TermCache()
     alone = score_pool(tokenize("rotate signing keys"), [fresh.seen("", t).ids for t in texts], fresh)
     assert after.bm25.tolist() == alone.bm25.tolist() and after.proximity.tolist() == alone.proximity.tolist()
+
+
+WORDS = "rotate signing keys release vpn profile backup restore the of module hardware lunch".split()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    query=st.lists(st.sampled_from(WORDS + ["zzqx"]), min_size=1, max_size=8),
+    texts=st.lists(st.lists(st.sampled_from(WORDS), max_size=30).map(" ".join), min_size=1, max_size=12),
+    collection=st.one_of(st.none(), st.tuples(st.floats(0.0, 1e6), st.floats(0.0, 500.0), st.integers(0, 10**6))),
+)
+def test_the_compiled_pool_scorer_gives_the_numpy_reference_scores(query, texts, collection):
+    """The C loop (when built) and numpy compute one formula: the same scores to the last few bits, whatever the pool."""
+    from aggregator.ranking import pool
+    from aggregator.ranking.statistics import QueryStatistics
+
+    if pool._kernel is None:
+        pytest.skip("the compiled scorer was not built (no C compiler): numpy scores alone")
+    cache = TermCache()
+    docs = [cache.seen("", t).ids for t in texts]
+    terms = tokenize(" ".join(query))
+    statistics = None
+    if collection is not None:
+        passages, average, seed = collection
+        distinct = list(dict.fromkeys(terms))
+        statistics = QueryStatistics(passages, average, np.array([float((seed >> i) % 50) for i in range(len(distinct))]))
+    compiled = pool.score_pool(terms, docs, cache, statistics=statistics)
+    reference = pool.score_pool(terms, docs, cache, statistics=statistics, compiled=False)
+    assert compiled.has_pairs == reference.has_pairs
+    np.testing.assert_allclose(compiled.bm25, reference.bm25, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(compiled.proximity, reference.proximity, rtol=1e-12, atol=1e-15)

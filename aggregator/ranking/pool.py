@@ -28,6 +28,11 @@ from ..text.tokenize import tokenize
 from .bm25 import BM25Params
 from .statistics import PassageSample, QueryStatistics
 
+try:  # the compiled scoring loop (setup.py); optional, numpy does the same work without it
+    from . import _kernel
+except ImportError:  # pragma: no cover - only where the build had no C compiler
+    _kernel = None  # type: ignore[assignment]
+
 CACHE_PASSAGES = 50_000
 VOCABULARY_LIMIT = 2_000_000
 
@@ -144,32 +149,81 @@ def _idf(n: int, df: np.ndarray | float) -> np.ndarray | float:
     return np.log1p((n - df + 0.5) / (df + 0.5))
 
 
+@dataclass(frozen=True, slots=True)
+class QueryPlan:
+    """The query side of pool scoring, the same for both scorers: distinct terms, their counts, the term pairs."""
+
+    terms: list[str]  # distinct, in order of first appearance
+    qtf: np.ndarray  # float64, per term
+    pair_index: np.ndarray  # int64 [k * k]: (first term's column, second's) -> pair number, or -1
+    pair_qtf: np.ndarray  # float64, per distinct pair of adjacent query terms (stop words dropped by the tokenizer)
+
+    @classmethod
+    def of(cls, query_terms: Sequence[str]) -> QueryPlan:
+        counts = _counts(query_terms)
+        terms = list(counts)
+        k = len(terms)
+        pair_counts = _counts([(a, b) for a, b in zip(query_terms, query_terms[1:]) if a != b])
+        position_of = {term: i for i, term in enumerate(terms)}
+        pair_index = np.full(k * k, -1, dtype=np.int64)
+        for p, (a, b) in enumerate(pair_counts):
+            pair_index[position_of[a] * k + position_of[b]] = p
+        return cls(terms, np.fromiter(counts.values(), dtype=np.float64, count=k), pair_index,
+                   np.fromiter(pair_counts.values(), dtype=np.float64, count=len(pair_counts)))  # fmt: skip
+
+
 def score_pool(
     query_terms: Sequence[str], documents: Sequence[np.ndarray], cache: TermCache, params: BM25Params = BM25Params(),
-    statistics: QueryStatistics | None = None,
+    statistics: QueryStatistics | None = None, compiled: bool = True,
 ) -> PoolScores:  # fmt: skip
     """BM25 and proximity of each document (term-id arrays from `cache`), normalised by the query's ceiling.
 
     With `statistics` (aligned with the distinct `query_terms` in order of
     first appearance), single terms take their IDF and the average length
     from it instead of from the pool; term pairs always use the pool.
+    `compiled`: by the C loop of `_kernel.c` when the build made it (the
+    numpy implementation below is its reference, and the fallback).
     """
     n = len(documents)
-    zeros = np.zeros(n)
     if n == 0 or not query_terms:
+        zeros = np.zeros(n)
         return PoolScores(zeros, zeros, False)
+    plan = QueryPlan.of(query_terms)
+    term_ids = [cache.vocabulary.get(term, -1) for term in plan.terms]
+    table = cache.columns(term_ids)
+    try:
+        scorer = _score_compiled if compiled and _kernel is not None else _score_numpy
+        bm25, proximity = scorer(plan, term_ids, documents, table, params, statistics)
+    finally:
+        cache.release(term_ids)
+    return PoolScores(bm25, proximity, len(plan.pair_qtf) > 0)
+
+
+def _score_compiled(
+    plan: QueryPlan, term_ids: list[int], documents: Sequence[np.ndarray], table: np.ndarray, params: BM25Params,
+    statistics: QueryStatistics | None,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    n = len(documents)
+    bm25, proximity = np.empty(n), np.empty(n)
+    known = bytes(term_id >= 0 for term_id in term_ids)
+    if statistics is not None:
+        df, passages, average = np.ascontiguousarray(statistics.frequencies, dtype=np.float64), statistics.passages, statistics.average_length
+    else:
+        df, passages, average = None, 0.0, 0.0
+    _kernel.score(list(documents), table, plan.qtf, known, df, passages, average, plan.pair_index, plan.pair_qtf, params.k1, params.b, bm25, proximity)
+    return bm25, proximity
+
+
+def _score_numpy(
+    plan: QueryPlan, term_ids: list[int], documents: Sequence[np.ndarray], table: np.ndarray, params: BM25Params,
+    statistics: QueryStatistics | None,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    n, k = len(documents), len(plan.terms)
+    zeros = np.zeros(n)
     sizes = [len(d) for d in documents]
     lengths = np.array(sizes, dtype=np.float64)
     avgdl = (sum(sizes) / n) or 1.0
-    counts = _counts(query_terms)
-    terms = list(counts)
-    k = len(terms)
-    term_ids = [cache.vocabulary.get(term, -1) for term in terms]
-    table = cache.columns(term_ids)
-    try:
-        columns = np.take(table, np.concatenate(documents))  # per token of the pool: 1 + its query term's position, or 0
-    finally:
-        cache.release(term_ids)
+    columns = np.take(table, np.concatenate(documents))  # per token of the pool: 1 + its query term's position, or 0
     # From here on only the query terms' occurrences (hits) are looked at: a few hundred, not the pool's thousands of tokens.
     hit = (columns != 0).nonzero()[0]  # on booleans: four times faster than on the integers
     column = columns[hit]
@@ -177,38 +231,26 @@ def score_pool(
     tfs = np.bincount((column - 1) * n + owner, minlength=k * n).reshape(k, n)
 
     term_avgdl = statistics.average_length if statistics is not None and statistics.average_length > 0 else avgdl
-    qtf = np.fromiter(counts.values(), dtype=np.float64, count=k)
     if statistics is not None:
-        weights = qtf * _idf(max(statistics.passages, 1.0), np.asarray(statistics.frequencies, dtype=np.float64))
+        weights = plan.qtf * _idf(max(statistics.passages, 1.0), np.asarray(statistics.frequencies, dtype=np.float64))
     else:
-        weights = qtf * _idf(n, np.count_nonzero(tfs, axis=1).astype(np.float64))
+        weights = plan.qtf * _idf(n, np.count_nonzero(tfs, axis=1).astype(np.float64))
     ceiling = float(weights.sum()) * (params.k1 + 1)
     weights[np.asarray(term_ids) < 0] = 0.0  # an unknown word counts in the ceiling, and nowhere else
     bm25 = weights @ _saturated(tfs, _length_norm(lengths, term_avgdl, params), params)
 
-    pairs = [(a, b) for a, b in zip(query_terms, query_terms[1:]) if a != b]
     proximity = zeros
     pair_ceiling = 0.0
-    if pairs and len(hit) > 1:
-        pair_counts = _counts(pairs)
+    if len(plan.pair_qtf) and len(hit) > 1:
         # Two hits make a query pair when they are adjacent tokens of one passage, in a pair's order.
-        position_of = {term: i for i, term in enumerate(terms)}
-        pair_index = np.full(k * k, -1, dtype=np.int64)
-        for p, (a, b) in enumerate(pair_counts):
-            pair_index[position_of[a] * k + position_of[b]] = p
         follows = np.flatnonzero((np.diff(hit) == 1) & (owner[1:] == owner[:-1]))
-        which = pair_index[(column[follows] - 1) * k + (column[follows + 1] - 1)]
+        which = plan.pair_index[(column[follows] - 1) * k + (column[follows + 1] - 1)]
         found = which >= 0
-        pair_tfs = np.bincount(which[found] * n + owner[follows[found]], minlength=len(pair_counts) * n).reshape(-1, n)
-        pair_qtf = np.fromiter(pair_counts.values(), dtype=np.float64, count=len(pair_counts))
-        pair_weights = pair_qtf * _idf(n, np.count_nonzero(pair_tfs, axis=1).astype(np.float64))
+        pair_tfs = np.bincount(which[found] * n + owner[follows[found]], minlength=len(plan.pair_qtf) * n).reshape(-1, n)
+        pair_weights = plan.pair_qtf * _idf(n, np.count_nonzero(pair_tfs, axis=1).astype(np.float64))
         pair_ceiling = float(pair_weights.sum()) * (params.k1 + 1)
         proximity = pair_weights @ _saturated(pair_tfs, _length_norm(lengths, avgdl, params), params)
-    return PoolScores(
-        bm25 / ceiling if ceiling > 0 else zeros,
-        proximity / pair_ceiling if pair_ceiling > 0 else zeros,
-        bool(pairs),
-    )
+    return bm25 / ceiling if ceiling > 0 else zeros, proximity / pair_ceiling if pair_ceiling > 0 else zeros
 
 
 def _counts(items: Sequence[object]) -> dict:
