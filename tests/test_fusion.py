@@ -162,6 +162,23 @@ def test_the_sample_stays_bounded():
     assert sample.frequencies([cache.vocabulary["topic"]])[0] <= sample.passages
 
 
+def test_a_passage_is_counted_once_per_sample_even_after_leaving_the_term_cache_and_again_after_a_halving():
+    cache = TermCache(capacity=2)
+    texts = [f"passage {i} about signing keys" for i in range(4)]
+    for _ in range(2):
+        for text in texts:  # capacity 2: every text leaves the term cache before it comes back
+            cache.count("remote", [cache.seen("", text)])
+    sample = cache.samples["remote"]
+    assert sample.passages == 4, "evicted and met again: still counted once"
+    sample.capacity = 4
+    cache.count("remote", [cache.seen("", "a fifth passage")])  # full: the sample halves and forgets what it counted
+    assert sample.passages == 4 * 0.5 + 1
+    cache.count("remote", [cache.seen("", texts[3])])
+    assert sample.passages == 4 * 0.5 + 2, "after the halving, a text met again counts again"
+    cache.count("remote", [cache.seen("", texts[3])])
+    assert sample.passages == 4 * 0.5 + 2
+
+
 def test_merged_statistics_add_disjoint_collections():
     merged = merge_term_statistics([TermStatistics(10, 100, {"a": 2}), None, TermStatistics(5, 40, {"a": 1, "b": 5})])
     assert merged == TermStatistics(15, 140, {"a": 3, "b": 5})

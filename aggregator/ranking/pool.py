@@ -49,21 +49,27 @@ def content_key(text: str) -> str:
 class Seen:
     """A passage text met before, with what ranking it again needs: its identity and its term ids (title first)."""
 
-    __slots__ = ("key", "mark", "ids", "length")
+    __slots__ = ("key", "mark", "ids", "counted")
 
     def __init__(self, key: str, ids: np.ndarray) -> None:
         self.key = key  # content_key: copies of one text share it
         self.mark = int(key[:16], 16)  # the same identity as a number, for the samples' sets
         self.ids = ids
-        self.length = len(ids)
+        self.counted = 0  # one bit per source whose sample has counted this text (TermCache.count)
 
 
 class TermCache:
-    """Recently seen passages (`Seen`), least recently used first out, keyed by their exact text and title.
+    """Recently seen passages (`Seen`), least recently used first out.
 
     Most passages come back (a popular page, an upstream's stable answer), so
     folding, hashing and tokenizing one happens once and a retrieval pays one
-    lookup per passage. It also keeps each source's sample of passages seen
+    lookup per passage. The lookup key is the text's hash and length with the
+    title: comparing the whole text again would read a kilobyte of memory the
+    request has not touched for each passage, the largest cost of a lookup.
+    Two texts would be confused only if they had the same 64-bit hash, length
+    and title (about one chance in 10^10 for a full cache).
+
+    It also keeps each source's sample of passages seen
     (statistics.PassageSample), whose counts are by the same term ids and so
     are cleared with them.
     """
@@ -72,11 +78,12 @@ class TermCache:
         self.capacity = capacity
         self.vocabulary: dict[str, int] = {}
         self.samples: dict[str, PassageSample] = {}
-        self._seen: OrderedDict[tuple[str, str], Seen] = OrderedDict()
+        self._seen: OrderedDict[tuple[int, int, str], Seen] = OrderedDict()
+        self._bits: dict[str, tuple[PassageSample, int, int]] = {}  # source -> (its sample, its bit in Seen.counted, the sample's generation)
         self._columns = np.zeros(0, dtype=np.int32)  # by term id: 1 + the term's column in the query scored now, else 0
 
     def seen(self, title: str, content: str) -> Seen:
-        cache_key = (content, title)
+        cache_key = (hash(content), len(content), title)
         found = self._seen.get(cache_key)
         if found is not None:
             self._seen.move_to_end(cache_key)
@@ -85,6 +92,7 @@ class TermCache:
             self.vocabulary.clear()
             self._seen.clear()
             self.samples.clear()
+            self._bits.clear()
         vocabulary = self.vocabulary
         terms = tokenize(title) + tokenize(content)
         ids = np.fromiter((vocabulary.setdefault(t, len(vocabulary)) for t in terms), dtype=np.int32, count=len(terms))
@@ -96,13 +104,38 @@ class TermCache:
     def recall(self, passages: Sequence[Passage]) -> list[Seen]:
         """`seen` of each of an answer's passages: one lookup apiece for the texts met before, the usual case."""
         table = self._seen
-        keys = [(p.content, p.title) for p in passages]
+        keys = [(hash(p.content), len(p.content), p.title) for p in passages]
         found = list(map(table.get, keys))
         if None not in found:
             deque(map(table.move_to_end, keys), maxlen=0)
             return found  # type: ignore[return-value]
         deque((table.move_to_end(k) for k, f in zip(keys, found) if f is not None), maxlen=0)
         return [f if f is not None else self.seen(p.title, p.content) for f, p in zip(found, passages)]
+
+    def count(self, source: str, entries: list[Seen]) -> None:
+        """Count each passage into `source`'s sample, once however often it comes back.
+
+        A bit on the entry answers "counted already?" without touching the
+        sample's set; the set stays the truth for entries evicted and met again.
+        """
+        sample = self.sample(source)
+        bit = self._bit(source, sample)
+        for entry in [e for e in entries if not e.counted & bit]:
+            sample.observe(entry.mark, entry.ids)
+            entry.counted |= bit
+
+    def _bit(self, source: str, sample: PassageSample) -> int:
+        known = self._bits.get(source)
+        if known is not None and known[0] is sample and known[2] == sample.generation:
+            return known[1]
+        if known is None:
+            bit = 1 << len(self._bits)
+        else:  # the sample was replaced or halved (it forgot which texts it counted): so do the entries
+            bit = known[1]
+            for entry in self._seen.values():
+                entry.counted &= ~bit
+        self._bits[source] = (sample, bit, sample.generation)
+        return bit
 
     def columns(self, term_ids: Sequence[int]) -> np.ndarray:
         """A table from term id to 1 + its position in `term_ids` (0 for every other id); reset with `release`.

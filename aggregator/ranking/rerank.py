@@ -232,7 +232,7 @@ def rerank(
     for answer in answers:
         found = cache.recall(answer.passages)
         if not answer.indexed:
-            cache.sample(answer.source).observe_all(found)
+            cache.count(answer.source, found)
         seen += found
     if sampled is None:
         sampled = [a.source for a in answers if not a.indexed]

@@ -26,14 +26,10 @@ import json
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from connectors.base import TermStatistics
-
-if TYPE_CHECKING:
-    from .pool import Seen
 
 #: Distinct passages a source's sample remembers; beyond this its counts are halved and it starts remembering anew.
 SAMPLE_PASSAGES = 50_000
@@ -48,6 +44,7 @@ class PassageSample:
         self.total_length = 0.0
         self._df: Counter[int] = Counter()
         self._seen: set[int] = set()
+        self.generation = 0  # +1 each time it forgets which passages it counted
 
     def observe(self, mark: int, term_ids: np.ndarray) -> None:
         """Count a passage once, however often it comes back (`mark`: its identity, pool.Seen.mark)."""
@@ -60,12 +57,6 @@ class PassageSample:
         self.passages += 1.0
         self.total_length += float(len(term_ids))
 
-    def observe_all(self, seen: Iterable[Seen]) -> None:
-        """`observe` each passage of an answer (pool.Seen entries); those counted before cost a set lookup."""
-        known = self._seen
-        for entry in [e for e in seen if e.mark not in known]:
-            self.observe(entry.mark, entry.ids)
-
     def frequencies(self, term_ids: Sequence[int]) -> list[float]:
         """Document frequency of each id (0 for ids never seen from this source, and for -1: unknown words)."""
         df = self._df
@@ -77,6 +68,7 @@ class PassageSample:
         self.passages /= 2
         self.total_length /= 2
         self._seen.clear()
+        self.generation += 1
 
 
 @dataclass(frozen=True, slots=True)
