@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aggregator.ranking.pool import TermCache
-from aggregator.ranking.rerank import Answer, Ranked, fuse, rerank
+from aggregator.ranking.rerank import DEFAULT_FUSION, Answer, Ranked, fuse, rerank
 from aggregator.ranking.statistics import PassageSample, merge_term_statistics
 from connectors.base import Passage, TermStatistics
 
@@ -248,3 +251,42 @@ def test_the_ranking_does_not_depend_on_arrival_order():
         rng = random.Random(seed)
         shuffled = [Answer(a.source, a.source_type, rng.sample(a.passages, len(a.passages))) for a in rng.sample(pool, len(pool))]
         assert [(r.candidate.source, r.candidate.passage.document_id) for r in rerank(QUERY, shuffled)] == expected
+
+
+SCORE = st.one_of(st.none(), st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False), st.sampled_from([0.0, 0.5, 1.0]))
+
+
+@st.composite
+def answers(draw: st.DrawFn) -> list[Answer]:
+    """A few sources' answers: texts drawn from a small set (so copies happen), any scores, ranks with gaps and ties."""
+    texts = STRONG + MIDDLE[:3] + WEAK[:5]
+    found = []
+    for name in draw(st.lists(st.sampled_from("abcd"), min_size=1, max_size=4, unique=True)):
+        picked = draw(st.lists(st.sampled_from(texts), min_size=1, max_size=8))
+        scores = [draw(SCORE) for _ in picked]
+        ranks = [draw(st.one_of(st.none(), st.integers(1, 6))) for _ in picked]
+        passages = [Passage(t, "", f"{name}-{i}", source_score=s, source_rank=r) for i, (t, s, r) in enumerate(zip(picked, scores, ranks))]
+        found.append(Answer(name, "dify", passages, weight=draw(st.sampled_from([1.0, 1.0, 0.5, 2.0])), scores=draw(st.sampled_from(["auto", "auto", "rank", "trust", "ignore"]))))
+    return found
+
+
+@settings(max_examples=300, deadline=None)
+@given(pool=answers(), relevance_of=st.sampled_from(["spread", "flat", "ties"]))
+def test_the_compiled_fusion_decides_exactly_what_the_reference_does(pool, relevance_of):
+    """Calibration, fusion and order by the C kernel (when built) and by the Python reference, on the same relevance."""
+    from aggregator.ranking import rerank as module
+
+    if module._kernel is None:
+        pytest.skip("the compiled fusion was not built (no C compiler): the reference alone runs")
+    cache = TermCache()
+    answers_ = module._one_per_source(pool)
+    group_of, first, copies = module._groups([s for a in answers_ for s in cache.recall(a.passages)])
+    n = len(first)
+    relevance = {"spread": np.linspace(0.9, 0.05, n), "flat": np.zeros(n), "ties": np.repeat([0.5, 0.2], (n + 1) // 2)[:n]}[relevance_of]
+    reference = module._fuse_reference(answers_, relevance, group_of, first, copies, DEFAULT_FUSION)
+    compiled = module._fuse_compiled(answers_, relevance, group_of, first, copies, DEFAULT_FUSION)
+    assert (compiled.calibrated, compiled.how, compiled.winner) == (reference.calibrated, reference.how, reference.winner)
+    if all(a.weight == 1.0 for a in answers_):
+        assert compiled == reference, "to the last bit, order and ties included"
+    else:  # numpy's vectorised power and the C library's may differ in the last bit
+        np.testing.assert_allclose(compiled.scores, reference.scores, rtol=1e-15, atol=0)

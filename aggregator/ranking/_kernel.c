@@ -1,11 +1,12 @@
-/* The inner loop of pool.score_pool, compiled: BM25 and term-pair proximity of a pool of passages.
+/* The rerank's arithmetic, compiled: pool.score_pool's BM25 and proximity, rerank's calibration, fusion and sort.
  *
- * pool.py holds the reference in numpy and the meaning of every number; this
- * file computes the same formula in one pass over the pool's tokens, without
- * the thirty-odd array operations (each a few microseconds) numpy needs for a
- * pool of a few dozen passages. It is optional: pool.py uses it when the
- * build compiled it and falls back to numpy otherwise, and the tests check
- * that both give the same scores.
+ * pool.py and rerank.py hold the reference implementations (numpy and plain
+ * Python) and the meaning of every number; this file computes the same
+ * formulas in plain loops, without the dozens of array operations and Python
+ * steps (each a few microseconds) they need for a pool of a few dozen
+ * passages. It is optional: the rerank uses it when the build compiled it and
+ * falls back to the references otherwise, and the tests check that both give
+ * the same results.
  *
  * Only the buffer protocol is used (no numpy headers), so building needs a C
  * compiler and Python's headers, nothing else.
@@ -205,13 +206,293 @@ done:
     return result;
 }
 
+
+/* -- calibration, fusion and order (rerank.py: _calibrate, _positions, fuse, _order) -------------------- */
+
+/* Exactly rounded sum, as Python's math.fsum (Shewchuk's partials), so results match the reference bit for bit. */
+static double
+exact_sum(const double *values, Py_ssize_t n, double (*term)(double, const void *), const void *context)
+{
+    double partials[128];
+    int count = 0;
+    for (Py_ssize_t m = 0; m < n; m++) {
+        double x = values[m];
+        if (term)
+            x = term(x, context);
+        int i = 0;
+        for (int j = 0; j < count; j++) {
+            double y = partials[j];
+            if (fabs(x) < fabs(y)) {
+                double t = x;
+                x = y;
+                y = t;
+            }
+            double hi = x + y;
+            double lo = y - (hi - x);
+            if (lo != 0.0)
+                partials[i++] = lo;
+            x = hi;
+        }
+        count = i;
+        if (x != 0.0 && count < 128)  /* finite doubles need at most about 40 partials */
+            partials[count++] = x;
+    }
+    double hi = 0.0;
+    if (count > 0) {
+        int j = count - 1;
+        hi = partials[j];
+        double lo = 0.0;
+        while (j > 0) {
+            double x = hi;
+            double y = partials[--j];
+            hi = x + y;
+            double yr = hi - x;
+            lo = y - yr;
+            if (lo != 0.0)
+                break;
+        }
+        /* round half to even the way math.fsum does when the remainder is exactly half an ulp */
+        if (j > 0 && ((lo < 0.0 && partials[j - 1] < 0.0) || (lo > 0.0 && partials[j - 1] > 0.0))) {
+            double y = lo * 2.0;
+            double x = hi + y;
+            double yr = x - hi;
+            if (y == yr)
+                hi = x;
+        }
+    }
+    return hi;
+}
+
+static double
+squared_minus(double x, const void *context)
+{
+    double d = x - *(const double *)context;
+    return d * d;
+}
+
+enum { USE_AUTO = 0, USE_RANK = 1, USE_TRUST = 2, USE_IGNORE = 3 };
+enum { HOW_SCORES = 0, HOW_RANKS = 1, HOW_TRUSTED = 2, HOW_IGNORED = 3 };
+#define NO_SCORE (-HUGE_VAL)
+
+static const long long *sort_ranks;
+
+static int
+by_rank(const void *a, const void *b)
+{
+    Py_ssize_t i = *(const Py_ssize_t *)a, j = *(const Py_ssize_t *)b;
+    if (sort_ranks[i] != sort_ranks[j])
+        return sort_ranks[i] < sort_ranks[j] ? -1 : 1;
+    return (i > j) - (i < j);
+}
+
+static const double *sort_scores, *sort_relevance;
+
+static int
+by_score(const void *a, const void *b)
+{
+    Py_ssize_t i = *(const Py_ssize_t *)a, j = *(const Py_ssize_t *)b;
+    if (sort_scores[i] != sort_scores[j])
+        return sort_scores[i] > sort_scores[j] ? -1 : 1;
+    if (sort_relevance[i] != sort_relevance[j])
+        return sort_relevance[i] > sort_relevance[j] ? -1 : 1;
+    return (i > j) - (i < j);
+}
+
+/* One source's calibrated scores into out[0..n) (-1: none); returns how (HOW_*). x, y, order: scratch of n. */
+static int
+calibrate(int use, const double *score, const long long *rank, const double *relevance, Py_ssize_t n, double kappa,
+          double *out, double *x, Py_ssize_t *order)
+{
+    if (use == USE_IGNORE) {
+        for (Py_ssize_t i = 0; i < n; i++)
+            out[i] = -1.0;
+        return HOW_IGNORED;
+    }
+    if (use == USE_TRUST) {
+        for (Py_ssize_t i = 0; i < n; i++)
+            out[i] = score[i] == NO_SCORE ? -1.0 : fmin(1.0, fmax(0.0, score[i]));
+        return HOW_TRUSTED;
+    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        order[i] = i;
+    sort_ranks = rank;
+    qsort(order, (size_t)n, sizeof(Py_ssize_t), by_rank);
+    int how = HOW_RANKS, done = 0, all_scored = 1, all_ranked = 1;
+    double low = HUGE_VAL, high = -HUGE_VAL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (score[i] == NO_SCORE)
+            all_scored = 0;
+        else {
+            low = fmin(low, score[i]);
+            high = fmax(high, score[i]);
+        }
+        if (rank[i] == 2147483648LL)  /* rerank._NO_RANK */
+            all_ranked = 0;
+    }
+    if (use != USE_RANK && n > 1 && all_scored && high > low) {
+        double span = high - low;
+        Py_ssize_t rising = 0;
+        for (Py_ssize_t m = 1; m < n; m++) {
+            double a = score[order[m - 1]], b = score[order[m]];
+            rising += (b > a) - (b < a);
+        }
+        int distance = rising > 0 && all_ranked;
+        for (Py_ssize_t i = 0; i < n; i++)
+            x[i] = distance ? (high - score[i]) / span : (score[i] - low) / span;
+        how = HOW_SCORES;
+        done = 1;
+    }
+    if (!done) {
+        if (n == 1)
+            x[0] = 1.0;
+        else {
+            double floor_ = 1.0 / log2((double)n + 1.0);
+            for (Py_ssize_t place = 0; place < n; place++)
+                x[order[place]] = (1.0 / log2((double)place + 2.0) - floor_) / (1.0 - floor_);
+        }
+    }
+    double mean_x = exact_sum(x, n, NULL, NULL) / (double)n;
+    double mean_y = exact_sum(relevance, n, NULL, NULL) / (double)n;
+    double spread = exact_sum(x, n, squared_minus, &mean_x);
+    /* covariance: the products (x - mean_x) * (y - mean_y), summed exactly */
+    for (Py_ssize_t i = 0; i < n; i++)
+        out[i] = (x[i] - mean_x) * (relevance[i] - mean_y);
+    double covariance = exact_sum(out, n, NULL, NULL);
+    double slope = spread > 0.0 ? fmax(0.0, covariance / spread) * (double)n / ((double)n + kappa) : 0.0;
+    double intercept = mean_y - slope * mean_x;
+    for (Py_ssize_t i = 0; i < n; i++)
+        out[i] = fmin(1.0, fmax(0.0, intercept + slope * x[i]));
+    return how;
+}
+
+PyDoc_STRVAR(fuse_doc,
+"fuse(relevance, group_of, scores, ranks, starts, uses, weights, kappa, alpha, gamma,\n"
+"     calibrated, how, winner, fused, order) -> number of adjacent ties in order\n"
+"\n"
+"relevance: float64[G] per distinct text; group_of: int64[N] per passage (answers one after the other);\n"
+"scores: float64[N] (-inf: none); ranks: int64[N]; starts: int64[A] first passage of each answer;\n"
+"uses: int8[A] (0 auto, 1 rank, 2 trust, 3 ignore); weights: float64[A]. Written: calibrated float64[N]\n"
+"(-1: none), how int8[A] (0 scores, 1 ranks, 2 trusted, 3 ignored), winner int64[G], fused float64[G],\n"
+"order int64[G] (best first; equal score and relevance by group number).");
+
+static PyObject *
+fuse(PyObject *self, PyObject *args)
+{
+    PyObject *objs[15];
+    double kappa, alpha, gamma;
+    if (!PyArg_ParseTuple(args, "OOOOOOOdddOOOOO", &objs[0], &objs[1], &objs[2], &objs[3], &objs[4], &objs[5], &objs[6], &kappa,
+                          &alpha, &gamma, &objs[10], &objs[11], &objs[12], &objs[13], &objs[14]))
+        return NULL;
+    Py_buffer relevance = {0}, group_of = {0}, scores = {0}, ranks = {0}, starts = {0}, uses = {0}, weights = {0};
+    Py_buffer calibrated = {0}, how = {0}, winner = {0}, fused = {0}, order = {0};
+    double *x = NULL, *y = NULL;
+    Py_ssize_t *scratch = NULL;
+    PyObject *result = NULL;
+
+    if (get_array(objs[0], &relevance, 8, -1, 0, "relevance") < 0 || get_array(objs[1], &group_of, 8, -1, 0, "group_of") < 0)
+        goto done;
+    Py_ssize_t groups = relevance.len / 8, n = group_of.len / 8;
+    if (get_array(objs[2], &scores, 8, n, 0, "scores") < 0 || get_array(objs[3], &ranks, 8, n, 0, "ranks") < 0
+        || get_array(objs[4], &starts, 8, -1, 0, "starts") < 0)
+        goto done;
+    Py_ssize_t answers = starts.len / 8;
+    if (get_array(objs[5], &uses, 1, answers, 0, "uses") < 0 || get_array(objs[6], &weights, 8, answers, 0, "weights") < 0
+        || get_array(objs[10], &calibrated, 8, n, 1, "calibrated") < 0 || get_array(objs[11], &how, 1, answers, 1, "how") < 0
+        || get_array(objs[12], &winner, 8, groups, 1, "winner") < 0 || get_array(objs[13], &fused, 8, groups, 1, "fused") < 0
+        || get_array(objs[14], &order, 8, groups, 1, "order") < 0)
+        goto done;
+
+    const double *rel = relevance.buf, *score = scores.buf, *weight = weights.buf;
+    const long long *group = group_of.buf, *rank = ranks.buf, *start = starts.buf;
+    const signed char *use = uses.buf;
+    double *cal = calibrated.buf, *out = fused.buf;
+    signed char *how_out = how.buf;
+    long long *win = winner.buf, *sorted = order.buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (group[i] < 0 || group[i] >= groups) {
+            PyErr_SetString(PyExc_ValueError, "group_of: a group number out of range");
+            goto done;
+        }
+    }
+    x = PyMem_Malloc((size_t)(n + 1) * sizeof(double));
+    y = PyMem_Malloc((size_t)(n + 1) * sizeof(double));
+    scratch = PyMem_Malloc((size_t)(n + groups + 1) * sizeof(Py_ssize_t));
+    if (!x || !y || !scratch) {
+        PyErr_NoMemory();
+        goto done;
+    }
+
+    /* Each answer's calibration over its own passages. */
+    for (Py_ssize_t a = 0; a < answers; a++) {
+        Py_ssize_t begin = start[a], end = a + 1 < answers ? start[a + 1] : n;
+        if (begin < 0 || end > n || begin > end) {
+            PyErr_SetString(PyExc_ValueError, "starts: answers out of order");
+            goto done;
+        }
+        for (Py_ssize_t i = begin; i < end; i++)
+            y[i - begin] = rel[group[i]];
+        how_out[a] = (signed char)(end > begin ? calibrate(use[a], score + begin, rank + begin, y, end - begin, kappa, cal + begin, x, scratch) : HOW_SCORES);
+    }
+
+    /* The copy that vouches most speaks for its text (the first on a tie); fused score with its source's weight. */
+    for (Py_ssize_t g = 0; g < groups; g++)
+        win[g] = -1;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        long long g = group[i];
+        if (win[g] < 0 || cal[i] > cal[win[g]])
+            win[g] = i;
+    }
+    Py_ssize_t a = 0;
+    for (Py_ssize_t g = 0; g < groups; g++) {
+        double r = rel[g], w = 1.0, f = r;
+        if (win[g] >= 0) {
+            double c = cal[win[g]];
+            for (a = answers - 1; a > 0 && start[a] > win[g]; a--)
+                ;
+            w = answers ? weight[a] : 1.0;
+            if (c >= 0.0)
+                f = (1.0 - alpha) * r + alpha * c;
+        }
+        f = fmin(1.0, fmax(0.0, f));
+        double lifted = gamma == 0.5 ? sqrt(f) : pow(f, gamma);
+        out[g] = 1.0 - (w == 1.0 ? 1.0 - lifted : pow(1.0 - lifted, w));
+    }
+
+    /* Best first: score, then relevance, then group number (the reference's stable sort). */
+    Py_ssize_t *index = scratch + n;
+    for (Py_ssize_t g = 0; g < groups; g++)
+        index[g] = g;
+    sort_scores = out;
+    sort_relevance = rel;
+    qsort(index, (size_t)groups, sizeof(Py_ssize_t), by_score);
+    Py_ssize_t ties = 0;
+    for (Py_ssize_t g = 0; g < groups; g++) {
+        sorted[g] = index[g];
+        if (g > 0 && out[index[g]] == out[index[g - 1]] && rel[index[g]] == rel[index[g - 1]])
+            ties++;
+    }
+    result = PyLong_FromSsize_t(ties);
+
+done:
+    PyMem_Free(x);
+    PyMem_Free(y);
+    PyMem_Free(scratch);
+    Py_buffer *views[] = {&relevance, &group_of, &scores, &ranks, &starts, &uses, &weights, &calibrated, &how, &winner, &fused, &order};
+    for (size_t i = 0; i < sizeof(views) / sizeof(views[0]); i++) {
+        if (views[i]->obj)
+            PyBuffer_Release(views[i]);
+    }
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"score", score, METH_VARARGS, score_doc},
+    {"fuse", fuse, METH_VARARGS, fuse_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_kernel", "Compiled inner loop of the rerank's pool scoring (see pool.py).", -1, methods,
+    PyModuleDef_HEAD_INIT, "_kernel", "The rerank's arithmetic, compiled (see pool.py and rerank.py).", -1, methods,
 };
 
 PyMODINIT_FUNC
