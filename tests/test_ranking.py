@@ -142,11 +142,15 @@ async def test_threshold_keeps_only_records_at_or_above_it(chinese_gateway):
 
 def test_term_cache_reuses_tokenized_passages():
     cache = TermCache(capacity=2)
-    first = cache.seen("t", "some passage text")
-    assert cache.seen("t", "some passage text") is first
-    cache.seen("t", "another")
-    cache.seen("t", "third one")
-    assert cache.seen("t", "some passage text") is not first, "least recently used is evicted"
+    popular = cache.seen("t", "a popular passage")
+    assert cache.seen("t", "a popular passage") is popular, "tokenized once"
+    cache.seen("t", "one-off a")
+    cache.seen("t", "one-off b")
+    assert cache.seen("t", "a popular passage") is popular, "a passage met again outlives those met once"
+    for i in range(4):
+        cache.seen("t", f"filler {i}")
+    assert cache.seen("t", "a popular passage") is not popular, "not met for a while: evicted"
+    assert len(cache._seen) <= 2
 
 
 def test_a_pool_scores_the_same_whatever_was_scored_before():

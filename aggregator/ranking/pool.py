@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import unicodedata
-from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -49,17 +48,18 @@ def content_key(text: str) -> str:
 class Seen:
     """A passage text met before, with what ranking it again needs: its identity and its term ids (title first)."""
 
-    __slots__ = ("key", "mark", "ids", "counted")
+    __slots__ = ("key", "mark", "ids", "counted", "recent")
 
     def __init__(self, key: str, ids: np.ndarray) -> None:
         self.key = key  # content_key: copies of one text share it
         self.mark = int(key[:16], 16)  # the same identity as a number, for the samples' sets
         self.ids = ids
         self.counted = 0  # one bit per source whose sample has counted this text (TermCache.count)
+        self.recent = False  # met again since it entered the cache or since its last second chance
 
 
 class TermCache:
-    """Recently seen passages (`Seen`), least recently used first out.
+    """Recently seen passages (`Seen`), the least recently used leaving first (a second-chance queue).
 
     Most passages come back (a popular page, an upstream's stable answer), so
     folding, hashing and tokenizing one happens once and a retrieval pays one
@@ -78,7 +78,7 @@ class TermCache:
         self.capacity = capacity
         self.vocabulary: dict[str, int] = {}
         self.samples: dict[str, PassageSample] = {}
-        self._seen: OrderedDict[tuple[int, int, str], Seen] = OrderedDict()
+        self._seen: dict[tuple[int, int, str], Seen] = {}  # oldest first (insertion order), see _evict
         self._bits: dict[str, tuple[PassageSample, int, int]] = {}  # source -> (its sample, its bit in Seen.counted, the sample's generation)
         self._columns = np.zeros(0, dtype=np.int32)  # by term id: 1 + the term's column in the query scored now, else 0
 
@@ -86,7 +86,7 @@ class TermCache:
         cache_key = (hash(content), len(content), title)
         found = self._seen.get(cache_key)
         if found is not None:
-            self._seen.move_to_end(cache_key)
+            found.recent = True
             return found
         if len(self.vocabulary) > VOCABULARY_LIMIT:  # a long-lived process meets new words forever
             self.vocabulary.clear()
@@ -98,19 +98,28 @@ class TermCache:
         ids = np.fromiter((vocabulary.setdefault(t, len(vocabulary)) for t in terms), dtype=np.int32, count=len(terms))
         found = self._seen[cache_key] = Seen(content_key(content), ids)
         if len(self._seen) > self.capacity:
-            self._seen.popitem(last=False)
+            self._evict()
         return found
 
     def recall(self, passages: Sequence[Passage]) -> list[Seen]:
         """`seen` of each of an answer's passages: one lookup apiece for the texts met before, the usual case."""
+        found = list(map(self._seen.get, [(hash(p.content), len(p.content), p.title) for p in passages]))
+        if None in found:
+            return [self.seen(p.title, p.content) if f is None else f for f, p in zip(found, passages)]
+        for entry in found:
+            entry.recent = True  # type: ignore[union-attr]
+        return found  # type: ignore[return-value]
+
+    def _evict(self) -> None:
+        """The oldest entry out, unless it was met again since it came in or since its last chance (then it
+        goes to the back of the line, once): least recently used in effect, at no cost on a lookup."""
         table = self._seen
-        keys = [(hash(p.content), len(p.content), p.title) for p in passages]
-        found = list(map(table.get, keys))
-        if None not in found:
-            deque(map(table.move_to_end, keys), maxlen=0)
-            return found  # type: ignore[return-value]
-        deque((table.move_to_end(k) for k, f in zip(keys, found) if f is not None), maxlen=0)
-        return [f if f is not None else self.seen(p.title, p.content) for f, p in zip(found, passages)]
+        while len(table) > self.capacity:
+            key = next(iter(table))
+            entry = table.pop(key)
+            if entry.recent:
+                entry.recent = False
+                table[key] = entry
 
     def count(self, source: str, entries: list[Seen]) -> None:
         """Count each passage into `source`'s sample, once however often it comes back.
