@@ -108,7 +108,7 @@ async def retrieve(gateway: Gateway, request: RetrievalRequest, explain: bool = 
     records: list[dict] = []
     verdicts: list[Verdict] | None = [] if explain else None
     sampled = [name for name, stats in reported.items() if stats is None]
-    for ranked in rerank(request.query, answers, gateway.term_cache, local, sampled=sampled):
+    for ranked in rerank(request.query, answers, gateway.term_cache, local, sampled=sampled, query_terms=terms):
         score = round(ranked.score, SCORE_DIGITS)
         if score <= 0.0:
             outcome = "score 0"

@@ -15,6 +15,7 @@ longer CJK matches (overlapping bigrams that follow each other) rank higher.
 from __future__ import annotations
 
 import hashlib
+from array import array
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -193,12 +194,15 @@ def _idf(n: int, df: np.ndarray | float) -> np.ndarray | float:
 
 @dataclass(frozen=True, slots=True)
 class QueryPlan:
-    """The query side of pool scoring, the same for both scorers: distinct terms, their counts, the term pairs."""
+    """The query side of pool scoring, the same for both scorers: distinct terms, their counts, the term pairs.
+
+    Plain `array`s, not numpy: a query has a handful of terms, where numpy's per-call cost would dominate.
+    """
 
     terms: list[str]  # distinct, in order of first appearance
-    qtf: np.ndarray  # float64, per term
-    pair_index: np.ndarray  # int64 [k * k]: (first term's column, second's) -> pair number, or -1
-    pair_qtf: np.ndarray  # float64, per distinct pair of adjacent query terms (stop words dropped by the tokenizer)
+    qtf: array  # float64, per term
+    pair_index: array  # int64 [k * k]: (first term's column, second's) -> pair number, or -1
+    pair_qtf: array  # float64, per distinct pair of adjacent query terms (stop words dropped by the tokenizer)
 
     @classmethod
     def of(cls, query_terms: Sequence[str]) -> QueryPlan:
@@ -206,12 +210,12 @@ class QueryPlan:
         terms = list(counts)
         k = len(terms)
         pair_counts = _counts([(a, b) for a, b in zip(query_terms, query_terms[1:]) if a != b])
-        position_of = {term: i for i, term in enumerate(terms)}
-        pair_index = np.full(k * k, -1, dtype=np.int64)
-        for p, (a, b) in enumerate(pair_counts):
-            pair_index[position_of[a] * k + position_of[b]] = p
-        return cls(terms, np.fromiter(counts.values(), dtype=np.float64, count=k), pair_index,
-                   np.fromiter(pair_counts.values(), dtype=np.float64, count=len(pair_counts)))  # fmt: skip
+        pair_index = array("q", [-1]) * (k * k)
+        if pair_counts:
+            position_of = {term: i for i, term in enumerate(terms)}
+            for p, (a, b) in enumerate(pair_counts):
+                pair_index[position_of[a] * k + position_of[b]] = p
+        return cls(terms, array("d", counts.values()), pair_index, array("d", pair_counts.values()))
 
 
 def score_pool(
@@ -274,9 +278,9 @@ def _score_numpy(
 
     term_avgdl = statistics.average_length if statistics is not None and statistics.average_length > 0 else avgdl
     if statistics is not None:
-        weights = plan.qtf * _idf(max(statistics.passages, 1.0), np.asarray(statistics.frequencies, dtype=np.float64))
+        weights = np.asarray(plan.qtf) * _idf(max(statistics.passages, 1.0), np.asarray(statistics.frequencies, dtype=np.float64))
     else:
-        weights = plan.qtf * _idf(n, np.count_nonzero(tfs, axis=1).astype(np.float64))
+        weights = np.asarray(plan.qtf) * _idf(n, np.count_nonzero(tfs, axis=1).astype(np.float64))
     ceiling = float(weights.sum()) * (params.k1 + 1)
     weights[np.asarray(term_ids) < 0] = 0.0  # an unknown word counts in the ceiling, and nowhere else
     bm25 = weights @ _saturated(tfs, _length_norm(lengths, term_avgdl, params), params)
@@ -286,10 +290,10 @@ def _score_numpy(
     if len(plan.pair_qtf) and len(hit) > 1:
         # Two hits make a query pair when they are adjacent tokens of one passage, in a pair's order.
         follows = np.flatnonzero((np.diff(hit) == 1) & (owner[1:] == owner[:-1]))
-        which = plan.pair_index[(column[follows] - 1) * k + (column[follows + 1] - 1)]
+        which = np.asarray(plan.pair_index)[(column[follows] - 1) * k + (column[follows + 1] - 1)]
         found = which >= 0
         pair_tfs = np.bincount(which[found] * n + owner[follows[found]], minlength=len(plan.pair_qtf) * n).reshape(-1, n)
-        pair_weights = plan.pair_qtf * _idf(n, np.count_nonzero(pair_tfs, axis=1).astype(np.float64))
+        pair_weights = np.asarray(plan.pair_qtf) * _idf(n, np.count_nonzero(pair_tfs, axis=1).astype(np.float64))
         pair_ceiling = float(pair_weights.sum()) * (params.k1 + 1)
         proximity = pair_weights @ _saturated(pair_tfs, _length_norm(lengths, avgdl, params), params)
     return bm25 / ceiling if ceiling > 0 else zeros, proximity / pair_ceiling if pair_ceiling > 0 else zeros

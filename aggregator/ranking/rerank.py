@@ -212,6 +212,7 @@ def fuse(relevance: Any, calibrated: Any, weight: Any, settings: FusionSettings 
 def rerank(
     query: str, answers: Sequence[Answer], cache: TermCache | None = None, local: TermStatistics | None = None,
     settings: FusionSettings = DEFAULT_FUSION, sampled: Iterable[str] | None = None, compiled: bool = True,
+    query_terms: list[str] | None = None,
 ) -> Sequence[Ranked]:  # fmt: skip
     """Merge identical texts, score each distinct passage, calibrate each source, fuse and sort (best first).
 
@@ -240,7 +241,8 @@ def rerank(
 
     group_of, first, copies = _groups(seen)
 
-    query_terms = tokenize(query)
+    if query_terms is None:
+        query_terms = tokenize(query)
     statistics = query_statistics(query_terms, cache, local, sampled, settings)
     pool = score_pool(query_terms, [seen[i].ids for i in first], cache, settings.bm25, statistics, compiled)
     relevance = (pool.bm25 + settings.mu * pool.proximity) / (1.0 + settings.mu) if pool.has_pairs else pool.bm25
