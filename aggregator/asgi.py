@@ -7,6 +7,7 @@ import os
 from fastapi import FastAPI
 
 from .api import create_app
+from .collector import settle_for_serving
 from .config import resolve_config_path
 from .ops.logs import configure_logging
 
@@ -14,4 +15,6 @@ from .ops.logs import configure_logging
 def create_from_env() -> FastAPI:
     """Load `$AGGREGATOR_CONFIG` (else ./connectors.yaml) and watch it, as `aggregator serve` does."""
     configure_logging(os.environ.get("AGGREGATOR_LOG_LEVEL", "info"), os.environ.get("AGGREGATOR_LOG_FORMAT", "text"))
-    return create_app(config_path=resolve_config_path(None))
+    app = create_app(config_path=resolve_config_path(None))
+    settle_for_serving()
+    return app

@@ -77,6 +77,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .api import create_app
+    from .collector import settle_for_serving
     from .ops.tracing import Tracing, TracingConfigError
 
     if _load_or_report(args.config) is None:
@@ -92,7 +93,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # closes an idle one just as a client reuses it turns a good request into a connection error.
     common = {"host": args.host, "port": args.port, "log_level": args.log_level.lower(), "log_config": None, "timeout_keep_alive": 75}
     if args.workers <= 1:
-        uvicorn.run(create_app(config_path=path, tracing=tracing), **common)  # type: ignore[arg-type]
+        app = create_app(config_path=path, tracing=tracing)
+        settle_for_serving()
+        uvicorn.run(app, **common)  # type: ignore[arg-type]
         return 0
     tracing.shutdown()  # checked; each worker sets up its own from the same environment
     # Several processes: each loads the config from the environment; metrics are summed across them

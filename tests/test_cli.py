@@ -134,3 +134,16 @@ def test_gc_deletes_the_state_of_sources_no_longer_configured(tmp_path: Path):
     store.close()
     assert run("gc", "--config", str(config)).returncode == 0
     assert sorted(p.name for p in (tmp_path / "gateway-state").iterdir()) == ["docs"]
+
+
+def test_a_serving_process_freezes_its_start_up_objects_and_collects_less_often():
+    """What `serve` does before it listens (run in a child: freezing this test process would outlive the test)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import gc, aggregator.api; from aggregator.collector import THRESHOLDS, settle_for_serving; before = gc.get_threshold(); "
+        "settle_for_serving(); print(before[0], gc.get_threshold() == THRESHOLDS, gc.get_freeze_count() > 10_000)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["700", "True", "True"]
