@@ -274,6 +274,7 @@ enum { USE_AUTO = 0, USE_RANK = 1, USE_TRUST = 2, USE_IGNORE = 3 };
 enum { HOW_SCORES = 0, HOW_RANKS = 1, HOW_TRUSTED = 2, HOW_IGNORED = 3 };
 #define NO_SCORE (-HUGE_VAL)
 
+/* Sort keys for qsort's comparators: plain statics, safe because the GIL is held for the whole call. */
 static const long long *sort_ranks;
 
 static int
