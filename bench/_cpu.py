@@ -297,7 +297,7 @@ STAGES = (
 RULES: tuple[tuple[str, str, frozenset[str] | None], ...] = (
     ("tokenizing", "aggregator/text/tokenize.py", None),
     ("decoding answers", "connectors/http.py", frozenset({"decode_json", "loads"})),
-    ("decoding answers", "connectors/dify.py", frozenset({"parse_records"})),
+    ("decoding answers", "connectors/dify.py", frozenset({"decode_answer", "parse_records"})),
     ("request parsing and auth", "aggregator/api.py", frozenset({"parse_request", "find_key", "bearer_token", "read_body", "describe_validation_error"})),
     ("request parsing and auth", "aggregator/models.py", None),
     ("encoding the answer", "starlette/responses.py", frozenset({"render"})),

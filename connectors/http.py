@@ -357,16 +357,17 @@ DescribeError = Callable[[int, Any, str], "str | None"]
 
 async def request_json(
     client: HttpClient, method: str, url: str, what: str, max_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
-    *, describe_error: DescribeError | None = None, **kwargs: Any,
+    *, describe_error: DescribeError | None = None, decode: Callable[[bytes, str], Any] = decode_json, **kwargs: Any,
 ) -> Any:  # fmt: skip
     """Send, check, bound and decode in one call: the usual path for a JSON API.
 
     `describe_error` lets a connector read its API's error envelope, so that the
     typed error says what the upstream said (`HTTP 400 (index_not_found: docs)`).
+    `decode` reads a successful answer (e.g. straight into typed records), `decode_json` unless given.
     `kwargs` are those of `HttpClient.build_request`: `params`, `json`, `content`, `headers`.
     """
     request = client.build_request(method, url, **kwargs)
     response, body = await send(client, request, what, max_bytes, check=describe_error is None)
     if describe_error is not None and response.status_code >= 300:
         check_status(response, what, describe_error(response.status_code, _error_envelope(body), what))
-    return decode_json(body, what)
+    return decode(body, what)
