@@ -9,7 +9,7 @@ While open, calls are skipped at no cost and reported as `skipped`.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Literal
 
 from connectors.base import CircuitSettings
@@ -59,12 +59,14 @@ class CircuitBreaker:
         """`allow()` for the fan-out; a breaker shared across replicas (aggregator/shared/circuit.py) may ask Redis."""
         return self.allow()
 
-    async def report(self, success: bool) -> None:
-        """One call's verdict, for the fan-out; a shared breaker also tells the other replicas."""
+    def report(self, success: bool) -> Awaitable[None] | None:
+        """One call's verdict, for the fan-out, recorded at once. A shared breaker that must also tell the other
+        replicas returns that telling, to be awaited; None when there is nothing to wait for (always, here)."""
         if success:
             self.record_success()
         else:
             self.record_failure()
+        return None
 
     def release(self) -> None:
         """A trial that ended without a verdict (cancelled): let the next call try."""

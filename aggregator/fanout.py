@@ -151,5 +151,7 @@ async def ask_sources(slots: list[SourceSlot], query: SourceQuery, deadline: flo
     answered = {result.name: result for result in await fan_out(calls, deadline)}
     results = [skipped.get(slot.connector.name) or answered[slot.connector.name] for slot in slots]
     verdicts = [slot.breaker.report(result.outcome in SUCCESSES) for slot, result in zip(slots, results) if result.outcome != "skipped"]
-    await asyncio.gather(*verdicts)  # shared breakers tell the other replicas (no round trip while all is well)
+    telling = [told for told in verdicts if told is not None]
+    if telling:  # shared breakers tell the other replicas (no round trip, and nothing to await, while all is well)
+        await asyncio.gather(*telling)
     return results

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 from connectors.base import CircuitSettings
@@ -120,12 +121,16 @@ class SharedCircuitBreaker(CircuitBreaker):
         self.state, self._trial_in_flight = "half_open", True
         return True
 
-    async def report(self, success: bool) -> None:
+    def report(self, success: bool) -> Awaitable[None] | None:
         trial = self.state == "half_open"
         clean = self.state == "closed" and self.consecutive_failures == 0
         super().record_success() if success else super().record_failure()
         if success and clean:
-            return  # nothing to tell: the common case costs no round trip
+            return None  # nothing to tell: the common case costs no round trip, and no task to await
+        return self._tell(success, trial)
+
+    async def _tell(self, success: bool, trial: bool) -> None:
+        """The verdict to Redis, in one atomic script; the state decided there is applied here too."""
         settings = self.settings
         if success:
             result = await self.shared.run(lambda r: r.eval(
