@@ -24,7 +24,7 @@ import contextlib
 import importlib
 import logging
 import os
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -170,11 +170,14 @@ def annotate(attributes: Mapping[str, Any]) -> None:
         span.set_attributes(attributes)
 
 
-async def traced_source_call(name: str, source_type: str, call: Awaitable[SourceResult]) -> SourceResult:
-    """Await one source's call inside its own span, so that HTTP sources pass this span on as `traceparent`."""
+def traced_source_call(name: str, source_type: str, call: Coroutine[Any, Any, SourceResult]) -> Coroutine[Any, Any, SourceResult]:
+    """One source's call inside its own span, so that HTTP sources pass this span on as `traceparent`; the call
+    itself, unwrapped, when tracing is off or no retrieval span is around (the CLI, benchmarks)."""
     active = _active.get()
-    if active is None:  # tracing is off, or no retrieval span around (the CLI, benchmarks)
-        return await call
+    return call if active is None else _traced_source_call(active, name, source_type, call)
+
+
+async def _traced_source_call(active: _Active, name: str, source_type: str, call: Coroutine[Any, Any, SourceResult]) -> SourceResult:
     with active.tracer.start_as_current_span(
         f"search {name}", kind=SpanKind.CLIENT, record_exception=False, set_status_on_exception=False,
         attributes={"gateway.source.name": name, "gateway.source.type": source_type},
