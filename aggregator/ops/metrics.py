@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -84,15 +84,31 @@ class Metrics:
         )  # fmt: skip
         self._live = _LiveState(current, shared)
         self.registry.register(self._live)
+        # Each label set's child, looked up once: `labels()` costs more than the observation itself, per source
+        # of every request. A child is made on first use, as `labels()` would; none is ever removed.
+        self._calls: dict[tuple[str, str], Any] = {}
+        self._latencies: dict[str, Any] = {}
+        self._statuses: dict[int, Any] = {}
 
     def observe_sources(self, results: list[SourceResult]) -> None:
+        calls, latencies = self._calls, self._latencies
         for result in results:
-            self.source_calls.labels(result.name, result.outcome).inc()
-            if result.outcome != "skipped":
-                self.source_latency.labels(result.name).observe(result.elapsed_ms / 1000.0)
+            name, outcome = result.name, result.outcome
+            counter = calls.get((name, outcome))
+            if counter is None:
+                counter = calls[(name, outcome)] = self.source_calls.labels(name, outcome)
+            counter.inc()
+            if outcome != "skipped":
+                histogram = latencies.get(name)
+                if histogram is None:
+                    histogram = latencies[name] = self.source_latency.labels(name)
+                histogram.observe(result.elapsed_ms / 1000.0)
 
     def observe_request(self, status: int, seconds: float) -> None:
-        self.requests.labels(str(status)).inc()
+        counter = self._statuses.get(status)
+        if counter is None:
+            counter = self._statuses[status] = self.requests.labels(str(status))
+        counter.inc()
         self.request_latency.observe(seconds)
 
     def render(self) -> tuple[bytes, str]:
