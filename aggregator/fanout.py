@@ -23,7 +23,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from connectors.base import Connector, Passage, RateLimited, SourceError, SourceQuery, SourceTimeout
+from connectors.base import BOUNDED_CALL, Connector, Passage, RateLimited, SourceError, SourceQuery, SourceTimeout
 
 from .circuit import CircuitBreaker
 from .ops.tracing import trace_skipped, traced_source_call
@@ -70,6 +70,7 @@ async def call_source(connector: Connector, query: SourceQuery, policy: SourcePo
     loop = asyncio.get_running_loop()
     started = time.perf_counter()
     attempts = 0
+    bounded = BOUNDED_CALL.set(asyncio.current_task())  # every attempt runs under asyncio.timeout below
     try:
         while True:
             attempts += 1
@@ -99,6 +100,8 @@ async def call_source(connector: Connector, query: SourceQuery, policy: SourcePo
     except Exception as exc:  # a connector bug: reported as that source's error, logged with its traceback
         log.exception("source %s raised an unexpected error", connector.name)
         return SourceResult(connector.name, "error", [], _ms(started), f"internal error: {type(exc).__name__}", attempts)
+    finally:
+        BOUNDED_CALL.reset(bounded)
 
 
 def _ms(started: float) -> float:

@@ -21,6 +21,8 @@ indexed so far. A connector is also an async context manager doing the same.
 from __future__ import annotations
 
 import abc
+import asyncio
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -116,6 +118,13 @@ class SourceQuery:
     limit: int
     metadata_condition: dict[str, Any] | None = None
     accepts: Callable[[dict[str, Any]], bool] | None = None
+
+
+#: The task of a source call that runs under the fan-out's own timeout (set by `aggregator/fanout.py`, in that
+#: call's task). No per-read timer of an HTTP client (at most the source's `timeout_s`) could fire before that
+#: timeout there, so `connectors.http` starts none for the call's requests: a timer per read and per answer is
+#: a measurable share of a call's CPU. Tasks a call starts are not covered: they keep their clients' timers.
+BOUNDED_CALL: ContextVar["asyncio.Task[Any] | None"] = ContextVar("bounded_call", default=None)
 
 
 @dataclass(slots=True, frozen=True)

@@ -17,6 +17,7 @@ answers decoded as the standard library would (msgspec first, for speed).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import email.utils
 import json
@@ -39,7 +40,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from pydantic import AfterValidator
 from yarl import URL
 
-from .base import AuthFailed, BadResponse, NotFound, RateLimited, SourceTimeout, Unavailable
+from .base import BOUNDED_CALL, AuthFailed, BadResponse, NotFound, RateLimited, SourceTimeout, Unavailable
 
 USER_AGENT = "dify-knowledge-gateway/0.1"
 #: W3C trace context only: baggage a caller sent is not handed on to sources (often someone else's SaaS).
@@ -50,6 +51,8 @@ KEEPALIVE_S = 5.0
 #: Longest response header line accepted (aiohttp's default, 8 KiB, refuses some real CSP and cookie headers).
 MAX_HEADER_BYTES = 64 * 1024
 _URLS_CACHED = 256
+#: The timeouts of a request that the fan-out's own timeout bounds (see `connectors.base.BOUNDED_CALL`).
+UNTIMED = aiohttp.ClientTimeout(total=None, connect=None, sock_connect=None, sock_read=None)
 _decode = msgspec.json.Decoder().decode
 
 
@@ -277,11 +280,15 @@ async def send(
 
     With `check=False` an error status is not raised here: the (bounded) body is
     returned with it, for callers that read the upstream's error envelope first.
-    A call cancelled midway (the request's deadline) closes its connection.
+    A call cancelled midway (the request's deadline) closes its connection. Within a source call of the
+    fan-out, whose own timeout always comes first, the client's timeouts start no timers (`BOUNDED_CALL`).
     """
     headers = request.headers
     TRACE_CONTEXT.inject(headers)  # the source call's span, or the caller's trace; nothing when there is none
     options: dict[str, Any] = {}
+    bounded = BOUNDED_CALL.get()
+    if bounded is not None and bounded is asyncio.current_task():
+        options["timeout"] = UNTIMED
     proxy = client._proxies.for_url(request.url)
     if proxy is not None:
         options["proxy"], credentials = proxy

@@ -17,7 +17,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from connectors.base import AuthFailed, BadResponse, NotFound, RateLimited, SourceTimeout, Unavailable
+from aggregator.fanout import SourcePolicy, call_source
+from connectors.base import BOUNDED_CALL, AuthFailed, BadResponse, NotFound, RateLimited, SourceQuery, SourceTimeout, Unavailable
 from connectors.http import decode_json, make_client, request_json, send
 
 from .fakes.recorder import Recorder
@@ -163,6 +164,33 @@ async def test_a_silent_source_times_out_at_its_timeout_and_a_cancelled_call_clo
                 break
             await asyncio.sleep(0.02)
         assert silent.open == 0, "the cancelled call's connection was closed, not kept in the pool"
+    finally:
+        await client.aclose()
+
+
+async def test_under_the_fan_out_a_call_is_timed_by_its_budget_and_tasks_it_starts_keep_their_own_timeout():
+    """Inside a source call the client starts no timer of its own (the fan-out's timeout always comes first);
+    outside one, and in a task a call starts, the client's timeout still ends a silent request."""
+    silent = SilentServer()
+    client = make_client(f"http://127.0.0.1:{silent.port}", timeout_s=0.3)
+
+    class Stalling:
+        name, type = "silent", "dify"
+        spawned: asyncio.Future | None = None
+
+        async def search(self, query: SourceQuery) -> list:
+            self.spawned = asyncio.ensure_future(request_json(client, "POST", "/retrieval", "spawned", json={}))
+            return await request_json(client, "POST", "/retrieval", "upstream", json={})
+
+    source = Stalling()
+    try:
+        loop = asyncio.get_running_loop()
+        result = await call_source(source, SourceQuery("q", 5), SourcePolicy(timeout_s=0.3, retries=0), loop.time() + 5)  # type: ignore[arg-type]
+        assert (result.outcome, result.error) == ("timeout", "no answer within 0.30 s")
+        assert BOUNDED_CALL.get() is None, "the mark of a source call does not outlive it"
+        assert source.spawned is not None
+        with pytest.raises(SourceTimeout, match="spawned: timed out"):
+            await asyncio.wait_for(source.spawned, 2.0)
     finally:
         await client.aclose()
 
