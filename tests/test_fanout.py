@@ -9,6 +9,7 @@ from typing import Literal
 import pytest
 
 from aggregator.fanout import SourcePolicy, call_source, fan_out, pause_before_retry
+from aggregator.tasks import Timeout
 from connectors.base import AuthFailed, BadResponse, Connector, ConnectorSettings, Passage, RateLimited, SourceQuery, Unavailable
 
 
@@ -136,3 +137,26 @@ def test_backoff_is_full_jitter_doubling_to_its_cap_and_retry_after_wins():
         assert all(0.0 <= p <= ceiling for p in pauses) and max(pauses) > ceiling / 2, attempt
     assert pause_before_retry(RateLimited("x", retry_after=7.0), 1, policy) == 7.0
     assert pause_before_retry(RateLimited("x"), 1, policy) <= 0.1
+
+
+async def test_a_source_calls_timeout_ends_only_what_it_bounds_and_yields_to_a_cancellation_from_outside():
+    """`aggregator.tasks.Timeout`, the fan-out's cheaper asyncio.timeout: the same contract."""
+    task = asyncio.current_task()
+    assert task is not None
+    with pytest.raises(TimeoutError):
+        with Timeout(0.05):
+            await asyncio.sleep(5)
+    assert task.cancelling() == 0, "an expired timeout leaves no cancellation pending"
+    with Timeout(5) as roomy:
+        await asyncio.sleep(0.01)
+    assert not roomy.expired
+    await asyncio.sleep(0.06)  # a timer cancelled with its block: nothing fires later
+
+    async def cancelled_from_outside_as_time_runs_out() -> None:
+        with Timeout(0.05):
+            asyncio.get_running_loop().call_later(0.05, inner.cancel)
+            await asyncio.sleep(5)
+
+    inner = asyncio.ensure_future(cancelled_from_outside_as_time_runs_out())
+    with pytest.raises(asyncio.CancelledError):
+        await inner
