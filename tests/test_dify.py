@@ -16,7 +16,8 @@ scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(a
 values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=6)
 metadata = st.dictionaries(st.sampled_from(["document_id", "path", "url", "chunk_index", "updated_at", "other"]), values, max_size=4)
 records = st.one_of(
-    st.fixed_dictionaries({}, optional={"content": st.text(max_size=12) | values, "score": values, "title": values, "metadata": metadata | values}),
+    st.fixed_dictionaries({}, optional={"content": st.text(max_size=12) | values, "score": values | st.floats(), "title": values,
+                                        "metadata": metadata | values}),
     values,
 )  # fmt: skip
 
