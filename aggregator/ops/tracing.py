@@ -67,6 +67,8 @@ class _Active:
 
 
 _active: ContextVar[_Active | None] = ContextVar("aggregator_tracing", default=None)
+#: A retrieval's span when tracing is off and the caller sent no trace: one shared, empty context.
+_NO_SPAN = contextlib.nullcontext(trace.INVALID_SPAN)
 
 
 def exporters_from_env(environ: Mapping[str, str] | None = None) -> list[SpanExporter]:
@@ -137,13 +139,15 @@ class Tracing:
         if self.provider is not None:
             self.provider.shutdown()
 
-    @contextlib.contextmanager
-    def retrieval(self, headers: Mapping[str, str], scrub: Scrub) -> Iterator[trace.Span]:
+    def retrieval(self, headers: Mapping[str, str], scrub: Scrub) -> contextlib.AbstractContextManager[trace.Span]:
         """The span of one retrieval, continuing the caller's `traceparent`. Error messages of its sources go
         into their spans through `scrub`, like every message the service keeps."""
         if self.provider is None and "traceparent" not in headers:  # nothing to record and no trace to continue
-            yield trace.INVALID_SPAN
-            return
+            return _NO_SPAN
+        return self._retrieval(headers, scrub)
+
+    @contextlib.contextmanager
+    def _retrieval(self, headers: Mapping[str, str], scrub: Scrub) -> Iterator[trace.Span]:
         parent = TRACE_CONTEXT.extract(headers)
         token = _active.set(_Active(self.tracer, scrub)) if self.enabled else None
         try:
