@@ -101,6 +101,10 @@ def describe_validation_error(exc: ValidationError) -> str:
 
 
 def parse_request(raw: bytes) -> RetrievalRequest | JSONResponse:
+    try:  # the usual body, read and validated in one pass (pydantic's JSON mode: the same model as below)
+        return RetrievalRequest.model_validate_json(raw)
+    except ValidationError:
+        pass  # anything else takes the path that words its error exactly
     if not raw.strip():
         return error(400, 3001, "body: a JSON object with knowledge_id, query and retrieval_setting is required")
     try:
@@ -235,6 +239,8 @@ def create_app(load: Callable[[], GatewayConfig] | None = None, config_path: Pat
             service.record(gateway, parsed.knowledge_id, parsed.query, result, time.perf_counter() - started, request_id)
             sources = result.sources_header()
             response = JSONResponse({"records": result.records}, headers={"X-Sources": sources, "X-Request-Id": request_id})
+            if not service.cache.enabled:
+                return response, None
             return response, Answer(bytes(response.body), sources, complete=answered_by_all(result.sources))
 
         # Dify's retries (and any identical retrieval within server.cache_ttl_s) are answered once: aggregator/cache.py

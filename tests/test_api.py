@@ -5,9 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
+from fastapi.responses import JSONResponse as StarletteJSONResponse
 from fastapi.testclient import TestClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
 
-from aggregator.api import create_app
+from aggregator.api import create_app, parse_request
+from aggregator.models import RetrievalRequest
 from aggregator.config import GatewayConfig
 
 from .conftest import KEY, SCOPED_KEY
@@ -193,3 +198,35 @@ async def test_a_client_trickling_its_body_is_cut_off(config: GatewayConfig, mon
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             response = await asyncio.wait_for(client.post("/retrieval", content=trickle(), headers=AUTH), 3)
     assert_error(response, 408, 3003)
+
+
+_scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=6)
+_json = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=8)
+_conditions = st.lists(st.fixed_dictionaries(
+    {"name": st.sampled_from(["a", ["a", "b"]]) | _json, "comparison_operator": st.sampled_from(["is", "=", ">", "in", "empty"]) | _json},
+    optional={"value": _scalars | st.lists(_scalars, max_size=3) | _json},
+), max_size=3)
+_bodies = st.fixed_dictionaries(
+    {"knowledge_id": st.just("kb") | _json, "query": st.text(min_size=1, max_size=8) | _json},
+    optional={
+        "retrieval_setting": st.fixed_dictionaries({}, optional={
+            "top_k": st.integers(-2, 200) | st.none() | _json, "score_threshold": st.floats(-1, 2) | st.integers(-1, 2) | _json,
+        }) | _json,
+        "metadata_condition": st.fixed_dictionaries({}, optional={"logical_operator": st.sampled_from(["and", "or"]) | _json,
+                                                                  "conditions": _conditions | _json}) | _json,
+    },
+) | _json  # fmt: skip
+
+
+@settings(max_examples=400, deadline=None)
+@given(_bodies, st.sampled_from(["", " ", "\n", " x", ",", "\ufeff"]))
+def test_a_body_is_read_in_one_pass_exactly_as_parsing_then_validating_reads_it(body, around):
+    """The body goes through pydantic's JSON mode first: it accepts what json.loads + the model accept, no more."""
+    raw = (json.dumps(body) + around).encode() if around != "\ufeff" else ("\ufeff" + json.dumps(body)).encode()
+    parsed = parse_request(raw)
+    try:
+        expected = RetrievalRequest.model_validate(json.loads(raw))
+    except (ValueError, ValidationError):
+        assert isinstance(parsed, StarletteJSONResponse) and parsed.status_code == 400
+    else:
+        assert parsed == expected
