@@ -111,10 +111,13 @@ def gateway_config(folder: Path, urls: list[str], tree: Path = ROOT) -> Path:
 
 
 def checkout(revision: str, into: Path) -> Path:
-    """The tree of `revision` of this repository (for measuring an earlier commit in the same run)."""
+    """The tree of `revision` of this repository (for measuring an earlier commit in the same run), with its
+    compiled parts built in place when it has any (setup.py), as an install of it would have them."""
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision], check=True, capture_output=True).stdout
     with tarfile.open(fileobj=BytesIO(archive)) as tar:
         tar.extractall(into, filter="data")
+    if (into / "setup.py").exists():
+        subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=into, check=False, capture_output=True)
     return into
 
 
