@@ -114,7 +114,7 @@ async def fan_out(calls: dict[str, Coroutine[Any, Any, SourceResult]], deadline:
     """Run the coroutines in `calls` (name -> coroutine) at once; collect every outcome by `deadline`."""
     loop = asyncio.get_running_loop()
     started = time.perf_counter()
-    tasks = {name: asyncio.ensure_future(coro) for name, coro in calls.items()}
+    tasks = {name: loop.create_task(coro) for name, coro in calls.items()}
     if tasks:
         _, pending = await asyncio.wait(tasks.values(), timeout=max(0.0, deadline - loop.time()))
         for task in pending:
@@ -147,10 +147,11 @@ async def ask_sources(slots: list[SourceSlot], query: SourceQuery, deadline: flo
     skipped: dict[str, SourceResult] = {}
     for slot in slots:
         name = slot.connector.name
-        if await slot.breaker.admit():
+        breaker = slot.breaker
+        if breaker.state == "closed" or await breaker.admit():  # closed: every breaker admits, nothing to await
             calls[name] = traced_source_call(name, slot.connector.type, call_source(slot.connector, query, slot.policy, deadline))
         else:
-            wait = slot.breaker.seconds_until_trial() or 0.0
+            wait = breaker.seconds_until_trial() or 0.0
             skipped[name] = SourceResult(name, "skipped", error=f"circuit open; next trial in {wait:.0f} s")
             trace_skipped(name, slot.connector.type, skipped[name])
     answered = {result.name: result for result in await fan_out(calls, deadline)}
