@@ -136,16 +136,13 @@ async def retrieve(gateway: Gateway, request: RetrievalRequest, explain: bool = 
 def score_detail(ranked: Ranked) -> dict[str, float | int | str | None]:
     """How a record's score came to be: the gateway's own judgement, and the source's, before and after calibration."""
     passage = ranked.candidate.passage
-
-    def rounded(value: float | None) -> float | None:
-        return None if value is None else round(value, SCORE_DIGITS)
-
+    calibrated = ranked.calibrated
     return {
-        "bm25": rounded(ranked.bm25),
-        "proximity": rounded(ranked.proximity),
-        "relevance": rounded(ranked.relevance),
+        "bm25": round(ranked.bm25, SCORE_DIGITS),
+        "proximity": round(ranked.proximity, SCORE_DIGITS),
+        "relevance": round(ranked.relevance, SCORE_DIGITS),
         "source_score": passage.source_score,
         "source_rank": passage.source_rank,
-        "calibrated": rounded(ranked.calibrated),
+        "calibrated": None if calibrated is None else round(calibrated, SCORE_DIGITS),
         "calibration": ranked.calibration,
     }
