@@ -130,12 +130,14 @@ class Target:
     tree: Path = ROOT  # the source tree a gateway runs from
     client: str = "aiohttp"  # bare only
     codec: str = "orjson"  # bare only
+    workers: int = 1  # gateway only: `serve --workers N`
 
     def command(self, port: int, urls: list[str], folder: Path) -> list[str]:
         if self.kind == "bare":
             return [sys.executable, "-m", "bench._bare", "--port", str(port), "--client", self.client, "--json", self.codec, *urls]
         config = gateway_config(folder, urls, self.tree)
-        return [sys.executable, "-m", "aggregator", "serve", "--config", str(config), "--port", str(port), "--log-level", "warning"]
+        workers = ["--workers", str(self.workers)] if self.workers > 1 else []
+        return [sys.executable, "-m", "aggregator", "serve", "--config", str(config), "--port", str(port), "--log-level", "warning", *workers]
 
     @contextlib.contextmanager
     def serve(self, urls: list[str], folder: Path) -> Iterator[tuple[int, subprocess.Popen]]:
@@ -220,6 +222,17 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
+def tree_rss_mib(pid: int) -> float:
+    """Resident memory of a process and its children (the workers of `serve --workers N`)."""
+    total = rss_mib(pid)
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    total += rss_mib(int(entry.name))
+    return total
+
+
 @dataclass
 class Round:
     """One load round's figures."""
@@ -228,7 +241,7 @@ class Round:
     statuses: dict[int | str, int]  # HTTP status or the transport error's name -> count
     elapsed: float  # s
     missing: int = 0  # 200 answers without some source's passages (see missing_source)
-    peak_rss: float = 0.0  # MiB, of the process given as `pid`
+    peak_rss: float = 0.0  # MiB, of the process given as `pid` and its children
 
     @property
     def rps(self) -> float:
@@ -273,7 +286,7 @@ async def hammer(
 
         async def memory() -> None:
             while pid is not None and time.monotonic() < stop:
-                result.peak_rss = max(result.peak_rss, rss_mib(pid))
+                result.peak_rss = max(result.peak_rss, tree_rss_mib(pid))
                 await asyncio.sleep(0.5)
 
         await asyncio.gather(memory(), *also, *(client() for _ in range(clients)))

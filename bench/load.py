@@ -2,7 +2,7 @@
 
     python -m bench.load [--seconds 60] [--clients 64]
     python -m bench.load --replicas [--seconds 20]
-    python -m bench.load --compare [--baseline REV] [--seconds 20] [--rounds 2]
+    python -m bench.load --compare [--baseline REV] [--seconds 20] [--rounds 2] [--workers N]
 
 Reports non-200 answers (the goal is none), latency, throughput, and what the
 server process holds at the start and the end of the run (resident memory,
@@ -147,14 +147,19 @@ def run_replicas(clients: int, seconds: float, queries: list[str], docs_folder: 
                       f"({sum(c['hit'] for c in cache):,} hits, {sum(c['coalesced'] for c in cache):,} coalesced)")  # fmt: skip
 
 
-def compare(clients: int, seconds: float, rounds: int, baseline: str | None, queries: list[str]) -> None:
-    """The bare fan-out, the gateway at `baseline` and this tree's, in turns, in front of the same upstreams."""
+def compare(clients: int, seconds: float, rounds: int, baseline: str | None, queries: list[str], workers: int = 1) -> None:
+    """The bare fan-out, the gateway at `baseline` and this tree's, in turns, in front of the same upstreams.
+
+    With `workers` > 1, this tree's gateway also as `serve --workers N` (a row of its own: not like for like
+    with the one-process fan-out, but how a replica on an N-core machine is run)."""
     targets = [_cpu.Target("bare fan-out: aiohttp + orjson", "bare")]
     with contextlib.ExitStack() as stack:
         folder = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         if baseline:
             targets.append(_cpu.Target(f"gateway at {baseline}", "gateway", tree=_cpu.checkout(baseline, folder / "baseline")))
         targets.append(_cpu.Target("gateway (this tree)", "gateway"))
+        if workers > 1:
+            targets.append(_cpu.Target(f"gateway (this tree), {workers} workers", "gateway", workers=workers))
         urls = stack.enter_context(_cpu.pool_upstreams())
         servers = {t.label: stack.enter_context(t.serve(urls, folder)) for t in targets}
         for t in targets:
@@ -195,11 +200,12 @@ def main() -> int:
     parser.add_argument("--compare", action="store_true", help="bare fan-out, the gateway at --baseline and this tree, same upstreams")
     parser.add_argument("--baseline", metavar="REV", help="with --compare: also the gateway at this commit (e.g. main)")
     parser.add_argument("--rounds", type=int, default=2, help="with --compare: rounds per server")
+    parser.add_argument("--workers", type=int, default=1, help="with --compare: also this tree's gateway with N worker processes")
     args = parser.parse_args()
     seconds = args.seconds or (20.0 if args.replicas or args.compare else 60.0)
     docs, queries, _ = load()
     if args.compare:
-        compare(args.clients, seconds, args.rounds, args.baseline, [q for _, q in queries])
+        compare(args.clients, seconds, args.rounds, args.baseline, [q for _, q in queries], args.workers)
         return 0
     with tempfile.TemporaryDirectory() as folder, upstreams(1, 0.02) as (healthy,):
         docs_folder = Path(folder) / "docs"
