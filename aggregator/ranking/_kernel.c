@@ -42,7 +42,7 @@ idf(double n, double df)
 PyDoc_STRVAR(score_doc,
 "score(documents, table, qtf, known, df, passages, term_avgdl, pair_index, pair_qtf, k1, b, bm25, proximity)\n"
 "\n"
-"documents: list of int32 arrays (term ids); table: int32, term id -> 1 + query column (0: not a query term);\n"
+"documents: list of buffers of packed int32 term ids (bytes); table: int32, term id -> 1 + query column (0: not a query term);\n"
 "qtf: float64[k]; known: bytes[k] (0: a word absent from the vocabulary); df: float64[k] document frequencies from\n"
 "collection statistics, or None to count them in the pool; passages: the collection's size (with df);\n"
 "term_avgdl: average length for single terms (<= 0: the pool's); pair_index: int64[k*k] -> pair number or -1;\n"
@@ -88,8 +88,14 @@ score(PyObject *self, PyObject *args)
         goto done;
     }
     for (; docs_held < n; docs_held++) {
-        if (get_array(PyList_GET_ITEM(documents, docs_held), &docs[docs_held], 4, -1, 0, "document") < 0)
+        /* packed int32 (bytes, whose buffer says items of one byte) */
+        if (PyObject_GetBuffer(PyList_GET_ITEM(documents, docs_held), &docs[docs_held], PyBUF_C_CONTIGUOUS) < 0)
             goto done;
+        if (docs[docs_held].len % 4) {
+            PyBuffer_Release(&docs[docs_held]);
+            PyErr_SetString(PyExc_ValueError, "document: not a whole number of int32 term ids");
+            goto done;
+        }
     }
 
     /* Counting: each token's query column from the table, and each adjacent pair of query terms. */

@@ -46,16 +46,17 @@ class PassageSample:
         self._seen: set[int] = set()
         self.generation = 0  # +1 each time it forgets which passages it counted
 
-    def observe(self, mark: int, term_ids: np.ndarray) -> None:
+    def observe(self, mark: int, term_ids: bytes) -> None:
         """Count a passage once, however often it comes back (`mark`: its identity, pool.Seen.mark)."""
         if mark in self._seen:
             return
         if len(self._seen) >= self.capacity:
             self._decay()
         self._seen.add(mark)
-        self._df.update(np.unique(term_ids).tolist())
+        tokens = np.frombuffer(term_ids, dtype=np.int32)
+        self._df.update(np.unique(tokens).tolist())
         self.passages += 1.0
-        self.total_length += float(len(term_ids))
+        self.total_length += float(len(tokens))
 
     def frequencies(self, term_ids: Sequence[int]) -> list[float]:
         """Document frequency of each id (0 for ids never seen from this source, and for -1: unknown words)."""
