@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from array import array
 from pathlib import Path
 
 import numpy as np
@@ -154,15 +155,16 @@ def test_term_cache_reuses_tokenized_passages():
 
 
 def test_a_pool_scores_the_same_whatever_was_scored_before():
-    from aggregator.ranking.pool import score_pool
+    from aggregator.ranking.pool import QueryPlan, score_pool
 
     texts = ["rotate the signing keys", "signing keys in the module", "lunch menu and keys", "vpn profile rotate"]
     shared = TermCache()
     docs = [shared.seen("", t).ids for t in texts]
-    score_pool(tokenize("lunch menu vpn"), docs, shared)
-    after = score_pool(tokenize("rotate signing keys"), docs, shared)
+    score_pool(QueryPlan(tokenize("lunch menu vpn"), shared.vocabulary), docs, shared)
+    after = score_pool(QueryPlan(tokenize("rotate signing keys"), shared.vocabulary), docs, shared)
     fresh = TermCache()
-    alone = score_pool(tokenize("rotate signing keys"), [fresh.seen("", t).ids for t in texts], fresh)
+    fresh_docs = [fresh.seen("", t).ids for t in texts]
+    alone = score_pool(QueryPlan(tokenize("rotate signing keys"), fresh.vocabulary), fresh_docs, fresh)
     assert after.bm25.tolist() == alone.bm25.tolist() and after.proximity.tolist() == alone.proximity.tolist()
 
 
@@ -189,9 +191,10 @@ def test_the_compiled_pool_scorer_gives_the_numpy_reference_scores(query, texts,
     if collection is not None:
         passages, average, seed = collection
         distinct = list(dict.fromkeys(terms))
-        statistics = QueryStatistics(passages, average, np.array([float((seed >> i) % 50) for i in range(len(distinct))]))
-    compiled = pool.score_pool(terms, docs, cache, statistics=statistics)
-    reference = pool.score_pool(terms, docs, cache, statistics=statistics, compiled=False)
+        statistics = QueryStatistics(passages, average, array("d", [float((seed >> i) % 50) for i in range(len(distinct))]))
+    plan = pool.QueryPlan(terms, cache.vocabulary)
+    compiled = pool.score_pool(plan, docs, cache, statistics=statistics)
+    reference = pool.score_pool(plan, docs, cache, statistics=statistics, compiled=False)
     assert compiled.has_pairs == reference.has_pairs
     np.testing.assert_allclose(compiled.bm25, reference.bm25, rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(compiled.proximity, reference.proximity, rtol=1e-12, atol=1e-15)

@@ -192,56 +192,51 @@ def _idf(n: int, df: np.ndarray | float) -> np.ndarray | float:
     return np.log1p((n - df + 0.5) / (df + 0.5))
 
 
-@dataclass(frozen=True, slots=True)
 class QueryPlan:
-    """The query side of pool scoring, the same for both scorers: distinct terms, their counts, the term pairs.
+    """The query side of pool scoring, the same for both scorers: distinct terms, their ids, counts and pairs.
 
     Plain `array`s, not numpy: a query has a handful of terms, where numpy's per-call cost would dominate.
     """
 
-    terms: list[str]  # distinct, in order of first appearance
-    qtf: array  # float64, per term
-    pair_index: array  # int64 [k * k]: (first term's column, second's) -> pair number, or -1
-    pair_qtf: array  # float64, per distinct pair of adjacent query terms (stop words dropped by the tokenizer)
+    __slots__ = ("terms", "ids", "qtf", "pair_index", "pair_qtf")
 
-    @classmethod
-    def of(cls, query_terms: Sequence[str]) -> QueryPlan:
+    def __init__(self, query_terms: Sequence[str], vocabulary: dict[str, int]) -> None:
         counts = _counts(query_terms)
-        terms = list(counts)
-        k = len(terms)
+        self.terms = list(counts)  # distinct, in order of first appearance
+        self.ids = [vocabulary.get(term, -1) for term in self.terms]  # -1: a word no passage seen has
+        self.qtf = array("d", counts.values())  # float64, per term
+        k = len(self.terms)
         pair_counts = _counts([(a, b) for a, b in zip(query_terms, query_terms[1:]) if a != b])
-        pair_index = array("q", [-1]) * (k * k)
+        self.pair_index = array("q", [-1]) * (k * k)  # (first term's column, second's) -> pair number, or -1
         if pair_counts:
-            position_of = {term: i for i, term in enumerate(terms)}
+            position_of = {term: i for i, term in enumerate(self.terms)}
             for p, (a, b) in enumerate(pair_counts):
-                pair_index[position_of[a] * k + position_of[b]] = p
-        return cls(terms, array("d", counts.values()), pair_index, array("d", pair_counts.values()))
+                self.pair_index[position_of[a] * k + position_of[b]] = p
+        self.pair_qtf = array("d", pair_counts.values())  # per distinct pair of adjacent query terms (stop words dropped)
 
 
 def score_pool(
-    query_terms: Sequence[str], documents: Sequence[bytes], cache: TermCache, params: BM25Params = BM25Params(),
+    plan: QueryPlan, documents: Sequence[bytes], cache: TermCache, params: BM25Params = BM25Params(),
     statistics: QueryStatistics | None = None, compiled: bool = True,
 ) -> PoolScores:  # fmt: skip
     """BM25 and proximity of each document (packed int32 term ids: `Seen.ids`), normalised by the query's ceiling.
 
-    With `statistics` (aligned with the distinct `query_terms` in order of
-    first appearance), single terms take their IDF and the average length
-    from it instead of from the pool; term pairs always use the pool.
-    `compiled`: by the C loop of `_kernel.c` when the build made it (the
-    numpy implementation below is its reference, and the fallback).
+    With `statistics` (aligned with the plan's distinct terms), single terms
+    take their IDF and the average length from it instead of from the pool;
+    term pairs always use the pool. `compiled`: by the C loop of
+    `_kernel.c` when the build made it (the numpy implementation below is
+    its reference, and the fallback).
     """
     n = len(documents)
-    if n == 0 or not query_terms:
+    if n == 0 or not plan.terms:
         zeros = np.zeros(n)
         return PoolScores(zeros, zeros, False)
-    plan = QueryPlan.of(query_terms)
-    term_ids = [cache.vocabulary.get(term, -1) for term in plan.terms]
-    table = cache.columns(term_ids)
+    table = cache.columns(plan.ids)
     try:
         scorer = _score_compiled if compiled and _kernel is not None else _score_numpy
-        bm25, proximity = scorer(plan, term_ids, documents, table, params, statistics)
+        bm25, proximity = scorer(plan, plan.ids, documents, table, params, statistics)
     finally:
-        cache.release(term_ids)
+        cache.release(plan.ids)
     return PoolScores(bm25, proximity, len(plan.pair_qtf) > 0)
 
 
@@ -253,7 +248,7 @@ def _score_compiled(
     bm25, proximity = np.empty(n), np.empty(n)
     known = bytes(term_id >= 0 for term_id in term_ids)
     if statistics is not None:
-        df, passages, average = np.ascontiguousarray(statistics.frequencies, dtype=np.float64), statistics.passages, statistics.average_length
+        df, passages, average = statistics.frequencies, statistics.passages, statistics.average_length
     else:
         df, passages, average = None, 0.0, 0.0
     _kernel.score(list(documents), table, plan.qtf, known, df, passages, average, plan.pair_index, plan.pair_qtf, params.k1, params.b, bm25, proximity)

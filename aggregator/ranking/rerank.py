@@ -50,7 +50,7 @@ from connectors.base import Passage, TermStatistics
 
 from ..text.tokenize import tokenize
 from .bm25 import BM25Params
-from .pool import Seen, TermCache, _kernel, score_pool
+from .pool import QueryPlan, Seen, TermCache, _kernel, score_pool
 from .statistics import QueryStatistics
 
 ScoreUse = Literal["auto", "rank", "trust", "ignore"]
@@ -175,27 +175,25 @@ def _calibrate(use: ScoreUse, scores: list[float | None], ranks: list[int], rele
 
 
 def query_statistics(
-    query_terms: list[str], cache: TermCache, local: TermStatistics | None, sampled: Iterable[str], settings: FusionSettings
+    plan: QueryPlan, cache: TermCache, local: TermStatistics | None, sampled: Iterable[str], settings: FusionSettings
 ) -> QueryStatistics | None:
     """Collection statistics for the query's distinct terms: the local indexes' counts plus the samples of `sampled` sources."""
-    distinct = list(dict.fromkeys(query_terms))
     passages = total = 0.0
-    frequencies = [0.0] * len(distinct)
+    frequencies = [0.0] * len(plan.terms)
     if settings.local and local is not None and local.passages:
         passages += local.passages
         total += local.total_length
-        frequencies = [f + local.frequencies.get(t, 0) for f, t in zip(frequencies, distinct)]
+        frequencies = [f + local.frequencies.get(t, 0) for f, t in zip(frequencies, plan.terms)]
     if settings.sample:
-        ids = [cache.vocabulary.get(t, -1) for t in distinct]
         for source in sampled:
             sample = cache.samples.get(source)
             if sample is not None and sample.passages:
                 passages += sample.passages
                 total += sample.total_length
-                frequencies = list(map(operator.add, frequencies, sample.frequencies(ids)))
+                frequencies = list(map(operator.add, frequencies, sample.frequencies(plan.ids)))
     if passages <= 0:
         return None
-    return QueryStatistics(passages, total / passages, np.array(frequencies, dtype=np.float64))
+    return QueryStatistics(passages, total / passages, array("d", frequencies))
 
 
 def fuse(relevance: Any, calibrated: Any, weight: Any, settings: FusionSettings = DEFAULT_FUSION) -> np.ndarray:
@@ -241,10 +239,9 @@ def rerank(
 
     group_of, first, copies = _groups(seen)
 
-    if query_terms is None:
-        query_terms = tokenize(query)
-    statistics = query_statistics(query_terms, cache, local, sampled, settings)
-    pool = score_pool(query_terms, [seen[i].ids for i in first], cache, settings.bm25, statistics, compiled)
+    plan = QueryPlan(tokenize(query) if query_terms is None else query_terms, cache.vocabulary)
+    statistics = query_statistics(plan, cache, local, sampled, settings)
+    pool = score_pool(plan, [seen[i].ids for i in first], cache, settings.bm25, statistics, compiled)
     relevance = (pool.bm25 + settings.mu * pool.proximity) / (1.0 + settings.mu) if pool.has_pairs else pool.bm25
     rel = relevance.tolist()
 

@@ -22,6 +22,7 @@ TermCache's term ids, so they live and are cleared with its vocabulary.
 from __future__ import annotations
 
 import gzip
+from array import array
 import json
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -78,7 +79,7 @@ class QueryStatistics:
 
     passages: float
     average_length: float
-    frequencies: np.ndarray  # aligned with the query's distinct terms
+    frequencies: array  # float64, aligned with the query's distinct terms
 
 
 def merge_term_statistics(found: Iterable[TermStatistics | None]) -> TermStatistics | None:
