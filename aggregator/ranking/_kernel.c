@@ -373,44 +373,98 @@ calibrate(int use, const double *score, const long long *rank, const double *rel
 }
 
 PyDoc_STRVAR(fuse_doc,
-"fuse(relevance, group_of, scores, ranks, starts, uses, weights, kappa, alpha, gamma,\n"
-"     calibrated, how, winner, fused, order) -> number of adjacent ties in order\n"
+"fuse(relevance, group_of, answers, uses, weights, kappa, alpha, gamma, calibrated, how, winner, fused, order)\n"
+"    -> number of adjacent ties in order\n"
 "\n"
 "relevance: float64[G] per distinct text; group_of: int64[N] per passage (answers one after the other);\n"
-"scores: float64[N] (-inf: none); ranks: int64[N]; starts: int64[A] first passage of each answer;\n"
-"uses: int8[A] (0 auto, 1 rank, 2 trust, 3 ignore); weights: float64[A]. Written: calibrated float64[N]\n"
-"(-1: none), how int8[A] (0 scores, 1 ranks, 2 trusted, 3 ignored), winner int64[G], fused float64[G],\n"
-"order int64[G] (best first; equal score and relevance by group number).");
+"answers: list of A lists of Passages (their source_score and source_rank are read); uses: int8[A] (0 auto,\n"
+"1 rank, 2 trust, 3 ignore); weights: float64[A]. Written: calibrated float64[N] (-1: none), how int8[A]\n"
+"(0 scores, 1 ranks, 2 trusted, 3 ignored), winner int64[G], fused float64[G], order int64[G] (best first;\n"
+"equal score and relevance by group number).");
+
+static PyObject *source_score_name, *source_rank_name;
+
+/* What rerank.py reads as `p.source_score` (None: no score) and `p.source_rank or _NO_RANK`, for every passage. */
+static int
+read_answers(PyObject *answers, Py_ssize_t n, double *score, long long *rank, long long *start)
+{
+    Py_ssize_t at = 0;
+    for (Py_ssize_t a = 0; a < PyList_GET_SIZE(answers); a++) {
+        PyObject *passages = PyList_GET_ITEM(answers, a);
+        if (!PyList_Check(passages)) {
+            PyErr_SetString(PyExc_TypeError, "answers: a list of lists of passages");
+            return -1;
+        }
+        start[a] = at;
+        for (Py_ssize_t j = 0; j < PyList_GET_SIZE(passages); j++, at++) {
+            if (at >= n) {
+                PyErr_SetString(PyExc_ValueError, "answers: more passages than group_of has");
+                return -1;
+            }
+            PyObject *passage = PyList_GET_ITEM(passages, j);
+            PyObject *value = PyObject_GetAttr(passage, source_score_name);
+            if (!value)
+                return -1;
+            score[at] = value == Py_None ? NO_SCORE : PyFloat_AsDouble(value);
+            Py_DECREF(value);
+            if (score[at] == -1.0 && PyErr_Occurred())
+                return -1;
+            value = PyObject_GetAttr(passage, source_rank_name);
+            if (!value)
+                return -1;
+            long long r = value == Py_None ? 0 : PyLong_AsLongLong(value);
+            Py_DECREF(value);
+            if (r == -1 && PyErr_Occurred())
+                return -1;
+            rank[at] = r ? r : 2147483648LL;  /* rerank._NO_RANK */
+        }
+    }
+    if (at != n) {
+        PyErr_SetString(PyExc_ValueError, "answers: fewer passages than group_of has");
+        return -1;
+    }
+    return 0;
+}
 
 static PyObject *
 fuse(PyObject *self, PyObject *args)
 {
-    PyObject *objs[15];
+    PyObject *objs[13];
     double kappa, alpha, gamma;
-    if (!PyArg_ParseTuple(args, "OOOOOOOdddOOOOO", &objs[0], &objs[1], &objs[2], &objs[3], &objs[4], &objs[5], &objs[6], &kappa,
-                          &alpha, &gamma, &objs[10], &objs[11], &objs[12], &objs[13], &objs[14]))
+    if (!PyArg_ParseTuple(args, "OOO!OOdddOOOOO", &objs[0], &objs[1], &PyList_Type, &objs[2], &objs[3], &objs[4], &kappa, &alpha,
+                          &gamma, &objs[8], &objs[9], &objs[10], &objs[11], &objs[12]))
         return NULL;
-    Py_buffer relevance = {0}, group_of = {0}, scores = {0}, ranks = {0}, starts = {0}, uses = {0}, weights = {0};
+    Py_buffer relevance = {0}, group_of = {0}, uses = {0}, weights = {0};
     Py_buffer calibrated = {0}, how = {0}, winner = {0}, fused = {0}, order = {0};
-    double *x = NULL, *y = NULL;
+    double *x = NULL, *y = NULL, *score = NULL;
+    long long *rank = NULL, *start = NULL;
     Py_ssize_t *scratch = NULL;
     PyObject *result = NULL;
+    Py_ssize_t answers = PyList_GET_SIZE(objs[2]);
 
     if (get_array(objs[0], &relevance, 8, -1, 0, "relevance") < 0 || get_array(objs[1], &group_of, 8, -1, 0, "group_of") < 0)
         goto done;
     Py_ssize_t groups = relevance.len / 8, n = group_of.len / 8;
-    if (get_array(objs[2], &scores, 8, n, 0, "scores") < 0 || get_array(objs[3], &ranks, 8, n, 0, "ranks") < 0
-        || get_array(objs[4], &starts, 8, -1, 0, "starts") < 0)
+    if (get_array(objs[3], &uses, 1, answers, 0, "uses") < 0 || get_array(objs[4], &weights, 8, answers, 0, "weights") < 0
+        || get_array(objs[8], &calibrated, 8, n, 1, "calibrated") < 0 || get_array(objs[9], &how, 1, answers, 1, "how") < 0
+        || get_array(objs[10], &winner, 8, groups, 1, "winner") < 0 || get_array(objs[11], &fused, 8, groups, 1, "fused") < 0
+        || get_array(objs[12], &order, 8, groups, 1, "order") < 0)
         goto done;
-    Py_ssize_t answers = starts.len / 8;
-    if (get_array(objs[5], &uses, 1, answers, 0, "uses") < 0 || get_array(objs[6], &weights, 8, answers, 0, "weights") < 0
-        || get_array(objs[10], &calibrated, 8, n, 1, "calibrated") < 0 || get_array(objs[11], &how, 1, answers, 1, "how") < 0
-        || get_array(objs[12], &winner, 8, groups, 1, "winner") < 0 || get_array(objs[13], &fused, 8, groups, 1, "fused") < 0
-        || get_array(objs[14], &order, 8, groups, 1, "order") < 0)
+    x = PyMem_Malloc((size_t)(n + 1) * sizeof(double));
+    y = PyMem_Malloc((size_t)(n + 1) * sizeof(double));
+    score = PyMem_Malloc((size_t)(n + 1) * sizeof(double));
+    rank = PyMem_Malloc((size_t)(n + 1) * sizeof(long long));
+    start = PyMem_Malloc((size_t)(answers + 1) * sizeof(long long));
+    scratch = PyMem_Malloc((size_t)(n + groups + 1) * sizeof(Py_ssize_t));
+    if (!x || !y || !score || !rank || !start || !scratch) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (read_answers(objs[2], n, score, rank, start) < 0)
         goto done;
 
-    const double *rel = relevance.buf, *score = scores.buf, *weight = weights.buf;
-    const long long *group = group_of.buf, *rank = ranks.buf, *start = starts.buf;
+    const double *rel = relevance.buf, *weight = weights.buf;
+    const long long *group = group_of.buf;
     const signed char *use = uses.buf;
     double *cal = calibrated.buf, *out = fused.buf;
     signed char *how_out = how.buf;
@@ -420,13 +474,6 @@ fuse(PyObject *self, PyObject *args)
             PyErr_SetString(PyExc_ValueError, "group_of: a group number out of range");
             goto done;
         }
-    }
-    x = PyMem_Malloc((size_t)(n + 1) * sizeof(double));
-    y = PyMem_Malloc((size_t)(n + 1) * sizeof(double));
-    scratch = PyMem_Malloc((size_t)(n + groups + 1) * sizeof(Py_ssize_t));
-    if (!x || !y || !scratch) {
-        PyErr_NoMemory();
-        goto done;
     }
 
     /* Each answer's calibration over its own passages. */
@@ -483,8 +530,11 @@ fuse(PyObject *self, PyObject *args)
 done:
     PyMem_Free(x);
     PyMem_Free(y);
+    PyMem_Free(score);
+    PyMem_Free(rank);
+    PyMem_Free(start);
     PyMem_Free(scratch);
-    Py_buffer *views[] = {&relevance, &group_of, &scores, &ranks, &starts, &uses, &weights, &calibrated, &how, &winner, &fused, &order};
+    Py_buffer *views[] = {&relevance, &group_of, &uses, &weights, &calibrated, &how, &winner, &fused, &order};
     for (size_t i = 0; i < sizeof(views) / sizeof(views[0]); i++) {
         if (views[i]->obj)
             PyBuffer_Release(views[i]);
@@ -505,5 +555,9 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__kernel(void)
 {
+    source_score_name = PyUnicode_InternFromString("source_score");
+    source_rank_name = PyUnicode_InternFromString("source_rank");
+    if (!source_score_name || !source_rank_name)
+        return NULL;
     return PyModule_Create(&module);
 }
