@@ -117,6 +117,8 @@ class Ranked:
     @property
     def also_in(self) -> list[str]:
         """The other sources that returned the same text (for the record's `metadata.also_in`)."""
+        if len(self.members) == 1:
+            return []
         return [s for s in dict.fromkeys(m.source for m in self.members) if s != self.candidate.source]
 
 
@@ -404,8 +406,13 @@ class RankedList(Sequence[Ranked]):
         if made is not None:
             return made
         w = self._winner[g]
-        members = [self._pool.candidate(i) for i in self._copies[g]] if g in self._copies else [self._pool.candidate(w)]
-        candidate = next(m for m, i in zip(members, self._copies.get(g, [w])) if i == w)
+        copies = self._copies.get(g)
+        if copies is None:
+            candidate = self._pool.candidate(w)
+            members = [candidate]
+        else:
+            members = [self._pool.candidate(i) for i in copies]
+            candidate = members[copies.index(w)]
         label = self._how[candidate.source]
         if candidate.calibrated is None and label != "ignored":
             label = "none"
