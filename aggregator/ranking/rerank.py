@@ -221,10 +221,13 @@ def rerank(
     `indexed`). Every other answer's passages are counted into its source's
     sample, and the samples of the `sampled` sources (by default, the
     answers' sources that are not indexed) join the statistics.
+    `query_terms`: the query already tokenized, when the caller has it.
 
-    The work is done a source's answer at a time, in list comprehensions and
-    numpy, never a Python loop step per passage and stage: a retrieval ranks
-    a few dozen passages, where per-passage interpreter overhead is the cost.
+    A retrieval ranks a few dozen passages, where per-passage interpreter
+    overhead is the cost: the work is done a source's answer at a time, in
+    list comprehensions, and the arithmetic (scoring, each source's fit,
+    fusion, order) by the compiled `_kernel` when the build made it;
+    `compiled=False` runs the Python and numpy reference instead.
     """
     answers = _one_per_source(answers)
     if not answers:
