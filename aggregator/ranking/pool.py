@@ -1,9 +1,10 @@
-"""Scoring the merged pool of one query, vectorised: BM25 and the proximity of query terms.
+"""Scoring the merged pool of one query: BM25 and the proximity of query terms.
 
-Each distinct passage text is tokenized once and kept as an array of term ids
-in a bounded cache keyed by its content, so a passage seen again (a popular
-page, an upstream's stable answer) costs a lookup. Scoring a pool then is a
-handful of numpy operations over the concatenated ids, whatever its size.
+Each distinct passage text is tokenized once and its term ids kept in a
+bounded cache (`TermCache`), so a passage seen again (a popular page, an
+upstream's stable answer) costs a lookup. Scoring a pool then is one pass
+over its term ids: in the compiled kernel (`_kernel.c`), or in numpy where
+the build had no C compiler (the reference the kernel is tested against).
 
 Proximity: for each pair of adjacent query terms (after stop words are
 dropped, so "speed of the aircraft" pairs "speed" with "aircraft"), count how
@@ -15,8 +16,8 @@ longer CJK matches (overlapping bigrams that follow each other) rank higher.
 from __future__ import annotations
 
 import hashlib
-from array import array
 import unicodedata
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -84,6 +85,7 @@ class TermCache:
         self._columns = np.zeros(0, dtype=np.int32)  # by term id: 1 + the term's column in the query scored now, else 0
 
     def seen(self, title: str, content: str) -> Seen:
+        """The entry of one passage text: looked up, or tokenized and added (the oldest may leave)."""
         cache_key = (hash(content), len(content), title)
         found = self._seen.get(cache_key)
         if found is not None:
@@ -105,7 +107,7 @@ class TermCache:
     def recall(self, passages: Sequence[Passage]) -> list[Seen]:
         """`seen` of each of an answer's passages: one lookup apiece for the texts met before, the usual case."""
         found = list(map(self._seen.get, [(hash(p.content), len(p.content), p.title) for p in passages]))
-        if None in found:
+        if None in found:  # some met for the first time (or again after leaving the cache)
             return [self.seen(p.title, p.content) if f is None else f for f, p in zip(found, passages)]
         for entry in found:
             entry.recent = True  # type: ignore[union-attr]
