@@ -107,8 +107,8 @@ class TermCache:
     def recall(self, passages: Sequence[Passage]) -> list[Seen]:
         """`seen` of each of an answer's passages: one lookup apiece for the texts met before, the usual case."""
         found = list(map(self._seen.get, [(hash(p.content), len(p.content), p.title) for p in passages]))
-        if None in found:  # some met for the first time (or again after leaving the cache)
-            return [self.seen(p.title, p.content) if f is None else f for f, p in zip(found, passages)]
+        if None in found:  # some met for the first time (or again after leaving the cache): the general path
+            return [self.seen(p.title, p.content) for p in passages]
         for entry in found:
             entry.recent = True  # type: ignore[union-attr]
         return found  # type: ignore[return-value]
