@@ -198,3 +198,16 @@ def test_the_compiled_pool_scorer_gives_the_numpy_reference_scores(query, texts,
     assert compiled.has_pairs == reference.has_pairs
     np.testing.assert_allclose(compiled.bm25, reference.bm25, rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(compiled.proximity, reference.proximity, rtol=1e-12, atol=1e-15)
+
+
+def test_the_kernel_is_built_wherever_there_is_a_c_compiler():
+    """The extension is optional, so a failed build only warns: where a compiler exists, its absence is a bug."""
+    import shutil
+    import sysconfig
+
+    from aggregator.ranking import pool
+
+    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(compiler) is None:
+        pytest.skip(f"no C compiler ({compiler}): the numpy and Python reference runs, as documented")
+    assert pool._kernel is not None, "a C compiler is here but aggregator/ranking/_kernel.c was not built: pip install -e . again"
