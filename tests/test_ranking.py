@@ -211,3 +211,27 @@ def test_the_kernel_is_built_wherever_there_is_a_c_compiler():
     if shutil.which(compiler) is None:
         pytest.skip(f"no C compiler ({compiler}): the numpy and Python reference runs, as documented")
     assert pool._kernel is not None, "a C compiler is here but aggregator/ranking/_kernel.c was not built: pip install -e . again"
+
+
+def test_the_kernel_refuses_inconsistent_input_instead_of_reading_past_it():
+    """Internal callers never pass such input; if one ever did, it must be an exception, not a crash or garbage."""
+    from aggregator.ranking import pool
+
+    if pool._kernel is None:
+        pytest.skip("the compiled kernel was not built (no C compiler)")
+    kernel = pool._kernel
+    plan = pool.QueryPlan(["key"], {"key": 0})
+    table = np.array([1], dtype=np.int32)
+    out = np.empty(1), np.empty(1)
+    with pytest.raises(ValueError, match="whole number of int32"):
+        kernel.score([b"\x00\x00\x00"], table, plan.qtf, b"\x01", None, 0.0, 0.0, plan.pair_index, plan.pair_qtf, 1.2, 0.75, *out)
+    with pytest.raises(ValueError):
+        kernel.score([b"\x00" * 4], table, plan.qtf, b"\x01", None, 0.0, 0.0, plan.pair_index, plan.pair_qtf, 1.2, 0.75, np.empty(2), np.empty(1))
+    passages = [[Passage("text", "", "d", source_score=0.5, source_rank=1)]]
+    outputs = (np.empty(1), bytearray(1), np.empty(1, np.int64), np.empty(1), np.empty(1, np.int64))
+    with pytest.raises(ValueError, match="out of range"):
+        kernel.fuse(np.zeros(1), array("q", [3]), passages, b"\x00", array("d", [1.0]), 3.0, 0.3, 0.5, *outputs)
+    with pytest.raises(ValueError, match="fewer passages"):
+        kernel.fuse(np.zeros(1), array("q", [0, 0]), passages, b"\x00", array("d", [1.0]), 3.0, 0.3, 0.5, np.empty(2), *outputs[1:])
+    with pytest.raises(TypeError):
+        kernel.fuse(np.zeros(1), array("q", [0]), [passages[0][0]], b"\x00", array("d", [1.0]), 3.0, 0.3, 0.5, *outputs)
