@@ -178,3 +178,16 @@ def test_the_status_page_shows_an_index_being_built():
     for text in ("120 docs, 4000 passages, 3.0 MiB on disk", "syncing: 40 of 100 documents, 9500 passages/s",
                  "this worker syncs it", "1 skipped (escape.md)"):  # fmt: skip
         assert text in page, text
+
+
+def test_a_service_without_the_compiled_kernel_says_so_at_start_and_still_ranks(folder: Path, caplog, monkeypatch):
+    from aggregator.ranking import pool
+
+    caplog.set_level(logging.WARNING, logger="aggregator")
+    monkeypatch.setattr(pool, "_kernel", None)
+    body = {"knowledge_id": "demo", "query": "rotate signing keys", "retrieval_setting": {"top_k": 3, "score_threshold": 0}}
+    with client_for(config_text(folder)) as client:
+        wait_ready(client)
+        records = client.post("/retrieval", json=body, headers={"Authorization": f"Bearer {KEY}"}).json()["records"]
+    assert records and records[0]["score"] > 0, "the numpy and Python path answers"
+    assert any("compiled kernel was not built" in r.getMessage() for r in caplog.records if r.name == "aggregator")
