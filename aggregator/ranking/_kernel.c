@@ -39,6 +39,33 @@ idf(double n, double df)
     return log1p((n - df + 0.5) / (df + 0.5));
 }
 
+/* How many of the pool's n passages hold a term (or pair), from its row of counts. */
+static double
+pool_frequency(const double *counts, Py_ssize_t n)
+{
+    double d = 0.0;
+    for (Py_ssize_t j = 0; j < n; j++)
+        d += counts[j] > 0.0;
+    return d;
+}
+
+/* Each passage's BM25 over m terms (or pairs): the sum of weight x saturated count, over `ceiling` (0 where
+ * the ceiling is not positive). counts: m rows of n; the arithmetic in the numpy reference's order. */
+static void
+saturated_sums(const double *counts, const double *weights, Py_ssize_t m, Py_ssize_t n, const double *lengths, double avgdl,
+               double k1, double b, double ceiling, double *out)
+{
+    for (Py_ssize_t j = 0; j < n; j++) {
+        double norm = k1 * (1.0 - b + b * lengths[j] / avgdl);
+        double sum = 0.0;
+        for (Py_ssize_t i = 0; i < m; i++) {
+            double f = counts[i * n + j];
+            sum += weights[i] * (f * (k1 + 1.0) / (f + norm));
+        }
+        out[j] = ceiling > 0.0 ? sum / ceiling : 0.0;
+    }
+}
+
 PyDoc_STRVAR(score_doc,
 "score(documents, table, qtf, known, df, passages, term_avgdl, pair_index, pair_qtf, k1, b, bm25, proximity)\n"
 "\n"
@@ -144,9 +171,7 @@ score(PyObject *self, PyObject *args)
             d = frequency[i];
             collection = passages > 1.0 ? passages : 1.0;
         } else {
-            d = 0.0;
-            for (Py_ssize_t j = 0; j < n; j++)
-                d += tf[i * n + j] > 0.0;
+            d = pool_frequency(tf + i * n, n);
             collection = (double)n;
         }
         weights[i] = q[i] * idf(collection, d);
@@ -157,41 +182,20 @@ score(PyObject *self, PyObject *args)
         if (!is_known[i])
             weights[i] = 0.0;
     }
-    for (Py_ssize_t j = 0; j < n; j++) {
-        double norm = k1 * (1.0 - b + b * lengths[j] / avgdl);
-        double sum = 0.0;
-        for (Py_ssize_t i = 0; i < k; i++) {
-            double f = tf[i * n + j];
-            sum += weights[i] * (f * (k1 + 1.0) / (f + norm));
-        }
-        out[j] = ceiling > 0.0 ? sum / ceiling : 0.0;
-    }
+    saturated_sums(tf, weights, k, n, lengths, avgdl, k1, b, ceiling, out);
 
     /* Proximity: pairs scored like terms, with the pool's own counts and average length. */
-    for (Py_ssize_t j = 0; j < n; j++)
-        near[j] = 0.0;
     if (pairs > 0 && hits > 1) {
         const double *pq = pair_qtf.buf;
         double pair_ceiling = 0.0;
         for (Py_ssize_t p = 0; p < pairs; p++) {
-            double d = 0.0;
-            for (Py_ssize_t j = 0; j < n; j++)
-                d += pair_tf[p * n + j] > 0.0;
-            pair_weights[p] = pq[p] * idf((double)n, d);
+            pair_weights[p] = pq[p] * idf((double)n, pool_frequency(pair_tf + p * n, n));
             pair_ceiling += pair_weights[p];
         }
-        pair_ceiling *= k1 + 1.0;
-        if (pair_ceiling > 0.0) {
-            for (Py_ssize_t j = 0; j < n; j++) {
-                double norm = k1 * (1.0 - b + b * lengths[j] / pool_avgdl);
-                double sum = 0.0;
-                for (Py_ssize_t p = 0; p < pairs; p++) {
-                    double f = pair_tf[p * n + j];
-                    sum += pair_weights[p] * (f * (k1 + 1.0) / (f + norm));
-                }
-                near[j] = sum / pair_ceiling;
-            }
-        }
+        saturated_sums(pair_tf, pair_weights, pairs, n, lengths, pool_avgdl, k1, b, pair_ceiling * (k1 + 1.0), near);
+    } else {
+        for (Py_ssize_t j = 0; j < n; j++)
+            near[j] = 0.0;
     }
     result = Py_NewRef(Py_None);
 
