@@ -359,17 +359,20 @@ class _Pool:
         for answer in answers[:-1]:
             self.starts.append(self.starts[-1] + len(answer.passages))
 
+    def _locate(self, i: int) -> tuple[Answer, int]:
+        """The answer passage `i` is in, and its place there."""
+        k = bisect_right(self.starts, i) - 1
+        return self.answers[k], i - self.starts[k]
+
     def answer_of(self, i: int) -> Answer:
-        return self.answers[bisect_right(self.starts, i) - 1]
+        return self._locate(i)[0]
 
     def passage(self, i: int) -> tuple[Answer, Passage]:
-        k = bisect_right(self.starts, i) - 1
-        answer = self.answers[k]
-        return answer, answer.passages[i - self.starts[k]]
+        answer, j = self._locate(i)
+        return answer, answer.passages[j]
 
     def candidate(self, i: int) -> Candidate:
-        k = bisect_right(self.starts, i) - 1
-        answer, j = self.answers[k], i - self.starts[k]
+        answer, j = self._locate(i)
         value = self.calibrated[i]
         metadata = answer.metadata[j] if answer.metadata is not None else None
         return Candidate(answer.passages[j], answer.source, answer.source_type, answer.weight, metadata, answer.scores, answer.indexed,
