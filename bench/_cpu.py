@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 from tests.loopback import free_port, stop  # noqa: E402
 
 KEY = "bench"
+FLOOR_LABEL = "this tree without its rerank (a sort on source scores: bench/_floor.py)"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 POOL = 1000
 THREADS = 8
@@ -126,7 +127,7 @@ class Target:
     """A server to measure: a label and how to start it on a port."""
 
     label: str
-    kind: str  # "gateway" or "bare"
+    kind: str  # "gateway", "floor" (the gateway without its rerank: bench/_floor.py) or "bare"
     tree: Path = ROOT  # the source tree a gateway runs from
     client: str = "aiohttp"  # bare only
     codec: str = "orjson"  # bare only
@@ -137,7 +138,8 @@ class Target:
             return [sys.executable, "-m", "bench._bare", "--port", str(port), "--client", self.client, "--json", self.codec, *urls]
         config = gateway_config(folder, urls, self.tree)
         workers = ["--workers", str(self.workers)] if self.workers > 1 else []
-        return [sys.executable, "-m", "aggregator", "serve", "--config", str(config), "--port", str(port), "--log-level", "warning", *workers]
+        module = "bench._floor" if self.kind == "floor" else "aggregator"
+        return [sys.executable, "-m", module, "serve", "--config", str(config), "--port", str(port), "--log-level", "warning", *workers]
 
     @contextlib.contextmanager
     def serve(self, urls: list[str], folder: Path) -> Iterator[tuple[int, subprocess.Popen]]:
@@ -334,6 +336,7 @@ RULES: tuple[tuple[str, str, frozenset[str] | None], ...] = (
     ("fan-out and HTTP client", "connectors/", None),
     *(("fan-out and HTTP client", f"{package}/", None) for package in ("aiohttp", "httpx", "httpcore", "httpx_aiohttp", "anyio", "h11", "yarl", "multidict", "aiohappyeyeballs", "idna", "ssl")),
     ("rerank, filter and records", "aggregator/pipeline.py", None),
+    ("rerank, filter and records", "bench/_floor.py", None),
     ("server: uvicorn, Starlette, FastAPI", "aggregator/api.py", None),
     *(("server: uvicorn, Starlette, FastAPI", f"{package}/", None) for package in ("uvicorn", "starlette", "fastapi", "httptools", "h11")),
 )
@@ -390,7 +393,8 @@ def profile(port: int, pid: int, requests: int, queries: list[str]) -> dict[str,
         return breakdown(out.read_text()) if out.exists() else None
 
 
-def run(requests: int = 2000, rounds: int = 3, baseline: str | None = None, all_clients: bool = False, profiled: bool = True) -> None:
+def run(requests: int = 2000, rounds: int = 3, baseline: str | None = None, all_clients: bool = False, profiled: bool = True,
+        floor: bool = False) -> None:  # fmt: skip
     from bench._cranfield import load
 
     _, cranfield, _ = load()
@@ -409,6 +413,8 @@ def run(requests: int = 2000, rounds: int = 3, baseline: str | None = None, all_
             tree = checkout(baseline, folder / "baseline")
             targets.append(Target(f"gateway at {baseline}", "gateway", tree=tree))
         targets.append(Target("gateway (this tree)", "gateway"))
+        if floor:
+            targets.append(Target(FLOOR_LABEL, "floor"))
         urls = stack.enter_context(pool_upstreams())
         servers = {t.label: stack.enter_context(t.serve(urls, folder)) for t in targets}
         for t in targets:  # warm up: connections, caches of passages seen before (the pool is seen many times over)
@@ -421,7 +427,7 @@ def run(requests: int = 2000, rounds: int = 3, baseline: str | None = None, all_
         shares = {}
         if profiled:
             for t in targets:
-                if t.kind == "gateway":
+                if t.kind != "bare":
                     port, process = servers[t.label]
                     shares[t.label] = profile(port, process.pid, max(2000, requests), queries)
 
@@ -429,7 +435,7 @@ def run(requests: int = 2000, rounds: int = 3, baseline: str | None = None, all_
         runs = sorted(b.cpu_ms for b in batches[label])
         return runs[len(runs) // 2]
 
-    floor = cpu_ms(reference.label)
+    unit = cpu_ms(reference.label)
     print("\n## CPU per retrieval: three `dify` upstreams on loopback, each answering 20 passages of ~800 characters")
     print(f"## from a pool of {POOL:,}; Cranfield queries from {THREADS} client threads; {requests:,} requests x {rounds} rounds\n")
     print("| server, same requests, same run | CPU ms per retrieval | ratio to the reference | requests/s | not a full 200 |")
@@ -438,7 +444,7 @@ def run(requests: int = 2000, rounds: int = 3, baseline: str | None = None, all_
         b = batches[t.label]
         rps = sum(x.requests for x in b) / sum(x.seconds for x in b)
         failed = sum(n for x in b for code, n in x.statuses.items() if code != 200)
-        print(f"| {t.label} | {cpu_ms(t.label):.2f} | {cpu_ms(t.label) / floor:.2f} | {rps:.0f} | {failed} |")
+        print(f"| {t.label} | {cpu_ms(t.label):.2f} | {cpu_ms(t.label) / unit:.2f} | {rps:.0f} | {failed} |")
     if not shares:
         return
     labels = [label for label, found in shares.items() if found]

@@ -2,7 +2,7 @@
 
     python -m bench.load [--seconds 60] [--clients 64]
     python -m bench.load --replicas [--seconds 20]
-    python -m bench.load --compare [--baseline REV] [--seconds 20] [--rounds 2] [--workers N]
+    python -m bench.load --compare [--baseline REV] [--seconds 20] [--rounds 2] [--workers N] [--floor]
 
 Reports non-200 answers (the goal is none), latency, throughput, and what the
 server process holds at the start and the end of the run (resident memory,
@@ -23,7 +23,8 @@ rounds (the order turning each round), and reports throughput, latency,
 non-200 answers, 200 answers missing a source (fast, but not the same
 answer), and the server's peak resident memory, with ratios. The load
 generator shares the machine: compare ratios from one run, not figures
-across runs.
+across runs. `--floor` adds this tree with its rerank replaced by a sort on
+the sources' scores (bench/_floor.py): what everything but the ranking costs.
 """
 
 from __future__ import annotations
@@ -147,7 +148,7 @@ def run_replicas(clients: int, seconds: float, queries: list[str], docs_folder: 
                       f"({sum(c['hit'] for c in cache):,} hits, {sum(c['coalesced'] for c in cache):,} coalesced)")  # fmt: skip
 
 
-def compare(clients: int, seconds: float, rounds: int, baseline: str | None, queries: list[str], workers: int = 1) -> None:
+def compare(clients: int, seconds: float, rounds: int, baseline: str | None, queries: list[str], workers: int = 1, floor: bool = False) -> None:
     """The bare fan-out, the gateway at `baseline` and this tree's, in turns, in front of the same upstreams.
 
     With `workers` > 1, this tree's gateway also as `serve --workers N` (a row of its own: not like for like
@@ -158,6 +159,8 @@ def compare(clients: int, seconds: float, rounds: int, baseline: str | None, que
         if baseline:
             targets.append(_cpu.Target(f"gateway at {baseline}", "gateway", tree=_cpu.checkout(baseline, folder / "baseline")))
         targets.append(_cpu.Target("gateway (this tree)", "gateway"))
+        if floor:
+            targets.append(_cpu.Target(_cpu.FLOOR_LABEL, "floor"))
         if workers > 1:
             targets.append(_cpu.Target(f"gateway (this tree), {workers} workers", "gateway", workers=workers))
         urls = stack.enter_context(_cpu.pool_upstreams())
@@ -182,7 +185,7 @@ def compare(clients: int, seconds: float, rounds: int, baseline: str | None, que
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for t in targets:
         label = t.label
-        compared = today is not None and t.kind == "gateway"
+        compared = today is not None and t.kind != "bare"
         p99_ratio = f"{mean(label, p99) / mean(today, p99):.2f}" if compared and today else ""
         rss_ratio = f"{mean(label, lambda r: r.peak_rss) / mean(today, lambda r: r.peak_rss):.2f}" if compared and today else ""
         print(f"| {label} | {sum(len(run.latencies) for run in runs[label]):,} | {mean(label, lambda r: r.rps):.0f} "
@@ -201,11 +204,12 @@ def main() -> int:
     parser.add_argument("--baseline", metavar="REV", help="with --compare: also the gateway at this commit (e.g. main)")
     parser.add_argument("--rounds", type=int, default=2, help="with --compare: rounds per server")
     parser.add_argument("--workers", type=int, default=1, help="with --compare: also this tree's gateway with N worker processes")
+    parser.add_argument("--floor", action="store_true", help="with --compare: also this tree with its rerank replaced by a sort (bench/_floor.py)")
     args = parser.parse_args()
     seconds = args.seconds or (20.0 if args.replicas or args.compare else 60.0)
     docs, queries, _ = load()
     if args.compare:
-        compare(args.clients, seconds, args.rounds, args.baseline, [q for _, q in queries], args.workers)
+        compare(args.clients, seconds, args.rounds, args.baseline, [q for _, q in queries], args.workers, args.floor)
         return 0
     with tempfile.TemporaryDirectory() as folder, upstreams(1, 0.02) as (healthy,):
         docs_folder = Path(folder) / "docs"
