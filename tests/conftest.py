@@ -114,11 +114,8 @@ def redis_server():  # type: ignore[no-untyped-def]
         server = RedisServer()
     except Unavailable as exc:
         pytest.skip(str(exc))
-    server.start()
-    try:
+    with server.running():
         yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Self
 
 from .loopback import free_port
 
@@ -52,7 +53,36 @@ def _wait_port(port: int, process: subprocess.Popen, what: str, timeout: float =
         time.sleep(0.05)
 
 
-class PostgresServer:
+class _ScratchServer:
+    """A server process with a temp folder of its own. `running()` starts it and always stops it and removes
+    the folder; `stop()` and `start()` in between restart it on the same port."""
+
+    folder: Path
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def first_start(self) -> None:
+        """What a new server does before it serves: start, unless it needs preparing first."""
+        self.start()
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[Self]:
+        try:
+            self.first_start()
+            yield self
+        finally:
+            self.close()
+
+
+class PostgresServer(_ScratchServer):
     """One cluster in a temp folder, listening on 127.0.0.1 only, trust authentication, no durability (tests)."""
 
     def __init__(self) -> None:
@@ -76,8 +106,10 @@ class PostgresServer:
         if result.returncode:
             raise RuntimeError(f"{command[0]} failed: {result.stdout[-1000:]}{result.stderr[-2000:]}")
 
-    def initialise(self) -> None:
+    def first_start(self) -> None:
+        """initdb, then start: a new cluster."""
         self._run(str(self.bin / "initdb"), "-D", str(self.data), "-U", self.user, "--auth=trust", "--no-locale", "-E", "UTF8", "--no-sync")
+        self.start()
 
     def start(self) -> None:
         """Start (or start again, on the same port and data) the server."""
@@ -121,23 +153,12 @@ class PostgresServer:
         self.sql(f'CREATE DATABASE "{name}"')
         return self.url(name)
 
-    def close(self) -> None:
-        self.stop()
-        shutil.rmtree(self.folder, ignore_errors=True)
+
+def postgres_server() -> contextlib.AbstractContextManager[PostgresServer]:
+    return PostgresServer().running()
 
 
-@contextlib.contextmanager
-def postgres_server() -> Iterator[PostgresServer]:
-    server = PostgresServer()
-    try:
-        server.initialise()
-        server.start()
-        yield server
-    finally:
-        server.close()
-
-
-class RedisServer:
+class RedisServer(_ScratchServer):
     """redis-server on 127.0.0.1, nothing saved to disk; `stop()` and `start()` again keep the port."""
 
     def __init__(self) -> None:
@@ -170,16 +191,6 @@ class RedisServer:
             connection.sendall(b"FLUSHALL\r\n")
             connection.recv(64)
 
-    def close(self) -> None:
-        self.stop()
-        shutil.rmtree(self.folder, ignore_errors=True)
 
-
-@contextlib.contextmanager
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer()
-    try:
-        server.start()
-        yield server
-    finally:
-        server.close()
+def redis_server() -> contextlib.AbstractContextManager[RedisServer]:
+    return RedisServer().running()

@@ -195,9 +195,7 @@ def test_identical_requests_in_flight_on_two_replicas_are_answered_once(tmp_path
 
 
 def test_redis_stopped_mid_run_leaves_both_answering_and_shared_state_comes_back(tmp_path: Path, pg_url: str, notion, upstream):  # type: ignore[no-untyped-def]
-    redis = RedisServer()
-    redis.start()
-    try:
+    with RedisServer().running() as redis:
         with replicas(tmp_path, pg=pg_url, redis=redis.url, notion_url=notion[1], upstream_url=upstream[1]) as both:
             (a, process_a), (b, _) = both
             assert documents(ask(a, "signing keys"))[0] == "p-keys"
@@ -219,8 +217,6 @@ def test_redis_stopped_mid_run_leaves_both_answering_and_shared_state_comes_back
             process_a.terminate()
             output = process_a.communicate(timeout=15)[0]
         assert "unreachable" in output and "reachable again: shared state resumed" in output
-    finally:
-        redis.close()
 
 
 def test_notion_requests_from_two_replicas_together_stay_under_three_a_second(tmp_path: Path, redis_url: str, upstream):  # type: ignore[no-untyped-def]
