@@ -88,9 +88,10 @@ def serve_cli(*args: str, env: dict[str, str] | None = None) -> Iterator[tuple[s
 
 
 def stop(process: subprocess.Popen, grace_s: float = 15.0) -> None:
-    """SIGTERM (a clean shutdown), then SIGKILL if it has not exited within `grace_s`."""
+    """SIGTERM (a clean shutdown), then SIGKILL if it has not exited within `grace_s` (and reaped)."""
     process.terminate()
     try:
         process.wait(grace_s)
     except subprocess.TimeoutExpired:
         process.kill()
+        process.wait(5)

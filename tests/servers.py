@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Self
 
-from .loopback import free_port
+from .loopback import free_port, stop as stop_process
 
 
 class Unavailable(RuntimeError):
@@ -129,12 +129,7 @@ class PostgresServer(_ScratchServer):
     def stop(self) -> None:
         process, self.process = self.process, None
         if process is not None and process.poll() is None:
-            process.terminate()  # smart shutdown would wait for clients; SIGTERM is "fast": disconnects them
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
+            stop_process(process, grace_s=20)  # SIGTERM is PostgreSQL's "fast" shutdown: it disconnects clients (smart would wait)
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://{self.user}@127.0.0.1:{self.port}/{database}"
