@@ -145,7 +145,10 @@ class Service:
     async def _save_samples_every(self, seconds: float) -> None:
         while True:
             await asyncio.sleep(seconds)
-            await asyncio.to_thread(self._save_samples)
+            try:
+                await asyncio.to_thread(self._save_samples)
+            except Exception:  # a bug must not end the saving for the rest of the process's life, unlogged
+                log.exception("rerank statistics not saved")
 
     # -- reload ------------------------------------------------------------------------------------
 

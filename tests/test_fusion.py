@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from array import array
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -207,6 +209,42 @@ def test_samples_survive_a_round_trip_and_refuse_another_tokenizer():
         load_samples(raw, {}, "2")
     with pytest.raises(ValueError):
         load_samples(raw[:20], {}, "1")
+
+
+def test_samples_are_saved_while_retrievals_keep_adding_to_them():
+    """The service saves the samples on a thread while the event loop goes on adding words and passages."""
+    import threading
+
+    from aggregator.ranking.statistics import dump_samples, load_samples
+
+    cache = TermCache()
+    for i in range(100_000):
+        cache.vocabulary[f"w{i}"] = i
+    sample = cache.sample("remote")
+    sample.observe(1, array("i", range(0, 100_000, 7)).tobytes())
+    failures: list[BaseException] = []
+    dumped: list[bytes] = []
+
+    def save() -> None:
+        try:
+            for _ in range(5):
+                dumped.append(dump_samples(cache.samples, cache.vocabulary, "1"))
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            failures.append(exc)
+
+    saver = threading.Thread(target=save)
+    saver.start()
+    mark = 2
+    while saver.is_alive():  # what retrievals do meanwhile: new words, new passages, new sources
+        word = f"new{mark}"
+        cache.vocabulary[word] = len(cache.vocabulary)
+        cache.sample(f"s{mark % 50}").observe(mark, array("i", [cache.vocabulary[word]]).tobytes())
+        sample.observe(mark, array("i", [mark % 1000]).tobytes())
+        mark += 1
+    saver.join()
+    assert not failures, failures
+    assert len(dumped) == 5
+    assert load_samples(dumped[-1], {}, "1")["remote"].passages >= 1
 
 
 async def test_the_service_keeps_its_samples_in_the_state_folder(tmp_path):

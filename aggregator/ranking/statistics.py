@@ -104,20 +104,26 @@ SAMPLES_FORMAT = 1
 
 
 def dump_samples(samples: dict[str, PassageSample], vocabulary: dict[str, int], tokenizer: str) -> bytes:
-    """The samples as compressed JSON, by term text (term ids belong to one process's vocabulary)."""
-    terms = {term_id: term for term, term_id in vocabulary.items()}
+    """The samples as compressed JSON, by term text (term ids belong to one process's vocabulary).
+
+    The service calls this on a thread while the event loop goes on adding words and passages: every
+    dict and set is first copied whole (one C call each, which no other thread interrupts), and only
+    the copies are iterated.
+    """
+    terms = {term_id: term for term, term_id in vocabulary.copy().items()}
+    copies = [(source, sample.passages, sample.total_length, dict(sample._df), sorted(sample._seen)) for source, sample in samples.copy().items()]
     data = {
         "format": SAMPLES_FORMAT,
         "tokenizer": tokenizer,
         "sources": {
             source: {
-                "passages": sample.passages,
-                "total_length": sample.total_length,
-                "df": {terms[i]: count for i, count in sample._df.items() if i in terms},
-                "seen": sorted(sample._seen),
+                "passages": passages,
+                "total_length": total_length,
+                "df": {terms[i]: count for i, count in df.items() if i in terms},
+                "seen": seen,
             }
-            for source, sample in samples.items()
-            if sample.passages
+            for source, passages, total_length, df, seen in copies
+            if passages
         },
     }
     return gzip.compress(json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode(), 6)
