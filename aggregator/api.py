@@ -38,7 +38,7 @@ from .ops.health import redact
 from .ops.tracing import Tracing
 from .cache import Answer, answered_by_all, serve_cached
 from .config import ApiKey, GatewayConfig
-from .models import ErrorBody, RetrievalRequest, RetrievalResponse
+from .models import RETRIEVAL_PATHS, ErrorBody, RetrievalRequest, RetrievalResponse
 from .pipeline import UnknownKnowledgeBase, retrieve
 from .runtime import Gateway
 from .service import Service
@@ -152,10 +152,6 @@ def ops_denied(request: Request, config: GatewayConfig) -> JSONResponse | None:
     if hmac.compare_digest(hashlib.sha256(presented.encode()).digest(), hashlib.sha256(token.get_secret_value().encode()).digest()):
         return None
     return error(403, 1002, "a valid ops token is required (Authorization: Bearer <ops_token>, or ?token=)")
-
-
-#: Where Dify posts its retrievals: `//retrieval` when its endpoint was saved with a trailing slash.
-RETRIEVAL_PATHS = frozenset({"/retrieval", "//retrieval"})
 
 
 class GatewayApp(FastAPI):

@@ -18,6 +18,9 @@ DEFAULT_TOP_K = 4
 MAX_QUERY_CHARS = 4000
 MAX_CONDITIONS = 64
 
+#: Where Dify posts its retrievals: `//retrieval` when its endpoint was saved with a trailing slash.
+RETRIEVAL_PATHS = frozenset({"/retrieval", "//retrieval"})
+
 
 def _names_as_list(value: Any) -> Any:
     """Dify 1.x sends `name` as a string; its API page documents a list. Both are a list here."""

@@ -80,13 +80,20 @@ def test_serve_answers_on_the_given_port_and_warns_about_the_dev_key(tmp_path: P
             headers={"Authorization": "Bearer dev-only-change-me"},
         )  # fmt: skip
         assert response.status_code == 200 and response.json()["records"][0]["title"] == "VPN setup"
+        slashed = httpx.post(  # Dify's path when its endpoint was saved with a trailing slash
+            url + "//retrieval",
+            json={"knowledge_id": "demo", "query": "VPN profile"},
+            headers={"Authorization": "Bearer dev-only-change-me"},
+        )  # fmt: skip
+        assert slashed.status_code == 200
         refused = httpx.post(url + "/retrieval", json={"knowledge_id": "demo", "query": "x"}, headers={"Authorization": "Bearer nope"})
         assert refused.status_code == 403
     output = server.stdout.read()
     assert "development default" in output and "WARNING" in output
     # one line per retrieval: the gateway's own; uvicorn's access line only where the gateway writes none
-    assert output.count("aggregator.access: retrieval") == 1
-    assert '"POST /retrieval HTTP/1.1" 200' not in output and '"POST /retrieval HTTP/1.1" 403' in output
+    assert output.count("aggregator.access: retrieval") == 2
+    assert '"POST /retrieval HTTP/1.1" 200' not in output and '"POST //retrieval HTTP/1.1" 200' not in output
+    assert '"POST /retrieval HTTP/1.1" 403' in output
     assert '"GET /readyz HTTP/1.1" 200' in output
 
 

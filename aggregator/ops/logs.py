@@ -7,6 +7,8 @@ import logging
 from datetime import datetime, timezone
 from typing import Any
 
+from ..models import RETRIEVAL_PATHS
+
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line; a record's `fields` (from `extra=`) become top-level keys."""
@@ -33,7 +35,7 @@ class RetrievalAccessLines(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args  # uvicorn's: (client, method, path with query, HTTP version, status)
-        if isinstance(args, tuple) and len(args) == 5 and args[1] == "POST" and args[2] == "/retrieval":
+        if isinstance(args, tuple) and len(args) == 5 and args[1] == "POST" and args[2] in RETRIEVAL_PATHS:
             return not (isinstance(args[4], int) and 200 <= args[4] < 300)
         return True
 
