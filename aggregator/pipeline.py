@@ -98,7 +98,7 @@ async def retrieve(gateway: Gateway, request: RetrievalRequest, explain: bool = 
             if accepts is not None:
                 keep = [accepts(m) for m in metadata]
                 if explain:
-                    removed += [Candidate(p, connector.name, connector.type, settings.weight, m, settings.scores)
+                    removed += [Candidate(p, connector.name, connector.type, settings.weight, m)
                                 for p, m, k in zip(passages, metadata, keep) if not k]  # fmt: skip
                 passages = [p for p, k in zip(passages, keep) if k]
                 metadata = [m for m, k in zip(metadata, keep) if k]

@@ -24,7 +24,7 @@ def sort_by_source_score(query: str, answers: Sequence[Answer], *args: Any, **kw
     flat = [(passage, answer) for answer in answers for passage in answer.passages]
     flat.sort(key=lambda pair: -(pair[0].source_score or 0.0))
     for passage, answer in flat:
-        candidate = Candidate(passage, answer.source, answer.source_type, answer.weight, None, answer.scores, answer.indexed, passage.source_score)
+        candidate = Candidate(passage, answer.source, answer.source_type, answer.weight, None, passage.source_score)
         yield Ranked(candidate, passage.source_score or 0.0, 0.0, 0.0, 0.0, "trusted", [candidate])
 
 

@@ -94,8 +94,6 @@ class Candidate:
     source_type: str
     weight: float = 1.0
     metadata: dict[str, Any] | None = None  # record metadata, when the pipeline built it
-    scores: ScoreUse = "auto"
-    indexed: bool = False
     calibrated: float | None = None  # this source's opinion on the gateway's scale (None: it gave none)
 
 
@@ -375,7 +373,7 @@ class _Pool:
         answer, j = self._locate(i)
         value = self.calibrated[i]
         metadata = answer.metadata[j] if answer.metadata is not None else None
-        return Candidate(answer.passages[j], answer.source, answer.source_type, answer.weight, metadata, answer.scores, answer.indexed,
+        return Candidate(answer.passages[j], answer.source, answer.source_type, answer.weight, metadata,
                          value if value >= 0.0 else None)  # fmt: skip
 
 
