@@ -236,19 +236,19 @@ def score_pool(
     table = cache.columns(plan.ids)
     try:
         scorer = _score_compiled if compiled and _kernel is not None else _score_numpy
-        bm25, proximity = scorer(plan, plan.ids, documents, table, params, statistics)
+        bm25, proximity = scorer(plan, documents, table, params, statistics)
     finally:
         cache.release(plan.ids)
     return PoolScores(bm25, proximity, len(plan.pair_qtf) > 0)
 
 
 def _score_compiled(
-    plan: QueryPlan, term_ids: list[int], documents: Sequence[bytes], table: np.ndarray, params: BM25Params,
+    plan: QueryPlan, documents: Sequence[bytes], table: np.ndarray, params: BM25Params,
     statistics: QueryStatistics | None,
 ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     n = len(documents)
     bm25, proximity = np.empty(n), np.empty(n)
-    known = bytes(term_id >= 0 for term_id in term_ids)
+    known = bytes(term_id >= 0 for term_id in plan.ids)
     if statistics is not None:
         df, passages, average = statistics.frequencies, statistics.passages, statistics.average_length
     else:
@@ -258,7 +258,7 @@ def _score_compiled(
 
 
 def _score_numpy(
-    plan: QueryPlan, term_ids: list[int], documents: Sequence[bytes], table: np.ndarray, params: BM25Params,
+    plan: QueryPlan, documents: Sequence[bytes], table: np.ndarray, params: BM25Params,
     statistics: QueryStatistics | None,
 ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     n, k = len(documents), len(plan.terms)
@@ -279,7 +279,7 @@ def _score_numpy(
     else:
         weights = np.asarray(plan.qtf) * _idf(n, np.count_nonzero(tfs, axis=1).astype(np.float64))
     ceiling = float(weights.sum()) * (params.k1 + 1)
-    weights[np.asarray(term_ids) < 0] = 0.0  # an unknown word counts in the ceiling, and nowhere else
+    weights[np.asarray(plan.ids) < 0] = 0.0  # an unknown word counts in the ceiling, and nowhere else
     bm25 = weights @ _saturated(tfs, _length_norm(lengths, term_avgdl, params), params)
 
     proximity = zeros
