@@ -90,6 +90,8 @@ class RemoteConnector(Connector):
 
 def raw_score(value: Any) -> float | None:
     """The source's score exactly as it gave it (never clamped or rescaled); None when not a finite number."""
+    if type(value) is float and value - value == 0.0:  # the usual case, first: a finite float (inf - inf and NaN are NaN)
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
     return float(value)

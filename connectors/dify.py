@@ -99,9 +99,6 @@ def parse_records(data: DifyAnswer | Any, what: str) -> list[Passage]:
             document_id = metadata.get("path") or metadata.get("url") or (title if isinstance(title, str) and title else f"record-{position}")
         chunk_index = metadata.get("chunk_index", 0)
         updated = metadata.get("updated_at")
-        score = record.score
-        if type(score) is not float or score - score != 0.0:  # a finite float is kept as it is; the rest judged
-            score = raw_score(score)
         # Positional: a third of the cost of keywords, for every record of every answer (order of `Passage`'s fields).
         passages.append(Passage(
             content,
@@ -110,7 +107,7 @@ def parse_records(data: DifyAnswer | Any, what: str) -> list[Passage]:
             chunk_index if isinstance(chunk_index, int) else 0,
             metadata,
             updated if isinstance(updated, str) else None,
-            score,
+            raw_score(record.score),
             position + 1,
         ))  # fmt: skip
     return passages
