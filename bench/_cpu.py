@@ -224,15 +224,21 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
-def tree_rss_mib(pid: int) -> float:
-    """Resident memory of a process and its children (the workers of `serve --workers N`)."""
-    total = rss_mib(pid)
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (the workers of `serve --workers N`, and helpers such as
+    multiprocessing's resource tracker), from /proc."""
+    found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             with contextlib.suppress(OSError, IndexError, ValueError):
                 if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    total += rss_mib(int(entry.name))
-    return total
+                    found.append(int(entry.name))
+    return found
+
+
+def tree_rss_mib(pid: int) -> float:
+    """Resident memory of a process and its children."""
+    return rss_mib(pid) + sum(rss_mib(child) for child in children(pid))
 
 
 @dataclass

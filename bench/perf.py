@@ -31,7 +31,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench._cpu import hammer, pct  # noqa: E402
+from bench._cpu import children, hammer, pct  # noqa: E402
 from tests.loopback import free_port, wait_ready  # noqa: E402
 
 KEY = "bench"
@@ -169,22 +169,26 @@ def rerank_times() -> None:
               f"| {statistics.median(okapi):.2f} |")
 
 
-def _corpus_folder(root: Path, passages: int) -> None:
-    """`passages` paragraphs of about 1,000 characters of Cranfield sentences, 10 per file: one passage each."""
+def _paragraphs(count: int) -> Iterator[str]:
+    """`count` paragraphs of about 1,000 characters of Cranfield sentences, the same ones on every call."""
     from bench._cranfield import load
 
     docs, _, _ = load()
     sentences = [s.strip() for d in docs for s in d.body.split(" . ") if len(s.split()) > 4]
     rng = random.Random(11)
+    for _ in range(count):
+        text = ""
+        while len(text) < 950:
+            text += rng.choice(sentences) + ". "
+        yield text.strip()
+
+
+def _corpus_folder(root: Path, passages: int) -> None:
+    """`passages` paragraphs (`_paragraphs`), 10 per file: one passage each."""
     per_file = 10
+    paragraphs = list(_paragraphs(passages // per_file * per_file))
     for f in range(passages // per_file):
-        paragraphs = []
-        for _ in range(per_file):
-            text = ""
-            while len(text) < 950:
-                text += rng.choice(sentences) + ". "
-            paragraphs.append(text.strip())
-        (root / f"doc{f:06}.txt").write_text("\n\n".join(paragraphs))
+        (root / f"doc{f:06}.txt").write_text("\n\n".join(paragraphs[f * per_file : (f + 1) * per_file]))
 
 
 def _queries() -> list[str]:
@@ -202,15 +206,13 @@ def _pss_kib(pid: int) -> int:
 
 
 def _workers_of(pid: int) -> list[int]:
-    children = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                cmdline = (entry / "cmdline").read_bytes()
-                if int(fields[1]) == pid and b"resource_tracker" not in cmdline:
-                    children.append(int(entry.name))
-    return children or [pid]
+    """The worker processes of `serve` (itself when it has none), multiprocessing's resource tracker left out."""
+    workers = []
+    for child in children(pid):
+        with contextlib.suppress(OSError):
+            if b"resource_tracker" not in Path(f"/proc/{child}/cmdline").read_bytes():
+                workers.append(child)
+    return workers or [pid]
 
 
 def _serve_memory(config: Path, workers: int, queries: list[str]) -> tuple[float, int, float]:
@@ -311,7 +313,6 @@ def index_scale(passages: int) -> None:
         build, restart, lag, times, count, rate = asyncio.run(build_and_restart())
         disk = sum(p.stat().st_size for p in (state / "big").iterdir()) / 2**20
 
-        config = Path(folder) / "connectors.yaml"
         empty = Path(folder) / "empty"
         empty.mkdir()
         for target, name in ((root, "full"), (empty, "empty")):
@@ -319,7 +320,6 @@ def index_scale(passages: int) -> None:
                 f"server:\n  api_keys: [{{key: {KEY}}}]\n  watch_config: false\n  state_dir: {state}\n"
                 f"knowledge_bases:\n  kb: {{connectors: [big]}}\nconnectors:\n  big: {{type: files, path: {target}, watch: false}}\n"
             )
-        del config
         served = {}
         for name in ("empty", "full"):
             if name == "empty":
@@ -350,18 +350,8 @@ def index_scale(passages: int) -> None:
 def _engine_corpus(passages: int) -> tuple[list[list[str]], list[list[str]]]:
     """Pre-tokenized passages (as `_corpus_folder` writes them) and pre-tokenized queries."""
     from aggregator.text.tokenize import tokenize
-    from bench._cranfield import load
 
-    docs, _, _ = load()
-    sentences = [s.strip() for d in docs for s in d.body.split(" . ") if len(s.split()) > 4]
-    rng = random.Random(11)
-    corpus = []
-    for _ in range(passages):
-        text = ""
-        while len(text) < 950:
-            text += rng.choice(sentences) + ". "
-        corpus.append(tokenize(text))
-    return corpus, [tokenize(q) for q in _queries()]
+    return [tokenize(text) for text in _paragraphs(passages)], [tokenize(q) for q in _queries()]
 
 
 def _agreement(reference: list[list[tuple[int, float]]], found: list[list[tuple[int, float]]]) -> tuple[float, float]:

@@ -11,7 +11,6 @@ on loopback (tests/servers.py).
 from __future__ import annotations
 
 import asyncio
-import statistics
 import sys
 import tempfile
 import time
@@ -23,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 from aggregator.state import LocalBackend, SyncStatus  # noqa: E402
 from aggregator.state.postgres import PostgresBackend  # noqa: E402
 from aggregator.text.tokenize import tokenize  # noqa: E402
+from bench._cpu import pct  # noqa: E402
 from bench._cranfield import load  # noqa: E402
 from connectors._indexed import Document, prepare_documents  # noqa: E402
 from tests.servers import postgres_server  # noqa: E402
@@ -56,7 +56,7 @@ async def compare(url: str, folder: Path) -> None:
             t = time.perf_counter()
             await store.asearch(query, 20)
             times.append((time.perf_counter() - t) * 1000)
-        print(f"| {name} | {statistics.median(times):.2f} | {sorted(times)[int(0.95 * len(times))]:.2f} |")
+        print(f"| {name} | {pct(times, 0.5):.2f} | {pct(times, 0.95):.2f} |")
     same_order, worst = 0, 0.0
     for query in terms:
         a, b = local.search(query, 10), await shared.asearch(query, 10)
