@@ -6,8 +6,10 @@ their metadata, records), and the objects of requests still in flight when
 it runs are promoted to older generations, whose full collections walk every
 object of the process: about 100,000 after start-up, 40 ms each. Measured on
 `bench/perf.py --only cpu`'s load, collections took about 6 % of the
-server's CPU. So a serving process freezes what start-up built (it lives as
-long as the process and need never be walked again) and collects its
+server's CPU. So a serving process freezes what exists before it starts
+serving (the imported modules and the app, which live as long as the process
+and need never be walked again; the gateway the app builds at its start-up
+is not frozen) and collects its
 youngest generation every 20,000 allocations: about 8 % less CPU per
 retrieval, for at most a few megabytes of garbage awaiting collection.
 """
