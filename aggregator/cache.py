@@ -61,12 +61,15 @@ class Answer:
     complete: bool = True  # no source failed: kept for `ttl_s`; otherwise only shared with waiting duplicates
 
     def dump(self) -> bytes:
-        return json.dumps({"sources": self.sources}).encode() + b"\n" + self.body
+        return json.dumps({"sources": self.sources, "complete": self.complete}).encode() + b"\n" + self.body
 
     @classmethod
     def load(cls, data: bytes) -> "Answer":
+        """An entry without `complete` was written by a replica of an older version, during a rolling upgrade:
+        read as complete, as that version read it (its partial answers stay in Redis a fraction of a second)."""
         head, _, body = data.partition(b"\n")
-        return cls(body, json.loads(head)["sources"])
+        described = json.loads(head)
+        return cls(body, described["sources"], bool(described.get("complete", True)))
 
 
 def answered_by_all(sources: Sequence[Any]) -> bool:
@@ -121,7 +124,8 @@ class ResponseCache:
         if self.shared is not None:
             claimed = await self._claim(key, wait_s)
             if claimed is not None:
-                self._put(key, claimed[0])
+                if claimed[0].complete:  # a partial one was for the duplicates waiting for it, this one among them
+                    self._put(key, claimed[0])
                 return self._count(None, *claimed)
         return await self._compute(key, compute)
 

@@ -1,15 +1,21 @@
-"""The response cache in one process (no Redis): Dify's retries and identical requests answered once, exactly."""
+"""The response cache: Dify's retries and identical requests answered once, exactly; in one process through the
+API, and (at the end) as two replicas sharing one real Redis see it, through two `ResponseCache`s."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 import time
+from collections.abc import AsyncIterator, Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 
 from aggregator.api import create_app
+from aggregator.cache import POLL_S, Answer, ResponseCache
+from aggregator.shared.redis import SharedState
 
 from .conftest import KEY, make_config, write_docs
 from .fakes.dify import FakeUpstream
@@ -108,3 +114,50 @@ def test_the_shared_stores_urls_are_shown_without_their_passwords(tmp_path: Path
     assert {"pg-s3cret", "redis-s3cret"} <= set(config.secrets()), "scrubbed from every message like any secret"
     described = PostgresBackend(config.server.state_url).describe()["url"] + SharedState(config.server.redis_url).describe()["url"]
     assert "s3cret" not in described and "db:5432/gateway" in described and "cache:6379/3" in described
+
+
+# -- two replicas sharing one Redis: two ResponseCaches, each with its own connection ----------------------
+
+
+@contextlib.asynccontextmanager
+async def replica_caches(redis_url: str, count: int = 2, ttl_s: float = 5.0) -> AsyncIterator[list[ResponseCache]]:
+    states = [SharedState(redis_url, f"replica-{i}") for i in range(count)]
+    try:
+        for state in states:
+            await state.start()
+        yield [ResponseCache(ttl_s, state) for state in states]
+    finally:
+        for state in states:
+            await state.aclose()
+
+
+class Source:
+    """A retrieval's computation that takes `seconds` and counts how often it ran."""
+
+    def __init__(self, answer: Answer, seconds: float = 0.3) -> None:
+        self.answer, self.seconds, self.runs = answer, seconds, 0
+
+    async def __call__(self) -> tuple[str, Answer]:
+        self.runs += 1
+        await asyncio.sleep(self.seconds)
+        return "response", self.answer
+
+
+async def later(seconds: float, call: Awaitable[tuple]) -> tuple:
+    await asyncio.sleep(seconds)
+    return await call
+
+
+async def test_a_partial_answer_from_another_replica_is_given_to_its_waiting_duplicate_and_kept_by_neither(redis_url: str):
+    partial = Answer(b'{"records": []}', "docs=ok;partner=error", complete=False)
+    source = Source(partial)
+    async with replica_caches(redis_url) as (a, b):
+        first, waiting = await asyncio.gather(a.answer("k", source, 2.0), later(0.1, b.answer("k", source, 2.0)))
+        assert (first[2], waiting[2]) == ("miss", "coalesced") and source.runs == 1
+        assert waiting[1] == partial, "the waiting replica got the answer as it was, incomplete"
+        outcomes = []
+        for cache in (b, a):
+            await asyncio.sleep(POLL_S * 4 + 0.1)  # Dify's retry, after the partial answer left Redis
+            outcomes.append((await cache.answer("k", source, 2.0))[2])
+    assert outcomes == ["miss", "miss"], "a later retry asks the sources again, on either replica"
+    assert source.runs == 3
