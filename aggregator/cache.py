@@ -121,18 +121,23 @@ class ResponseCache:
             answer = await asyncio.shield(running)
             if answer is not None:
                 return self._count(None, answer, "coalesced")
-        if self.shared is not None:
-            claimed = await self._claim(key, wait_s)
-            if claimed is not None:
-                if claimed[0].complete:  # a partial one was for the duplicates waiting for it, this one among them
-                    self._put(key, claimed[0])
-                return self._count(None, *claimed)
-        return await self._compute(key, compute)
-
-    async def _compute(self, key: str, compute: Callable[[], Awaitable[tuple[Any, Answer | None]]]) -> tuple[Any, Answer | None, str]:
-        loop = asyncio.get_running_loop()
-        result: asyncio.Future[Answer | None] = loop.create_future()
+        # From here this request answers for the process: identical ones arriving meanwhile wait for `result`,
+        # also while it looks in Redis for another replica's answer. Every way out below settles `result`.
+        result: asyncio.Future[Answer | None] = asyncio.get_running_loop().create_future()
         self._inflight[key] = result
+        if self.shared is not None:
+            try:
+                claimed = await self._claim(key, wait_s)
+            except BaseException:
+                self._settle(key, result, None)  # those waiting answer themselves
+                raise
+            if claimed is not None:
+                self._settle(key, result, claimed[0])  # a partial one was for the duplicates waiting for it only
+                return self._count(None, *claimed)
+        return await self._compute(key, result, compute)
+
+    async def _compute(self, key: str, result: asyncio.Future[Answer | None],
+                       compute: Callable[[], Awaitable[tuple[Any, Answer | None]]]) -> tuple[Any, Answer | None, str]:  # fmt: skip
         task = asyncio.ensure_future(compute())  # its own task: the first client giving up does not cancel it
         try:
             response, answer = await asyncio.shield(task)
@@ -146,14 +151,19 @@ class ResponseCache:
         return self._count(response, answer, "miss")
 
     def _finish(self, key: str, result: asyncio.Future[Answer | None], answer: Answer | None) -> None:
+        """An answer computed here: to those waiting in this process, the process cache and the other replicas."""
+        self._settle(key, result, answer)
+        if self.shared is not None:
+            self._publish(key, answer)
+
+    def _settle(self, key: str, result: asyncio.Future[Answer | None], answer: Answer | None) -> None:
+        """`answer` (None: there is none, ask again) to the duplicates waiting in this process; kept if complete."""
         if self._inflight.get(key) is result:
             del self._inflight[key]
         if not result.done():
             result.set_result(answer)
         if answer is not None and answer.complete:
             self._put(key, answer)
-        if self.shared is not None:
-            self._publish(key, answer)
 
     def _count(self, response: Any, answer: Answer | None, outcome: str) -> tuple[Any, Answer | None, str]:
         self.counts[outcome] += 1

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import re
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -161,3 +162,37 @@ async def test_a_partial_answer_from_another_replica_is_given_to_its_waiting_dup
             outcomes.append((await cache.answer("k", source, 2.0))[2])
     assert outcomes == ["miss", "miss"], "a later retry asks the sources again, on either replica"
     assert source.runs == 3
+
+
+async def commands(cache: ResponseCache) -> Counter[str]:
+    """How many times each command was run on the cache's Redis so far."""
+    assert cache.shared is not None and cache.shared.client is not None
+    stats = await cache.shared.client.info("commandstats")
+    return Counter({name.removeprefix("cmdstat_"): counts["calls"] for name, counts in stats.items()})
+
+
+async def test_identical_requests_together_in_one_process_wait_for_the_local_answer_not_on_redis(redis_url: str):
+    source = Source(Answer(b'{"records": []}', "docs=ok"))
+    async with replica_caches(redis_url, count=1) as (cache,):
+        before = await commands(cache)
+        answers = await asyncio.gather(cache.answer("k", source, 2.0), cache.answer("k", source, 2.0))
+        ran = await commands(cache) - before
+    assert [outcome for _, _, outcome in answers] == ["miss", "coalesced"] and source.runs == 1
+    assert answers[0][1] == answers[1][1]
+    assert ran["eval"] == 1, "one claim in Redis"
+    assert ran["get"] <= ran["eval"], "no polling for an answer computed in this process (a script's own GET may count)"
+
+
+async def test_a_duplicate_waiting_on_a_request_that_gave_up_looks_for_the_answer_itself(redis_url: str):
+    source = Source(Answer(b'{"records": []}', "docs=ok"), seconds=0.5)
+    async with replica_caches(redis_url) as (a, b):
+        computing = asyncio.ensure_future(b.answer("k", source, 2.0))
+        await asyncio.sleep(0.05)
+        gives_up = asyncio.ensure_future(a.answer("k", source, 2.0))  # polls Redis for b's answer
+        await asyncio.sleep(0.05)
+        duplicate = asyncio.ensure_future(a.answer("k", source, 2.0))  # waits for the one above, in process
+        await asyncio.sleep(0.05)
+        gives_up.cancel()  # its client went away
+        async with asyncio.timeout(2):
+            (_, answer, outcome), computed = await duplicate, await computing
+    assert gives_up.cancelled() and outcome == "coalesced" and answer == computed[1] and source.runs == 1
