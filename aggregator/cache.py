@@ -207,8 +207,11 @@ class ResponseCache:
         value = await self.shared.run(lambda r: r.eval(_CLAIM, 1, redis_key, pending_ms))
         if value is None or value == b"won":
             return None
+        if value != _PENDING:
+            found = Answer.load(value)
+            # A partial answer stays in Redis only for the replicas that were waiting for it: this one was not.
+            return (found, "hit") if found.complete else None
         deadline = time.monotonic() + wait_s
-        outcome = "hit"
         while value == _PENDING:
             if time.monotonic() > deadline:
                 return None
@@ -216,8 +219,7 @@ class ResponseCache:
             value = await self.shared.run(lambda r: r.get(redis_key))
             if value is None:
                 return None  # the other replica could not answer (or Redis went away): answer here
-            outcome = "coalesced"
-        return Answer.load(value), outcome
+        return Answer.load(value), "coalesced"
 
     def _publish(self, key: str, answer: Answer | None) -> None:
         shared = self.shared

@@ -196,3 +196,14 @@ async def test_a_duplicate_waiting_on_a_request_that_gave_up_looks_for_the_answe
         async with asyncio.timeout(2):
             (_, answer, outcome), computed = await duplicate, await computing
     assert gives_up.cancelled() and outcome == "coalesced" and answer == computed[1] and source.runs == 1
+
+
+async def test_a_request_arriving_just_after_another_replicas_partial_answer_asks_the_sources_again(redis_url: str):
+    source = Source(Answer(b'{"records": []}', "docs=ok;partner=error", complete=False), seconds=0.05)
+    async with replica_caches(redis_url) as (a, b):
+        assert (await a.answer("k", source, 2.0))[2] == "miss"
+        assert a.shared is not None
+        while await a.shared.client.get(a._redis_key("k")) == b"pending":  # until the answer is published
+            await asyncio.sleep(0.005)
+        outcome = (await b.answer("k", source, 2.0))[2]  # within the moment it stays for the replicas waiting
+    assert outcome == "miss" and source.runs == 2, "it was not waiting for that answer: it is a later one"
