@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -191,3 +192,23 @@ def test_a_service_without_the_compiled_kernel_says_so_at_start_and_still_ranks(
         records = client.post("/retrieval", json=body, headers={"Authorization": f"Bearer {KEY}"}).json()["records"]
     assert records and records[0]["score"] > 0, "the numpy and Python path answers"
     assert any("compiled kernel was not built" in r.getMessage() for r in caplog.records if r.name == "aggregator")
+
+
+def test_what_other_replicas_see_of_this_one_is_what_its_status_says(folder: Path, redis_url: str):
+    with client_for(config_text(folder, f"  redis_url: {redis_url}")) as client:
+        wait_ready(client)
+        ask(client)
+        service = client.app.state.service
+        deadline = time.monotonic() + 5
+        while not client.portal.call(service.peers.current):  # until this replica's summary went through Redis
+            assert time.monotonic() < deadline, "no exchange with Redis"
+            time.sleep(0.05)
+        status = client.get("/status").json()
+        summary = json.loads(json.dumps(client.portal.call(service.summary)))
+    assert summary["config_version"] == status["config_version"]
+    fields = ("state", "calls", "latency_ms", "last_success", "last_error", "circuit")
+    shown = {s["name"]: {**{k: s[k] for k in fields}, "syncer": (s["index"] or {}).get("syncer")} for s in status["sources"]}
+    assert summary["sources"] == shown and shown["docs"]["syncer"] is True and shown["partner"]["last_error"]
+    for source in status["sources"]:
+        [mine] = [view for view in source["replicas"] if view["replica"] == status["replica"]]
+        assert {k: v for k, v in mine.items() if k not in ("replica", "updated")} == summary["sources"][source["name"]]
