@@ -231,9 +231,9 @@ class Service:
 
     def record_cached(self, knowledge_id: str, request_id: str, outcome: str, elapsed_s: float) -> None:
         """Count a retrieval's cache outcome; one answered from the cache (no source called) gets its log line here."""
-        self.metrics.cache.labels(outcome).inc()
-        if outcome == "miss":
-            return  # record() wrote its line
+        self.metrics.observe_cache(outcome)
+        if outcome == "miss" or not access_log.isEnabledFor(logging.INFO):
+            return  # a miss: record() wrote its line; otherwise the fields are built only for a line that is written
         trace_id = current_trace_id()
         fields = {"event": "retrieval", "request_id": request_id, "trace_id": trace_id, "knowledge_id": knowledge_id,
                   "cache": outcome, "ms": round(elapsed_s * 1000, 1)}  # fmt: skip

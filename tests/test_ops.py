@@ -164,6 +164,20 @@ def test_one_log_line_per_retrieval_without_the_query_unless_asked(folder: Path,
     assert line.fields["query"] == "a very private question about keys"
 
 
+def test_a_retrieval_answered_from_the_cache_has_its_own_line_when_the_access_log_is_on(folder: Path, caplog):
+    text = config_text(folder).replace("connectors: [docs, partner]", "connectors: [docs]")  # every answer complete: kept
+    caplog.set_level(logging.INFO, logger="aggregator.access")
+    with client_for(text) as client:
+        wait_ready(client)
+        ask(client)
+        ask(client)
+        caplog.set_level(logging.WARNING, logger="aggregator.access")
+        ask(client)
+        metrics = client.get("/metrics").text
+    first, hit = [r for r in caplog.records if r.name == "aggregator.access"]
+    assert "sources" in first.fields and hit.fields["cache"] == "hit" and "cache=hit" in hit.getMessage()
+    assert 'gateway_response_cache_total{outcome="hit"} 2.0' in metrics and 'outcome="coalesced"' not in metrics, "a count per outcome seen"
+
 def test_the_status_page_shows_an_index_being_built():
     from aggregator.ops import statuspage
 
