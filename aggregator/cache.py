@@ -61,12 +61,15 @@ class Answer:
     complete: bool = True  # no source failed: kept for `ttl_s`; otherwise only shared with waiting duplicates
 
     def dump(self) -> bytes:
-        return json.dumps({"sources": self.sources}).encode() + b"\n" + self.body
+        return json.dumps({"sources": self.sources, "complete": self.complete}).encode() + b"\n" + self.body
 
     @classmethod
     def load(cls, data: bytes) -> "Answer":
+        """An entry without `complete` was written by a replica of an older version, during a rolling upgrade:
+        read as complete, as that version read it (its partial answers stay in Redis a fraction of a second)."""
         head, _, body = data.partition(b"\n")
-        return cls(body, json.loads(head)["sources"])
+        described = json.loads(head)
+        return cls(body, described["sources"], bool(described.get("complete", True)))
 
 
 def answered_by_all(sources: Sequence[Any]) -> bool:
@@ -118,17 +121,23 @@ class ResponseCache:
             answer = await asyncio.shield(running)
             if answer is not None:
                 return self._count(None, answer, "coalesced")
-        if self.shared is not None:
-            claimed = await self._claim(key, wait_s)
-            if claimed is not None:
-                self._put(key, claimed[0])
-                return self._count(None, *claimed)
-        return await self._compute(key, compute)
-
-    async def _compute(self, key: str, compute: Callable[[], Awaitable[tuple[Any, Answer | None]]]) -> tuple[Any, Answer | None, str]:
-        loop = asyncio.get_running_loop()
-        result: asyncio.Future[Answer | None] = loop.create_future()
+        # From here this request answers for the process: identical ones arriving meanwhile wait for `result`,
+        # also while it looks in Redis for another replica's answer. Every way out below settles `result`.
+        result: asyncio.Future[Answer | None] = asyncio.get_running_loop().create_future()
         self._inflight[key] = result
+        if self.shared is not None:
+            try:
+                claimed = await self._claim(key, wait_s)
+            except BaseException:
+                self._settle(key, result, None)  # those waiting answer themselves
+                raise
+            if claimed is not None:
+                self._settle(key, result, claimed[0])  # a partial one was for the duplicates waiting for it only
+                return self._count(None, *claimed)
+        return await self._compute(key, result, compute)
+
+    async def _compute(self, key: str, result: asyncio.Future[Answer | None],
+                       compute: Callable[[], Awaitable[tuple[Any, Answer | None]]]) -> tuple[Any, Answer | None, str]:  # fmt: skip
         task = asyncio.ensure_future(compute())  # its own task: the first client giving up does not cancel it
         try:
             response, answer = await asyncio.shield(task)
@@ -142,14 +151,19 @@ class ResponseCache:
         return self._count(response, answer, "miss")
 
     def _finish(self, key: str, result: asyncio.Future[Answer | None], answer: Answer | None) -> None:
+        """An answer computed here: to those waiting in this process, the process cache and the other replicas."""
+        self._settle(key, result, answer)
+        if self.shared is not None:
+            self._publish(key, answer)
+
+    def _settle(self, key: str, result: asyncio.Future[Answer | None], answer: Answer | None) -> None:
+        """`answer` (None: there is none, ask again) to the duplicates waiting in this process; kept if complete."""
         if self._inflight.get(key) is result:
             del self._inflight[key]
         if not result.done():
             result.set_result(answer)
         if answer is not None and answer.complete:
             self._put(key, answer)
-        if self.shared is not None:
-            self._publish(key, answer)
 
     def _count(self, response: Any, answer: Answer | None, outcome: str) -> tuple[Any, Answer | None, str]:
         self.counts[outcome] += 1
@@ -193,8 +207,11 @@ class ResponseCache:
         value = await self.shared.run(lambda r: r.eval(_CLAIM, 1, redis_key, pending_ms))
         if value is None or value == b"won":
             return None
+        if value != _PENDING:
+            found = Answer.load(value)
+            # A partial answer stays in Redis only for the replicas that were waiting for it: this one was not.
+            return (found, "hit") if found.complete else None
         deadline = time.monotonic() + wait_s
-        outcome = "hit"
         while value == _PENDING:
             if time.monotonic() > deadline:
                 return None
@@ -202,8 +219,7 @@ class ResponseCache:
             value = await self.shared.run(lambda r: r.get(redis_key))
             if value is None:
                 return None  # the other replica could not answer (or Redis went away): answer here
-            outcome = "coalesced"
-        return Answer.load(value), outcome
+        return Answer.load(value), "coalesced"
 
     def _publish(self, key: str, answer: Answer | None) -> None:
         shared = self.shared

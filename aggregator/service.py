@@ -21,7 +21,7 @@ from typing import Any
 
 from .cache import ResponseCache
 from .config import DEV_API_KEY, ConfigError, GatewayConfig, load_config
-from .ops.health import HealthRecorder, ReloadRecord, now_iso, redact
+from .ops.health import HealthRecorder, ReloadRecord, now_iso, redact, summary_of
 from .ops.history import iso
 from .ops.metrics import Metrics, SharedView
 from .ops.tracing import Tracing, annotate, current_trace_id
@@ -234,9 +234,9 @@ class Service:
 
     def record_cached(self, knowledge_id: str, request_id: str, outcome: str, elapsed_s: float) -> None:
         """Count a retrieval's cache outcome; one answered from the cache (no source called) gets its log line here."""
-        self.metrics.cache.labels(outcome).inc()
-        if outcome == "miss":
-            return  # record() wrote its line
+        self.metrics.observe_cache(outcome)
+        if outcome == "miss" or not access_log.isEnabledFor(logging.INFO):
+            return  # a miss: record() wrote its line; otherwise the fields are built only for a line that is written
         trace_id = current_trace_id()
         fields = {"event": "retrieval", "request_id": request_id, "trace_id": trace_id, "knowledge_id": knowledge_id,
                   "cache": outcome, "ms": round(elapsed_s * 1000, 1)}  # fmt: skip
@@ -244,23 +244,22 @@ class Service:
                         knowledge_id, outcome, elapsed_s * 1000, extra={"fields": fields})  # fmt: skip
 
     def _sources(self, gateway: Gateway) -> list[dict[str, Any]]:
-        config = gateway.config
-        used = {name for kb in config.knowledge_bases.values() for name in kb.connectors}
-        secrets = config.secrets()
+        used = _used(gateway)
         now = self.health.clock()
         return [
-            self.health.source(name, slot.connector.type).snapshot(slot, name in used, secrets, now)
+            self.health.source(name, slot.connector.type).snapshot(slot, name in used, gateway.secrets, now)
             for name, slot in gateway.slots.items()
         ]
 
     def summary(self) -> dict[str, Any]:
-        """This replica's recent health per source, as the other replicas show it (no history: it is large)."""
+        """This replica's recent health per source, as the other replicas show it (no history: it is large).
+        `Peers` asks for it every second: only what it keeps is computed."""
         gateway = self.gateway
         if gateway is None:
             return {"sources": {}}
-        kept = ("state", "calls", "latency_ms", "last_success", "last_error", "circuit")
+        used = _used(gateway)
         return {"config_version": gateway.config.version, "sources": {
-            s["name"]: {**{k: s[k] for k in kept}, "syncer": (s["index"] or {}).get("syncer")} for s in self._sources(gateway)
+            name: self.health.source(name, slot.connector.type).summary(slot, name in used) for name, slot in gateway.slots.items()
         }}  # fmt: skip
 
     def status(self) -> dict[str, Any]:
@@ -271,7 +270,9 @@ class Service:
         sources = self._sources(gateway)
         replica = self.shared.replica if self.shared is not None else replica_name()
         peers = self.peers.current() if self.peers is not None else {}
-        mine = {"replica": replica, "at": time.time(), **self.summary()} if peers else None
+        # summary(), from the snapshots just taken
+        mine = {"replica": replica, "at": time.time(), "config_version": config.version,
+                "sources": {s["name"]: summary_of(s) for s in sources}} if peers else None  # fmt: skip
         everyone = {**peers, replica: mine} if mine else {}
         for source in sources:  # each replica's view of each source, this one's fresh
             source["replicas"] = [
@@ -298,3 +299,8 @@ class Service:
             "knowledge_bases": {kb_id: kb.connectors for kb_id, kb in config.knowledge_bases.items()},
             "sources": sources,
         }
+
+
+def _used(gateway: Gateway) -> set[str]:
+    """The sources some knowledge base asks (the others are `disabled`)."""
+    return {name for kb in gateway.config.knowledge_bases.values() for name in kb.connectors}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -163,6 +164,20 @@ def test_one_log_line_per_retrieval_without_the_query_unless_asked(folder: Path,
     assert line.fields["query"] == "a very private question about keys"
 
 
+def test_a_retrieval_answered_from_the_cache_has_its_own_line_when_the_access_log_is_on(folder: Path, caplog):
+    text = config_text(folder).replace("connectors: [docs, partner]", "connectors: [docs]")  # every answer complete: kept
+    caplog.set_level(logging.INFO, logger="aggregator.access")
+    with client_for(text) as client:
+        wait_ready(client)
+        ask(client)
+        ask(client)
+        caplog.set_level(logging.WARNING, logger="aggregator.access")
+        ask(client)
+        metrics = client.get("/metrics").text
+    first, hit = [r for r in caplog.records if r.name == "aggregator.access"]
+    assert "sources" in first.fields and hit.fields["cache"] == "hit" and "cache=hit" in hit.getMessage()
+    assert 'gateway_response_cache_total{outcome="hit"} 2.0' in metrics and 'outcome="coalesced"' not in metrics, "a count per outcome seen"
+
 def test_the_status_page_shows_an_index_being_built():
     from aggregator.ops import statuspage
 
@@ -191,3 +206,23 @@ def test_a_service_without_the_compiled_kernel_says_so_at_start_and_still_ranks(
         records = client.post("/retrieval", json=body, headers={"Authorization": f"Bearer {KEY}"}).json()["records"]
     assert records and records[0]["score"] > 0, "the numpy and Python path answers"
     assert any("compiled kernel was not built" in r.getMessage() for r in caplog.records if r.name == "aggregator")
+
+
+def test_what_other_replicas_see_of_this_one_is_what_its_status_says(folder: Path, redis_url: str):
+    with client_for(config_text(folder, f"  redis_url: {redis_url}")) as client:
+        wait_ready(client)
+        ask(client)
+        service = client.app.state.service
+        deadline = time.monotonic() + 5
+        while not client.portal.call(service.peers.current):  # until this replica's summary went through Redis
+            assert time.monotonic() < deadline, "no exchange with Redis"
+            time.sleep(0.05)
+        status = client.get("/status").json()
+        summary = json.loads(json.dumps(client.portal.call(service.summary)))
+    assert summary["config_version"] == status["config_version"]
+    fields = ("state", "calls", "latency_ms", "last_success", "last_error", "circuit")
+    shown = {s["name"]: {**{k: s[k] for k in fields}, "syncer": (s["index"] or {}).get("syncer")} for s in status["sources"]}
+    assert summary["sources"] == shown and shown["docs"]["syncer"] is True and shown["partner"]["last_error"]
+    for source in status["sources"]:
+        [mine] = [view for view in source["replicas"] if view["replica"] == status["replica"]]
+        assert {k: v for k, v in mine.items() if k not in ("replica", "updated")} == summary["sources"][source["name"]]

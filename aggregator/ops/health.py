@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from connectors.base import SourceStats
+
 from ..fanout import OUTCOMES, SourceResult, SourceSlot
 from .history import History, iso
 
@@ -87,8 +89,8 @@ class SourceHealth:
             self.consecutive_failures = 0
             self.last_success_at = at
 
-    def state(self, slot: SourceSlot | None, used: bool) -> str:
-        stats = slot.connector.stats() if slot else None
+    def state(self, slot: SourceSlot | None, used: bool, stats: SourceStats | None) -> str:
+        """`stats`: the slot's connector.stats(), read once by the caller."""
         sync_error = stats.last_refresh_error if stats else None
         if not used:
             return "disabled"
@@ -102,26 +104,34 @@ class SourceHealth:
             return "degraded"
         return "ok"
 
+    def summary(self, slot: SourceSlot | None, used: bool) -> dict[str, Any]:
+        """What other replicas show of this one (`Peers`, every second): `summary_of(snapshot)`, with only those
+        fields computed (no hour of history, no index details, no secrets to scrub)."""
+        stats = slot.connector.stats() if slot else None
+        return {
+            "state": self.state(slot, used, stats),
+            "calls": self._calls(),
+            "latency_ms": self._latency(),
+            "last_success": _iso_or_none(self.last_success_at),
+            "last_error": self._last_error(),
+            "circuit": _circuit(slot),
+            "syncer": None if stats is None else stats.syncer,
+        }
+
     def snapshot(self, slot: SourceSlot | None, used: bool, secrets: Iterable[str], now: float | None = None) -> dict[str, Any]:
         secrets = list(secrets)
-        window = list(self.latencies_ms)
         stats = slot.connector.stats() if slot else None
-        breaker = slot.breaker if slot else None
         return {
             "name": self.name,
             "type": self.source_type,
-            "state": self.state(slot, used),
+            "state": self.state(slot, used, stats),
             "ready": slot.connector.ready if slot else None,
             "last_success": _iso_or_none(self.last_success_at),
-            "last_error": {"at": _iso_or_none(self.last_error_at), "message": self.last_error} if self.last_error else None,
-            "latency_ms": {"p50": percentile(window, 0.5), "p95": percentile(window, 0.95), "window": len(window)},
-            "calls": {outcome: self.calls.get(outcome, 0) for outcome in OUTCOMES},
+            "last_error": self._last_error(),
+            "latency_ms": self._latency(),
+            "calls": self._calls(),
             "history": self.history.snapshot(time.time() if now is None else now),
-            "circuit": None if breaker is None else {
-                "state": breaker.state,
-                "consecutive_failures": breaker.consecutive_failures,
-                "next_trial_in_s": None if breaker.seconds_until_trial() is None else round(breaker.seconds_until_trial() or 0.0, 1),
-            },
+            "circuit": _circuit(slot),
             "index": None if stats is None else {
                 "documents": stats.documents,
                 "passages": stats.passages,
@@ -136,6 +146,37 @@ class SourceHealth:
                 "syncer": stats.syncer,
             },
         }  # fmt: skip
+
+    def _last_error(self) -> dict[str, Any] | None:
+        return {"at": _iso_or_none(self.last_error_at), "message": self.last_error} if self.last_error else None
+
+    def _latency(self) -> dict[str, Any]:
+        window = list(self.latencies_ms)
+        return {"p50": percentile(window, 0.5), "p95": percentile(window, 0.95), "window": len(window)}
+
+    def _calls(self) -> dict[str, int]:
+        return {outcome: self.calls.get(outcome, 0) for outcome in OUTCOMES}
+
+
+#: The fields of a snapshot that other replicas show (`SourceHealth.summary`), with the index's `syncer`.
+SUMMARY_FIELDS = ("state", "calls", "latency_ms", "last_success", "last_error", "circuit")
+
+
+def summary_of(snapshot: dict[str, Any]) -> dict[str, Any]:
+    """`SourceHealth.summary()` out of a snapshot already taken (/status has one)."""
+    return {**{k: snapshot[k] for k in SUMMARY_FIELDS}, "syncer": (snapshot["index"] or {}).get("syncer")}
+
+
+def _circuit(slot: SourceSlot | None) -> dict[str, Any] | None:
+    breaker = slot.breaker if slot else None
+    if breaker is None:
+        return None
+    until_trial = breaker.seconds_until_trial()
+    return {
+        "state": breaker.state,
+        "consecutive_failures": breaker.consecutive_failures,
+        "next_trial_in_s": None if until_trial is None else round(until_trial or 0.0, 1),
+    }
 
 
 @dataclass

@@ -89,6 +89,7 @@ class Metrics:
         self._calls: dict[tuple[str, str], Any] = {}
         self._latencies: dict[str, Any] = {}
         self._statuses: dict[int, Any] = {}
+        self._cache_outcomes: dict[str, Any] = {}
 
     def observe_sources(self, results: list[SourceResult]) -> None:
         calls, latencies = self._calls, self._latencies
@@ -110,6 +111,12 @@ class Metrics:
             counter = self._statuses[status] = self.requests.labels(str(status))
         counter.inc()
         self.request_latency.observe(seconds)
+
+    def observe_cache(self, outcome: str) -> None:
+        counter = self._cache_outcomes.get(outcome)
+        if counter is None:
+            counter = self._cache_outcomes[outcome] = self.cache.labels(outcome)
+        counter.inc()
 
     def render(self) -> tuple[bytes, str]:
         """The text exposition. With several workers, counters and histograms are summed over all of them
