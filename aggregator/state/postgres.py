@@ -345,11 +345,16 @@ class PostgresStore(IndexStore):
             return True
 
     def _ensure_row(self, connection: "psycopg.Connection[Any]") -> int:
-        connection.execute(
-            "INSERT INTO gw_stores (source, fingerprint) VALUES (%s, %s) ON CONFLICT (source, fingerprint) DO NOTHING",
-            (self.source, self.fingerprint),
-        )
-        row = connection.execute("SELECT id FROM gw_stores WHERE source = %s AND fingerprint = %s", (self.source, self.fingerprint)).fetchone()
+        """The store's row id, creating the row if missing. Looked up first: an INSERT, even one that conflicts,
+        takes a number from the id sequence, and every replica that does not sync comes here each second."""
+        select = "SELECT id FROM gw_stores WHERE source = %s AND fingerprint = %s"
+        row = connection.execute(select, (self.source, self.fingerprint)).fetchone()
+        if row is None:
+            connection.execute(
+                "INSERT INTO gw_stores (source, fingerprint) VALUES (%s, %s) ON CONFLICT (source, fingerprint) DO NOTHING",
+                (self.source, self.fingerprint),
+            )
+            row = connection.execute(select, (self.source, self.fingerprint)).fetchone()
         assert row is not None
         return int(row[0])
 
