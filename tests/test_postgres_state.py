@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import random
 
 import psycopg
@@ -152,6 +153,17 @@ async def test_asking_for_a_held_lock_uses_no_store_ids(pg_url: str):
     finally:
         await first.aclose()
         await second.aclose()
+
+
+async def test_the_syncer_is_named_as_its_peers_name_it(pg_url: str, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("AGGREGATOR_REPLICA", "gateway-7")
+    backend = await started(pg_url, "")
+    try:
+        store, _ = await lead(backend)
+        await backend._poll_once()
+        assert store.syncer == f"gateway-7/{os.getpid()}", "the replica's name from $AGGREGATOR_REPLICA, as in /status"
+    finally:
+        await backend.aclose()
 
 
 async def test_the_schema_is_created_once_versioned_and_a_newer_one_refused(pg_url: str, postgres, caplog: pytest.LogCaptureFixture):  # type: ignore[no-untyped-def]

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aggregator.ranking.bm25 import B, K1, idf
+from aggregator.shared.redis import replica_name  # the name alone: redis-py is not imported
 from aggregator.tasks import cancel_and_wait
 
 from .base import (
@@ -158,7 +159,7 @@ class PostgresBackend(StateBackend):
 
     def __init__(self, url: str, replica: str = "") -> None:
         self.url = url
-        self.replica = replica or f"{os.uname().nodename}/{os.getpid()}"
+        self.replica = replica or replica_name()
         self.stores: dict[tuple[str, str], PostgresStore] = {}
         self.schema_version: int | None = None  # set once the schema is known to be current
         self.reachable = False
