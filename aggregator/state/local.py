@@ -433,12 +433,6 @@ class LocalStore(IndexStore):
             view.bytes_on_disk = self._writer.bytes_on_disk
         return StoreInfo(view.documents, view.passages, view.bytes_on_disk, view.synced_once, view.status)
 
-    @property
-    def valid(self) -> bool:
-        """True when what is stored belongs to these settings (so it may be served)."""
-        self.refresh()
-        return self._view.valid
-
 
 class LocalWriter(IndexWriter):
     """The syncer's connection. Validates (or discards) the store when it opens."""
