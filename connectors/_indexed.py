@@ -324,7 +324,7 @@ class IndexedConnector(Connector):
         status = self._status
         removed = sorted(d for d in stored if d not in versions)
         stale = sorted(d for d, v in versions.items() if stored.get(d) != v)
-        status.syncing, status.done, status.total, status.started_at = True, 0, len(stale), now_iso()
+        status.syncing, status.done, status.total = True, 0, len(stale)
         status.skipped, status.skipped_paths = self._skipped[0], self._skipped[1][:SKIPPED_NAMES_SHOWN]
         chunk_chars = self.settings.chunk_chars or 1500
         pending: list[PreparedDocument] = []

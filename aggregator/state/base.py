@@ -80,7 +80,6 @@ class SyncStatus:
     syncing: bool = False
     done: int = 0  # documents fetched in the sync running now
     total: int = 0  # documents that sync has to fetch
-    started_at: str | None = None
     passages_per_s: float | None = None  # rate of the last sync that indexed something
     last_sync: str | None = None
     last_error: str | None = None
@@ -93,6 +92,7 @@ class SyncStatus:
 
     @classmethod
     def from_json(cls, text: str | None) -> "SyncStatus":
+        """Fields it no longer has (`started_at`, saved by earlier versions) are ignored."""
         try:
             data = json.loads(text or "{}")
             return cls(**{k: data[k] for k in cls.__slots__ if k in data})  # type: ignore[attr-defined]
