@@ -88,7 +88,8 @@ def _meta(connection: sqlite3.Connection) -> dict[str, str]:
     return dict(connection.execute("SELECT key, value FROM meta").fetchall())
 
 
-def _folder_bytes(folder: Path) -> int:
+def folder_bytes(folder: Path) -> int:
+    """Bytes of the files in a store's folder (for /status and `aggregator gc`); 0 if it is gone."""
     total = 0
     with contextlib.suppress(FileNotFoundError):
         for entry in os.scandir(folder):
@@ -284,7 +285,7 @@ class LocalStore(IndexStore):
         self._opened = opened
         avgdl = view.total_length / view.passages if view.passages else 1.0
         view.norms = [(K1 * (1 - B) + (K1 * B / (avgdl or 1.0)) * s.lengths).astype(np.float32) for s in view.segments]
-        view.bytes_on_disk = _folder_bytes(self.folder)
+        view.bytes_on_disk = folder_bytes(self.folder)
         self._set_view(view)
         self._warned = False
 
@@ -444,7 +445,7 @@ class LocalWriter(IndexWriter):
         self._connection = self._open_checked()
         self._versions = dict(self._connection.execute("SELECT doc_id, version FROM documents").fetchall())
         self._vocabulary = dict(self._connection.execute("SELECT term, id FROM terms").fetchall())
-        self.bytes_on_disk = _folder_bytes(self.folder)
+        self.bytes_on_disk = folder_bytes(self.folder)
 
     # -- opening, checking, discarding -------------------------------------------------------------
 
@@ -595,7 +596,7 @@ class LocalWriter(IndexWriter):
             self._versions.pop(document_id, None)
         for document in documents:
             self._versions[document.document_id] = document.version
-        self.bytes_on_disk = _folder_bytes(self.folder)
+        self.bytes_on_disk = folder_bytes(self.folder)
 
     def _delete(self, connection: sqlite3.Connection, document_ids: Sequence[str]) -> tuple[int, int, int]:
         """Remove documents and mark their passages dead in their segments; (passages, length, documents) removed."""
@@ -624,7 +625,7 @@ class LocalWriter(IndexWriter):
                 "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", [("status", status.to_json()), ("synced_once", "1")]
             )
         self._merge_if_needed()
-        self.bytes_on_disk = _folder_bytes(self.folder)
+        self.bytes_on_disk = folder_bytes(self.folder)
 
     def _merge_if_needed(self) -> None:
         connection = self._connection
@@ -670,10 +671,6 @@ def unused_stores(root: Path, in_use: set[str]) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and (p / DB_NAME).exists() and p.name not in in_use)
-
-
-def folder_bytes(folder: Path) -> int:
-    return _folder_bytes(folder)
 
 
 def remove_store(folder: Path) -> bool:
