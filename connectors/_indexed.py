@@ -28,7 +28,6 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -44,7 +43,7 @@ from aggregator.text.tokenize import tokenize
 
 from .base import (
     Connector, ConnectorSettings, Passage, RateLimited, SourceError, SourceQuery, SourceStats, TermStatistics, Unavailable,
-    record_metadata,
+    now_iso, record_metadata,
 )  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -76,14 +75,6 @@ class Document:
     version: str
     updated_at: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
-
-
-def iso_utc(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, tz=timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def now_iso() -> str:
-    return iso_utc(time.time())
 
 
 class IndexedConnector(Connector):

@@ -26,8 +26,8 @@ from pydantic import Field, field_validator
 
 from aggregator.tasks import cancel_and_wait
 
-from .base import SourceError
-from ._indexed import Document, IndexedConnector, IndexedSettings, iso_utc
+from .base import SourceError, iso_utc
+from ._indexed import Document, IndexedConnector, IndexedSettings
 
 log = logging.getLogger(__name__)
 
