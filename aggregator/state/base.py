@@ -18,6 +18,7 @@ An `IndexStore` is used from two sides:
 from __future__ import annotations
 
 import abc
+import functools
 import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
@@ -36,6 +37,7 @@ _PROBE = (
 ) * 3
 
 
+@functools.cache  # a fixed text through the code of this process: the same answer every time
 def analysis_fingerprint() -> str:
     """What the tokenizer and the splitter make of a fixed text: a change in either discards stored indexes."""
     probe = {"tokenizer": TOKENIZER_VERSION, "terms": tokenize(_PROBE), "passages": split_passages(_PROBE, 200)}
