@@ -21,10 +21,12 @@ import abc
 import functools
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from aggregator.ranking.bm25 import K1, idf
 from aggregator.text.chunking import split_passages
 from aggregator.text.tokenize import TOKENIZER_VERSION, tokenize
 
@@ -48,6 +50,24 @@ def settings_fingerprint(settings: Mapping[str, Any]) -> str:
     """One string for the settings that shape an index, the analysis and the store format."""
     described = {"format": STORE_FORMAT, "analysis": analysis_fingerprint(), "settings": settings}
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def query_weights(terms: Sequence[str], passages: int, lookup: Callable[[str], tuple[int, int]]) -> tuple[list[int], list[float], float]:
+    """Term ids and weights (qtf * idf) of the query's terms present in the collection, and the query's ceiling
+    (every term's weight * (k1 + 1), absent ones too), which scores are divided by. `lookup(term)` gives the
+    term's (id, document frequency), (0, 0) when the collection lacks it. One copy for every store, so that
+    they rank alike (aggregator/ranking/bm25.py)."""
+    ids: list[int] = []
+    weights: list[float] = []
+    ceiling = 0.0
+    for term, qtf in Counter(terms).items():
+        term_id, df = lookup(term)
+        weight = qtf * idf(passages, df)
+        ceiling += weight * (K1 + 1)
+        if df:
+            ids.append(term_id)
+            weights.append(weight)
+    return ids, weights, ceiling
 
 
 @dataclass(slots=True)

@@ -28,16 +28,15 @@ import logging
 import os
 import sqlite3
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from aggregator.ranking.bm25 import K1, B, idf
+from aggregator.ranking.bm25 import K1, B
 
 from . import segments as seg
-from .base import IndexStore, IndexWriter, PreparedDocument, StateBackend, StoreInfo, StoredPassage, SyncStatus
+from .base import IndexStore, IndexWriter, PreparedDocument, StateBackend, StoreInfo, StoredPassage, SyncStatus, query_weights
 
 log = logging.getLogger("aggregator.state")
 
@@ -333,16 +332,14 @@ class LocalStore(IndexStore):
         if not terms or limit <= 0 or n == 0 or not view.segments:
             return []
         ids = self._lookup_terms(terms)
-        ceiling = 0.0
-        weights: list[tuple[int, float]] = []
-        for term, qtf in Counter(terms).items():
-            df = self._frequency(ids[term]) if term in ids else 0
-            weight = qtf * idf(n, df)
-            ceiling += weight * (K1 + 1)
-            if df:
-                weights.append((ids[term], weight))
-        if not weights or ceiling <= 0:
+
+        def known(term: str) -> tuple[int, int]:
+            return (ids[term], self._frequency(ids[term])) if term in ids else (0, 0)
+
+        term_ids, term_weights, ceiling = query_weights(terms, n, known)
+        if not term_ids or ceiling <= 0:
             return []
+        weights = list(zip(term_ids, term_weights))
         found_scores, found_ties, found_pids = [], [], []
         for segment, live, dead, norm in zip(view.segments, view.live, view.dead_count, view.norms):
             scores = None

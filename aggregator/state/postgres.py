@@ -42,12 +42,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from aggregator.ranking.bm25 import B, K1, idf
+from aggregator.ranking.bm25 import B, K1
 from aggregator.shared.redis import replica_name  # the name alone: redis-py is not imported
 from aggregator.tasks import cancel_and_wait
 
 from .base import (
     IndexStore, IndexWriter, PreparedDocument, StateBackend, StoreInfo, StoredPassage, StoreUnavailable, SyncStatus,
+    query_weights,
 )  # fmt: skip
 from .local import tie_key
 
@@ -440,19 +441,6 @@ class PostgresStore(IndexStore):
         """The replica that last took the sync lock."""
         return self._snap.syncer
 
-    def _weights(self, terms: Sequence[str]) -> tuple[list[int], list[float], float]:
-        """Term ids and weights (qtf * idf) of the query's terms present in the collection, and the query's ceiling."""
-        snap = self._snap
-        ids, weights, ceiling = [], [], 0.0
-        for term, qtf in Counter(terms).items():
-            term_id, df = snap.terms.get(term, (0, 0))
-            weight = qtf * idf(snap.passages, df)
-            ceiling += weight * (K1 + 1)
-            if df:
-                ids.append(term_id)
-                weights.append(weight)
-        return ids, weights, ceiling
-
     def search(
         self, terms: Sequence[str], limit: int, accept: Callable[[StoredPassage], bool] | None = None
     ) -> list[StoredPassage]:
@@ -464,7 +452,8 @@ class PostgresStore(IndexStore):
         snap = self._snap
         if not terms or limit <= 0 or snap.passages == 0 or snap.store_id is None:
             return []
-        ids, weights, ceiling = self._weights(terms)
+        known = snap.terms
+        ids, weights, ceiling = query_weights(terms, snap.passages, lambda term: known.get(term, (0, 0)))
         if not ids or ceiling <= 0:
             return []
         pool = self.backend._pool
