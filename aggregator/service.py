@@ -19,10 +19,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from connectors.base import iso_utc, now_iso
+
 from .cache import ResponseCache
 from .config import DEV_API_KEY, ConfigError, GatewayConfig, load_config
-from .ops.health import HealthRecorder, ReloadRecord, now_iso, redact, summary_of
-from .ops.history import iso
+from .ops.health import HealthRecorder, ReloadRecord, redact, summary_of
 from .ops.metrics import Metrics, SharedView
 from .ops.tracing import Tracing, annotate, current_trace_id
 from .pipeline import RetrievalResult
@@ -276,7 +277,7 @@ class Service:
         everyone = {**peers, replica: mine} if mine else {}
         for source in sources:  # each replica's view of each source, this one's fresh
             source["replicas"] = [
-                {"replica": name, "updated": iso(seen["at"]), **seen["sources"][source["name"]]}
+                {"replica": name, "updated": iso_utc(seen["at"]), **seen["sources"][source["name"]]}
                 for name, seen in sorted(everyone.items()) if source["name"] in seen.get("sources", {})
             ]  # fmt: skip
         reload = self.health.last_reload

@@ -28,7 +28,6 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -44,7 +43,7 @@ from aggregator.text.tokenize import tokenize
 
 from .base import (
     Connector, ConnectorSettings, Passage, RateLimited, SourceError, SourceQuery, SourceStats, TermStatistics, Unavailable,
-    record_metadata,
+    now_iso, record_metadata,
 )  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -55,6 +54,9 @@ LEAD_POLL_S = 1.0
 #: A sync commits when this many passages are waiting, or when COMMIT_EVERY_S has passed since its last commit.
 COMMIT_PASSAGES = 5_000
 COMMIT_EVERY_S = 2.0
+#: How long the syncer waits before opening a store that failed to open (busy, a full disk) again, at most
+#: (refresh_s when shorter): long enough not to fill the log with the same error, short enough that it mends soon.
+OPEN_RETRY_S = 60.0
 #: Names of skipped documents kept for /status (the count is always whole).
 SKIPPED_NAMES_SHOWN = 100
 
@@ -73,14 +75,6 @@ class Document:
     version: str
     updated_at: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
-
-
-def iso_utc(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, tz=timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def now_iso() -> str:
-    return iso_utc(time.time())
 
 
 class IndexedConnector(Connector):
@@ -245,21 +239,29 @@ class IndexedConnector(Connector):
             published = store.info()
             self._status = published.status if published.synced_once else SyncStatus()
             self._status.syncing = False
-            try:
-                writer = await self._blocking(store.open_writer)
-            except Exception:
-                log.exception("source %s: cannot open its index store", self.name)
-                self._status.last_error, self._status.last_outcome = "the index store cannot be opened (see the log)", "error"
-                self._first_attempt.set()
-                if store.leading:
-                    return
+            writer = await self._open_writer(store)
+            if writer is None:  # a shared store's connection died on the way: ask for the lead again
                 await asyncio.sleep(LEAD_POLL_S)
-                continue  # a shared store's connection died on the way: ask for the lead again
+                continue
             if not watching:
                 self.on_lead()
                 watching = True
             await self._sync_while_leading(store, writer)
             log.warning("source %s: no longer syncs it (the store's lock was lost); asking for it again", self.name)
+
+    async def _open_writer(self, store: IndexStore) -> Any | None:
+        """The store's writer, or None if the lead was lost on the way. While the lock stays here no other
+        process takes over, so a store that fails to open (busy, a full disk) is tried again until it opens."""
+        while True:
+            try:
+                return await self._blocking(store.open_writer)
+            except Exception:
+                log.exception("source %s: cannot open its index store", self.name)
+                self._status.last_error, self._status.last_outcome = "the index store cannot be opened (see the log)", "error"
+                self._first_attempt.set()
+                if not store.leading:
+                    return None
+                await self._pause(min(self.settings.refresh_s, OPEN_RETRY_S))
 
     async def _sync_while_leading(self, store: IndexStore, writer: Any) -> None:
         while store.leading:
@@ -292,9 +294,13 @@ class IndexedConnector(Connector):
                     await self._blocking(writer.finish, status)
             if not store.leading:
                 return
-            self._wake.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), wait)
+            await self._pause(wait)
+
+    async def _pause(self, seconds: float) -> None:
+        """Wait `seconds`, or less if `trigger_refresh()` asks for a sync now."""
+        self._wake.clear()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
 
     # -- syncing ---------------------------------------------------------------------------------
 
@@ -309,7 +315,7 @@ class IndexedConnector(Connector):
         status = self._status
         removed = sorted(d for d in stored if d not in versions)
         stale = sorted(d for d, v in versions.items() if stored.get(d) != v)
-        status.syncing, status.done, status.total, status.started_at = True, 0, len(stale), now_iso()
+        status.syncing, status.done, status.total = True, 0, len(stale)
         status.skipped, status.skipped_paths = self._skipped[0], self._skipped[1][:SKIPPED_NAMES_SHOWN]
         chunk_chars = self.settings.chunk_chars or 1500
         pending: list[PreparedDocument] = []

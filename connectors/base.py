@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import time
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -31,6 +33,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
     from aggregator.state import StateBackend
+
+
+def iso_utc(timestamp: float) -> str:
+    """Unix time as UTC ISO 8601 to the second: how a source's times, and every time in /status, are written."""
+    return datetime.fromtimestamp(timestamp, tz=timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def now_iso() -> str:
+    return iso_utc(time.time())
 
 
 class CircuitSettings(BaseModel):

@@ -26,8 +26,8 @@ from pydantic import Field, field_validator
 
 from aggregator.tasks import cancel_and_wait
 
-from .base import SourceError
-from ._indexed import Document, IndexedConnector, IndexedSettings, iso_utc
+from .base import SourceError, iso_utc
+from ._indexed import Document, IndexedConnector, IndexedSettings
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class FilesConnector(IndexedConnector):
                 try:
                     if not path.is_file():
                         continue
-                    if not self.settings.follow_symlinks and not self._inside(path, real_root):
+                    if not self.settings.follow_symlinks and self._inside(path, real_root) is None:
                         outside.append(relative)
                         continue
                     stat = path.stat()
@@ -131,8 +131,10 @@ class FilesConnector(IndexedConnector):
         return found
 
     @staticmethod
-    def _inside(path: Path, real_root: Path) -> bool:
-        return path.resolve().is_relative_to(real_root)
+    def _inside(path: Path, real_root: Path) -> Path | None:
+        """The real path of `path` if it lies in the folder (whose real path is `real_root`), else None."""
+        real = path.resolve()
+        return real if real.is_relative_to(real_root) else None
 
     def _excluded(self, relative: str) -> bool:
         """`exclude` globs match the relative path; `*` may span folders, so `drafts/*` drops a whole tree."""
@@ -141,14 +143,16 @@ class FilesConnector(IndexedConnector):
     async def list_versions(self) -> dict[str, str]:
         return await asyncio.to_thread(self._scan)
 
-    def _read(self, relative: str) -> Document | None:
+    def _read(self, relative: str, real_root: Path | None = None) -> Document | None:
+        """One file; `real_root` is the folder's real path (a batch resolves it once; None: resolved here)."""
         path = self.settings.path / relative
         try:
             if not self.settings.follow_symlinks:
                 # Checked again at reading time: the file may have become a link since the scan.
-                path = path.resolve()
-                if not path.is_relative_to(self.settings.path.resolve()):
+                inside = self._inside(path, real_root or self.settings.path.resolve())
+                if inside is None:
                     return None
+                path = inside
             with open(path, "rb") as handle:
                 stat = os.fstat(handle.fileno())
                 if stat.st_size > self.settings.max_file_bytes:
@@ -175,9 +179,10 @@ class FilesConnector(IndexedConnector):
 
     def _read_many(self, document_ids: Sequence[str]) -> list[Document | None | BaseException]:
         results: list[Document | None | BaseException] = []
+        real_root = self.settings.path.resolve()
         for relative in document_ids:
             try:
-                results.append(self._read(relative))
+                results.append(self._read(relative, real_root))
             except OSError as exc:
                 results.append(SourceError(f"{relative}: cannot read ({exc.strerror or exc})"))
         return results

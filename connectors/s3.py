@@ -17,8 +17,8 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, SecretStr, field_validator
 
 from ._html import html_to_text
-from ._indexed import Document, IndexedConnector, IndexedSettings, iso_utc
-from .base import AuthFailed, SourceError, Unavailable
+from ._indexed import Document, IndexedConnector, IndexedSettings
+from .base import AuthFailed, SourceError, Unavailable, iso_utc
 
 AUTH_CODES = frozenset({"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "403", "401"})
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -197,3 +198,38 @@ async def test_an_index_of_other_settings_is_discarded_and_rebuilt(tmp_path: Pat
                 assert all(len(p.content) <= chunk_chars for p in found)
     assert counts[0] > counts[1]
     assert len([r for r in caplog.records if "discarding the stored index" in r.getMessage()]) == 1
+
+
+async def test_a_store_that_cannot_be_opened_once_is_tried_again_without_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    """The syncer keeps the lock while its store fails to open (SQLite busy, a full disk): it must try again,
+    or no process would ever index the source until a restart."""
+    import connectors._indexed as indexed
+
+    monkeypatch.setattr(indexed, "OPEN_RETRY_S", 0.05)
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "runbook.md").write_text("Page the incident commander for every SEV1 outage.")
+    connector = FilesConnector("docs", FilesSettings(path=folder, watch=False))
+    connector.bind_state(LocalBackend(tmp_path / "state"))
+    store = connector._open_store()
+    real_open, failures = store.open_writer, []
+
+    def open_writer():  # type: ignore[no-untyped-def]
+        if not failures:
+            failures.append(1)
+            raise OSError(28, "No space left on device")
+        return real_open()
+
+    monkeypatch.setattr(store, "open_writer", open_writer)
+    with caplog.at_level(logging.ERROR, "connectors._indexed"):
+        async with connector:
+            for _ in range(200):
+                found = await connector.search(SourceQuery("incident commander", 5))
+                if found:
+                    break
+                await asyncio.sleep(0.02)
+            assert [p.document_id for p in found] == ["runbook.md"], "indexed after the failed open, without a restart"
+            assert connector.stats().last_refresh_error is None and connector.syncing_here
+    assert failures and "cannot open its index store" in caplog.text

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import random
 
 import psycopg
@@ -130,6 +131,39 @@ async def test_one_syncer_per_store_and_the_next_takes_over_when_its_connection_
     finally:
         await first.aclose()
         await second.aclose()
+
+
+async def test_asking_for_a_held_lock_uses_no_store_ids(pg_url: str):
+    """Every replica that does not sync asks for the lock each second: that must not use up gw_stores' id sequence."""
+    first, second = await started(pg_url, "replica-1"), await started(pg_url, "replica-2")
+    try:
+        await lead(first)
+        store_b = second.open("src", "fp")
+
+        def last_id() -> int:
+            with psycopg.connect(pg_url, autocommit=True) as admin:
+                row = admin.execute("SELECT last_value FROM gw_stores_id_seq").fetchone()
+            assert row is not None
+            return int(row[0])
+
+        before = last_id()
+        for _ in range(5):
+            assert not await asyncio.to_thread(store_b.try_lead), "the lock is held"
+        assert last_id() == before
+    finally:
+        await first.aclose()
+        await second.aclose()
+
+
+async def test_the_syncer_is_named_as_its_peers_name_it(pg_url: str, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("AGGREGATOR_REPLICA", "gateway-7")
+    backend = await started(pg_url, "")
+    try:
+        store, _ = await lead(backend)
+        await backend._poll_once()
+        assert store.syncer == f"gateway-7/{os.getpid()}", "the replica's name from $AGGREGATOR_REPLICA, as in /status"
+    finally:
+        await backend.aclose()
 
 
 async def test_the_schema_is_created_once_versioned_and_a_newer_one_refused(pg_url: str, postgres, caplog: pytest.LogCaptureFixture):  # type: ignore[no-untyped-def]

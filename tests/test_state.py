@@ -212,3 +212,10 @@ def test_statistics_and_search_before_anything_is_committed_are_empty(tmp_path: 
     sqlite3.connect(folder / local.DB_NAME).close()  # an empty database: no tables yet
     assert store.term_statistics(["key", "rotat"]) == (0, 0, {"key": 0, "rotat": 0})
     assert store.search(["key"], 5) == []
+
+
+def test_a_status_saved_by_an_earlier_version_still_loads():
+    saved = '{"syncing": false, "done": 7, "total": 9, "started_at": "2025-01-01T00:00:00Z", "last_sync": "2025-01-01T00:01:00Z"}'
+    status = SyncStatus.from_json(saved)
+    assert (status.done, status.total, status.last_sync) == (7, 9, "2025-01-01T00:01:00Z")
+    assert "started_at" not in SyncStatus.from_json(status.to_json()).to_json()

@@ -18,10 +18,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from connectors.base import SourceStats
+from connectors.base import SourceStats, iso_utc
 
 from ..fanout import OUTCOMES, SourceResult, SourceSlot
-from .history import History, iso
+from .history import History
 
 LATENCY_WINDOW = 256
 RECENT_WINDOW = 20
@@ -30,12 +30,8 @@ DOWN_AFTER = 3
 FAILURES = frozenset({"timeout", "error", "rate_limited", "auth_failed"})
 
 
-def now_iso() -> str:
-    return iso(time.time())
-
-
 def _iso_or_none(at: float | None) -> str | None:
-    return None if at is None else iso(at)
+    return None if at is None else iso_utc(at)
 
 
 def percentile(values: Iterable[float], q: float) -> float | None:

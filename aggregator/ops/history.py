@@ -11,19 +11,15 @@ from __future__ import annotations
 import math
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any
+
+from connectors.base import iso_utc
 
 MINUTES = 60
 ERRORS_KEPT = 20
 _BIN_GROWTH = 1.1
 _LOG_GROWTH = math.log(_BIN_GROWTH)
 _SMALLEST_MS = 0.1  # latencies below this share the first bin
-
-
-def iso(at: float) -> str:
-    """Unix time as UTC ISO 8601 to the second, the way every time in /status is written."""
-    return datetime.fromtimestamp(at, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _bin(ms: float) -> int:
@@ -67,7 +63,7 @@ class MinuteBucket:
 
     def snapshot(self) -> dict[str, Any]:
         return {
-            "at": iso(self.minute * 60),
+            "at": iso_utc(self.minute * 60),
             "calls": dict(self.calls),
             "latency_ms": {"p50": self.percentile(0.5), "p95": self.percentile(0.95)},
         }
@@ -114,7 +110,7 @@ class History:
     def snapshot(self, now: float) -> dict[str, Any]:
         return {
             "window_minutes": MINUTES,
-            "now": iso(now),
+            "now": iso_utc(now),
             "minutes": [bucket.snapshot() for bucket in self.minutes(now)],
-            "errors": [{"at": iso(e.at), "outcome": e.outcome, "message": e.message} for e in reversed(self.errors)],
+            "errors": [{"at": iso_utc(e.at), "outcome": e.outcome, "message": e.message} for e in reversed(self.errors)],
         }

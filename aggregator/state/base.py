@@ -18,12 +18,15 @@ An `IndexStore` is used from two sides:
 from __future__ import annotations
 
 import abc
+import functools
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from aggregator.ranking.bm25 import K1, idf
 from aggregator.text.chunking import split_passages
 from aggregator.text.tokenize import TOKENIZER_VERSION, tokenize
 
@@ -36,6 +39,7 @@ _PROBE = (
 ) * 3
 
 
+@functools.cache  # a fixed text through the code of this process: the same answer every time
 def analysis_fingerprint() -> str:
     """What the tokenizer and the splitter make of a fixed text: a change in either discards stored indexes."""
     probe = {"tokenizer": TOKENIZER_VERSION, "terms": tokenize(_PROBE), "passages": split_passages(_PROBE, 200)}
@@ -46,6 +50,24 @@ def settings_fingerprint(settings: Mapping[str, Any]) -> str:
     """One string for the settings that shape an index, the analysis and the store format."""
     described = {"format": STORE_FORMAT, "analysis": analysis_fingerprint(), "settings": settings}
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def query_weights(terms: Sequence[str], passages: int, lookup: Callable[[str], tuple[int, int]]) -> tuple[list[int], list[float], float]:
+    """Term ids and weights (qtf * idf) of the query's terms present in the collection, and the query's ceiling
+    (every term's weight * (k1 + 1), absent ones too), which scores are divided by. `lookup(term)` gives the
+    term's (id, document frequency), (0, 0) when the collection lacks it. One copy for every store, so that
+    they rank alike (aggregator/ranking/bm25.py)."""
+    ids: list[int] = []
+    weights: list[float] = []
+    ceiling = 0.0
+    for term, qtf in Counter(terms).items():
+        term_id, df = lookup(term)
+        weight = qtf * idf(passages, df)
+        ceiling += weight * (K1 + 1)
+        if df:
+            ids.append(term_id)
+            weights.append(weight)
+    return ids, weights, ceiling
 
 
 @dataclass(slots=True)
@@ -80,7 +102,6 @@ class SyncStatus:
     syncing: bool = False
     done: int = 0  # documents fetched in the sync running now
     total: int = 0  # documents that sync has to fetch
-    started_at: str | None = None
     passages_per_s: float | None = None  # rate of the last sync that indexed something
     last_sync: str | None = None
     last_error: str | None = None
@@ -93,6 +114,7 @@ class SyncStatus:
 
     @classmethod
     def from_json(cls, text: str | None) -> "SyncStatus":
+        """Fields it no longer has (`started_at`, saved by earlier versions) are ignored."""
         try:
             data = json.loads(text or "{}")
             return cls(**{k: data[k] for k in cls.__slots__ if k in data})  # type: ignore[attr-defined]

@@ -28,16 +28,15 @@ import logging
 import os
 import sqlite3
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from aggregator.ranking.bm25 import K1, B, idf
+from aggregator.ranking.bm25 import K1, B
 
 from . import segments as seg
-from .base import IndexStore, IndexWriter, PreparedDocument, StateBackend, StoreInfo, StoredPassage, SyncStatus
+from .base import IndexStore, IndexWriter, PreparedDocument, StateBackend, StoreInfo, StoredPassage, SyncStatus, query_weights
 
 log = logging.getLogger("aggregator.state")
 
@@ -88,7 +87,8 @@ def _meta(connection: sqlite3.Connection) -> dict[str, str]:
     return dict(connection.execute("SELECT key, value FROM meta").fetchall())
 
 
-def _folder_bytes(folder: Path) -> int:
+def folder_bytes(folder: Path) -> int:
+    """Bytes of the files in a store's folder (for /status and `aggregator gc`); 0 if it is gone."""
     total = 0
     with contextlib.suppress(FileNotFoundError):
         for entry in os.scandir(folder):
@@ -284,7 +284,7 @@ class LocalStore(IndexStore):
         self._opened = opened
         avgdl = view.total_length / view.passages if view.passages else 1.0
         view.norms = [(K1 * (1 - B) + (K1 * B / (avgdl or 1.0)) * s.lengths).astype(np.float32) for s in view.segments]
-        view.bytes_on_disk = _folder_bytes(self.folder)
+        view.bytes_on_disk = folder_bytes(self.folder)
         self._set_view(view)
         self._warned = False
 
@@ -332,16 +332,14 @@ class LocalStore(IndexStore):
         if not terms or limit <= 0 or n == 0 or not view.segments:
             return []
         ids = self._lookup_terms(terms)
-        ceiling = 0.0
-        weights: list[tuple[int, float]] = []
-        for term, qtf in Counter(terms).items():
-            df = self._frequency(ids[term]) if term in ids else 0
-            weight = qtf * idf(n, df)
-            ceiling += weight * (K1 + 1)
-            if df:
-                weights.append((ids[term], weight))
-        if not weights or ceiling <= 0:
+
+        def known(term: str) -> tuple[int, int]:
+            return (ids[term], self._frequency(ids[term])) if term in ids else (0, 0)
+
+        term_ids, term_weights, ceiling = query_weights(terms, n, known)
+        if not term_ids or ceiling <= 0:
             return []
+        weights = list(zip(term_ids, term_weights))
         found_scores, found_ties, found_pids = [], [], []
         for segment, live, dead, norm in zip(view.segments, view.live, view.dead_count, view.norms):
             scores = None
@@ -433,12 +431,6 @@ class LocalStore(IndexStore):
             view.bytes_on_disk = self._writer.bytes_on_disk
         return StoreInfo(view.documents, view.passages, view.bytes_on_disk, view.synced_once, view.status)
 
-    @property
-    def valid(self) -> bool:
-        """True when what is stored belongs to these settings (so it may be served)."""
-        self.refresh()
-        return self._view.valid
-
 
 class LocalWriter(IndexWriter):
     """The syncer's connection. Validates (or discards) the store when it opens."""
@@ -450,7 +442,7 @@ class LocalWriter(IndexWriter):
         self._connection = self._open_checked()
         self._versions = dict(self._connection.execute("SELECT doc_id, version FROM documents").fetchall())
         self._vocabulary = dict(self._connection.execute("SELECT term, id FROM terms").fetchall())
-        self.bytes_on_disk = _folder_bytes(self.folder)
+        self.bytes_on_disk = folder_bytes(self.folder)
 
     # -- opening, checking, discarding -------------------------------------------------------------
 
@@ -601,7 +593,7 @@ class LocalWriter(IndexWriter):
             self._versions.pop(document_id, None)
         for document in documents:
             self._versions[document.document_id] = document.version
-        self.bytes_on_disk = _folder_bytes(self.folder)
+        self.bytes_on_disk = folder_bytes(self.folder)
 
     def _delete(self, connection: sqlite3.Connection, document_ids: Sequence[str]) -> tuple[int, int, int]:
         """Remove documents and mark their passages dead in their segments; (passages, length, documents) removed."""
@@ -630,7 +622,7 @@ class LocalWriter(IndexWriter):
                 "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", [("status", status.to_json()), ("synced_once", "1")]
             )
         self._merge_if_needed()
-        self.bytes_on_disk = _folder_bytes(self.folder)
+        self.bytes_on_disk = folder_bytes(self.folder)
 
     def _merge_if_needed(self) -> None:
         connection = self._connection
@@ -676,10 +668,6 @@ def unused_stores(root: Path, in_use: set[str]) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and (p / DB_NAME).exists() and p.name not in in_use)
-
-
-def folder_bytes(folder: Path) -> int:
-    return _folder_bytes(folder)
 
 
 def remove_store(folder: Path) -> bool:

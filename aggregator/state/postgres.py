@@ -42,11 +42,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from aggregator.ranking.bm25 import B, K1, idf
+from aggregator.ranking.bm25 import B, K1
+from aggregator.shared.redis import replica_name  # the name alone: redis-py is not imported
 from aggregator.tasks import cancel_and_wait
 
 from .base import (
     IndexStore, IndexWriter, PreparedDocument, StateBackend, StoreInfo, StoredPassage, StoreUnavailable, SyncStatus,
+    query_weights,
 )  # fmt: skip
 from .local import tie_key
 
@@ -158,7 +160,7 @@ class PostgresBackend(StateBackend):
 
     def __init__(self, url: str, replica: str = "") -> None:
         self.url = url
-        self.replica = replica or f"{os.uname().nodename}/{os.getpid()}"
+        self.replica = replica or replica_name()
         self.stores: dict[tuple[str, str], PostgresStore] = {}
         self.schema_version: int | None = None  # set once the schema is known to be current
         self.reachable = False
@@ -345,11 +347,16 @@ class PostgresStore(IndexStore):
             return True
 
     def _ensure_row(self, connection: "psycopg.Connection[Any]") -> int:
-        connection.execute(
-            "INSERT INTO gw_stores (source, fingerprint) VALUES (%s, %s) ON CONFLICT (source, fingerprint) DO NOTHING",
-            (self.source, self.fingerprint),
-        )
-        row = connection.execute("SELECT id FROM gw_stores WHERE source = %s AND fingerprint = %s", (self.source, self.fingerprint)).fetchone()
+        """The store's row id, creating the row if missing. Looked up first: an INSERT, even one that conflicts,
+        takes a number from the id sequence, and every replica that does not sync comes here each second."""
+        select = "SELECT id FROM gw_stores WHERE source = %s AND fingerprint = %s"
+        row = connection.execute(select, (self.source, self.fingerprint)).fetchone()
+        if row is None:
+            connection.execute(
+                "INSERT INTO gw_stores (source, fingerprint) VALUES (%s, %s) ON CONFLICT (source, fingerprint) DO NOTHING",
+                (self.source, self.fingerprint),
+            )
+            row = connection.execute(select, (self.source, self.fingerprint)).fetchone()
         assert row is not None
         return int(row[0])
 
@@ -434,19 +441,6 @@ class PostgresStore(IndexStore):
         """The replica that last took the sync lock."""
         return self._snap.syncer
 
-    def _weights(self, terms: Sequence[str]) -> tuple[list[int], list[float], float]:
-        """Term ids and weights (qtf * idf) of the query's terms present in the collection, and the query's ceiling."""
-        snap = self._snap
-        ids, weights, ceiling = [], [], 0.0
-        for term, qtf in Counter(terms).items():
-            term_id, df = snap.terms.get(term, (0, 0))
-            weight = qtf * idf(snap.passages, df)
-            ceiling += weight * (K1 + 1)
-            if df:
-                ids.append(term_id)
-                weights.append(weight)
-        return ids, weights, ceiling
-
     def search(
         self, terms: Sequence[str], limit: int, accept: Callable[[StoredPassage], bool] | None = None
     ) -> list[StoredPassage]:
@@ -458,7 +452,8 @@ class PostgresStore(IndexStore):
         snap = self._snap
         if not terms or limit <= 0 or snap.passages == 0 or snap.store_id is None:
             return []
-        ids, weights, ceiling = self._weights(terms)
+        known = snap.terms
+        ids, weights, ceiling = query_weights(terms, snap.passages, lambda term: known.get(term, (0, 0)))
         if not ids or ceiling <= 0:
             return []
         pool = self.backend._pool
