@@ -103,7 +103,8 @@ async def retrieve(gateway: Gateway, request: RetrievalRequest, explain: bool = 
                 passages = [p for p, k in zip(passages, keep) if k]
                 metadata = [m for m, k in zip(metadata, keep) if k]
         indexed = reported.get(connector.name) is not None
-        answers.append(Answer(connector.name, connector.type, passages, settings.weight, settings.scores, indexed, metadata))
+        answers.append(Answer(connector.name, connector.type, passages, settings.weight, settings.scores, indexed, metadata,
+                              connector.semantic))  # fmt: skip
 
     records: list[dict] = []
     verdicts: list[Verdict] | None = [] if explain else None
@@ -137,7 +138,7 @@ def score_detail(ranked: Ranked) -> dict[str, float | int | str | None]:
     """How a record's score came to be: the gateway's own judgement, and the source's, before and after calibration."""
     passage = ranked.candidate.passage
     calibrated = ranked.calibrated
-    return {
+    detail: dict[str, float | int | str | None] = {
         "bm25": round(ranked.bm25, SCORE_DIGITS),
         "proximity": round(ranked.proximity, SCORE_DIGITS),
         "relevance": round(ranked.relevance, SCORE_DIGITS),
@@ -146,3 +147,8 @@ def score_detail(ranked: Ranked) -> dict[str, float | int | str | None]:
         "calibrated": None if calibrated is None else round(calibrated, SCORE_DIGITS),
         "calibration": ranked.calibration,
     }
+    if ranked.meaning is not None:  # the embedding judge's similarity, on [0, 1]
+        detail["meaning"] = round(ranked.meaning, SCORE_DIGITS)
+    if ranked.confidence is not None:  # a semantic source's own confidence, which set the score (no judge)
+        detail["confidence"] = round(ranked.confidence, SCORE_DIGITS)
+    return detail

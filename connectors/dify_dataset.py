@@ -111,6 +111,10 @@ class DifyDatasetConnector(RemoteConnector):
     settings_model = DifyDatasetSettings
     settings: DifyDatasetSettings
 
+    def retrieves_by_meaning(self) -> bool:
+        """Dify's semantic and hybrid searches rank by its embedding model."""
+        return self.settings.search_method in ("semantic_search", "hybrid_search")
+
     def client_options(self) -> dict[str, Any]:
         s = self.settings
         return {"headers": {"Authorization": f"Bearer {s.api_key.get_secret_value()}"}, "verify": s.verify_tls}
