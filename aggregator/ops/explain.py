@@ -91,6 +91,8 @@ def explanation(result: RetrievalResult, request: dict[str, Any], elapsed_ms: fl
             "proximity": _number(ranked.proximity),
             "calibrated": _number(ranked.calibrated),
             "calibration": ranked.calibration,
+            "meaning": _number(ranked.meaning),  # the embedding judge's similarity on [0, 1] (null: no judge, or it failed)
+            "confidence": _number(ranked.confidence),  # a semantic source's own confidence, where it set the score
             "weight": winner.weight,
             "title": winner.passage.title,
             "document_id": winner.passage.document_id,
@@ -110,7 +112,8 @@ def explanation(result: RetrievalResult, request: dict[str, Any], elapsed_ms: fl
         "retrieval_setting": request.get("retrieval_setting"),
         "metadata_condition": request.get("metadata_condition"),
         "ms": round(elapsed_ms, 1),
-        "sources": [_source(s, types.get(s.name, ""), returned.get(s.name, [])) for s in result.sources],
+        "sources": [_source(s, types.get(s.name, ""), returned.get(s.name, [])) for s in result.sources]
+                   + [_source(s, s.name, []) for s in result.judged],  # the embedding judge, like a source
         "passages": passages,
         "records": result.records,
     }
