@@ -13,7 +13,7 @@ from .fanout import SourceResult, ask_sources
 from .filters import compile_filter
 from .models import RetrievalRequest
 from .ranking.embeddings import NAME as JUDGE, Judge, drop
-from .ranking.rerank import Answer, Candidate, Ranked, rerank
+from .ranking.rerank import DEFAULT_FUSION, Answer, Candidate, Ranked, rerank
 from .ranking.statistics import merge_term_statistics
 from .runtime import Gateway
 from .text.tokenize import tokenize
@@ -118,7 +118,8 @@ async def retrieve(gateway: Gateway, request: RetrievalRequest, explain: bool = 
     records: list[dict] = []
     verdicts: list[Verdict] | None = [] if explain else None
     sampled = [name for name, stats in reported.items() if stats is None]
-    for ranked in rerank(request.query, answers, gateway.term_cache, local, sampled=sampled, query_terms=terms, meaning=meaning):
+    fusion = judge.fusion if meaning is not None else DEFAULT_FUSION  # type: ignore[union-attr]
+    for ranked in rerank(request.query, answers, gateway.term_cache, local, fusion, sampled, query_terms=terms, meaning=meaning):
         score = round(ranked.score, SCORE_DIGITS)
         if score <= 0.0:
             outcome = "score 0"

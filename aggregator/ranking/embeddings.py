@@ -30,6 +30,7 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,6 +41,7 @@ from connectors.base import BadResponse, CircuitSettings, RateLimited, SourceErr
 from connectors.http import BaseUrl, HttpClient, clip, make_client, request_json
 
 from ..circuit import CircuitBreaker
+from .rerank import DEFAULT_FUSION
 from ..tasks import Timeout
 
 log = logging.getLogger(__name__)
@@ -250,6 +252,8 @@ class Judge:
         self.breaker = CircuitBreaker(settings.circuit)
         low, high = settings.similarity
         self._low, self._span = low, high - low
+        #: The fusion's constants with this judge's share of meaning.
+        self.fusion = replace(DEFAULT_FUSION, meaning=settings.weight)
 
     # -- one retrieval -----------------------------------------------------------------------------------
 

@@ -69,6 +69,8 @@ class FusionSettings:
     local: bool = True  # IDF from the local indexes' whole collections
     meaning: float = 0.5  # share of the embedding judge's similarity in the relevance, when there is a judge
     rank_confidence: float = 0.5  # a semantic source's confidence in its best passage when it gives no score in [0, 1]
+    confidence_discount: bool = True  # a semantic source's confidence counts less down its list: × 1/log2(1 + place)
+    confidence_top: int = 0  # only its first so many passages get a floor (0: all)
 
 
 DEFAULT_FUSION = FusionSettings()
@@ -270,17 +272,27 @@ def rerank(
                       similarity, confidence)  # fmt: skip
 
 
-def _confidence(passages: list[Passage], rank_confidence: float) -> list[float]:
+def _confidence(passages: list[Passage], settings: FusionSettings) -> list[float]:
     """A semantic source's confidence in each of its passages, on [0, 1]: its scores when they are similarities
-    (all in [0, 1], best first), else its order, from `rank_confidence` for its best passage down to 0."""
+    (all in [0, 1], best first), else its order, from `rank_confidence` for its best passage down to 0; discounted
+    down its list like DCG (its first passage keeps all of it), and none past `confidence_top`."""
     scores = [p.source_score for p in passages]
     ranks = [p.source_rank or _NO_RANK for p in passages]
+    order = sorted(range(len(scores)), key=ranks.__getitem__)
+    values: list[float] | None = None
     if None not in scores and all(0.0 <= x <= 1.0 for x in scores):  # type: ignore[operator]
-        ordered = [scores[i] for i in sorted(range(len(scores)), key=ranks.__getitem__)]
+        ordered = [scores[i] for i in order]
         if all(a >= b for a, b in zip(ordered, ordered[1:])) or _NO_RANK in ranks:
-            return scores  # type: ignore[return-value]
-    position, _ = _positions("rank", scores, ranks)
-    return [rank_confidence * x for x in position]
+            values = scores  # type: ignore[assignment]
+    if values is None:
+        position, _ = _positions("rank", scores, ranks)
+        values = [settings.rank_confidence * x for x in position]
+    out = [0.0] * len(values)
+    for place, i in enumerate(order):
+        if settings.confidence_top and place >= settings.confidence_top:
+            break
+        out[i] = values[i] / math.log2(place + 2) if settings.confidence_discount else values[i]
+    return out
 
 
 def _semantic_floor(answers: list[Answer], fusion: "_Fusion", group_of: list[int], relevance: np.ndarray,
@@ -293,7 +305,7 @@ def _semantic_floor(answers: list[Answer], fusion: "_Fusion", group_of: list[int
     for answer in answers:
         n = len(answer.passages)
         if answer.semantic:
-            for g, value in zip(group_of[at : at + n], _confidence(answer.passages, settings.rank_confidence)):
+            for g, value in zip(group_of[at : at + n], _confidence(answer.passages, settings)):
                 lifted = 1.0 - (1.0 - value) ** answer.weight
                 if lifted > fusion.scores[g] and lifted > (floors[g] or 0.0):
                     floors[g] = lifted
