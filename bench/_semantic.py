@@ -153,12 +153,12 @@ def tuning(runs: list[Any], queries: list[tuple[str, str]], qrels: dict[str, dic
           " ranking, and precision at a threshold of 0.4.\n")  # fmt: skip
     names = [r.name.split(" ")[0] for r in judged]
     print("| weight | similarity | " + " | ".join(names) + " | min | precision ≥ 0.4, min–max |\n| ---: | --- |" + " ---: |" * (len(names) + 2))
-    for weight in (0.1, 0.2, 0.3, 0.5):
-        for low, high in ((0.2, 0.8), (0.4, 0.9), (0.45, 0.95), (0.5, 1.0), (0.6, 1.0)):
+    for combine, weight in (("mix", 0.1), ("mix", 0.2), ("or", 0.3), ("or", 0.5), ("or", 0.7)):
+        for low, high in ((0.4, 0.9), (0.5, 1.0), (0.6, 1.0), (0.7, 1.0)):
             ratios, precisions = [], []
             for run in judged:
-                rankings, answers = replay(run, queries, meaning, weight, low, high)
+                rankings, answers = replay(run, queries, meaning, weight, low, high, replace(DEFAULT_FUSION, combine=combine))
                 ratios.append(measure(rankings, queries, qrels)[0] / best)
                 precisions.append(precision(answers, queries, qrels, 0.4))
-            print(f"| {weight} | [{low}, {high}] | " + " | ".join(f"{r:.3f}" for r in ratios)
+            print(f"| {combine} {weight} | [{low}, {high}] | " + " | ".join(f"{r:.3f}" for r in ratios)
                   + f" | {min(ratios):.3f} | {min(precisions):.3f}–{max(precisions):.3f} |", flush=True)  # fmt: skip

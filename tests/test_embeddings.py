@@ -93,7 +93,7 @@ def test_the_judge_speaks_openai_and_its_similarity_joins_the_relevance(folder: 
     unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
     for (title, _), cosine in zip(texts.items(), unit[1:] @ unit[0]):
         detail = next(r for r in judged.records if r["title"] == title)["metadata"]["score_detail"]
-        assert detail["meaning"] == pytest.approx(min(1.0, max(0.0, (cosine - 0.2) / 0.6)), abs=1e-5)
+        assert detail["meaning"] == pytest.approx(min(1.0, max(0.0, (cosine - 0.3) / 0.5)), abs=1e-5)
         assert detail["relevance"] >= 0.5 * detail["meaning"] - 1e-6
     assert "meaning" not in plain.records[0]["metadata"]["score_detail"]
 
@@ -234,3 +234,44 @@ def test_the_vector_cache_is_bounded_and_round_trips():
     copy = VectorCache(10)
     assert copy.load(cache.dump()) == 2
     assert np.array_equal(copy.get(VectorCache.key("text 2")), np.full(4, 2, np.float32))  # type: ignore[arg-type]
+
+
+#: A paraphrase that shares no word with its query, a look-alike that shares several; WordLlama prefers the
+#: paraphrase (cosines 0.54 and 0.48).
+CAR = "my car will not start"
+CAR_ANSWER = "Vehicle ignition failure: if the engine refuses to turn over, check the battery and the starter motor."
+CAR_LOOKALIKE = "Start here: my first week, where to park the car and who will show you around."
+
+
+def test_with_a_real_model_a_match_by_meaning_alone_can_pass_a_threshold_of_half(tmp_path: Path):
+    """A source (read by words: not declared semantic) returns both; only the judge can tell the paraphrase."""
+    from fastapi import FastAPI
+
+    upstream = FastAPI()
+
+    @upstream.post("/retrieval")
+    async def retrieval(body: dict) -> dict:
+        return {"records": [{"content": text, "title": title, "score": score, "metadata": {"document_id": title}}
+                            for text, title, score in ((CAR_LOOKALIKE, "lookalike", 0.9), (CAR_ANSWER, "answer", 0.8))]}  # fmt: skip
+
+    fake = FakeEmbeddings(real=True)
+
+    async def main(embeddings: str) -> dict[str, dict]:
+        text = (f"server:\n  api_keys: [{{key: {KEY}}}]\n  cache_ttl_s: 0\n{embeddings}"
+                f"knowledge_bases:\n  demo: {{connectors: [wiki]}}\n"
+                f"connectors:\n  wiki: {{type: dify, endpoint: {up}, api_key: k, knowledge_id: x, semantic: false}}\n")  # fmt: skip
+        gateway = Gateway(parse_config(text, {}))
+        await gateway.start()
+        try:
+            result = await ask(gateway, CAR, threshold=0.5)
+            return {r["title"]: r for r in result.records}
+        finally:
+            await gateway.aclose()
+
+    with serve(upstream) as up, serve(fake.app()) as model:
+        by_words = asyncio.run(main(""))
+        judged = asyncio.run(main(f"  embeddings: {openai_block(model, similarity='[0.4, 0.6]')}\n"))
+    assert "answer" not in by_words, "by words alone the paraphrase scores under 0.5"
+    assert judged["answer"]["score"] > 0.5
+    detail = judged["answer"]["metadata"]["score_detail"]
+    assert detail["bm25"] == 0 and detail["meaning"] > judged["lookalike"]["metadata"]["score_detail"]["meaning"]

@@ -10,8 +10,8 @@ source's (`embeddings=timeout` in X-Sources, /status, metrics, the log line, exp
 
 Similarities are cosines, mapped onto [0, 1] by the model's own range (`similarity: [low, high]`): a
 cosine at `low` or under is no evidence of meaning, one at `high` or over a certain match. Models differ
-(all-MiniLM-L6-v2 or OpenAI's text-embedding-3 give unrelated text 0.0 to 0.2; others bunch everything
-between 0.6 and 0.9), so the range is a setting, with defaults measured on Cranfield.
+(all-MiniLM-L6-v2 or OpenAI's text-embedding-3 give unrelated text 0.0 to 0.2; WordLlama gives most of
+Cranfield 0.5 to 0.8), so the range is a setting; WordLlama's default was measured on Cranfield.
 
 Providers:
 - `openai`: any OpenAI-compatible `POST {url}/embeddings` (OpenAI, Azure OpenAI, Xinference, Ollama,
@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 NAME = "embeddings"
 LOCAL_EXTRA = 'pip install "dify-knowledge-gateway[local-embeddings]"'
 LOCAL_MODELS = ("wordllama",)
+#: WordLlama's range was tuned on Cranfield (bench.quality --sweep); the endpoint's is a guess for models whose
+#: unrelated texts score 0.0 to 0.2 (OpenAI's text-embedding-3, all-MiniLM, bge): measure yours with explain.
+DEFAULT_SIMILARITY: dict[str, tuple[float, float]] = {"local": (0.7, 1.0), "openai": (0.3, 0.8)}
 _QUERIES_CACHED = 1024
 
 
@@ -66,8 +69,10 @@ class EmbeddingSettings(BaseModel):
     batch_size: int = Field(64, ge=1, le=2048, description="Texts per embeddings call.")
     timeout_s: float = Field(2.0, gt=0, le=60, description="Budget of the judge within a retrieval (never past the deadline).")
     retries: int = Field(0, ge=0, le=5, description="Retries of a transient failure (connection, 5xx, 429), within the budget.")
-    weight: float = Field(0.5, ge=0, le=1, description="Share of meaning in a passage's relevance (the rest: its words).")
-    similarity: tuple[float, float] = Field((0.2, 0.8), description="[low, high]: cosines mapped onto 0 and 1.")
+    weight: float = Field(0.5, ge=0, le=1, description="Weight of meaning: relevance = 1 − (1 − words)·(1 − weight·meaning).")
+    similarity: tuple[float, float] | None = Field(
+        None, description="[low, high]: cosines mapped onto 0 and 1; default local [0.7, 1.0] (measured), openai [0.3, 0.8]."
+    )
     cache_passages: int = Field(50_000, ge=0, le=5_000_000, description="Passage vectors kept (in memory and in the state folder).")
     query_prefix: str = Field("", description="Text put before every query (models like e5 or bge want an instruction).")
     passage_prefix: str = Field("", description="Text put before every passage.")
@@ -80,6 +85,8 @@ class EmbeddingSettings(BaseModel):
             raise ValueError("provider openai needs url: the API base, e.g. https://api.openai.com/v1")
         if self.provider == "local" and self.model not in LOCAL_MODELS:
             raise ValueError(f"provider local knows the models {', '.join(LOCAL_MODELS)}")
+        if self.similarity is None:
+            self.similarity = DEFAULT_SIMILARITY[self.provider]
         low, high = self.similarity
         if not -1.0 <= low < high <= 1.0:
             raise ValueError("similarity is [low, high] with -1 <= low < high <= 1")
@@ -250,7 +257,7 @@ class Judge:
         self.cache = VectorCache(settings.cache_passages)
         self.queries: OrderedDict[str, np.ndarray] = OrderedDict()
         self.breaker = CircuitBreaker(settings.circuit)
-        low, high = settings.similarity
+        low, high = settings.similarity or DEFAULT_SIMILARITY[settings.provider]
         self._low, self._span = low, high - low
         #: The fusion's constants with this judge's share of meaning.
         self.fusion = replace(DEFAULT_FUSION, meaning=settings.weight)
@@ -378,7 +385,7 @@ class Judge:
     def describe(self) -> dict[str, Any]:
         s = self.settings
         return {"provider": s.provider, "model": s.model, "url": s.url, "cached_passages": len(self.cache), "weight": s.weight,
-                "similarity": list(s.similarity), "circuit": self.breaker.state}  # fmt: skip
+                "similarity": list(s.similarity or ()), "circuit": self.breaker.state}  # fmt: skip
 
     async def aclose(self) -> None:
         await self.provider.aclose()

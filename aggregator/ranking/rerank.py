@@ -67,7 +67,8 @@ class FusionSettings:
     gamma: float = 0.5  # spread of fused scores so that thresholds 0.3 to 0.6 separate good from weak
     sample: bool = True  # IDF from passages seen before, not only the pool
     local: bool = True  # IDF from the local indexes' whole collections
-    meaning: float = 0.5  # share of the embedding judge's similarity in the relevance, when there is a judge
+    meaning: float = 0.5  # weight of the embedding judge's similarity in the relevance, when there is a judge
+    combine: str = "or"  # or: 1 − (1 − words)(1 − w·meaning), relevant by words or meaning; mix: (1 − w)·words + w·meaning
     rank_confidence: float = 0.5  # a semantic source's confidence in its best passage when it gives no score in [0, 1]
     confidence_discount: bool = True  # a semantic source's confidence counts less down its list: × 1/log2(1 + place)
     confidence_top: int = 0  # only its first so many passages get a floor (0: all)
@@ -228,7 +229,7 @@ def rerank(
     answers' sources that are not indexed) join the statistics.
     `query_terms`: the query already tokenized, when the caller has it.
     `meaning`: the embedding judge's similarity on [0, 1] of each passage's text (by content), when a judge
-    scored the pool: relevance becomes (1 − λ)·lexical + λ·meaning before calibration. Without it, the
+    scored the pool: relevance becomes 1 − (1 − lexical)·(1 − w·meaning) before calibration. Without it, the
     passages of `semantic` answers keep at least the score their source's own confidence supports.
 
     A retrieval ranks a few dozen passages, where per-passage interpreter
@@ -260,7 +261,10 @@ def rerank(
     if meaning is not None:
         flat = [p.content for a in answers for p in a.passages]
         similarity = [meaning.get(flat[i], 0.0) for i in first]
-        relevance = (1.0 - settings.meaning) * relevance + settings.meaning * np.asarray(similarity)
+        if settings.combine == "or":
+            relevance = 1.0 - (1.0 - relevance) * (1.0 - settings.meaning * np.asarray(similarity))
+        else:
+            relevance = (1.0 - settings.meaning) * relevance + settings.meaning * np.asarray(similarity)
     rel = relevance.tolist()
 
     fuser = _fuse_compiled if compiled and _kernel is not None else _fuse_reference
