@@ -153,12 +153,14 @@ def tuning(runs: list[Any], queries: list[tuple[str, str]], qrels: dict[str, dic
           " ranking, and precision at a threshold of 0.4.\n")  # fmt: skip
     names = [r.name.split(" ")[0] for r in judged]
     print("| weight | similarity | " + " | ".join(names) + " | min | precision ≥ 0.4, min–max |\n| ---: | --- |" + " ---: |" * (len(names) + 2))
-    for combine, weight in (("mix", 0.1), ("mix", 0.2), ("or", 0.3), ("or", 0.5), ("or", 0.7)):
-        for low, high in ((0.4, 0.9), (0.5, 1.0), (0.6, 1.0), (0.7, 1.0)):
-            ratios, precisions = [], []
-            for run in judged:
-                rankings, answers = replay(run, queries, meaning, weight, low, high, replace(DEFAULT_FUSION, combine=combine))
-                ratios.append(measure(rankings, queries, qrels)[0] / best)
-                precisions.append(precision(answers, queries, qrels, 0.4))
-            print(f"| {combine} {weight} | [{low}, {high}] | " + " | ".join(f"{r:.3f}" for r in ratios)
-                  + f" | {min(ratios):.3f} | {min(precisions):.3f}–{max(precisions):.3f} |", flush=True)  # fmt: skip
+    grid = [(c, w, r, 1) for c, w in (("mix", 0.1), ("mix", 0.2), ("or", 0.3), ("or", 0.5), ("or", 0.7)) for r in ((0.5, 1.0), (0.6, 1.0), (0.7, 1.0))]
+    grid += [("or", 0.5, (0.7, 1.0), top) for top in (0, 3)]
+    for combine, weight, (low, high), top in grid:
+        ratios, precisions = [], []
+        for run in judged:
+            settings = replace(DEFAULT_FUSION, combine=combine, judged_confidence_top=top)
+            rankings, answers = replay(run, queries, meaning, weight, low, high, settings)
+            ratios.append(measure(rankings, queries, qrels)[0] / best)
+            precisions.append(precision(answers, queries, qrels, 0.4))
+        print(f"| {combine} {weight}, floor {top or 'none'} | [{low}, {high}] | " + " | ".join(f"{r:.3f}" for r in ratios)
+              + f" | {min(ratios):.3f} | {min(precisions):.3f}–{max(precisions):.3f} |", flush=True)  # fmt: skip

@@ -303,6 +303,10 @@ async def evaluate(collection: str, sweep: bool, only: list[str] | None, lexical
 
     from ._fusion_sweep import sweep as replay
 
+    if not lexical and not only:
+        from . import _paraphrase
+
+        await _paraphrase.run()
     lexical_runs = [run for run in runs if run.name in SCENARIOS]
     replay(lexical_runs, queries, qrels, central_ndcg, measure, grid=sweep)
     if sweep and not lexical:

@@ -40,7 +40,7 @@ import math
 import operator
 from array import array
 from bisect import bisect_right
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal, overload
 
@@ -72,6 +72,7 @@ class FusionSettings:
     rank_confidence: float = 0.5  # a semantic source's confidence in its best passage when it gives no score in [0, 1]
     confidence_discount: bool = True  # a semantic source's confidence counts less down its list: × 1/log2(1 + place)
     confidence_top: int = 0  # only its first so many passages get a floor (0: all)
+    judged_confidence_top: int = 1  # with a judge, a semantic source's first so many passages still get it (0: none)
 
 
 DEFAULT_FUSION = FusionSettings()
@@ -270,8 +271,11 @@ def rerank(
     fuser = _fuse_compiled if compiled and _kernel is not None else _fuse_reference
     fusion = fuser(answers, relevance, group_of, first, copies, settings)
     confidence = None
-    if meaning is None and any(a.semantic for a in answers):
-        confidence = _semantic_floor(answers, fusion, group_of, relevance, settings)
+    if any(a.semantic for a in answers):
+        if meaning is None:
+            confidence = _semantic_floor(answers, fusion, group_of, relevance, settings)
+        elif settings.judged_confidence_top:  # a judge that cannot read the source's language must not empty it
+            confidence = _semantic_floor(answers, fusion, group_of, relevance, replace(settings, confidence_top=settings.judged_confidence_top))
     return RankedList(_Pool(answers, fusion.calibrated), fusion, copies, pool.bm25.tolist(), pool.proximity.tolist(), rel,
                       similarity, confidence)  # fmt: skip
 
