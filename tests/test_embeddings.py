@@ -165,7 +165,8 @@ def test_a_model_that_is_down_is_skipped_by_its_breaker(folder: Path):
     assert asyncio.run(main()) == ["docs=ok;embeddings=error", "docs=ok;embeddings=error", "docs=ok;embeddings=skipped"]
 
 
-def test_the_judge_shows_in_status_metrics_and_explain(folder: Path):
+def test_the_judge_shows_in_status_metrics_the_log_and_explain(folder: Path, caplog: pytest.LogCaptureFixture):
+    caplog.set_level("INFO", logger="aggregator.access")
     fake = FakeEmbeddings(real=False)
     with serve(fake.app()) as model:
         config = parse_config(config_text(folder, openai_block(model)), {})
@@ -177,11 +178,15 @@ def test_the_judge_shows_in_status_metrics_and_explain(folder: Path):
                 if response.json()["records"]:
                     break
             assert response.headers["X-Sources"] == "docs=ok;embeddings=ok"
+            line = [r for r in caplog.records if r.name == "aggregator.access"][-1]
+            assert " embeddings=ok:" in line.getMessage() and line.fields["sources"]["embeddings"]["outcome"] == "ok"  # type: ignore[attr-defined]
             status = httpx.get(url + "/status").json()
             judge = next(s for s in status["sources"] if s["name"] == "embeddings")
             assert judge["calls"]["ok"] >= 1 and judge["embeddings"][0]["model"] == "test-model"
             assert judge["embeddings"][0]["cached_passages"] >= 1
             assert 'gateway_source_calls_total{outcome="ok",source="embeddings"}' in httpx.get(url + "/metrics").text
+            page = httpx.get(url + "/")
+            assert page.status_code == 200 and "embeddings" in page.text
             explained = httpx.get(url + "/explain", params={"kb": "demo", "q": QUERY, "format": "json"}).json()
             assert any(s["name"] == "embeddings" and s["outcome"] == "ok" for s in explained["sources"])
             assert explained["passages"][0]["meaning"] is not None
