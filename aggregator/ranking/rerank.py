@@ -72,7 +72,8 @@ class FusionSettings:
     rank_confidence: float = 0.5  # a semantic source's confidence in its best passage when it gives no score in [0, 1]
     confidence_discount: bool = True  # a semantic source's confidence counts less down its list: × 1/log2(1 + place)
     confidence_top: int = 0  # only its first so many passages get a floor (0: all)
-    judged_confidence_top: int = 1  # with a judge, a semantic source's first so many passages still get it (0: none)
+    judged_confidence_top: int = 1  # with a judge, a semantic source's first so many passages still get it where the
+    # judge saw neither words nor meaning in them (0: none)
 
 
 DEFAULT_FUSION = FusionSettings()
@@ -275,7 +276,8 @@ def rerank(
         if meaning is None:
             confidence = _semantic_floor(answers, fusion, group_of, relevance, settings)
         elif settings.judged_confidence_top:  # a judge that cannot read the source's language must not empty it
-            confidence = _semantic_floor(answers, fusion, group_of, relevance, replace(settings, confidence_top=settings.judged_confidence_top))
+            top = replace(settings, confidence_top=settings.judged_confidence_top)
+            confidence = _semantic_floor(answers, fusion, group_of, relevance, top, blind=True)
     return RankedList(_Pool(answers, fusion.calibrated), fusion, copies, pool.bm25.tolist(), pool.proximity.tolist(), rel,
                       similarity, confidence)  # fmt: skip
 
@@ -304,10 +306,11 @@ def _confidence(passages: list[Passage], settings: FusionSettings) -> list[float
 
 
 def _semantic_floor(answers: list[Answer], fusion: "_Fusion", group_of: list[int], relevance: np.ndarray,
-                    settings: FusionSettings) -> list[float | None]:  # fmt: skip
+                    settings: FusionSettings, blind: bool = False) -> list[float | None]:  # fmt: skip
     """Without a judge the gateway cannot read meaning: a semantic source's passage scores at least what the
     source's own confidence supports (bent by its weight like any score), so a paraphrase it ranks first is
-    not scored 0 for lacking the query's words. Changes `fusion` in place; returns each text's floor where it lifted it."""
+    not scored 0 for lacking the query's words. With `blind`, only texts the gateway found no relevance in at
+    all (a judge that cannot read their language). Changes `fusion` in place; returns each text's floor where it lifted it."""
     floors: list[float | None] = [None] * len(fusion.scores)
     at = 0
     for answer in answers:
@@ -315,6 +318,8 @@ def _semantic_floor(answers: list[Answer], fusion: "_Fusion", group_of: list[int
         if answer.semantic:
             for g, value in zip(group_of[at : at + n], _confidence(answer.passages, settings)):
                 lifted = 1.0 - (1.0 - value) ** answer.weight
+                if blind and relevance[g] > 0.0:
+                    continue
                 if lifted > fusion.scores[g] and lifted > (floors[g] or 0.0):
                     floors[g] = lifted
         at += n
