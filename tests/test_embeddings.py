@@ -280,3 +280,16 @@ def test_with_a_real_model_a_match_by_meaning_alone_can_pass_a_threshold_of_half
     assert judged["answer"]["score"] > 0.5
     detail = judged["answer"]["metadata"]["score_detail"]
     assert detail["bm25"] == 0 and detail["meaning"] > judged["lookalike"]["metadata"]["score_detail"]["meaning"]
+
+
+def test_the_readme_example_is_a_valid_judge():
+    import re
+
+    import yaml
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    block = next(b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if "provider: openai" in b)
+    example = yaml.safe_load(block.replace("${EMBEDDINGS_KEY}", "sk-x"))
+    settings = EmbeddingSettings.model_validate(example["server"]["embeddings"])
+    assert settings.url == "http://xinference:9997/v1" and settings.similarity == (0.3, 0.8)
+    assert EmbeddingSettings.model_validate(example["knowledge_bases"]["manuals"]["embeddings"]).similarity == (0.7, 1.0)
