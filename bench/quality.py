@@ -3,6 +3,10 @@
     python -m bench.quality                  # the matrix and the threshold table (a minute or two)
     python -m bench.quality --sweep          # also the tuning grid, over the pools captured in the same run
     python -m bench.quality --collection cisi  # the held-out collection, with the settings tuned on Cranfield
+    python -m bench.quality --lexical        # only the lexical scenarios 1 to 6, without a judge (as before)
+
+Scenarios 7 to 9 and the judged rows are `bench/_semantic.py`'s (dense upstreams, the embedding judge);
+the paraphrase and cross-language cases are `bench/_paraphrase.py`'s.
 
 The collection is split round-robin into 4 shards. Each scenario is one
 knowledge base of 4 sources over loopback HTTP; a remote shard is a
