@@ -95,7 +95,7 @@ def describe_validation_error(exc: ValidationError) -> str:
     parts = []
     for e in exc.errors()[:5]:
         place = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"]).lstrip(".") or "body"
-        message = "field required" if e["type"] == "missing" else e["msg"]
+        message = "field required" if e["type"] == "missing" else e["msg"].removeprefix("Value error, ")
         parts.append(f"{place}: {message}")
     return "; ".join(parts)
 
