@@ -367,7 +367,7 @@ def create_app(load: Callable[[], GatewayConfig] | None = None, config_path: Pat
         elapsed = time.perf_counter() - started
         service.record(gateway, parsed.knowledge_id, parsed.query, result, elapsed, "explain-" + uuid.uuid4().hex[:8])
         types = {name: slot.connector.type for name, slot in gateway.slots.items()}
-        data = explain.explanation(result, body, elapsed * 1000, types)
+        data = explain.explanation(result, body, elapsed * 1000, types, gateway.secrets)
         if as_json:
             return JSONResponse(data)
         return HTMLResponse(explain.render_page(kbs, values, data))

@@ -217,14 +217,14 @@ async def _retrieve_once(args: argparse.Namespace, explain: bool):  # type: igno
         return 2
     finally:
         await gateway.aclose()
-    return body, result, elapsed_ms, {name: slot.connector.type for name, slot in gateway.slots.items()}
+    return body, result, elapsed_ms, {name: slot.connector.type for name, slot in gateway.slots.items()}, gateway.secrets
 
 
 async def _query(args: argparse.Namespace) -> int:
     done = await _retrieve_once(args, explain=False)
     if isinstance(done, int):
         return done
-    _, result, _, _ = done
+    _, result, _, _, _ = done
     if args.json:
         print(json.dumps({"records": result.records}, ensure_ascii=False, indent=2))
     else:
@@ -238,8 +238,8 @@ async def _explain(args: argparse.Namespace) -> int:
     done = await _retrieve_once(args, explain=True)
     if isinstance(done, int):
         return done
-    body, result, elapsed_ms, types = done
-    data = explanation(result, body, elapsed_ms, types)
+    body, result, elapsed_ms, types, secrets = done
+    data = explanation(result, body, elapsed_ms, types, secrets)
     print(json.dumps(data, ensure_ascii=False, indent=2) if args.json else render_text(data))
     return 0
 

@@ -267,8 +267,14 @@ def check_status(response: Answer, what: str, detail: str | None = None) -> None
     raise BadResponse(f"{what}: HTTP {status}{because}")
 
 
-def clip(text: str, limit: int = 300) -> str:
-    """An upstream's message, on one line and bounded: it goes into /status and logs."""
+#: How much of an upstream's own message a typed error keeps. Far more than any output shows: outputs scrub the
+#: config's secrets first and cut to 300 characters after (`aggregator.ops.health.redact`), so that a secret an
+#: upstream echoes is never cut in two here, where its first part would escape the scrub.
+DETAIL_CHARS = 4000
+
+
+def clip(text: str, limit: int = DETAIL_CHARS) -> str:
+    """An upstream's message, on one line and bounded in memory; outputs scrub it, then cut it shorter."""
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 
 from aggregator.api import create_app
 from aggregator.cli import main as cli
@@ -128,3 +129,55 @@ def test_explain_command(tmp_path: Path, capsys):
     assert cli(["explain", "--config", str(config), "--kb", "demo", "--json", QUERY]) == 0
     assert json.loads(capsys.readouterr().out)["records"][0]["title"] == "Key rotation"
     assert cli(["explain", "--config", str(config), "--kb", "demo", "--filter", "{nope", QUERY]) == 2
+
+
+def echoing_upstream() -> FastAPI:
+    """An upstream that fails, and whose error repeats the key it was sent, late in a long message."""
+    app = FastAPI()
+
+    @app.api_route("/{path:path}", methods=["GET", "POST"])
+    async def fail(request: Request) -> JSONResponse:
+        key = request.headers.get("x-api-key", "")
+        return JSONResponse({"message": "upstream trouble " + "." * 200 + f" while checking key {key}"}, status_code=500)
+
+    return app
+
+
+def test_explain_scrubs_secrets_before_it_clips(tmp_path: Path):
+    """A password in a source's URL and a key an upstream echoes are scrubbed from explain as from /status, whole:
+    the secret sits across the 300-character cut, so clipping before scrubbing would leave its first part."""
+    from pydantic import SecretStr
+
+    password, key = "pa55word-of-the-partner", "KEY-0123456789abcdef-echoed"
+    with serve(echoing_upstream()) as upstream:
+        port = upstream.rsplit(":", 1)[1]
+        http_source = (
+            f"echo:\n  type: http\n  url: {upstream}/search?q={{query}}\n  headers: {{X-Api-Key: {key}}}\n"
+            "  results: items\n  record: {content: text}\n"
+        )
+        partner = dify_source("partner", f"http://gw:{password}@127.0.0.1:{port}")
+        config = make_config(write_docs(tmp_path / "docs"), partner + http_source, kb_connectors="[docs, partner, echo]")
+        config.server.ops_token = SecretStr("ops-token-123")
+        with serve(create_app(lambda: config)) as url:
+            wait_ready(url)
+            ops = {"Authorization": "Bearer ops-token-123"}
+            answer = httpx.get(url + "/explain", params={"q": QUERY, "format": "json"}, headers=ops)
+            page = httpx.get(url + "/explain", params={"q": QUERY}, headers=ops)
+            status = httpx.get(url + "/status", headers=ops)
+    errors = {s["name"]: s["error"] for s in answer.json()["sources"]}
+    assert errors["partner"] and errors["echo"] and "***" in errors["partner"] and "***" in errors["echo"], errors
+    assert max(len(e) for e in errors.values() if e) <= 300
+    for text in (answer.text, page.text, status.text):
+        assert password not in text and key[:12] not in text
+    config_file = tmp_path / "connectors.yaml"
+    config_file.write_text(
+        f"server:\n  api_keys: [{{key: {KEY}}}]\nknowledge_bases:\n  demo: {{connectors: [partner]}}\n"
+        f"connectors:\n  partner: {{type: dify, endpoint: 'http://gw:{password}@127.0.0.1:9', api_key: k, knowledge_id: x}}\n"
+    )
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli(["explain", "--config", str(config_file), "--kb", "demo", QUERY]) == 0
+    assert "partner (dify): error" in out.getvalue() and password not in out.getvalue()
