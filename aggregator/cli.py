@@ -283,7 +283,7 @@ async def _check(args: argparse.Namespace) -> int:
             failed += state != "ok"
             rows.append((name, state, f"{result.elapsed_ms:.0f} ms", str(len(result.passages)), error))
             if result.passages:
-                firsts.append(redact(format_first_record(slot.connector, result.passages[0]), secrets) or "")
+                firsts.append(format_first_record(slot.connector, result.passages[0], secrets))
     finally:
         await gateway.aclose()
     width = max([len("source")] + [len(r[0]) for r in rows])
@@ -297,14 +297,17 @@ async def _check(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def format_first_record(connector, passage) -> str:  # type: ignore[no-untyped-def]
-    """One source's first passage as the gateway will see it: title, score, text and metadata (indented)."""
+def format_first_record(connector, passage, secrets: Sequence[str] = ()) -> str:  # type: ignore[no-untyped-def]
+    """One source's first passage as the gateway will see it: title, score, text and metadata (indented).
+    Each part is scrubbed of the config's secrets before it is cut short, as every output is."""
     from connectors.base import record_metadata
 
-    metadata = json.dumps(record_metadata(passage, connector.name, connector.type), ensure_ascii=False, default=str)
-    text = " ".join(passage.content.split())
+    from .ops.health import redact
+
+    metadata = redact(json.dumps(record_metadata(passage, connector.name, connector.type), ensure_ascii=False, default=str), secrets, None) or ""
+    text = redact(" ".join(passage.content.split()), secrets, None) or ""
     return "\n".join([
-        f"  {connector.name}: {passage.title!r}  source_score={passage.source_score}  source_rank={passage.source_rank}",
+        f"  {connector.name}: {redact(repr(passage.title), secrets, None)}  source_score={passage.source_score}  source_rank={passage.source_rank}",
         f"      {text[:200] + ('…' if len(text) > 200 else '')}",
         f"      metadata: {metadata[:400] + ('…' if len(metadata) > 400 else '')}",
     ])  # fmt: skip

@@ -145,6 +145,8 @@ class HttpClient:
         auth_given: bool = False, proxies: Proxies | None = None,
     ) -> None:  # fmt: skip
         self.base_url = base_url.rstrip("/")
+        #: Absolute URLs (links an upstream hands back) must stay here: the client's credentials go with them.
+        self.origin = _origin(URL(self.base_url)) if self.base_url else None
         self.headers = headers
         self.auth_given = auth_given
         self.timeout = aiohttp.ClientTimeout(total=None, connect=timeout_s, sock_connect=timeout_s, sock_read=timeout_s)
@@ -165,7 +167,9 @@ class HttpClient:
 
     def url(self, url: str, params: Mapping[str, Any] | None = None) -> tuple[URL, str | None]:
         """`url` made absolute against the base URL (httpx's rule: the path is appended), with `params` added;
-        and the Basic `Authorization` that credentials written into it stand for (they leave the URL)."""
+        and the Basic `Authorization` that credentials written into it stand for (they leave the URL).
+        An absolute URL on another origin than the base URL's is refused (BadResponse): a client carries its
+        source's credentials, and a link an upstream hands back (a next page) may not take them elsewhere."""
         if params:
             url += ("&" if "?" in url else "?") + urlencode({k: _param(v) for k, v in params.items()})
         found = self._urls.get(url)
@@ -175,6 +179,8 @@ class HttpClient:
                 parsed = URL(absolute)
             except (ValueError, TypeError):
                 raise BadResponse(f"{url!r} is not a valid URL") from None
+            if self.origin is not None and _origin(parsed) != self.origin:
+                raise BadResponse(f"a link to {public_origin(parsed)} is not followed: it leaves {public_origin(URL(self.base_url))}")
             userinfo = parsed.user is not None or parsed.password is not None
             found = (parsed.with_user(None), basic_auth(parsed.user or "", parsed.password or "")) if userinfo else (parsed, None)
             if len(self._urls) >= _URLS_CACHED:
@@ -199,6 +205,19 @@ class HttpClient:
         session, self._session = self._session, None
         if session is not None:
             await session.close()
+
+
+def _origin(url: URL) -> tuple[str, str | None, int | None]:
+    """Scheme, host and port (the scheme's default when not written): what makes two URLs the same server."""
+    return url.scheme, (url.host or "").lower() or None, url.port
+
+
+def public_origin(url: URL) -> str:
+    """Where a URL points, for messages: scheme, host and port only."""
+    try:
+        return str(url.origin())
+    except ValueError:
+        return "a URL without a host"
 
 
 def _param(value: Any) -> str:
