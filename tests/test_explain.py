@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from pydantic import SecretStr
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
@@ -41,17 +42,20 @@ def partner_app() -> FastAPI:
 def gateway_url(tmp_path: Path):
     with serve(partner_app()) as partner:
         config = make_config(write_docs(tmp_path / "docs"), dify_source("partner", partner), kb_connectors="[docs, partner]")
+        config.server.ops_token = SecretStr(OPS_TOKEN)
         with serve(create_app(lambda: config)) as url:
             wait_ready(url)
             yield url
 
 
+OPS_TOKEN = "ops-token-123"
+OPS = {"Authorization": f"Bearer {OPS_TOKEN}"}
 FILTER = {"conditions": [{"name": "title", "comparison_operator": "not contains", "value": "archived"}]}
 PARAMS = {"kb": "demo", "q": QUERY, "top_k": "3", "threshold": "0.45", "filter": json.dumps(FILTER)}
 
 
 def test_explain_json_shows_the_filter_the_duplicate_and_the_cut(gateway_url: str):
-    data = httpx.get(gateway_url + "/explain", params={**PARAMS, "format": "json"}).json()
+    data = httpx.get(gateway_url + "/explain", params={**PARAMS, "format": "json"}, headers=OPS).json()
     assert set(data) >= {"knowledge_id", "query", "sources", "passages", "records", "ms"}
     sources = {s["name"]: s for s in data["sources"]}
     assert sources["partner"]["outcome"] == "ok" and sources["docs"]["outcome"] == "ok"
@@ -69,7 +73,7 @@ def test_explain_json_shows_the_filter_the_duplicate_and_the_cut(gateway_url: st
 
 
 def test_explain_ranks_exactly_as_the_retrieval_does(gateway_url: str):
-    explained = httpx.get(gateway_url + "/explain", params={**PARAMS, "format": "json"}).json()["records"]
+    explained = httpx.get(gateway_url + "/explain", params={**PARAMS, "format": "json"}, headers=OPS).json()["records"]
     body = {"knowledge_id": "demo", "query": QUERY, "retrieval_setting": {"top_k": 3, "score_threshold": 0.45}, "metadata_condition": FILTER}
     answered = httpx.post(gateway_url + "/retrieval", json=body, headers={"Authorization": f"Bearer {KEY}"}).json()["records"]
     assert [(r["title"], r["score"]) for r in explained] == [(r["title"], r["score"]) for r in answered]
@@ -78,12 +82,12 @@ def test_explain_ranks_exactly_as_the_retrieval_does(gateway_url: str):
 
 
 def test_explain_page_errors_are_shown_not_raised(gateway_url: str):
-    page = httpx.get(gateway_url + "/explain")
+    page = httpx.get(gateway_url + "/explain", headers=OPS)
     assert page.status_code == 200 and "<form" in page.text and "<script" not in page.text
-    bad = httpx.get(gateway_url + "/explain", params={**PARAMS, "top_k": "many"})
+    bad = httpx.get(gateway_url + "/explain", params={**PARAMS, "top_k": "many"}, headers=OPS)
     assert bad.status_code == 400 and "retrieval_setting.top_k" in bad.text and "<form" in bad.text
-    assert httpx.get(gateway_url + "/explain", params={**PARAMS, "filter": "{oops", "format": "json"}).json()["error_code"] == 3001
-    assert httpx.get(gateway_url + "/explain", params={**PARAMS, "kb": "nope", "format": "json"}).status_code == 404
+    assert httpx.get(gateway_url + "/explain", params={**PARAMS, "filter": "{oops", "format": "json"}, headers=OPS).json()["error_code"] == 3001
+    assert httpx.get(gateway_url + "/explain", params={**PARAMS, "kb": "nope", "format": "json"}, headers=OPS).status_code == 404
 
 
 def test_explain_needs_ops_access(tmp_path: Path):
@@ -91,26 +95,25 @@ def test_explain_needs_ops_access(tmp_path: Path):
     config.server.ops_token = None
     with serve(create_app(lambda: config)) as url:
         wait_ready(url)
-        assert httpx.get(url + "/explain", params={"q": "keys"}).status_code == 200  # loopback
-    from pydantic import SecretStr
-
+        assert httpx.get(url + "/explain", params={"q": "keys"}, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200  # loopback
     config.server.ops_token = SecretStr("ops-token-123")
     with serve(create_app(lambda: config)) as url:
         wait_ready(url)
         assert httpx.get(url + "/explain", params={"q": "keys"}).status_code == 403
-        assert httpx.get(url + "/explain", params={"q": "keys", "token": "ops-token-123"}).status_code == 200
+        assert httpx.get(url + "/explain", params={"q": "keys", "token": "ops-token-123"}, follow_redirects=True).status_code == 200
+        assert httpx.get(url + "/explain", params={"q": "keys"}, headers={"Authorization": "Bearer ops-token-123"}).status_code == 200
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (.ci/run installs Debian's chromium)")
 def test_a_person_sees_why_a_passage_did_not_show_up(tmp_path: Path, gateway_url: str):
-    url = gateway_url + "/explain?" + httpx.QueryParams(PARAMS).__str__()
+    url = gateway_url + "/explain?" + httpx.QueryParams({**PARAMS, "token": OPS_TOKEN}).__str__()  # traded for a cookie
     dom = chromium(tmp_path, "--dump-dom", url).stdout
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "explain-page.png"
     chromium(tmp_path, f"--screenshot={shot}", "--window-size=1280,1000", url)
     assert re.search(r'<input name="q" value="rotate the signing keys"', dom), "the query stays in the form"
     assert "removed by metadata_condition" in dom and "below threshold" in dom and "merged into" in dom
-    records = httpx.get(gateway_url + "/explain", params={**PARAMS, "format": "json"}).json()["records"]
+    records = httpx.get(gateway_url + "/explain", params={**PARAMS, "format": "json"}, headers=OPS).json()["records"]
     assert len(re.findall(r'<tr class="record">', dom)) == len(records) >= 1, "the records Dify gets are marked"
     assert len(re.findall(r'<tr class="cut">', dom)) == 1, "one line marks the cut"
     assert shot.exists() and shot.stat().st_size > 5000
@@ -146,7 +149,6 @@ def echoing_upstream() -> FastAPI:
 def test_explain_scrubs_secrets_before_it_clips(tmp_path: Path):
     """A password in a source's URL and a key an upstream echoes are scrubbed from explain as from /status, whole:
     the secret sits across the 300-character cut, so clipping before scrubbing would leave its first part."""
-    from pydantic import SecretStr
 
     password, key = "pa55word-of-the-partner", "KEY-0123456789abcdef-echoed"
     with serve(echoing_upstream()) as upstream:
@@ -181,3 +183,22 @@ def test_explain_scrubs_secrets_before_it_clips(tmp_path: Path):
     with contextlib.redirect_stdout(out):
         assert cli(["explain", "--config", str(config_file), "--kb", "demo", QUERY]) == 0
     assert "partner (dify): error" in out.getvalue() and password not in out.getvalue()
+
+
+def test_without_an_ops_token_explain_shows_what_the_callers_api_key_may_read(tmp_path: Path):
+    """Being on this host is not enough to read every knowledge base: /explain wants an API key and keeps to its scope."""
+    from .conftest import SCOPED_KEY
+
+    config = make_config(write_docs(tmp_path / "docs"))
+    with serve(create_app(lambda: config)) as url:
+        wait_ready(url)
+        ask = lambda kb, headers: httpx.get(url + "/explain", params={"q": "keys", "kb": kb, "format": "json"}, headers=headers)  # noqa: E731
+        assert ask("demo", {}).status_code == 403 and ask("demo", {}).json()["error_code"] == 1001
+        scoped = {"Authorization": f"Bearer {SCOPED_KEY}"}
+        assert ask("other", scoped).status_code == 200
+        for kb in ("demo", "no-such-kb"):
+            assert ask(kb, scoped).status_code == 403 and ask(kb, scoped).json()["error_code"] == 1002, kb
+        page = httpx.get(url + "/explain", headers=scoped).text
+        assert 'value="other"' in page and 'value="demo"' not in page, "the form offers only what the key may read"
+        assert ask("demo", {"Authorization": f"Bearer {KEY}"}).status_code == 200
+        assert ask("demo", {"Authorization": "Bearer wrong"}).status_code == 403

@@ -161,7 +161,6 @@ def _form(knowledge_bases: list[str], values: dict[str, str]) -> str:
     options = "".join(
         f'<option value="{escape(kb)}"{" selected" if kb == values.get("kb") else ""}>{escape(kb)}</option>' for kb in knowledge_bases
     )
-    token = f'<input type="hidden" name="token" value="{escape(values["token"])}">' if values.get("token") else ""
     return (
         '<form method="get" action="/explain">'
         f'<label>Knowledge base<select name="kb">{options}</select></label>'
@@ -169,7 +168,7 @@ def _form(knowledge_bases: list[str], values: dict[str, str]) -> str:
         f'<label>top_k<input class="small" name="top_k" value="{escape(values.get("top_k", "5"))}"></label>'
         f'<label>score_threshold<input class="small" name="threshold" value="{escape(values.get("threshold", "0"))}"></label>'
         f'<label>metadata_condition (JSON, optional)<input name="filter" value="{escape(values.get("filter", ""))}"></label>'
-        f"{token}<button type=\"submit\">Explain</button></form>"
+        '<button type="submit">Explain</button></form>'
     )
 
 

@@ -40,6 +40,17 @@ class RetrievalAccessLines(logging.Filter):
         return True
 
 
+class NoQueryStrings(logging.Filter):
+    """Cuts the query string off uvicorn's access lines: on the ops routes it holds what no log should (`?token=`,
+    and `q=` of /explain even when `server.log_queries` is off); the retrieval has none."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str) and "?" in args[2]:
+            record.args = (args[0], args[1], args[2].partition("?")[0], args[3], args[4])
+        return True
+
+
 def configure_logging(level: str = "info", fmt: str = "text") -> None:
     handler = logging.StreamHandler()
     if fmt == "json":
@@ -53,5 +64,6 @@ def configure_logging(level: str = "info", fmt: str = "text") -> None:
     # carry a credential (an `http` source's ?api_key=${KEY}). Its warnings still come through.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, root.level))
     uvicorn_access = logging.getLogger("uvicorn.access")
-    if not any(isinstance(f, RetrievalAccessLines) for f in uvicorn_access.filters):
-        uvicorn_access.addFilter(RetrievalAccessLines())
+    for kind in (RetrievalAccessLines, NoQueryStrings):
+        if not any(isinstance(f, kind) for f in uvicorn_access.filters):
+            uvicorn_access.addFilter(kind())
