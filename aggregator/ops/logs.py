@@ -10,6 +10,10 @@ from typing import Any
 from ..models import RETRIEVAL_PATHS
 
 
+#: Third-party loggers that write credentials at debug level (see configure_logging).
+CREDENTIAL_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3", "httpcore", "aiohttp.client", "aiobotocore")
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line; a record's `fields` (from `extra=`) become top-level keys."""
 
@@ -63,6 +67,11 @@ def configure_logging(level: str = "info", fmt: str = "text") -> None:
     # httpx logs every request's full URL at INFO: noise per source call, and a URL's query string may
     # carry a credential (an `http` source's ?api_key=${KEY}). Its warnings still come through.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, root.level))
+    # Libraries that print credentials at debug: botocore its canonical request and signed headers (S3 access
+    # key id, session token), urllib3, httpcore and aiohttp's client headers and URLs. `--log-level debug` is
+    # for the gateway's own lines; these stay at info or above whatever it says.
+    for name in CREDENTIAL_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.INFO, root.level))
     uvicorn_access = logging.getLogger("uvicorn.access")
     for kind in (RetrievalAccessLines, NoQueryStrings):
         if not any(isinstance(f, kind) for f in uvicorn_access.filters):
