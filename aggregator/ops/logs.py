@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from datetime import datetime, timezone
 from typing import Any
 
@@ -12,6 +13,25 @@ from ..models import RETRIEVAL_PATHS
 
 #: Third-party loggers that write credentials at debug level (see configure_logging).
 CREDENTIAL_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3", "httpcore", "aiohttp.client", "aiobotocore")
+
+
+#: Characters that end or rewrite a line on a terminal or in a log pipeline: C0 and C1 controls, DEL, and
+#: Unicode's line and paragraph separators.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape_controls(text: str) -> str:
+    """`text` on one line: control characters written as Python escapes (`\\n`, `\\x1b`), so that a file name or
+    a request path holding a newline cannot forge a log line of its own."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+class TextFormatter(logging.Formatter):
+    """The readable line format, with the message's control characters escaped (tracebacks keep their lines)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
 
 
 class JsonFormatter(logging.Formatter):
@@ -60,7 +80,7 @@ def configure_logging(level: str = "info", fmt: str = "text") -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -1,0 +1,50 @@
+"""Findings of a hostile review (issue 23) that have no better home: log lines, hard links, slow connections."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+from aggregator.ops.logs import configure_logging
+from connectors.base import SourceQuery
+from connectors.files import FilesConnector, FilesSettings
+
+
+@contextlib.contextmanager
+def gateway_log(level: str = "info") -> Iterator[io.StringIO]:
+    """What `aggregator serve` would write to its terminal, in text format; logging is put back as it was."""
+    root = logging.getLogger()
+    handlers, root_level = root.handlers[:], root.level
+    levels = {name: logging.getLogger(name).level for name in list(logging.root.manager.loggerDict)}
+    output = io.StringIO()
+    try:
+        configure_logging(level)
+        root.handlers[0].setStream(output)  # type: ignore[attr-defined]
+        yield output
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(root_level)
+        for name, value in levels.items():
+            logging.getLogger(name).setLevel(value)
+
+
+async def test_a_file_name_cannot_forge_a_log_line(tmp_path: Path):
+    """A file name holding a newline (and a terminal escape) is written on its own line's terms, escaped."""
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not for the index")
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "guide.md").write_text("# Guide\n\nSomething to index.")
+    forged = "evil.md\n2026-12-04 00:00:00,000 INFO aggregator.access: retrieval id=forged kb=demo\x1b[2K"
+    (folder / f"{forged}.md").symlink_to(outside)  # skipped, and named in a warning
+    with gateway_log() as output:
+        async with FilesConnector("docs", FilesSettings(path=folder, watch=False)) as docs:
+            await docs.wait_ready(5)
+            await docs.search(SourceQuery("guide", 5))
+    lines = output.getvalue().splitlines()
+    warning = [line for line in lines if "lead outside the folder" in line]
+    assert len(warning) == 1 and "evil.md\\n2026-12-04" in warning[0] and "\\x1b[2K" in warning[0], lines
+    assert not any(line.startswith("2026-12-04 00:00:00,000") for line in lines), "no line of its own"
