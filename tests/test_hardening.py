@@ -48,3 +48,23 @@ async def test_a_file_name_cannot_forge_a_log_line(tmp_path: Path):
     warning = [line for line in lines if "lead outside the folder" in line]
     assert len(warning) == 1 and "evil.md\\n2026-12-04" in warning[0] and "\\x1b[2K" in warning[0], lines
     assert not any(line.startswith("2026-12-04 00:00:00,000") for line in lines), "no line of its own"
+
+
+async def test_hard_links_are_skipped_when_the_config_asks(tmp_path: Path):
+    """A hard link to a file outside the folder passes the real-path check; `hard_links: false` refuses it."""
+    outside = tmp_path / "private.txt"
+    outside.write_text("root password hint: hunter2")
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "guide.md").write_text("# Guide\n\nA password policy guide.")
+    (folder / "planted.md").hardlink_to(outside)
+    async with FilesConnector("docs", FilesSettings(path=folder, watch=False)) as docs:
+        await docs.wait_ready(5)
+        found = {p.document_id for p in await docs.search(SourceQuery("password hint", 10))}
+    assert found == {"guide.md", "planted.md"}, "by default a hard link is indexed: the documented limit"
+    async with FilesConnector("docs", FilesSettings(path=folder, watch=False, hard_links=False)) as docs:
+        await docs.wait_ready(5)
+        found = {p.document_id for p in await docs.search(SourceQuery("password hint", 10))}
+        stats = docs.stats()
+        assert docs._read("planted.md") is None, "checked again when the file is read"
+    assert found == {"guide.md"} and stats.skipped_paths == ["planted.md"]
