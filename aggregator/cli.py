@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -32,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default=os.environ.get("AGGREGATOR_LOG_LEVEL", "info"))
     serve.add_argument("--workers", type=int, default=1, help="worker processes (they share the indexes under state_dir; one syncs each)")
     serve.add_argument("--log-format", choices=["text", "json"], default=os.environ.get("AGGREGATOR_LOG_FORMAT", "text"))
+    serve.add_argument("--header-timeout", type=float, default=10.0, help="seconds a client has to send a request's headers (10)")
+    serve.add_argument("--max-connections", type=int, default=512, help="connections open at once, per worker; more are closed (512)")
 
     check = commands.add_parser("check", help="send a real query to every source; exit 1 if any fails")
     _config_arg(check)
@@ -79,6 +82,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .api import create_app
     from .collector import settle_for_serving
     from .ops.tracing import Tracing, TracingConfigError
+    from .protocol import BoundedHttpProtocol
 
     if _load_or_report(args.config) is None:
         return 1
@@ -91,7 +95,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     path = resolve_config_path(args.config).resolve()
     # Keep-alive longer than uvicorn's 5 s: clients (Dify, proxies) reuse connections, and a server that
     # closes an idle one just as a client reuses it turns a good request into a connection error.
-    common = {"host": args.host, "port": args.port, "log_level": args.log_level.lower(), "log_config": None, "timeout_keep_alive": 75}
+    # uvicorn times out neither a request head that never completes nor the number of connections: see aggregator/protocol.py.
+    http = functools.partial(BoundedHttpProtocol, header_timeout_s=args.header_timeout, max_connections=args.max_connections)
+    common = {
+        "host": args.host, "port": args.port, "log_level": args.log_level.lower(), "log_config": None, "timeout_keep_alive": 75,
+        "http": http,
+    }  # fmt: skip
     if args.workers <= 1:
         app = create_app(config_path=path, tracing=tracing)
         settle_for_serving()

@@ -68,3 +68,62 @@ async def test_hard_links_are_skipped_when_the_config_asks(tmp_path: Path):
         stats = docs.stats()
         assert docs._read("planted.md") is None, "checked again when the file is read"
     assert found == {"guide.md"} and stats.skipped_paths == ["planted.md"]
+
+
+def test_connections_that_never_finish_their_headers_are_closed_and_capped(tmp_path: Path):
+    """`aggregator serve` closes a connection whose request head is not complete in time (silent, or dripping
+    headers), and closes at once a connection over the cap, so descriptors cannot run out before a key check."""
+    import socket
+    import time
+
+    import httpx
+
+    from .conftest import DOCS, write_docs
+    from .loopback import serve_cli
+
+    folder = write_docs(tmp_path / "docs", DOCS)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"server:\n  api_keys: [{{key: k-123456}}]\nknowledge_bases:\n  demo: {{connectors: [docs]}}\nconnectors:\n  docs: {{type: files, path: {folder}}}\n")
+    with serve_cli("--config", str(config), "--header-timeout", "1", "--max-connections", "4") as (url, _):
+        port = int(url.rsplit(":", 1)[1])
+        silent, dripping = socket.create_connection(("127.0.0.1", port)), socket.create_connection(("127.0.0.1", port))
+        started = time.monotonic()
+        dripping.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        for sock in (silent, dripping):
+            sock.settimeout(0.2)
+        closed: dict[str, float] = {}
+        while len(closed) < 2 and time.monotonic() - started < 8:
+            for name, sock in (("silent", silent), ("dripping", dripping)):
+                if name in closed:
+                    continue
+                try:
+                    if name == "dripping":
+                        sock.sendall(b"X-Drip: 1\r\n")
+                    if sock.recv(1024) == b"":
+                        closed[name] = time.monotonic() - started
+                except TimeoutError:
+                    pass
+                except OSError:  # reset, or a broken pipe while dripping: closed by the server too
+                    closed[name] = time.monotonic() - started
+        assert set(closed) == {"silent", "dripping"} and all(0.8 <= t < 4 for t in closed.values()), closed
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]  # the cap, silently open
+        try:
+            extra = socket.create_connection(("127.0.0.1", port))
+            extra.settimeout(3)
+            extra.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            try:
+                assert extra.recv(1024) == b"", "over the cap: closed without an answer"
+            except ConnectionResetError:
+                pass
+        finally:
+            for sock in held:
+                sock.close()
+        deadline = time.monotonic() + 5  # the server sees the closes on its next turn: wait for it, not a fixed time
+        while True:
+            try:
+                if httpx.get(url + "/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "served again once they are gone"
+            time.sleep(0.05)
