@@ -165,11 +165,18 @@ class HttpClient:
             )  # fmt: skip
         return self._session
 
-    def url(self, url: str, params: Mapping[str, Any] | None = None) -> tuple[URL, str | None]:
+    def url(self, url: str | URL, params: Mapping[str, Any] | None = None) -> tuple[URL, str | None]:
         """`url` made absolute against the base URL (httpx's rule: the path is appended), with `params` added;
         and the Basic `Authorization` that credentials written into it stand for (they leave the URL).
         An absolute URL on another origin than the base URL's is refused (BadResponse): a client carries its
-        source's credentials, and a link an upstream hands back (a next page) may not take them elsewhere."""
+        source's credentials, and a link an upstream hands back (a next page) may not take them elsewhere.
+        A `yarl.URL` is taken as the caller built it (absolute, already encoded: nothing is normalised)."""
+        if isinstance(url, URL):
+            if not url.is_absolute() or params:
+                raise ValueError("a yarl.URL is given absolute and complete")
+            if self.origin is not None and _origin(url) != self.origin:
+                raise BadResponse(f"a link to {public_origin(url)} is not followed: it leaves {public_origin(URL(self.base_url))}")
+            return (url.with_user(None), basic_auth(url.user or "", url.password or "")) if url.user is not None else (url, None)
         if params:
             url += ("&" if "?" in url else "?") + urlencode({k: _param(v) for k, v in params.items()})
         found = self._urls.get(url)
@@ -189,7 +196,7 @@ class HttpClient:
         return found
 
     def build_request(
-        self, method: str, url: str, *, params: Mapping[str, Any] | None = None, json: Any = None, content: bytes | None = None,
+        self, method: str, url: str | URL, *, params: Mapping[str, Any] | None = None, json: Any = None, content: bytes | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> Request:  # fmt: skip
         merged = {**self.headers, **(headers or {})}
@@ -388,7 +395,7 @@ DescribeError = Callable[[int, Any, str], "str | None"]
 
 
 async def request_json(
-    client: HttpClient, method: str, url: str, what: str, max_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+    client: HttpClient, method: str, url: str | URL, what: str, max_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     *, describe_error: DescribeError | None = None, decode: Callable[[bytes, str], Any] = decode_json, **kwargs: Any,
 ) -> Any:  # fmt: skip
     """Send, check, bound and decode in one call: the usual path for a JSON API.
