@@ -26,6 +26,7 @@ from urllib.parse import urlencode
 
 import msgspec
 from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -251,7 +252,8 @@ def create_app(load: Callable[[], GatewayConfig] | None = None, config_path: Pat
         finally:
             await service.aclose()
 
-    app = GatewayApp(title="Dify knowledge gateway", version="0.1.0", lifespan=lifespan)
+    # The API's documents are served below, behind ops access like /status: Dify needs none of them.
+    app = GatewayApp(title="Dify knowledge gateway", version="0.1.0", lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
     app.state.service = service
 
     @app.exception_handler(StarletteHTTPException)
@@ -364,6 +366,24 @@ def create_app(load: Callable[[], GatewayConfig] | None = None, config_path: Pat
     app.router.add_route("/retrieval", retrieval, methods=["POST"], include_in_schema=False)
     # Dify appends "/retrieval" to the endpoint as text: an endpoint saved with a trailing slash posts here.
     app.router.add_route("//retrieval", retrieval, methods=["POST"], include_in_schema=False)
+
+    def docs_denied(request: Request) -> Response | None:
+        """/openapi.json, /docs and /redoc: ops access, as /status (they name no knowledge base, but Dify needs none)."""
+        if service.gateway is None:
+            return error(503, 5003, "the service is starting; try again shortly")
+        return ops_denied(request, service.gateway.config) or token_to_cookie(request, service.gateway.config)
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi_document(request: Request) -> Response:
+        return docs_denied(request) or JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger(request: Request) -> Response:
+        return docs_denied(request) or get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - Swagger UI")
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(request: Request) -> Response:
+        return docs_denied(request) or get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc")
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -266,3 +266,16 @@ def test_a_request_a_proxy_forwarded_is_not_local(folder: Path, header: dict[str
             response = local.get(path, headers=header)
             assert response.status_code == 403 and response.json()["error_code"] == 1001, (path, header)
         assert local.get("/status").status_code == 200
+
+
+def test_the_api_documents_are_ops_routes(folder: Path):
+    """/openapi.json, /docs and /redoc answer whom /status answers: loopback callers, or holders of the ops token."""
+    with client_for(config_text(folder), client=("203.0.113.7", 4000)) as remote:
+        for path in ("/openapi.json", "/docs", "/redoc"):
+            assert remote.get(path).status_code == 403, path
+    with client_for(config_text(folder), client=("127.0.0.1", 4000)) as local:
+        assert "/retrieval" in local.get("/openapi.json").json()["paths"]
+        assert "swagger-ui" in local.get("/docs").text and "redoc" in local.get("/redoc").text
+    with client_for(config_text(folder, extra_server=f"  ops_token: {OPS}"), client=("203.0.113.7", 4000)) as remote:
+        assert remote.get("/openapi.json", headers={"Authorization": f"Bearer {OPS}"}).status_code == 200
+        assert remote.get(f"/docs?token={OPS}").status_code == 200, "traded for the cookie, as on the pages"
