@@ -1,0 +1,146 @@
+"""The rerank model through the running service: its order wins, its failures fall back to the fusion, the
+deadline holds, and its outcome shows like a source's (X-Sources, /status, metrics, the log line, explain)."""
+
+from __future__ import annotations
+
+import logging
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from aggregator.api import create_app
+from aggregator.config import parse_config
+
+from .conftest import KEY, write_docs
+from .fakes import rerank as fake_rerank
+from .loopback import serve
+
+MODEL_KEY = "cohere-secret-key-for-tests"
+QUERY = "signing keys rotation 签名密钥"  # a bilingual user: the fusion puts the English page first
+
+
+@pytest.fixture(scope="module")
+def model() -> Iterator[tuple[str, fake_rerank.FakeRerank]]:
+    state = fake_rerank.FakeRerank()
+    with serve(fake_rerank.app(state)) as url:
+        yield url, state
+
+
+@pytest.fixture
+def gateway(model, tmp_path: Path) -> Iterator[tuple[str, fake_rerank.FakeRerank]]:
+    """`demo` with a Cohere-shaped model (a 1 s budget in a 2 s deadline); `plain`: the same source, no model."""
+    url, state = model
+    state.reset()
+    state.api_key = MODEL_KEY
+    text = f"""
+    server:
+      api_keys: [{{key: {KEY}}}]
+      deadline_s: 2.0
+      cache_ttl_s: 0
+      rerank:
+        provider: cohere
+        url: {url}/cohere
+        model: rerank-v3.5
+        api_key: ${{COHERE_KEY}}
+        timeout_s: 1.0
+    knowledge_bases:
+      demo: {{connectors: [docs]}}
+      plain:
+        connectors: [docs]
+        rerank: {{enabled: false}}
+    connectors:
+      docs: {{type: files, path: {write_docs(tmp_path / "docs")}}}
+    """
+    config = parse_config(textwrap.dedent(text), {"COHERE_KEY": MODEL_KEY})
+    with serve(create_app(lambda: config)) as base:
+        deadline = time.monotonic() + 20
+        while httpx.get(base + "/readyz").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        yield base, state
+    state.reset()
+
+
+def retrieve(base: str, kb: str = "demo", threshold: float = 0.0, top_k: int = 5) -> httpx.Response:
+    body = {"knowledge_id": kb, "query": QUERY, "retrieval_setting": {"top_k": top_k, "score_threshold": threshold}}
+    return httpx.post(base + "/retrieval", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
+
+
+def titles(response: httpx.Response) -> list[str]:
+    return [r["title"] for r in response.json()["records"]]
+
+
+def stage_status(base: str) -> dict:
+    return next(s for s in httpx.get(base + "/status").json()["sources"] if s["name"] == "rerank")
+
+
+def test_the_models_order_and_scores_win_and_a_threshold_cuts_on_them(gateway, caplog):
+    base, state = gateway
+    # The model prefers the Chinese page the fusion puts second, and finds nothing else relevant.
+    state.relevance = {"签名密钥": 0.93, "signing keys": 0.41}
+    plain = retrieve(base, "plain")
+    assert titles(plain) == ["Key rotation", "签名密钥轮换"]
+    with caplog.at_level(logging.INFO, logger="aggregator.access"):
+        response = retrieve(base, threshold=0.2)
+    assert response.status_code == 200 and response.headers["X-Sources"] == "docs=ok;rerank=ok"
+    records = response.json()["records"]
+    assert [(r["title"], r["score"]) for r in records] == [("签名密钥轮换", 0.93), ("Key rotation", 0.41)]
+    detail = records[1]["metadata"]["score_detail"]
+    assert detail["rerank"] == 0.41 and detail["fused"] == plain.json()["records"][0]["score"] and detail["bm25"] > 0
+    _, headers, body = state.requests[-1]
+    assert body["query"] == QUERY and body["model"] == "rerank-v3.5" and len(body["documents"]) == len(plain.json()["records"])
+    assert headers["authorization"] == f"Bearer {MODEL_KEY}"
+    assert any("rerank=ok:" in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+    assert all(MODEL_KEY not in r.getMessage() for r in caplog.records)
+    stage = stage_status(base)
+    assert stage["type"] == "rerank-model" and stage["state"] == "ok" and stage["calls"]["ok"] == 1
+    metrics = httpx.get(base + "/metrics").text
+    assert 'gateway_source_calls_total{outcome="ok",source="rerank"} 1.0' in metrics
+    page = httpx.get(base + "/")
+    assert page.status_code == 200 and "rerank-model" in page.text
+    assert titles(retrieve(base, threshold=0.5)) == ["签名密钥轮换"], "the threshold cuts on the model's relevance"
+
+
+@pytest.mark.parametrize(("fault", "outcome"), [("fail", "error"), ("malformed", "error"), ("rate_limit", "rate_limited"), ("key", "auth_failed")])
+def test_a_failing_model_falls_back_to_the_fusion_with_the_outcome_shown(gateway, fault, outcome):
+    base, state = gateway
+    state.relevance = {"签名密钥": 0.93}
+    if fault == "fail":
+        state.fail_next = 1
+    elif fault == "malformed":
+        state.malformed = True
+    elif fault == "rate_limit":
+        state.rate_limit_next, state.retry_after = 1, "30"
+    else:
+        state.api_key = "rotated"
+    response = retrieve(base)
+    assert response.status_code == 200 and response.headers["X-Sources"] == f"docs=ok;rerank={outcome}"
+    assert response.json()["records"] == retrieve(base, "plain").json()["records"], "the fusion's order and scores, untouched"
+    stage = stage_status(base)
+    assert stage["calls"][outcome] == 1 and stage["state"] in ("degraded", "auth_failed")
+    assert stage["last_error"]["message"] and MODEL_KEY not in httpx.get(base + "/status").text
+    assert f'gateway_source_calls_total{{outcome="{outcome}",source="rerank"}} 1.0' in httpx.get(base + "/metrics").text
+
+
+def test_a_hung_model_costs_its_budget_and_the_deadline_holds(gateway):
+    base, state = gateway
+    state.delay_s = 5.0
+    started = time.perf_counter()
+    response = retrieve(base)
+    elapsed = time.perf_counter() - started
+    assert response.status_code == 200 and response.headers["X-Sources"] == "docs=ok;rerank=timeout"
+    assert 0.9 < elapsed < 2.0, f"{elapsed:.2f} s: the model's 1 s budget, inside the 2 s deadline"
+    assert titles(response) == titles(retrieve(base, "plain"))
+
+
+def test_explain_shows_the_stage_like_a_source(gateway):
+    base, state = gateway
+    state.relevance = {"签名密钥": 0.93}
+    data = httpx.get(base + "/explain", params={"kb": "demo", "q": QUERY, "format": "json"}).json()
+    stage = next(s for s in data["sources"] if s["name"] == "rerank")
+    assert stage["outcome"] == "ok" and stage["attempts"] == 1
+    assert data["passages"][0]["title"] == "签名密钥轮换" and data["passages"][0]["score"] == 0.93
+    assert data["records"][0]["metadata"]["score_detail"]["rerank"] == 0.93
