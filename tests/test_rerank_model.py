@@ -333,3 +333,22 @@ def test_settings_are_validated_on_their_own_too():
     with pytest.raises(ValidationError):
         RerankSettings(provider="jina", model="m")  # the hosted API needs its key
     assert RerankSettings(enabled=False).provider is None
+
+
+def test_the_readme_example_is_a_valid_config():
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    block = next(b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if "provider: xinference" in b)
+    data = yaml.safe_load(block)
+    names = {n for kb in data["knowledge_bases"].values() for n in kb["connectors"]}
+    text = block.replace("server:\n", "server:\n  api_keys: [{key: k}]\n", 1) + "connectors:\n" + "".join(
+        f"  {n}: {{type: files, path: /tmp}}\n" for n in sorted(names)
+    )
+    config = parse_config(text, {"RERANK_API_KEY": KEY})
+    assert config.rerank_for("eng-docs").top_n == 10 and config.rerank_for("eng-docs").model == "bge-reranker-v2-m3"
+    assert config.rerank_for("archive") is None
+    assert config.rerank_for("eng-docs").endpoint() == "http://xinference:9997/v1/rerank"
