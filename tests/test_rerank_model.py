@@ -207,6 +207,8 @@ async def test_a_model_that_is_down_is_unavailable_then_skipped_by_its_circuit(f
         outcomes.append(result.outcome)
     await m.aclose()
     assert outcomes == ["error", "error", "skipped"]
+    assert m.reserve_s == 0.0, "no time is kept from the sources for a stage that will be skipped"
+    assert model("http://127.0.0.1:9", timeout_s=0.7).reserve_s == 0.7
 
 
 async def test_nothing_to_judge_is_empty_and_costs_no_call(fake):

@@ -228,7 +228,10 @@ class RerankModel:
 
     @property
     def reserve_s(self) -> float:
-        """Time kept out of the sources' share of the deadline for this stage."""
+        """Time kept out of the sources' share of the deadline for this stage: none while its circuit is open
+        and no trial is due (the stage will be skipped; a trial that falls due meanwhile gets what time is left)."""
+        if self.breaker.state == "open" and (self.breaker.seconds_until_trial() or 0.0) > 0.0:
+            return 0.0
         return self.settings.timeout_s
 
     def client(self) -> HttpClient:

@@ -82,8 +82,10 @@ def app(state: FakeRerank) -> FastAPI:
         if state.fail_next > 0:
             state.fail_next -= 1
             return _error(flavor, state.fail_status, "CUDA out of memory")
-        if state.delay_s:
-            await asyncio.sleep(state.delay_s)
+        slept = 0.0
+        while slept < state.delay_s:  # a slow model; `reset()` ends the wait, so no handler outlives its test
+            await asyncio.sleep(0.02)
+            slept += 0.02
         texts: list[str] = body["texts"] if flavor == "tei" else body["documents"]
         ranked = sorted(((state.score(text), i) for i, text in enumerate(texts)), key=lambda pair: (-pair[0], pair[1]))
         if flavor == "tei":
