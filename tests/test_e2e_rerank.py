@@ -144,3 +144,44 @@ def test_explain_shows_the_stage_like_a_source(gateway):
     assert stage["outcome"] == "ok" and stage["attempts"] == 1
     assert data["passages"][0]["title"] == "签名密钥轮换" and data["passages"][0]["score"] == 0.93
     assert data["records"][0]["metadata"]["score_detail"]["rerank"] == 0.93
+
+
+async def test_a_reload_adds_changes_and_removes_the_model(model, tmp_path: Path):
+    import asyncio
+
+    from aggregator.models import RetrievalRequest
+    from aggregator.pipeline import retrieve as run
+    from aggregator.service import Service
+
+    url, state = model
+    state.reset()
+    state.relevance = {"签名密钥": 0.93}
+    path = tmp_path / "connectors.yaml"
+    head = f"server:\n  api_keys: [{{key: {KEY}}}]\n  watch_config: false\n"
+    tail = f"knowledge_bases:\n  demo: {{connectors: [docs]}}\nconnectors:\n  docs: {{type: files, path: {write_docs(tmp_path / 'docs')}}}\n"
+    path.write_text(head + tail)
+    service = Service.from_path(path)
+    await service.start()
+    request = RetrievalRequest.model_validate({"knowledge_id": "demo", "query": QUERY, "retrieval_setting": {"top_k": 3}})
+    try:
+        while not service.gateway.ready:
+            await asyncio.sleep(0.05)
+        assert (await run(service.gateway, request)).sources_header() == "docs=ok"
+        assert [s["name"] for s in service.status()["sources"]] == ["docs"]
+        for top_n, sent in ((1, 1), (5, 2)):
+            path.write_text(head + f"  rerank: {{provider: tei, url: '{url}/tei', top_n: {top_n}}}\n" + tail)
+            old = service.gateway
+            assert await service.reload()
+            result = await run(service.gateway, request)
+            assert result.sources_header() == "docs=ok;rerank=ok" and len(state.requests[-1][2]["texts"]) == sent
+            await asyncio.gather(*service._retiring)
+            assert old.rerank_models.get("demo") is None or old.rerank_models.get("demo")._client is None, "the old client is closed"
+        assert result.records[0]["title"] == "签名密钥轮换"
+        assert [s["name"] for s in service.status()["sources"]] == ["docs", "rerank"]
+        path.write_text(head + tail)
+        assert await service.reload()
+        assert (await run(service.gateway, request)).sources_header() == "docs=ok"
+        assert [s["name"] for s in service.status()["sources"]] == ["docs"]
+    finally:
+        await service.aclose()
+        state.reset()
