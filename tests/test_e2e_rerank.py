@@ -185,3 +185,41 @@ async def test_a_reload_adds_changes_and_removes_the_model(model, tmp_path: Path
     finally:
         await service.aclose()
         state.reset()
+
+
+def test_the_models_call_is_a_span_of_the_retrieval_and_carries_its_traceparent(model, tmp_path: Path):
+    from aggregator.ops.tracing import Tracing
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    url, state = model
+    state.reset()
+    state.fail_next, state.fail_status = 1, 500
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    text = f"""
+    server:
+      api_keys: [{{key: {KEY}}}]
+      cache_ttl_s: 0
+      rerank: {{provider: tei, url: '{url}/tei', api_key: {MODEL_KEY}}}
+    knowledge_bases:
+      demo: {{connectors: [docs]}}
+    connectors:
+      docs: {{type: files, path: {write_docs(tmp_path / "docs")}}}
+    """
+    config = parse_config(textwrap.dedent(text), {})
+    with serve(create_app(lambda: config, tracing=Tracing(provider))) as base:
+        deadline = time.monotonic() + 20
+        while httpx.get(base + "/readyz").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert retrieve(base).headers["X-Sources"] == "docs=ok;rerank=error"
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    stage = spans["search rerank"]
+    assert stage.attributes["gateway.source.type"] == "rerank-model" and stage.attributes["gateway.source.outcome"] == "error"
+    assert stage.parent is not None and stage.parent.span_id == spans[next(n for n in spans if "retrieval" in n.lower())].context.span_id
+    traceparent = state.requests[-1][1]["traceparent"]
+    assert traceparent.split("-")[2] == format(stage.context.span_id, "016x"), "the model's server sees the stage's span"
+    assert all(MODEL_KEY not in str(s.status.description) for s in spans.values())
+    state.reset()

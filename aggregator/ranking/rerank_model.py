@@ -39,6 +39,7 @@ from connectors.http import BaseUrl, HttpClient, clip, make_client, request_json
 
 from ..circuit import CircuitBreaker
 from ..fanout import SourcePolicy, SourceResult, pause_before_retry
+from ..ops.tracing import trace_skipped, traced_source_call
 from .rerank import Ranked
 
 log = logging.getLogger(__name__)
@@ -274,13 +275,21 @@ class RerankModel:
             return passages, SourceResult(STAGE_NAME, "empty")
         if not self.breaker.allow():
             wait = self.breaker.seconds_until_trial() or 0.0
-            return _chain(head, passages), SourceResult(STAGE_NAME, "skipped", error=f"circuit open; next trial in {wait:.0f} s")
-        scores, attempts = await self._call(query, [r.candidate.passage.content for r in head], deadline)
-        if isinstance(scores, SourceError):
-            self.breaker.report(False)
-            return _chain(head, passages), SourceResult(STAGE_NAME, scores.outcome, [], _ms(started), str(scores), attempts)
-        self.breaker.report(True)
-        return self._apply(head, scores, passages), SourceResult(STAGE_NAME, "ok", [], _ms(started), None, attempts)
+            skipped = SourceResult(STAGE_NAME, "skipped", error=f"circuit open; next trial in {wait:.0f} s")
+            trace_skipped(STAGE_NAME, STAGE_TYPE, skipped)
+            return _chain(head, passages), skipped
+        scores: dict[int, float] = {}
+
+        async def judge() -> SourceResult:
+            found, attempts = await self._call(query, [r.candidate.passage.content for r in head], deadline)
+            if isinstance(found, SourceError):
+                return SourceResult(STAGE_NAME, found.outcome, [], _ms(started), str(found), attempts)
+            scores.update(found)
+            return SourceResult(STAGE_NAME, "ok", [], _ms(started), None, attempts)
+
+        result = await traced_source_call(STAGE_NAME, STAGE_TYPE, judge())  # a span of its own, like a source's call
+        self.breaker.report(result.outcome == "ok")
+        return (self._apply(head, scores, passages) if result.outcome == "ok" else _chain(head, passages)), result
 
     async def _call(self, query: str, documents: list[str], deadline: float) -> tuple[dict[int, float] | SourceError, int]:
         """The scores, or the error that ended the call, and the attempts made: the fan-out's policy, each attempt
