@@ -223,3 +223,31 @@ def test_the_models_call_is_a_span_of_the_retrieval_and_carries_its_traceparent(
     assert traceparent.split("-")[2] == format(stage.context.span_id, "016x"), "the model's server sees the stage's span"
     assert all(MODEL_KEY not in str(s.status.description) for s in spans.values())
     state.reset()
+
+
+def test_aggregator_check_tries_each_model_and_fails_when_one_does(model, tmp_path: Path):
+    from .test_cli import run
+
+    url, state = model
+    state.reset()
+    state.api_key = MODEL_KEY
+    dead = "http://127.0.0.1:9"
+    config = tmp_path / "c.yaml"
+    config.write_text(textwrap.dedent(f"""
+    server:
+      api_keys: [{{key: k}}]
+      rerank: {{provider: cohere, url: '{url}/cohere', model: rerank-v3.5, api_key: {MODEL_KEY}}}
+    knowledge_bases:
+      demo: {{connectors: [docs]}}
+      other: {{connectors: [docs], rerank: {{provider: tei, url: '{dead}'}}}}
+    connectors:
+      docs: {{type: files, path: {write_docs(tmp_path / "docs")}}}
+    """))
+    result = run("check", "--config", str(config), "--query", "signing keys")
+    lines = result.stdout.splitlines()
+    assert result.returncode == 1 and lines[-1] == "2 ok, 1 failing", result.stdout + result.stderr
+    cohere = next(line for line in lines if line.startswith("rerank (cohere: demo)"))
+    tei = next(line for line in lines if line.startswith("rerank (tei: other)"))
+    assert " ok " in cohere and " error " in tei and "cannot connect" in tei
+    assert state.requests[-1][2]["query"] == "signing keys" and MODEL_KEY not in result.stdout + result.stderr
+    state.reset()

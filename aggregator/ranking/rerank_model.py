@@ -34,13 +34,13 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
-from connectors.base import BadResponse, CircuitSettings, SourceError, SourceTimeout
+from connectors.base import BadResponse, CircuitSettings, Passage, SourceError, SourceTimeout
 from connectors.http import BaseUrl, HttpClient, clip, make_client, request_json
 
 from ..circuit import CircuitBreaker
 from ..fanout import SourcePolicy, SourceResult, pause_before_retry
 from ..ops.tracing import trace_skipped, traced_source_call
-from .rerank import Ranked
+from .rerank import Candidate, Ranked
 
 log = logging.getLogger(__name__)
 
@@ -291,6 +291,13 @@ class RerankModel:
         self.breaker.report(result.outcome == "ok")
         return (self._apply(head, scores, passages) if result.outcome == "ok" else _chain(head, passages)), result
 
+    async def probe(self, query: str, deadline: float) -> SourceResult:
+        """One call over two made-up passages, as `aggregator check` tries each model: the outcome, nothing kept."""
+        texts = [f"{query}", "An unrelated passage about the weather."]
+        ranking = [Ranked(Candidate(Passage(t, "probe", f"probe-{i}"), STAGE_NAME, STAGE_TYPE, 1.0), 0.0, 0.0, 0.0) for i, t in enumerate(texts)]
+        _, result = await self.reorder(query, ranking, deadline)
+        return result
+
     async def _call(self, query: str, documents: list[str], deadline: float) -> tuple[dict[int, float] | SourceError, int]:
         """The scores, or the error that ended the call, and the attempts made: the fan-out's policy, each attempt
         within `timeout_s` and the deadline, transient failures retried only while the pause fits before it."""
@@ -359,6 +366,11 @@ class RerankModels:
 
     def get(self, knowledge_id: str) -> RerankModel | None:
         return self._by_kb.get(knowledge_id)
+
+    @property
+    def models(self) -> dict[RerankModel, list[str]]:
+        """Each distinct model and the knowledge bases that use it."""
+        return {model: [kb for kb, m in self._by_kb.items() if m is model] for model in self._models}
 
     @property
     def stages(self) -> dict[str, str]:
