@@ -90,6 +90,14 @@ async def test_each_provider_is_asked_in_its_shape_and_its_order_wins(fake, prov
         assert ("return_documents" in body) == (provider == "jina")
 
 
+async def test_a_user_and_password_in_the_url_are_sent_as_basic_auth_and_kept_out_of_messages(fake):
+    url, state = fake
+    state.fail_next = 1
+    _, outcome = await reorder(model(url.replace("http://", "http://ops:pa55word@") + "/tei"))
+    assert state.requests[-1][1]["authorization"] == "Basic b3BzOnBhNTV3b3Jk" and state.requests[-1][0] == "/tei/rerank"
+    assert outcome.outcome == "error" and "pa55word" not in outcome.error and "ops@" not in outcome.error
+
+
 async def test_only_the_top_n_are_sent_and_the_rest_follow_below_the_judged(fake):
     url, state = fake
     state.relevance = {"beta": 0.4, "alpha": 0.3}

@@ -225,6 +225,8 @@ class RerankModel:
         self._client: HttpClient | None = None
         self._warned_scale = False
         url = urlsplit(settings.endpoint())
+        #: The client's base is the server (so nothing takes its key elsewhere); each call posts to the endpoint's path.
+        self._origin, self._path = f"{url.scheme}://{url.netloc}", url.path + (f"?{url.query}" if url.query else "")
         self._what = f"POST {url.scheme}://{url.hostname}{f':{url.port}' if url.port else ''}{url.path}"  # no user info, no query
 
     @property
@@ -240,7 +242,7 @@ class RerankModel:
             key = self.settings.api_key
             headers = {"Authorization": f"Bearer {key.get_secret_value()}"} if key is not None else {}
             self._client = make_client(
-                headers=headers, timeout_s=self.settings.timeout_s, verify=self.settings.verify_tls, max_connections=32
+                self._origin, headers=headers, timeout_s=self.settings.timeout_s, verify=self.settings.verify_tls, max_connections=32
             )
         return self._client
 
@@ -253,7 +255,7 @@ class RerankModel:
         """The model's relevance (on [0, 1]) per index of `documents`. Raises SourceError."""
         body = request_body(self.settings, query, [text[: self.settings.max_chars] for text in documents])
         data = await request_json(
-            self.client(), "POST", self.settings.endpoint(), self._what, MAX_RESPONSE_BYTES, describe_error=describe_error, json=body
+            self.client(), "POST", self._path, self._what, MAX_RESPONSE_BYTES, describe_error=describe_error, json=body
         )
         assert self.settings.provider is not None
         raw = parse_scores(data, len(documents), self.settings.provider, self._what)
