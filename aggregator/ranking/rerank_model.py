@@ -15,8 +15,9 @@ A failing model never fails the request: an error, a 429, a timeout, a malformed
 leave the fusion's order and scores as they were, and the outcome is reported as a pseudo-source named
 `rerank` (X-Sources, /status, metrics, the log line, explain), like a source's.
 
-Request-path code, self-contained: it depends on the HTTP client and error types of `connectors`, and on
-the fan-out's retry policy and outcome record, so that it moves with them in a re-layout.
+Request-path code, self-contained: it depends on the HTTP client and error types of `connectors`, on the
+fan-out's retry policy and outcome record, and on the tracing wrapper of a source call, so that it moves
+with them (to `retrieval/`) in a re-layout.
 """
 
 from __future__ import annotations
@@ -295,7 +296,7 @@ class RerankModel:
 
     async def probe(self, query: str, deadline: float) -> SourceResult:
         """One call over two made-up passages, as `aggregator check` tries each model: the outcome, nothing kept."""
-        texts = [f"{query}", "An unrelated passage about the weather."]
+        texts = [query, "An unrelated passage about the weather."]
         ranking = [Ranked(Candidate(Passage(t, "probe", f"probe-{i}"), STAGE_NAME, STAGE_TYPE, 1.0), 0.0, 0.0, 0.0) for i, t in enumerate(texts)]
         _, result = await self.reorder(query, ranking, deadline)
         return result
