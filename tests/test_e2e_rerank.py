@@ -251,3 +251,32 @@ def test_aggregator_check_tries_each_model_and_fails_when_one_does(model, tmp_pa
     assert " ok " in cohere and " error " in tei and "cannot connect" in tei
     assert state.requests[-1][2]["query"] == "signing keys" and MODEL_KEY not in result.stdout + result.stderr
     state.reset()
+
+
+def test_an_answer_whose_model_failed_is_not_kept_for_later_retries(model, tmp_path: Path):
+    url, state = model
+    state.reset()
+    state.relevance, state.fail_next = {"签名密钥": 0.93}, 1
+    text = f"""
+    server:
+      api_keys: [{{key: {KEY}}}]
+      cache_ttl_s: 30
+      rerank: {{provider: xinference, url: '{url}/xinference', model: bge-reranker-v2-m3}}
+    knowledge_bases:
+      demo: {{connectors: [docs]}}
+    connectors:
+      docs: {{type: files, path: {write_docs(tmp_path / "docs")}}}
+    """
+    config = parse_config(textwrap.dedent(text), {})
+    with serve(create_app(lambda: config)) as base:
+        deadline = time.monotonic() + 20
+        while httpx.get(base + "/readyz").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        failed = retrieve(base)
+        assert failed.headers["X-Sources"] == "docs=ok;rerank=error" and failed.headers["X-Cache"] == "miss"
+        retried = retrieve(base)  # Dify's retry asks the model again, and gets its order
+        assert retried.headers["X-Sources"] == "docs=ok;rerank=ok" and retried.headers["X-Cache"] == "miss"
+        assert titles(retried)[0] == "签名密钥轮换" and len(state.requests) == 2
+        again = retrieve(base)
+        assert again.headers["X-Cache"] == "hit" and again.content == retried.content and len(state.requests) == 2
+    state.reset()
