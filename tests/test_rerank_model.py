@@ -260,6 +260,8 @@ def test_request_bodies():
     s = RerankSettings(provider="cohere", model="rerank-v3.5", api_key="k")
     assert request_body(s, "q", ["a", "b"]) == {"model": "rerank-v3.5", "query": "q", "documents": ["a", "b"], "top_n": 2}
     assert request_body(RerankSettings(provider="tei", url="http://t"), "q", ["a"])["texts"] == ["a"]
+    logits = RerankSettings(provider="tei", url="http://t", scores="logit")
+    assert request_body(logits, "q", ["a"])["raw_scores"] is True, "TEI's logits, mapped once by the gateway"
 
 
 # -- settings ---------------------------------------------------------------------------------------------------

@@ -141,7 +141,7 @@ def effective_settings(server: RerankSettings | None, override: RerankOverride |
 def request_body(settings: RerankSettings, query: str, documents: list[str]) -> dict[str, Any]:
     """What one call sends, as each provider documents it."""
     if settings.provider == "tei":  # POST /rerank {query, texts}: truncate, or TEI refuses a passage over the model's length
-        return {"query": query, "texts": documents, "raw_scores": False, "truncate": True}
+        return {"query": query, "texts": documents, "raw_scores": settings.scores == "logit", "truncate": True}
     body: dict[str, Any] = {"model": settings.model, "query": query, "documents": documents, "top_n": len(documents)}
     if settings.provider == "jina":
         body["return_documents"] = False  # Jina's default sends every text back
