@@ -217,7 +217,7 @@ async def _retrieve_once(args: argparse.Namespace, explain: bool):  # type: igno
         return 2
     finally:
         await gateway.aclose()
-    return body, result, elapsed_ms, dict(gateway.source_types)  # the sources' types, and the stages' (`rerank`)
+    return body, result, elapsed_ms, {name: slot.connector.type for name, slot in gateway.slots.items()}
 
 
 async def _query(args: argparse.Namespace) -> int:

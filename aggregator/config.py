@@ -75,6 +75,7 @@ class ServerSettings(BaseModel):
 
     api_keys: list[ApiKey] = Field(min_length=1)
     deadline_s: float = Field(4.0, gt=0, le=60)
+    rerank: RerankSettings | None = Field(None, description="A rerank model that reorders the top of every knowledge base's ranking.")
     ops_token: SecretStr | None = Field(
         None, min_length=8, description="Bearer token for /status, /metrics and the status page; open on loopback when unset."
     )
@@ -93,7 +94,6 @@ class ServerSettings(BaseModel):
     cache_ttl_s: float = Field(
         5.0, ge=0, le=3600, description="Identical retrievals within this many seconds are answered once (Dify's retries); 0: off."
     )
-    rerank: RerankSettings | None = Field(None, description="A rerank model that reorders the top of every knowledge base's ranking.")
 
     @field_validator("state_url")
     @classmethod
@@ -122,9 +122,9 @@ class Defaults(BaseModel):
 class KnowledgeBase(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    rerank: RerankOverride | None = Field(None, description="Fields that replace server.rerank's here; `enabled: false` for none.")
     connectors: list[str] = Field(min_length=1)
     description: str | None = None
-    rerank: RerankOverride | None = Field(None, description="Fields that replace server.rerank's here; `enabled: false` for none.")
 
 
 AnyConnectorSettings = Annotated[
