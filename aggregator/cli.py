@@ -280,6 +280,11 @@ async def _check(args: argparse.Namespace) -> int:
     secrets = config.secrets()
     try:
         await _wait_for_indexes(gateway)
+        for model, kbs in gateway.rerank_models.models.items():  # a rerank model: one call over two made-up passages
+            result = await model.probe(args.query, loop.time() + config.server.deadline_s)
+            failed += result.outcome != "ok"
+            rows.append((f"rerank ({model.settings.provider}: {', '.join(kbs)})", result.outcome, f"{result.elapsed_ms:.0f} ms",
+                         "2" if result.outcome == "ok" else "0", redact(result.error, secrets) or ""))  # fmt: skip
         query = SourceQuery(text=args.query, limit=5)
         for name, slot in gateway.slots.items():
             result = await call_source(slot.connector, query, slot.policy, loop.time() + config.server.deadline_s)
