@@ -208,10 +208,12 @@ def image(podman: dict[str, str], base: str) -> str:
 # -- talking to it ---------------------------------------------------------------------------------------
 
 
-def post(url: str, key: str, query: str = QUERY) -> tuple[int, dict, Message]:
+def post(url: str, key: str, query: str = QUERY, request_id: str | None = None) -> tuple[int, dict, Message]:
     body = json.dumps({"knowledge_id": "demo", "query": query, "retrieval_setting": {"top_k": 3, "score_threshold": 0}})
-    request = urllib.request.Request(url + "/retrieval", data=body.encode(), method="POST",
-                                     headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})  # fmt: skip
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    if request_id:
+        headers["X-Request-Id"] = request_id
+    request = urllib.request.Request(url + "/retrieval", data=body.encode(), method="POST", headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=10) as r:
             return r.status, json.loads(r.read()), r.headers
@@ -311,47 +313,75 @@ def test_conformance_check_passes_against_the_container(container):
 # -- compose.yaml ----------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def redis_image(podman: dict[str, str], base: str) -> str:
-    """A Redis image from Debian's redis-server on the same base (no registry to pull redis:7 from)."""
-    name = base.replace("-ci-base:", "-ci-redis:")
-    if run(["podman", "image", "exists", name], podman, check=False).returncode != 0:
+def local_image(env: dict[str, str], base: str, what: str, packages: str, tail: str) -> str:
+    """An image of Debian's `packages` on the same base, for what compose.yaml pulls from Docker Hub elsewhere."""
+    name = base.replace("-ci-base:", f"-ci-{what}:")
+    if run(["podman", "image", "exists", name], env, check=False).returncode != 0:
         containerfile = (f"FROM {base}\nRUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "
-                         "--no-install-recommends redis-server >/dev/null && rm -rf /var/lib/apt/lists/*\nUSER redis\n"
-                         'CMD ["redis-server"]\n')  # fmt: skip
-        run(["podman", "build", "-t", name, "-f", "-", str(ROOT / "deploy")], podman, timeout=600, input=containerfile)
+                         f"--no-install-recommends {packages} >/dev/null && rm -rf /var/lib/apt/lists/*\n{tail}")  # fmt: skip
+        run(["podman", "build", "-t", name, "-f", "-", str(ROOT / "deploy")], env, timeout=600, input=containerfile)
     return name
 
 
-def test_compose_with_redis_answers_a_repeated_query_from_the_cache(podman, image, redis_image, tmp_path):
+@pytest.fixture(scope="module")
+def stack(podman: dict[str, str], image: str, base: str, tmp_path_factory: pytest.TempPathFactory):
+    """compose.yaml with the profiles redis and replicas, on a network standing for Dify's docker_default."""
     compose = shutil.which("podman-compose")
     if compose is None:
         pytest.skip("podman-compose not installed (.ci/run installs it from PyPI)")
+    redis = local_image(podman, base, "redis", "redis-server", 'USER redis\nCMD ["redis-server"]\n')
+    haproxy = local_image(podman, base, "haproxy", "haproxy",
+                          'USER haproxy\nCMD ["haproxy", "-W", "-db", "-f", "/usr/local/etc/haproxy/haproxy.cfg"]\n')  # fmt: skip
     project = f"gateway-ci-{secrets.token_hex(3)}"
-    network = f"{project}-dify"  # stands for Dify's docker_default
-    port = free_port()
+    network = f"{project}-dify"
+    port, lb_port = free_port(), free_port()
     env = {**podman, "COMPOSE_PROJECT_NAME": project, "DIFY_NETWORK": network, "AGGREGATOR_API_KEY": KEY,
-           "GATEWAY_IMAGE": image, "GATEWAY_REDIS_IMAGE": redis_image, "GATEWAY_PORT": str(port),
-           "GATEWAY_REDIS_URL": "redis://gateway-redis:6379/5"}  # fmt: skip
-    up = [compose, "-f", str(ROOT / "compose.yaml"), "--profile", "redis"]
+           "GATEWAY_IMAGE": image, "GATEWAY_REDIS_IMAGE": redis, "GATEWAY_LB_IMAGE": haproxy,
+           "GATEWAY_PORT": str(port), "GATEWAY_LB_PORT": str(lb_port), "GATEWAY_REDIS_URL": "redis://gateway-redis:6379/5"}  # fmt: skip
+    up = [compose, "-f", str(ROOT / "compose.yaml"), "--profile", "redis", "--profile", "replicas"]
+    cwd = tmp_path_factory.mktemp("compose")  # not the checkout: no .env of a developer's is read
     run(["podman", "network", "create", network], env)
     try:
-        run([*up, "up", "-d", "--no-build"], env, timeout=300, cwd=tmp_path)
-        gateway = f"{project}_knowledge-gateway_1"
-        url = f"http://127.0.0.1:{port}"
-        wait_ready(url, env, gateway)
-        query = f"{QUERY} {secrets.token_hex(4)}"  # a query no earlier run left in the cache
-        first = post(url, KEY, query)
-        second = post(url, KEY, query)
-        assert first[0] == second[0] == 200
-        assert first[2].get("X-Cache") == "miss" and second[2].get("X-Cache") == "hit", (dict(first[2]), dict(second[2]))
-        assert first[1] == second[1]
-        # The cache is Redis's (a replica would find it too), not only this process's.
-        probe = "import json, urllib.request as u; print(json.dumps(json.load(u.urlopen('http://127.0.0.1:8000/status'))['shared_state']))"
-        shared = json.loads(run(["podman", "exec", gateway, "python3", "-c", probe], env).stdout)
-        assert shared["redis"]["state"] == "connected", shared
-        keys = run(["podman", "exec", f"{project}_gateway-redis_1", "redis-cli", "-n", "5", "--scan"], env).stdout.split()
-        assert keys, "nothing in Redis database 5"
+        run([*up, "up", "-d", "--no-build"], env, timeout=300, cwd=cwd)
+        names = {s: f"{project}_{s}_1" for s in ("knowledge-gateway", "knowledge-gateway-2", "gateway-redis", "knowledge-gateway-lb")}
+        wait_ready(f"http://127.0.0.1:{port}", env, names["knowledge-gateway"])
+        deadline = time.monotonic() + 120
+        while run(["podman", "healthcheck", "run", names["knowledge-gateway-2"]], env, check=False).returncode != 0:
+            assert time.monotonic() < deadline, run(["podman", "logs", names["knowledge-gateway-2"]], env, check=False).stderr[-3000:]
+            time.sleep(1)
+        time.sleep(2.5)  # HAProxy's next check (inter 2s) sees the second replica up
+        yield env, names, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{lb_port}"
     finally:
-        run([*up, "down", "-v", "-t", "5"], env, timeout=180, check=False, cwd=tmp_path)
+        run([*up, "down", "-v", "-t", "5"], env, timeout=180, check=False, cwd=cwd)
         run(["podman", "network", "rm", "-f", network], env, check=False)
+
+
+def test_compose_with_redis_answers_a_repeated_query_from_the_cache(stack):
+    env, names, url, _ = stack
+    query = f"{QUERY} {secrets.token_hex(4)}"  # a query no earlier run left in the cache
+    first = post(url, KEY, query)
+    second = post(url, KEY, query)
+    assert first[0] == second[0] == 200
+    assert first[2].get("X-Cache") == "miss" and second[2].get("X-Cache") == "hit", (dict(first[2]), dict(second[2]))
+    assert first[1] == second[1]
+    # The cache is in Redis (database 5, as configured), not only in this process.
+    probe = "import json, urllib.request as u; print(json.dumps(json.load(u.urlopen('http://127.0.0.1:8000/status'))['shared_state']))"
+    shared = json.loads(run(["podman", "exec", names["knowledge-gateway"], "python3", "-c", probe], env).stdout)
+    assert shared["redis"]["state"] == "connected", shared
+    assert run(["podman", "exec", names["gateway-redis"], "redis-cli", "-n", "5", "--scan"], env).stdout.split()
+
+
+def test_compose_replicas_behind_the_load_balancer_share_the_cache(stack):
+    """Round robin: two requests in a row reach both replicas; the second is answered from the first's cache."""
+    env, names, _, lb = stack
+    query = f"{QUERY} {secrets.token_hex(4)}"
+    ids = [f"ci-{secrets.token_hex(6)}" for _ in range(2)]
+    answers = [post(lb, KEY, query, request_id=i) for i in ids]
+    assert [a[0] for a in answers] == [200, 200]
+    assert [a[2].get("X-Cache") for a in answers] == ["miss", "hit"]
+    logs = {}
+    for service in ("knowledge-gateway", "knowledge-gateway-2"):
+        proc = run(["podman", "logs", names[service]], env)
+        logs[service] = proc.stdout + proc.stderr
+    served = [[s for s, text in logs.items() if i in text] for i in ids]
+    assert all(len(s) == 1 for s in served) and served[0] != served[1], served
