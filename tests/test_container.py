@@ -313,12 +313,14 @@ def test_conformance_check_passes_against_the_container(container):
 # -- compose.yaml ----------------------------------------------------------------------------------------
 
 
-def local_image(env: dict[str, str], base: str, what: str, packages: str, tail: str) -> str:
-    """An image of Debian's `packages` on the same base, for what compose.yaml pulls from Docker Hub elsewhere."""
-    name = base.replace("-ci-base:", f"-ci-{what}:")
+def services_image(env: dict[str, str], base: str) -> str:
+    """Redis and HAProxy from Debian's packages on the same base, for what compose.yaml pulls from Docker Hub
+    elsewhere: one image for both (compose gives Redis its command; HAProxy's is the image's)."""
+    name = base.replace("-ci-base:", "-ci-services:")
     if run(["podman", "image", "exists", name], env, check=False).returncode != 0:
         containerfile = (f"FROM {base}\nRUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "
-                         f"--no-install-recommends {packages} >/dev/null && rm -rf /var/lib/apt/lists/*\n{tail}")  # fmt: skip
+                         "--no-install-recommends redis-server haproxy >/dev/null && rm -rf /var/lib/apt/lists/*\n"
+                         'USER nobody\nCMD ["haproxy", "-W", "-db", "-f", "/usr/local/etc/haproxy/haproxy.cfg"]\n')  # fmt: skip
         run(["podman", "build", "-t", name, "-f", "-", str(ROOT / "deploy")], env, timeout=600, input=containerfile)
     return name
 
@@ -329,14 +331,12 @@ def stack(podman: dict[str, str], image: str, base: str, tmp_path_factory: pytes
     compose = shutil.which("podman-compose")
     if compose is None:
         pytest.skip("podman-compose not installed (.ci/run installs it from PyPI)")
-    redis = local_image(podman, base, "redis", "redis-server", 'USER redis\nCMD ["redis-server"]\n')
-    haproxy = local_image(podman, base, "haproxy", "haproxy",
-                          'USER haproxy\nCMD ["haproxy", "-W", "-db", "-f", "/usr/local/etc/haproxy/haproxy.cfg"]\n')  # fmt: skip
+    services = services_image(podman, base)
     project = f"gateway-ci-{secrets.token_hex(3)}"
     network = f"{project}-dify"
     port, lb_port = free_port(), free_port()
     env = {**podman, "COMPOSE_PROJECT_NAME": project, "DIFY_NETWORK": network, "AGGREGATOR_API_KEY": KEY,
-           "GATEWAY_IMAGE": image, "GATEWAY_REDIS_IMAGE": redis, "GATEWAY_LB_IMAGE": haproxy,
+           "GATEWAY_IMAGE": image, "GATEWAY_REDIS_IMAGE": services, "GATEWAY_LB_IMAGE": services,
            "GATEWAY_PORT": str(port), "GATEWAY_LB_PORT": str(lb_port), "GATEWAY_REDIS_URL": "redis://gateway-redis:6379/5"}  # fmt: skip
     up = [compose, "-f", str(ROOT / "compose.yaml"), "--profile", "redis", "--profile", "replicas"]
     cwd = tmp_path_factory.mktemp("compose")  # not the checkout: no .env of a developer's is read
