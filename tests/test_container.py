@@ -339,7 +339,7 @@ def stack(podman: dict[str, str], image: str, base: str, tmp_path_factory: pytes
            "GATEWAY_IMAGE": image, "GATEWAY_REDIS_IMAGE": services, "GATEWAY_LB_IMAGE": services,
            "GATEWAY_PORT": str(port), "GATEWAY_LB_PORT": str(lb_port), "GATEWAY_REDIS_URL": "redis://gateway-redis:6379/5"}  # fmt: skip
     up = [compose, "-f", str(ROOT / "compose.yaml"), "--profile", "redis", "--profile", "replicas"]
-    cwd = tmp_path_factory.mktemp("compose")  # not the checkout: no .env of a developer's is read
+    cwd = tmp_path_factory.mktemp("compose")  # run from elsewhere: compose.yaml's paths are relative to its own folder
     run(["podman", "network", "create", network], env)
     try:
         run([*up, "up", "-d", "--no-build"], env, timeout=300, cwd=cwd)
