@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from connectors.base import SourceQuery, record_metadata
@@ -14,6 +15,7 @@ from .filters import compile_filter
 from .models import RetrievalRequest
 from .ranking.embeddings import NAME as JUDGE, Judge, drop
 from .ranking.rerank import DEFAULT_FUSION, Answer, Candidate, Ranked, rerank
+from .ranking.rerank_model import stage_detail
 from .ranking.statistics import merge_term_statistics
 from .runtime import Gateway
 from .text.tokenize import tokenize
@@ -53,11 +55,10 @@ class RetrievalResult:
     records: list[dict]
     sources: list[SourceResult]
     trace: RetrievalTrace | None = None
-    judged: list[SourceResult] = field(default_factory=list)  # the embedding judge's outcome, shown like a source's
 
     def sources_header(self) -> str:
-        """`X-Sources`: `name=outcome;name=outcome`, in the knowledge base's order, then the judge's (`embeddings=ok`)."""
-        return ";".join(f"{s.name}={s.outcome}" for s in (self.sources + self.judged if self.judged else self.sources))
+        """`X-Sources`: `name=outcome;name=outcome`, in the knowledge base's order, then the stages (`rerank=ok`)."""
+        return ";".join(f"{s.name}={s.outcome}" for s in self.sources)
 
 
 async def retrieve(gateway: Gateway, request: RetrievalRequest, explain: bool = False) -> RetrievalResult:
@@ -81,9 +82,10 @@ async def retrieve(gateway: Gateway, request: RetrievalRequest, explain: bool = 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + gateway.config.server.deadline_s
     slots = [gateway.slots[name] for name in dict.fromkeys(knowledge_base.connectors)]
+    model = gateway.rerank_models.get(request.knowledge_id)  # a second stage, its time kept out of the sources' share
     judge = gateway.judge(request.knowledge_id)
     started = judge.start(request.query, deadline) if judge is not None else None  # the query's vector, beside the sources
-    results = await ask_sources(slots, query, deadline)
+    results = await ask_sources(slots, query, deadline - (model.reserve_s if model is not None else 0.0))
 
     # Indexed sources know their whole collection: the rerank's IDF uses it (whether they answered or not).
     terms = tokenize(request.query)
@@ -111,15 +113,19 @@ async def retrieve(gateway: Gateway, request: RetrievalRequest, explain: bool = 
         answers.append(Answer(connector.name, connector.type, passages, settings.weight, settings.scores, indexed, metadata,
                               connector.semantic))  # fmt: skip
 
-    meaning, judged = None, []
-    if judge is not None:
-        meaning, judged = await judge_meaning(judge, started, answers, deadline)
+    meaning = None
+    if judge is not None:  # its outcome reported as a source's (`embeddings=ok`), after the sources
+        meaning = await judge_meaning(judge, started, answers, deadline, results)
 
     records: list[dict] = []
     verdicts: list[Verdict] | None = [] if explain else None
     sampled = [name for name, stats in reported.items() if stats is None]
     fusion = judge.fusion if meaning is not None else DEFAULT_FUSION  # type: ignore[union-attr]
-    for ranked in rerank(request.query, answers, gateway.term_cache, local, fusion, sampled, query_terms=terms, meaning=meaning):
+    ranking: Iterable[Ranked] = rerank(request.query, answers, gateway.term_cache, local, fusion, sampled, query_terms=terms, meaning=meaning)
+    if model is not None:  # the model's order and scores, or the fusion's when it fails; its outcome reported as a source's
+        ranking, stage = await model.reorder(request.query, ranking, deadline)
+        results.append(stage)
+    for ranked in ranking:
         score = round(ranked.score, SCORE_DIGITS)
         if score <= 0.0:
             outcome = "score 0"
@@ -141,18 +147,19 @@ async def retrieve(gateway: Gateway, request: RetrievalRequest, explain: bool = 
                 break
             continue
         verdicts.append(Verdict(ranked, score, outcome, len(records) if outcome == "record" else None))
-    return RetrievalResult(records, results, None if verdicts is None else RetrievalTrace(removed, verdicts), judged)
+    return RetrievalResult(records, results, None if verdicts is None else RetrievalTrace(removed, verdicts))
 
 
-async def judge_meaning(judge: Judge, started: Any, answers: list[Answer], deadline: float) -> tuple[dict[str, float] | None, list[SourceResult]]:
-    """The embedding judge's meaning of every passage, and its outcome as a pseudo-source (`embeddings=...`).
-    None when it failed: the ranking is then by words, as without a judge."""
+async def judge_meaning(judge: Judge, started: Any, answers: list[Answer], deadline: float, results: list[SourceResult]) -> dict[str, float] | None:
+    """The embedding judge's meaning of every passage (None when it failed: the ranking is then by words, as
+    without a judge); its outcome is appended to `results` as a pseudo-source's (`embeddings=...`)."""
     texts = [p.content for a in answers for p in a.passages]
     if not texts:
         drop(started)
-        return None, []
+        return None
     judgement = await judge.judge(started, texts, deadline)
-    return judgement.meaning, [SourceResult(JUDGE, judgement.outcome, [], judgement.elapsed_ms, judgement.error, 1)]
+    results.append(SourceResult(JUDGE, judgement.outcome, [], judgement.elapsed_ms, judgement.error, 1))
+    return judgement.meaning
 
 
 def score_detail(ranked: Ranked) -> dict[str, float | int | str | None]:
@@ -167,6 +174,7 @@ def score_detail(ranked: Ranked) -> dict[str, float | int | str | None]:
         "source_rank": passage.source_rank,
         "calibrated": None if calibrated is None else round(calibrated, SCORE_DIGITS),
         "calibration": ranked.calibration,
+        **stage_detail(ranked),
     }
     if ranked.meaning is not None:  # the embedding judge's similarity, on [0, 1]
         detail["meaning"] = round(ranked.meaning, SCORE_DIGITS)

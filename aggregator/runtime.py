@@ -22,6 +22,7 @@ from .config import DEV_API_KEY, GatewayConfig
 from .fanout import SourcePolicy, SourceSlot
 from .ranking.embeddings import NAME as JUDGE, Judge
 from .ranking.pool import TermCache
+from .ranking.rerank_model import RerankModels
 from .state import LocalBackend, StateBackend
 from .state.local import unused_stores
 
@@ -96,8 +97,12 @@ class Gateway:
         #: Worked out once per config version, not per request: what messages are scrubbed of, and each source's type.
         self.secrets: list[str] = config.secrets()
         self.source_types: dict[str, str] = {name: slot.connector.type for name, slot in self.slots.items()}
-        if self.judges:
-            self.source_types[JUDGE] = JUDGE
+        #: Second stages of the ranking (a rerank model), per knowledge base; each reports like a source (`stages`: name -> type).
+        self.rerank_models = RerankModels({kb_id: config.rerank_for(kb_id) for kb_id in config.knowledge_bases})
+        self.stages: dict[str, str] = dict(self.rerank_models.stages)
+        if self.judges:  # the embedding judge reports like a source too
+            self.stages[JUDGE] = JUDGE
+        self.source_types.update(self.stages)
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -139,6 +144,7 @@ class Gateway:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._idle.wait(), drain_timeout)
         await self._close([name for name in self.slots if name not in keep])
+        await self.rerank_models.aclose()
         if judges is not None:
             await self.close_judges(judges)
 
@@ -152,6 +158,7 @@ class Gateway:
     async def aclose(self) -> None:
         """Close every source and the state backend: the service stops (a retired version uses drain_and_close)."""
         await self._close(list(self.slots))
+        await self.rerank_models.aclose()
         await self.close_judges({})
         if self.state is not None:
             await self.state.aclose()

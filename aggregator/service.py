@@ -222,9 +222,8 @@ class Service:
 
     def record(self, gateway: Gateway, knowledge_id: str, query: str, result: RetrievalResult, elapsed_s: float, request_id: str) -> None:
         """Health, metrics and the one log line of a retrieval."""
-        sources = result.sources + result.judged if result.judged else result.sources
-        self.health.record(sources, gateway.source_types, gateway.secrets)
-        self.metrics.observe_sources(sources)
+        self.health.record(result.sources, gateway.source_types, gateway.secrets)
+        self.metrics.observe_sources(result.sources)
         annotate({"gateway.knowledge_id": knowledge_id, "gateway.records": len(result.records)})
         if not access_log.isEnabledFor(logging.INFO):  # its fields are built only for a line that is written
             return
@@ -236,11 +235,11 @@ class Service:
             "knowledge_id": knowledge_id,
             "records": len(result.records),
             "ms": round(elapsed_s * 1000, 1),
-            "sources": {s.name: {"outcome": s.outcome, "ms": round(s.elapsed_ms, 1)} for s in sources},
+            "sources": {s.name: {"outcome": s.outcome, "ms": round(s.elapsed_ms, 1)} for s in result.sources},
         }
         if gateway.config.server.log_queries:
             fields["query"] = query
-        summary = " ".join(f"{s.name}={s.outcome}:{s.elapsed_ms:.0f}ms" for s in sources)
+        summary = " ".join(f"{s.name}={s.outcome}:{s.elapsed_ms:.0f}ms" for s in result.sources)
         access_log.info(
             "retrieval id=%s%s kb=%s records=%d ms=%.1f %s%s", request_id, f" trace={trace_id}" if trace_id else "", knowledge_id,
             len(result.records), elapsed_s * 1000, summary, f" query={query!r}" if gateway.config.server.log_queries else "",
@@ -264,11 +263,10 @@ class Service:
         sources = [
             self.health.source(name, slot.connector.type).snapshot(slot, name in used, gateway.secrets, now)
             for name, slot in gateway.slots.items()
-        ]
-        if gateway.judges:  # the embedding judge, shown like a source (its calls, latency, errors, last hour)
-            judge = self.health.source(EMBEDDINGS, EMBEDDINGS).snapshot(None, True, gateway.secrets, now)
-            judge["embeddings"] = [j.describe() for j in dict.fromkeys(gateway.judges.values())]
-            sources.append(judge)
+        ] + [self.health.source(name, kind).snapshot(None, True, gateway.secrets, now) for name, kind in gateway.stages.items()]
+        for entry in sources:
+            if entry["name"] == EMBEDDINGS:  # the judges' models and cached vectors
+                entry["embeddings"] = [j.describe() for j in dict.fromkeys(gateway.judges.values())]
         return sources
 
     def summary(self) -> dict[str, Any]:
@@ -280,7 +278,7 @@ class Service:
         used = _used(gateway)
         return {"config_version": gateway.config.version, "sources": {
             name: self.health.source(name, slot.connector.type).summary(slot, name in used) for name, slot in gateway.slots.items()
-        }}  # fmt: skip
+        } | {name: self.health.source(name, kind).summary(None, True) for name, kind in gateway.stages.items()}}  # fmt: skip
 
     def status(self) -> dict[str, Any]:
         gateway = self.gateway
