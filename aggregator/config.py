@@ -91,6 +91,9 @@ class ServerSettings(BaseModel):
     cache_ttl_s: float = Field(
         5.0, ge=0, le=3600, description="Identical retrievals within this many seconds are answered once (Dify's retries); 0: off."
     )
+    mcp: bool = Field(
+        True, description="Serve MCP at /mcp (the same keys and scoping as /retrieval); false: /mcp answers 404."
+    )
 
     @field_validator("state_url")
     @classmethod
@@ -120,7 +123,7 @@ class KnowledgeBase(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     connectors: list[str] = Field(min_length=1)
-    description: str | None = None
+    description: str | None = Field(None, description="One line for people and agents (MCP's list_knowledge_bases).")
 
 
 AnyConnectorSettings = Annotated[
