@@ -272,7 +272,10 @@ class McpEndpoint:
         return caller, request
 
     def _may_explain(self, caller: Caller, request: Request) -> bool:
-        return ops_denied(request, caller.gateway.config) is None
+        """/explain's own check. Here the Authorization header carries the API key, so an ops token comes the way
+        /explain takes it from a browser, `?token=` (in the MCP URL); loopback without an ops token set, as there."""
+        headers = [(name, value) for name, value in request.scope["headers"] if name != b"authorization"]
+        return ops_denied(Request({**request.scope, "headers": headers}), caller.gateway.config) is None
 
     async def _list_tools(self, ctx: ServerRequestContext[Any, Any], params: PaginatedRequestParams | None) -> ListToolsResult:
         caller, request = self._caller(ctx)

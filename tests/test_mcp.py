@@ -288,6 +288,11 @@ async def test_explain_is_only_for_callers_who_may_open_explain(tmp_path: Path, 
             assert {t.name for t in (await client.list_tools()).tools} == {"search", "list_knowledge_bases"}
             with pytest.raises(MCPError, match="no tool named 'explain'"):
                 await client.call_tool("explain", {"knowledge_base": "demo", "query": "signing keys"})
+        # The ops token in the URL, as /explain takes it from a browser: explain is listed and answers.
+        async with mcp_client(url, path="/mcp?token=ops-secret-123456") as client:
+            assert "explain" in {t.name for t in (await client.list_tools()).tools}
+            result = await client.call_tool("explain", {"knowledge_base": "demo", "query": "signing keys"})
+            assert not result.is_error and result.structured_content["knowledge_id"] == "demo"
 
 
 async def test_server_mcp_false_turns_the_endpoint_off(tmp_path: Path, partner: str):
