@@ -218,17 +218,23 @@ class McpEndpoint:
             on_list_tools=self._list_tools,
             on_call_tool=self._call_tool,
         )
-        # Stateless and JSON: any replica answers any request, with no session to keep. No Host/Origin allow-list
-        # (the SDK's DNS-rebinding guard): the service is reached by many names behind proxies, and every request
-        # needs a Bearer key a rebinding page cannot have.
-        self.manager = StreamableHTTPSessionManager(self.server, json_response=True, stateless=True, security_settings=None,
-                                                    max_request_body_size=MAX_BODY_BYTES)  # fmt: skip
+        self.manager: StreamableHTTPSessionManager | None = None
 
     @asynccontextmanager
     async def run(self) -> AsyncIterator[None]:
-        """For the app's lifespan: the SDK's task group for the requests in flight."""
-        async with self.manager.run():
-            yield
+        """For the app's lifespan: the SDK's task group for the requests in flight. A manager runs once, so each
+        lifespan (tests start one app several times) has its own."""
+        # Stateless and JSON: any replica answers any request, with no session to keep. No Host/Origin allow-list
+        # (the SDK's DNS-rebinding guard): the service is reached by many names behind proxies, and every request
+        # needs a Bearer key a rebinding page cannot have.
+        manager = StreamableHTTPSessionManager(self.server, json_response=True, stateless=True, security_settings=None,
+                                               max_request_body_size=MAX_BODY_BYTES)  # fmt: skip
+        async with manager.run():
+            self.manager = manager
+            try:
+                yield
+            finally:
+                self.manager = None
 
     def _refuse(self, status: int, code: int, message: str, headers: dict[str, str] | None = None) -> Any:
         """The contract's error body, which is also a JSON-RPC error: an MCP client shows `message` to its user."""
@@ -238,11 +244,17 @@ class McpEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         service = self.service
         gateway = service.gateway
-        if gateway is None:
+        manager = self.manager
+        if gateway is None or manager is None:
             await self._refuse(503, 5003, "the service is starting; try again shortly")(scope, receive, send)
             return
         if not gateway.config.server.mcp:
             await self._refuse(404, 4004, "MCP is turned off on this gateway (server.mcp: false)")(scope, receive, send)
+            return
+        if scope["method"] != "POST":
+            # Stateless: no session to end (DELETE) and nothing to push, so no event stream to open (GET): one that
+            # stayed open would hold a connection and this config version's sources for as long as it lasted.
+            await self._refuse(405, 4005, "MCP here is POST only (stateless, JSON answers)", {"Allow": "POST"})(scope, receive, send)
             return
         request = Request(scope, receive)
         token = bearer_token(request.headers.get("authorization"))
@@ -260,7 +272,7 @@ class McpEndpoint:
         request_id = request.headers.get("x-request-id") or f"mcp-{random.getrandbits(64):016x}"
         scope[CALLER] = Caller(api_key, gateway, request_id)
         with gateway.lease():  # a reload while the call runs: it finishes on this gateway, as /retrieval does
-            await self.manager.handle_request(scope, receive, send)
+            await manager.handle_request(scope, receive, send)
 
     # -- handlers ---------------------------------------------------------------------------------------------
 

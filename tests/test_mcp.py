@@ -304,6 +304,12 @@ async def test_server_mcp_false_turns_the_endpoint_off(tmp_path: Path, partner: 
         assert retrieval(url, {"knowledge_id": "demo", "query": "keys"}).status_code == 200
 
 
+def test_no_event_stream_is_held_open(gateway: str):
+    """Stateless: a GET (the optional server-to-client stream) is refused at once, so it cannot hold a connection."""
+    answer = httpx.get(gateway + "/mcp", headers={"Authorization": f"Bearer {KEY}", "Accept": "text/event-stream"}, timeout=5)
+    assert answer.status_code == 405 and answer.headers["allow"] == "POST" and answer.json()["error_code"] == 4005
+
+
 async def test_a_trailing_slash_url_is_served_too(gateway: str):
     async with mcp_client(gateway, path="/mcp/") as client:
         assert {t.name for t in (await client.list_tools()).tools} >= {"search"}
