@@ -34,10 +34,8 @@ from mcp.shared.exceptions import MCPError
 from mcp.types import (
     INVALID_PARAMS,
     CallToolRequestParams,
-    CallToolResult,
     ListToolsResult,
     PaginatedRequestParams,
-    TextContent,
     Tool,
     ToolAnnotations,
 )
@@ -163,6 +161,9 @@ EXPLAIN = Tool(
 )
 
 
+INPUT_SCHEMAS = {tool.name: tool.input_schema for tool in (SEARCH, LIST_KNOWLEDGE_BASES, EXPLAIN)}
+
+
 # -- rendering: records as text a model can cite -------------------------------------------------------------
 
 
@@ -191,14 +192,28 @@ def render_record(position: int, record: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def render_search(knowledge_base: str, records: list[dict[str, Any]], sources: str) -> list[TextContent]:
+def text(content: str) -> dict[str, str]:
+    """A text content block, in its wire form."""
+    return {"type": "text", "text": content}
+
+
+def tool_result(blocks: list[dict[str, str]], structured: Any = None, is_error: bool = False) -> dict[str, Any]:
+    """A `CallToolResult` in its wire form. The SDK takes a handler's dict as it is and validates it once against
+    the protocol version's schema; a model would be built and dumped first, a third of an MCP search's cost."""
+    result: dict[str, Any] = {"content": blocks, "isError": is_error, "resultType": "complete"}  # 2026-07-28 wants it; earlier versions drop it
+    if structured is not None:
+        result["structuredContent"] = structured
+    return result
+
+
+def render_search(knowledge_base: str, records: list[dict[str, Any]], sources: str) -> list[dict[str, str]]:
     """One text block per record, and a closing line naming the sources that did not answer."""
-    blocks = [TextContent(text=render_record(i, r)) for i, r in enumerate(records, 1)]
+    blocks = [text(render_record(i, r)) for i, r in enumerate(records, 1)]
     if not blocks:
-        blocks.append(TextContent(text=f"No passage of knowledge base {knowledge_base!r} matched the query."))
+        blocks.append(text(f"No passage of knowledge base {knowledge_base!r} matched the query."))
     failed = [part for part in sources.split(";") if part and not part.endswith(("=ok", "=empty", "=skipped"))]
     if failed:
-        blocks.append(TextContent(text="Some sources did not answer, so results may be incomplete: " + ", ".join(failed)))
+        blocks.append(text("Some sources did not answer, so results may be incomplete: " + ", ".join(failed)))
     return blocks
 
 
@@ -216,7 +231,10 @@ class McpEndpoint:
             title="Knowledge gateway",
             instructions=INSTRUCTIONS,
             on_list_tools=self._list_tools,
-            on_call_tool=self._call_tool,
+            on_call_tool=self._call_tool,  # type: ignore[arg-type]  # a dict result is the SDK's HandlerResult too
+            # 2026-07-28 checks a call's Mcp-Param headers against the tool's input schema: given here, it is not
+            # looked up through a whole tools/list per call (the schemas are no secret; explain's visibility is).
+            get_tool_input_schema=lambda name: INPUT_SCHEMAS.get(name),
         )
         self.manager: StreamableHTTPSessionManager | None = None
 
@@ -297,7 +315,7 @@ class McpEndpoint:
             tools.append(EXPLAIN)
         return ListToolsResult(tools=tools)
 
-    async def _call_tool(self, ctx: ServerRequestContext[Any, Any], params: CallToolRequestParams) -> CallToolResult:
+    async def _call_tool(self, ctx: ServerRequestContext[Any, Any], params: CallToolRequestParams) -> dict[str, Any]:
         caller, request = self._caller(ctx)
         name = params.name
         arguments = params.arguments or {}
@@ -315,7 +333,7 @@ class McpEndpoint:
             result = await call
         except ToolRefused as exc:
             self.service.metrics.observe_mcp(name, "refused", time.perf_counter() - started)
-            return CallToolResult(content=[TextContent(text=str(exc))], is_error=True)
+            return tool_result([text(str(exc))], is_error=True)
         self.service.metrics.observe_mcp(name, "ok", time.perf_counter() - started)
         return result
 
@@ -336,7 +354,7 @@ class McpEndpoint:
             message = describe_validation_error(exc).replace("retrieval_setting.", "").replace("knowledge_id", "knowledge_base")
             raise ToolRefused(f"invalid arguments: {message}") from None
 
-    async def _search(self, caller: Caller, request: Request, arguments: Mapping[str, Any]) -> CallToolResult:
+    async def _search(self, caller: Caller, request: Request, arguments: Mapping[str, Any]) -> dict[str, Any]:
         parsed, _ = self._parse(arguments)
         service, gateway = self.service, caller.gateway
         scrub = lambda message: redact(message, gateway.secrets) or ""  # noqa: E731
@@ -350,10 +368,9 @@ class McpEndpoint:
             raise ToolRefused(answer["error_msg"] + ("; list_knowledge_bases names those this key may search" if response.status_code in (403, 404) else ""))
         records = answer["records"]
         sources = response.headers.get("x-sources", "")
-        return CallToolResult(content=render_search(parsed.knowledge_id, records, sources),
-                              structured_content={"records": records, "sources": sources})  # fmt: skip
+        return tool_result(render_search(parsed.knowledge_id, records, sources), {"records": records, "sources": sources})
 
-    async def _list_knowledge_bases(self, caller: Caller) -> CallToolResult:
+    async def _list_knowledge_bases(self, caller: Caller) -> dict[str, Any]:
         config = caller.gateway.config
         types = {name: settings.type for name, settings in config.connectors.items()}
         found = []
@@ -368,17 +385,17 @@ class McpEndpoint:
         for kb in found:
             sources = ", ".join(f"{source['name']} ({source['type']})" for source in kb["sources"])
             lines.append(f"- {kb['knowledge_base']}: {kb['description'] or '(no description)'} (sources: {sources})")
-        text = "\n".join(lines) if lines else "This key may search no knowledge base."
-        return CallToolResult(content=[TextContent(text=text)], structured_content={"knowledge_bases": found})
+        listing = "\n".join(lines) if lines else "This key may search no knowledge base."
+        return tool_result([text(listing)], {"knowledge_bases": found})
 
-    async def _explain(self, caller: Caller, request: Request, arguments: Mapping[str, Any]) -> CallToolResult:
+    async def _explain(self, caller: Caller, request: Request, arguments: Mapping[str, Any]) -> dict[str, Any]:
         parsed, body = self._parse(arguments)
         if not caller.api_key.allows(parsed.knowledge_id):  # /retrieval's scope, as search has it
             raise ToolRefused(f"this API key may not read knowledge base {parsed.knowledge_id!r}")
         data = await explain_retrieval(self.service, caller.gateway, parsed, body, via="mcp")
         if data is None:
             raise ToolRefused(f"knowledge_base: no knowledge base named {parsed.knowledge_id!r}")
-        return CallToolResult(content=[TextContent(text=explain.render_text(data))], structured_content=data)
+        return tool_result([text(explain.render_text(data))], data)
 
     def _log(self, tool: str, caller: Caller, extra: dict[str, Any]) -> None:
         """The log line of a tool call that is not a retrieval (those have their own, with via=mcp)."""

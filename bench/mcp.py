@@ -13,8 +13,10 @@ asked in turn of:
 - MCP through the SDK: the official `mcp` client's `call_tool` on a session kept open, as an agent calls it
   (its client-side work, JSON-RPC framing and result validation, counted too).
 
-The three alternate in rounds, the order turning each round, so that drift on the shared machine hits them
-alike. Prints p50 and p99 per variant and the ratio of each p50 to /retrieval's (the goal: ≤ 1.1).
+Each round asks the same requests of each variant in turn, the order turning each round, so that drift on the
+shared machine hits them alike. Prints p50 and p99 per variant and the ratio of each p50 to /retrieval's (the
+goal: ≤ 1.1), and the gateway process's CPU time per request (from /proc: what each costs the server, which
+the load of other processes on the machine moves less than it moves latency).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 from mcp import Client  # noqa: E402
 from mcp.client.streamable_http import streamable_http_client  # noqa: E402
 
-from bench._cpu import pct  # noqa: E402
+from bench._cpu import cpu_seconds, pct  # noqa: E402
 from bench.perf import KEY, processes, upstreams  # noqa: E402
 from tests.loopback import free_port, wait_ready  # noqa: E402
 
@@ -52,7 +54,7 @@ MCP_HEADERS = {**HEADERS, "Accept": "application/json, text/event-stream", "MCP-
 
 
 @contextlib.contextmanager
-def gateway(urls: list[str]) -> Iterator[str]:
+def gateway(urls: list[str]) -> Iterator[tuple[str, int]]:
     connectors = "".join(f"  up{i}: {{type: dify, endpoint: '{u}', api_key: x, knowledge_id: kb, candidates: 20, retries: 0}}\n"
                          for i, u in enumerate(urls))  # fmt: skip
     with tempfile.TemporaryDirectory() as folder:
@@ -61,10 +63,10 @@ def gateway(urls: list[str]) -> Iterator[str]:
                           f"knowledge_bases:\n  kb: {{connectors: [up0, up1, up2]}}\nconnectors:\n{connectors}")  # fmt: skip
         port = free_port()
         command = [sys.executable, "-m", "aggregator", "serve", "--config", str(config), "--port", str(port), "--log-level", "warning"]
-        with processes(command):
+        with processes(command) as (server,):
             url = f"http://127.0.0.1:{port}"
             wait_ready(url, timeout=30)
-            yield url
+            yield url, server.pid
 
 
 def body(query: str) -> dict:
@@ -75,8 +77,10 @@ def arguments(query: str) -> dict:
     return {"knowledge_base": "kb", "query": query, "top_k": 5, "score_threshold": 0}
 
 
-async def measure(url: str, rounds: int, per_round: int) -> dict[str, list[float]]:
+async def measure(url: str, pid: int, rounds: int, per_round: int) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Latencies (ms) per variant, and the gateway process's CPU per request (µs) per variant."""
     samples: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    cpu: dict[str, float] = dict.fromkeys(VARIANTS, 0.0)
     async with (
         httpx.AsyncClient(timeout=10) as http,
         httpx2.AsyncClient(headers=HEADERS, timeout=10) as http2,
@@ -103,13 +107,14 @@ async def measure(url: str, rounds: int, per_round: int) -> dict[str, list[float
                 await call(query)
         for round_ in range(rounds):
             order = VARIANTS[round_ % 3:] + VARIANTS[: round_ % 3]
-            for i in range(per_round):
-                query = QUERIES[i % len(QUERIES)]
-                for name in order:  # the same request of each, back to back
+            for name in order:  # the same requests of each, one variant after the other (so its CPU can be read)
+                cpu_before = cpu_seconds(pid)
+                for i in range(per_round):
                     started = time.perf_counter()
-                    await calls[name](query)
+                    await calls[name](QUERIES[i % len(QUERIES)])
                     samples[name].append((time.perf_counter() - started) * 1000)
-    return samples
+                cpu[name] += cpu_seconds(pid) - cpu_before
+    return samples, {name: seconds / (rounds * per_round) * 1e6 for name, seconds in cpu.items()}
 
 
 def main() -> None:
@@ -118,15 +123,15 @@ def main() -> None:
     parser.add_argument("--per-round", type=int, default=100)
     parser.add_argument("--delay", type=float, default=0.0, help="each upstream's answer time, seconds")
     args = parser.parse_args()
-    with upstreams(3, args.delay) as urls, gateway(urls) as url:
-        samples = asyncio.run(measure(url, args.rounds, args.per_round))
+    with upstreams(3, args.delay) as urls, gateway(urls) as (url, pid):
+        samples, cpu = asyncio.run(measure(url, pid, args.rounds, args.per_round))
     base = pct(samples[VARIANTS[0]], 0.5)
     print(f"\n## MCP search against /retrieval: the same {len(QUERIES)} requests, three upstreams answering in "
           f"{args.delay * 1000:.0f} ms, cache off, {args.rounds} × {args.per_round} each\n")  # fmt: skip
-    print("| variant | p50 ms | p99 ms | p50 ratio to /retrieval |\n| --- | ---: | ---: | ---: |")
+    print("| variant | p50 ms | p99 ms | p50 ratio to /retrieval | gateway CPU per request, µs | ratio |\n| --- | ---: | ---: | ---: | ---: | ---: |")
     for name in VARIANTS:
         p50 = pct(samples[name], 0.5)
-        print(f"| {name} | {p50:.2f} | {pct(samples[name], 0.99):.2f} | {p50 / base:.3f} |")
+        print(f"| {name} | {p50:.2f} | {pct(samples[name], 0.99):.2f} | {p50 / base:.3f} | {cpu[name]:.0f} | {cpu[name] / cpu[VARIANTS[0]]:.3f} |")
 
 
 if __name__ == "__main__":
