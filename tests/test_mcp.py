@@ -278,6 +278,23 @@ async def test_mcp_calls_are_counted_apart_and_logged_as_such(gateway: str, capl
     assert any(r.getMessage().startswith("mcp tool=list_knowledge_bases") for r in lines)
 
 
+async def test_a_search_is_traced_like_a_retrieval_continuing_the_callers_trace(tmp_path: Path, partner: str):
+    from .test_tracing import TRACE_ID, TRACEPARENT, in_memory
+
+    tracing, exporter = in_memory()
+    with serve(create_app(lambda: gateway_config(tmp_path, partner), tracing=tracing)) as url:
+        wait_ready(url)
+        async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {KEY}", "traceparent": TRACEPARENT}, timeout=20) as http:
+            async with Client(streamable_http_client(url + "/mcp", http_client=http), mode="legacy", cache=None) as client:  # type: ignore[arg-type]
+                await client.call_tool("search", {"knowledge_base": "demo", "query": "signing keys"})
+    spans = {span.name: span for span in exporter.get_finished_spans()}
+    root = spans["POST /mcp"]
+    assert format(root.context.trace_id, "032x") == TRACE_ID and root.attributes["gateway.mcp.tool"] == "search"
+    assert root.attributes["gateway.knowledge_id"] == "demo" and root.attributes["http.response.status_code"] == 200
+    for source in ("docs", "partner"):  # the sources' spans, children of the search's
+        assert spans[f"search {source}"].parent.span_id == root.context.span_id
+
+
 async def test_explain_is_only_for_callers_who_may_open_explain(tmp_path: Path, partner: str):
     """With an ops token set, /explain wants it; an MCP caller with only an API key neither sees nor calls explain."""
     config = lambda: gateway_config(tmp_path, partner, extra_server="ops_token: ops-secret-123456")  # noqa: E731
