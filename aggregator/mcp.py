@@ -41,13 +41,15 @@ from mcp.types import (
 )
 from pydantic import ValidationError
 from starlette.requests import Request
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
-from .api import JSONResponse, answer_retrieval, bearer_token, describe_validation_error, explain_retrieval, find_key, ops_denied
+from .api import (BODY_TIMEOUT_S, JSONResponse, answer_retrieval, bearer_token, describe_validation_error, explain_retrieval, find_key,
+                  ops_denied, read_body)
 from .config import ApiKey
 from .models import DEFAULT_TOP_K, MAX_QUERY_CHARS, MAX_TOP_K, MetadataCondition, RetrievalRequest
 from .ops import explain
 from .ops.health import redact
+from .tasks import Timeout
 
 if TYPE_CHECKING:
     from .runtime import Gateway
@@ -59,7 +61,7 @@ access_log = logging.getLogger("aggregator.access")
 #: Where the authenticated caller travels from the HTTP request to the tool handler (the SDK hands the handler
 #: the same Starlette request, so the key is checked once, before the SDK reads the body).
 CALLER = "aggregator.mcp.caller"
-#: The largest body the SDK reads; `server.max_body_bytes` is checked on Content-Length before that.
+#: The SDK's own body limit: above any `server.max_body_bytes`, which is checked first (the body is read here).
 MAX_BODY_BYTES = 64 * 1024 * 1024
 #: A passage longer than this is cut in the text a model reads (structured content keeps it whole).
 PASSAGE_CHARS = 4000
@@ -282,15 +284,27 @@ class McpEndpoint:
             code, message = (1001, "missing or malformed Authorization header; expected 'Bearer <API key>'") if token is None else (1002, "the API key is not valid")
             await self._refuse(401, code, message, {"WWW-Authenticate": "Bearer"})(scope, receive, send)
             return
-        declared = request.headers.get("content-length")
+        # The body under /retrieval's limits (size, and time: one trickled in would hold a task and this config
+        # version open), read here and replayed to the SDK, which reads with neither.
         limit = gateway.config.server.max_body_bytes
-        if declared and declared.isdigit() and int(declared) > limit:
+        try:
+            with Timeout(BODY_TIMEOUT_S):
+                raw = await read_body(request, limit)
+        except TimeoutError:
+            await self._refuse(408, 3003, f"body: not received within {BODY_TIMEOUT_S:.0f} s")(scope, receive, send)
+            return
+        if raw is None:
             await self._refuse(413, 3002, f"body: larger than {limit} bytes")(scope, receive, send)
             return
+        replay: list[Message] = [{"type": "http.request", "body": raw, "more_body": False}]
+
+        async def receive_again() -> Message:
+            return replay.pop() if replay else await receive()
+
         request_id = request.headers.get("x-request-id") or f"mcp-{random.getrandbits(64):016x}"
         scope[CALLER] = Caller(api_key, gateway, request_id)
         with gateway.lease():  # a reload while the call runs: it finishes on this gateway, as /retrieval does
-            await manager.handle_request(scope, receive, send)
+            await manager.handle_request(scope, receive_again, send)
 
     # -- handlers ---------------------------------------------------------------------------------------------
 

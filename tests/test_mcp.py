@@ -321,6 +321,36 @@ async def test_server_mcp_false_turns_the_endpoint_off(tmp_path: Path, partner: 
         assert retrieval(url, {"knowledge_id": "demo", "query": "keys"}).status_code == 200
 
 
+def test_an_oversized_body_is_refused_as_retrieval_refuses_it(gateway: str):
+    message = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "search",
+               "arguments": {"knowledge_base": "demo", "query": "x" * (2 * 1024 * 1024)}}}  # fmt: skip
+    headers = {"Authorization": f"Bearer {KEY}", "Accept": "application/json", "Content-Type": "application/json"}
+    answer = httpx.post(gateway + "/mcp", json=message, headers=headers, timeout=10)
+    assert answer.status_code == 413 and answer.json()["error_code"] == 3002
+    chunked = httpx.post(gateway + "/mcp", content=iter([json.dumps(message).encode()]), headers=headers, timeout=10)
+    assert chunked.status_code == 413 and chunked.json()["error_code"] == 3002  # no Content-Length: counted as it comes
+
+
+async def test_a_body_trickled_in_is_cut_off_as_retrieval_cuts_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import asyncio
+
+    import aggregator.mcp
+
+    monkeypatch.setattr(aggregator.mcp, "BODY_TIMEOUT_S", 0.3)
+    app = create_app(lambda: make_config(write_docs(tmp_path / "docs")))
+
+    async def trickle() -> AsyncIterator[bytes]:
+        yield b'{"jsonrpc": "2.0", "id": 1, '
+        await asyncio.sleep(5)  # never reached: the gateway gives up first
+        yield b'"method": "tools/list"}'
+
+    headers = {"Authorization": f"Bearer {KEY}", "Accept": "application/json", "Content-Type": "application/json"}
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            answer = await asyncio.wait_for(client.post("/mcp", content=trickle(), headers=headers), 3)
+    assert answer.status_code == 408 and answer.json()["error_code"] == 3003
+
+
 def test_no_event_stream_is_held_open(gateway: str):
     """Stateless: a GET (the optional server-to-client stream) is refused at once, so it cannot hold a connection."""
     answer = httpx.get(gateway + "/mcp", headers={"Authorization": f"Bearer {KEY}", "Accept": "text/event-stream"}, timeout=5)
