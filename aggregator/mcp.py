@@ -89,11 +89,20 @@ class ToolRefused(Exception):
 
 # -- the tools' schemas, written for a model to fill in ------------------------------------------------------
 
-_CONDITION_SCHEMA = MetadataCondition.model_json_schema()
+def _condition_schema() -> dict[str, Any]:
+    """`metadata_condition` as the model validates it, inlined (no `$ref`: some clients and model APIs resolve
+    none), with `name` as either form the gateway takes, a field name or a list of them."""
+    schema = MetadataCondition.model_json_schema()
+    condition = schema.pop("$defs")["Condition"]
+    names = condition["properties"]["name"]
+    condition["properties"]["name"] = {"anyOf": [names["items"], names], "title": names["title"],
+                                       "description": "A metadata field name, or a list of them (the condition holds for any)."}  # fmt: skip
+    schema["properties"]["conditions"]["items"] = condition
+    return schema
 
 
 def _search_schema() -> dict[str, Any]:
-    condition = dict(_CONDITION_SCHEMA)
+    condition = _condition_schema()
     condition["description"] = (
         "Optional filter on record metadata, in Dify's metadata_condition shape: "
         '{"logical_operator": "and"|"or", "conditions": [{"name": "space", "comparison_operator": "is", "value": "OPS"}]}. '
@@ -201,7 +210,7 @@ def text(content: str) -> dict[str, str]:
 
 def tool_result(blocks: list[dict[str, str]], structured: Any = None, is_error: bool = False) -> dict[str, Any]:
     """A `CallToolResult` in its wire form. The SDK takes a handler's dict as it is and validates it once against
-    the protocol version's schema; a model would be built and dumped first, a third of an MCP search's cost."""
+    the protocol version's schema, where a result model would be built, dumped, then validated again."""
     result: dict[str, Any] = {"content": blocks, "isError": is_error, "resultType": "complete"}  # 2026-07-28 wants it; earlier versions drop it
     if structured is not None:
         result["structuredContent"] = structured

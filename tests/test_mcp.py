@@ -125,6 +125,7 @@ async def test_an_agent_connects_lists_the_tools_and_searches(gateway: str, mode
         # A loopback caller with no ops token set may open /explain, so it sees explain too.
         assert set(tools) == {"search", "list_knowledge_bases", "explain"}
         assert tools["search"].input_schema["required"] == ["knowledge_base", "query"]
+        assert "$ref" not in json.dumps(tools["search"].input_schema)  # inlined: some clients resolve no references
         assert tools["search"].annotations is not None and tools["search"].annotations.read_only_hint
 
         result = await client.call_tool("search", {"knowledge_base": "demo", "query": "how do we rotate the signing keys?", "top_k": 3})
