@@ -357,6 +357,10 @@ class McpEndpoint:
         except ToolRefused as exc:
             self.service.metrics.observe_mcp(name, "refused", time.perf_counter() - started)
             return tool_result([text(str(exc))], is_error=True)
+        except Exception as exc:  # a bug: /retrieval's 500/5001 words, never a traceback or the exception's text
+            log.exception("MCP tool %s failed", name)
+            self.service.metrics.observe_mcp(name, "error", time.perf_counter() - started)
+            return tool_result([text(f"internal error ({type(exc).__name__}); see the service log")], is_error=True)
         self.service.metrics.observe_mcp(name, "ok", time.perf_counter() - started)
         return result
 

@@ -245,6 +245,19 @@ async def test_bad_arguments_are_told_to_the_model_not_a_500(gateway: str):
     assert garbage.status_code < 500
 
 
+async def test_a_bug_is_an_error_the_model_sees_without_internals(gateway: str, monkeypatch: pytest.MonkeyPatch):
+    import aggregator.api
+
+    async def broken(*_args: Any, **_kwargs: Any) -> None:
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(aggregator.api, "retrieve", broken)  # the server runs in this process, on a thread
+    async with mcp_client(gateway) as client:
+        result = await client.call_tool("search", {"knowledge_base": "demo", "query": "signing keys"})
+    assert result.is_error and text_of(result) == "internal error (RuntimeError); see the service log"
+    assert 'gateway_mcp_calls_total{call="search",outcome="error"} 1.0' in httpx.get(gateway + "/metrics").text
+
+
 # -- a failing source, operations --------------------------------------------------------------------------
 
 
