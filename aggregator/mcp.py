@@ -391,8 +391,9 @@ class McpEndpoint:
             response = await answer_retrieval(service, gateway, caller.api_key, parsed, caller.request_id, via="mcp")
             span.set_attribute("http.response.status_code", response.status_code)
         answer = _decode(bytes(response.body))
-        if response.status_code != 200:
-            raise ToolRefused(answer["error_msg"] + ("; list_knowledge_bases names those this key may search" if response.status_code in (403, 404) else ""))
+        if response.status_code != 200:  # 403/1002 or 404/2001, in /retrieval's words, naming this tool's argument
+            message = answer["error_msg"].replace("knowledge_id:", "knowledge_base:", 1)
+            raise ToolRefused(message + "; list_knowledge_bases names those this key may search")
         records = answer["records"]
         sources = response.headers.get("x-sources", "")
         return tool_result(render_search(parsed.knowledge_id, records, sources), {"records": records, "sources": sources})
