@@ -139,7 +139,7 @@ def test_a_hung_model_costs_its_budget_and_the_deadline_holds(gateway):
 def test_explain_shows_the_stage_like_a_source(gateway):
     base, state = gateway
     state.relevance = {"签名密钥": 0.93}
-    data = httpx.get(base + "/explain", params={"kb": "demo", "q": QUERY, "format": "json"}).json()
+    data = httpx.get(base + "/explain", params={"kb": "demo", "q": QUERY, "format": "json"}, headers={"Authorization": f"Bearer {KEY}"}).json()
     stage = next(s for s in data["sources"] if s["name"] == "rerank")
     assert stage["outcome"] == "ok" and stage["attempts"] == 1
     assert data["passages"][0]["title"] == "签名密钥轮换" and data["passages"][0]["score"] == 0.93
