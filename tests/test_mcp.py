@@ -371,6 +371,30 @@ def test_no_event_stream_is_held_open(gateway: str):
     assert answer.status_code == 405 and answer.headers["allow"] == "POST" and answer.json()["error_code"] == 4005
 
 
+def test_an_edit_of_connectors_yaml_applies_to_mcp_without_a_restart(tmp_path: Path):
+    """The switch and the keys are read on every request: turning MCP off, or removing a key, takes effect at once."""
+    from .test_reload import eventually
+
+    config = tmp_path / "connectors.yaml"
+    text = "server:\n  api_keys: [{{key: {key}}}, {{key: other-key-123456}}]\n  mcp: {mcp}\n" \
+           f"knowledge_bases:\n  demo: {{{{connectors: [docs]}}}}\nconnectors:\n  docs: {{{{type: files, path: '{write_docs(tmp_path / 'docs')}'}}}}\n"
+    config.write_text(text.format(key=KEY, mcp="true"))
+    listing = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
+    headers = {"Accept": "application/json", "Content-Type": "application/json"}
+
+    def status(key: str) -> int:
+        return httpx.post(url + "/mcp", json=listing, headers={**headers, "Authorization": f"Bearer {key}"}).status_code
+
+    with serve(create_app(config_path=config)) as url:
+        wait_ready(url)
+        assert status(KEY) == 200 and status("other-key-123456") == 200
+        config.write_text(text.format(key="a-new-key-7890", mcp="true"))
+        eventually(lambda: status(KEY) == 401)  # the removed key is refused
+        assert status("a-new-key-7890") == 200
+        config.write_text(text.format(key="a-new-key-7890", mcp="false"))
+        eventually(lambda: status("a-new-key-7890") == 404)
+
+
 async def test_a_trailing_slash_url_is_served_too(gateway: str):
     async with mcp_client(gateway, path="/mcp/") as client:
         assert {t.name for t in (await client.list_tools()).tools} >= {"search"}
