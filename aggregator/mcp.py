@@ -265,7 +265,7 @@ class McpEndpoint:
             finally:
                 self.manager = None
 
-    def _refuse(self, status: int, code: int, message: str, headers: dict[str, str] | None = None) -> Any:
+    def _refuse(self, status: int, code: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
         """The contract's error body, which is also a JSON-RPC error: an MCP client shows `message` to its user."""
         body = {"error_code": code, "error_msg": message, "jsonrpc": "2.0", "id": None, "error": {"code": -32001, "message": message}}
         return JSONResponse(body, status_code=status, headers=headers)
