@@ -94,6 +94,9 @@ class ServerSettings(BaseModel):
     cache_ttl_s: float = Field(
         5.0, ge=0, le=3600, description="Identical retrievals within this many seconds are answered once (Dify's retries); 0: off."
     )
+    mcp: bool = Field(
+        True, description="Serve MCP at /mcp (the same keys and scoping as /retrieval); false: /mcp answers 404."
+    )
 
     @field_validator("state_url")
     @classmethod
@@ -124,7 +127,7 @@ class KnowledgeBase(BaseModel):
 
     rerank: RerankOverride | None = Field(None, description="Fields that replace server.rerank's here; `enabled: false` for none.")
     connectors: list[str] = Field(min_length=1)
-    description: str | None = None
+    description: str | None = Field(None, description="One line for people and agents (MCP's list_knowledge_bases).")
 
 
 AnyConnectorSettings = Annotated[
