@@ -122,7 +122,7 @@ async def test_metadata_filter_is_applied_before_the_limit(tmp_path: Path):
         (tmp_path / f"doc{i:02}.md").write_text("release checklist " * (30 - i))
     async with FilesConnector("docs", FilesSettings(path=tmp_path)) as docs:
         await docs.wait_ready(5)
-        query = SourceQuery("release checklist", 3, accepts=lambda m: m["document_id"] == "doc29.md")
+        query = SourceQuery("release checklist", 3, accepts=lambda m: m["document_id"] == "docs:doc29.md")
         assert [p.document_id for p in await docs.search(query)] == ["doc29.md"]
 
 
@@ -170,3 +170,37 @@ async def test_a_file_swapped_for_a_link_after_the_scan_is_not_read(tmp_path: Pa
     (folder / "a.md").symlink_to(secret)
     assert await connector.fetch("a.md") is None
     await connector.aclose()
+
+
+async def test_two_folders_with_the_same_file_give_two_document_ids_that_survive_a_restart(tmp_path: Path):
+    """Dify groups a reply's citations by `metadata.document_id`: two folders' README.md must not be one citation."""
+    from aggregator.models import RetrievalRequest
+    from aggregator.pipeline import retrieve
+    from aggregator.runtime import Gateway
+
+    from .conftest import make_config, write_docs
+
+    write_docs(tmp_path / "team-a", {"README.md": "# Team A\n\nRotate the signing keys every year."})
+    write_docs(tmp_path / "team-b", {"README.md": "# Team B\n\nRotate the signing keys every month."})
+    config = make_config(tmp_path / "team-a", f"team-b:\n  type: files\n  path: {tmp_path / 'team-b'}\n", kb_connectors="[docs, team-b]")
+
+    async def ask(condition: dict | None = None) -> list[tuple[str, str]]:
+        """One retrieval on a gateway started for it (the second start reads the stored indexes)."""
+        request = {"knowledge_id": "demo", "query": "rotate signing keys", "retrieval_setting": {"top_k": 5}, "metadata_condition": condition}
+        gateway = Gateway(config)
+        await gateway.start()
+        try:
+            for slot in gateway.slots.values():
+                await slot.connector.wait_ready(10)
+            records = (await retrieve(gateway, RetrievalRequest.model_validate(request))).records
+        finally:
+            await gateway.aclose()
+        return sorted((r["metadata"]["document_id"], r["metadata"]["path"]) for r in records)
+
+    first = await ask()
+    assert first == [("docs:README.md", "README.md"), ("team-b:README.md", "README.md")]
+    assert await ask() == first, "the same ids after a restart on the stored indexes"
+    by_id = {"conditions": [{"name": "document_id", "comparison_operator": "is", "value": "team-b:README.md"}]}
+    assert await ask(by_id) == [("team-b:README.md", "README.md")]
+    by_path = {"conditions": [{"name": "path", "comparison_operator": "is", "value": "README.md"}]}
+    assert await ask(by_path) == first, "the source's own id is still in `path`"

@@ -86,7 +86,7 @@ def ask(url: str, query: str, kb: str = "kb", top_k: int = 5, **headers: str) ->
 
 def documents(response: httpx.Response) -> list[str]:
     assert response.status_code == 200, response.text
-    return [r["metadata"]["document_id"] for r in response.json()["records"]]
+    return [r["metadata"]["document_id"].removeprefix("wiki:") for r in response.json()["records"]]
 
 
 def status(url: str) -> dict:
