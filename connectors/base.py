@@ -236,6 +236,9 @@ class Connector(abc.ABC):
     #: Names of metadata fields this source can filter on itself. The core's
     #: post-filter always runs too; pushing down only saves work.
     pushdown_fields: ClassVar[frozenset[str]] = frozenset()
+    #: What `aggregator check` adds when the source answered no records: the usual reasons, for a source whose
+    #: API answers an empty list where a person would expect an error.
+    empty_hint: ClassVar[str | None] = None
 
     def __init__(self, name: str, settings: ConnectorSettings) -> None:
         self.name = name
