@@ -261,12 +261,16 @@ class IndexedConnector(Connector):
                 self._first_attempt.set()
                 if not store.leading:
                     return None
+                self._wake.clear()  # a watcher's trigger must not turn this wait into a busy retry
                 await self._pause(min(self.settings.refresh_s, OPEN_RETRY_S))
 
     async def _sync_while_leading(self, store: IndexStore, writer: Any) -> None:
         while store.leading:
             wait = self.settings.refresh_s
             status = self._status
+            # Cleared before the listing, not when the pause starts: a change the watcher reports while this
+            # sync runs (after the listing saw the old version) leaves it set, and the next sync runs at once.
+            self._wake.clear()
             try:
                 await self.sync()
                 status.last_error = status.last_outcome = None
@@ -297,8 +301,7 @@ class IndexedConnector(Connector):
             await self._pause(wait)
 
     async def _pause(self, seconds: float) -> None:
-        """Wait `seconds`, or less if `trigger_refresh()` asks for a sync now."""
-        self._wake.clear()
+        """Wait `seconds`, or less if `trigger_refresh()` asks (or asked since the last sync began) for a sync now."""
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._wake.wait(), seconds)
 

@@ -6,6 +6,8 @@ import asyncio
 import os
 from pathlib import Path
 
+import pytest
+
 from aggregator.text.tokenize import tokenize
 from connectors.base import SourceQuery
 from connectors.files import FilesConnector, FilesSettings, title_of
@@ -204,3 +206,53 @@ async def test_two_folders_with_the_same_file_give_two_document_ids_that_survive
     assert await ask(by_id) == [("team-b:README.md", "README.md")]
     by_path = {"conditions": [{"name": "path", "comparison_operator": "is", "value": "README.md"}]}
     assert await ask(by_path) == first, "the source's own id is still in `path`"
+
+
+@pytest.mark.parametrize("watcher", ["real", "forced"])
+async def test_an_edit_reported_while_the_start_up_sync_runs_is_indexed_at_once(tmp_path: Path, watcher: str):
+    """Issue 24: after a restart on a stored index, a file rewritten while the start-up sync ran was lost until the
+    next full rescan (refresh_s). The race is forced: the edit lands, and the watcher reports it, between the sync's
+    listing (which saw the old version, the stored one) and the end of that sync. `real`: the sync waits until the
+    real watcher has reported the edit; `forced`: the hook reports it itself, as the watcher would."""
+    from aggregator.state import LocalBackend
+
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "notes.md").write_text("# Notes\n\nThe old wording about lunch.")
+    state = LocalBackend(tmp_path / "state")
+    settings = FilesSettings(path=folder, watch=watcher == "real", refresh_s=300)
+
+    first = FilesConnector("docs", settings)
+    first.bind_state(state)
+    async with first:
+        await first.wait_ready(10)
+        assert await first.search(SourceQuery("lunch", 3))
+
+    listed = asyncio.Event()  # the restarted source's start-up sync has listed the folder, and the edit was reported
+    reported = asyncio.Event()
+
+    class Restarted(FilesConnector):
+        def trigger_refresh(self) -> None:
+            super().trigger_refresh()
+            if listed.is_set() or watcher == "forced":
+                reported.set()
+
+        async def list_versions(self) -> dict[str, str]:
+            versions = await super().list_versions()
+            if not listed.is_set():
+                listed.set()
+                (folder / "notes.md").write_text("# Notes\n\nNew wording: the zeppelin timetable.")
+                if watcher == "forced":
+                    self.trigger_refresh()
+                await asyncio.wait_for(reported.wait(), 10)  # this sync ends only after the watcher told of the edit
+            return versions
+
+    second = Restarted("docs", settings)
+    second.bind_state(state)
+    async with second:
+        await asyncio.wait_for(reported.wait(), 10)
+        deadline = asyncio.get_running_loop().time() + 10  # refresh_s is 300: only the report can bring it in
+        while not await second.search(SourceQuery("zeppelin timetable", 3)):
+            assert asyncio.get_running_loop().time() < deadline, "the edit was lost until the next full rescan"
+            await asyncio.sleep(0.02)
+        assert not await second.search(SourceQuery("lunch", 3))
