@@ -22,9 +22,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import msgspec
 from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -95,7 +97,7 @@ def describe_validation_error(exc: ValidationError) -> str:
     parts = []
     for e in exc.errors()[:5]:
         place = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"]).lstrip(".") or "body"
-        message = "field required" if e["type"] == "missing" else e["msg"]
+        message = "field required" if e["type"] == "missing" else e["msg"].removeprefix("Value error, ")
         parts.append(f"{place}: {message}")
     return "; ".join(parts)
 
@@ -133,7 +135,21 @@ async def read_body(request: Request, limit: int) -> bytes | None:
     return b"".join(chunks)
 
 
+#: Headers by which a proxy says whom it forwards. A request carrying any of them came through a proxy, so its
+#: loopback peer says nothing about who sent it: it is not local, whichever of them the proxy chose to set.
+FORWARDING_HEADERS = (
+    "forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-real-ip", "x-client-ip",
+    "true-client-ip", "cf-connecting-ip", "fastly-client-ip", "x-cluster-client-ip", "x-original-forwarded-for",
+)  # fmt: skip
+#: The cookie an ops token is exchanged for on the pages, so that it never stays in a URL (history, links, logs).
+OPS_COOKIE = "gateway_ops"
+
+
 def is_loopback(request: Request) -> bool:
+    """A caller on this host that no proxy forwarded (see FORWARDING_HEADERS)."""
+    headers = request.headers
+    if any(name in headers for name in FORWARDING_HEADERS):
+        return False
     host = request.client.host if request.client else ""
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -141,17 +157,64 @@ def is_loopback(request: Request) -> bool:
         return host in ("localhost", "testclient")
 
 
+def _same(presented: str, expected: str) -> bool:
+    return hmac.compare_digest(hashlib.sha256(presented.encode()).digest(), hashlib.sha256(expected.encode()).digest())
+
+
+def ops_cookie_value(token: str) -> str:
+    """What the ops cookie holds: derived from the token, never the token itself."""
+    return hmac.new(token.encode(), b"gateway ops cookie", hashlib.sha256).hexdigest()
+
+
 def ops_denied(request: Request, config: GatewayConfig) -> JSONResponse | None:
-    """/status, /metrics and the page: the ops token when one is set, else loopback callers only."""
+    """/status, /metrics, /explain and the page: the ops token when one is set, else loopback callers only.
+
+    The token is taken from `Authorization: Bearer`, from the cookie the pages set, or from `?token=` (which
+    the pages trade for that cookie at once, see `token_to_cookie`)."""
     token = config.server.ops_token
     if token is None:
         if is_loopback(request):
             return None
-        return error(403, 1001, "ops endpoints answer loopback callers only; set server.ops_token to open them to others")
+        return error(403, 1001, "ops endpoints answer loopback callers only (not through a proxy); set server.ops_token to open them to others")
+    secret = token.get_secret_value()
     presented = bearer_token(request.headers.get("authorization")) or request.query_params.get("token") or ""
-    if hmac.compare_digest(hashlib.sha256(presented.encode()).digest(), hashlib.sha256(token.get_secret_value().encode()).digest()):
+    if _same(presented, secret) or _same(request.cookies.get(OPS_COOKIE, ""), ops_cookie_value(secret)):
         return None
-    return error(403, 1002, "a valid ops token is required (Authorization: Bearer <ops_token>, or ?token=)")
+    return error(403, 1002, "a valid ops token is required (Authorization: Bearer <ops_token>, or ?token= on the pages)")
+
+
+def token_to_cookie(request: Request, config: GatewayConfig) -> Response | None:
+    """A page asked for with a valid `?token=`: a redirect to the same address without it, setting the ops cookie.
+    The token then stays out of the address bar, of links the page makes, and of every log of the request after."""
+    token = config.server.ops_token
+    if token is None or "token" not in request.query_params or ops_denied(request, config) is not None:
+        return None
+    rest = [(k, v) for k, v in request.query_params.multi_items() if k != "token"]
+    target = request.url.path + ("?" + urlencode(rest) if rest else "")
+    response = Response(status_code=303, headers={"Location": target, "Cache-Control": "no-store"})
+    response.set_cookie(
+        OPS_COOKIE, ops_cookie_value(token.get_secret_value()), httponly=True, samesite="strict", path="/",
+        secure=request.url.scheme == "https",
+    )  # fmt: skip
+    return response
+
+
+def explain_scope(request: Request, config: GatewayConfig) -> list[str] | JSONResponse:
+    """The knowledge bases /explain may show this caller (who already passed `ops_denied`).
+
+    Explain shows passages, so it shows only what the caller could read anyway: with `server.ops_token`, its
+    holder is an operator and sees every knowledge base; without one, being on this host is not enough, and
+    the caller presents an API key (`Authorization: Bearer`) and sees the knowledge bases that key may read."""
+    if config.server.ops_token is not None:
+        return list(config.knowledge_bases)
+    presented = bearer_token(request.headers.get("authorization"))
+    if presented is None:
+        return error(403, 1001, "without server.ops_token, /explain needs an API key (Authorization: Bearer <key>) and shows what it may read")
+    api_key = find_key(config, presented)
+    if api_key is None:
+        return error(403, 1002, "the API key is not valid")
+    allowed = [kb for kb in config.knowledge_bases if api_key.allows(kb)]
+    return allowed or error(403, 1002, "this API key may read no knowledge base")
 
 
 class GatewayApp(FastAPI):
@@ -189,7 +252,8 @@ def create_app(load: Callable[[], GatewayConfig] | None = None, config_path: Pat
         finally:
             await service.aclose()
 
-    app = GatewayApp(title="Dify knowledge gateway", version="0.1.0", lifespan=lifespan)
+    # The API's documents are served below, behind ops access like /status: Dify needs none of them.
+    app = GatewayApp(title="Dify knowledge gateway", version="0.1.0", lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
     app.state.service = service
 
     @app.exception_handler(StarletteHTTPException)
@@ -303,6 +367,24 @@ def create_app(load: Callable[[], GatewayConfig] | None = None, config_path: Pat
     # Dify appends "/retrieval" to the endpoint as text: an endpoint saved with a trailing slash posts here.
     app.router.add_route("//retrieval", retrieval, methods=["POST"], include_in_schema=False)
 
+    def docs_denied(request: Request) -> Response | None:
+        """/openapi.json, /docs and /redoc: ops access, as /status (they name no knowledge base, but Dify needs none)."""
+        if service.gateway is None:
+            return error(503, 5003, "the service is starting; try again shortly")
+        return ops_denied(request, service.gateway.config) or token_to_cookie(request, service.gateway.config)
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi_document(request: Request) -> Response:
+        return docs_denied(request) or JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger(request: Request) -> Response:
+        return docs_denied(request) or get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - Swagger UI")
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(request: Request) -> Response:
+        return docs_denied(request) or get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc")
+
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "alive"}
@@ -338,15 +420,22 @@ def create_app(load: Callable[[], GatewayConfig] | None = None, config_path: Pat
         if denied := ops_denied(request, gateway.config):
             return denied
         params = request.query_params
-        values = {k: params.get(k, "") for k in ("kb", "q", "top_k", "threshold", "filter", "token")}
         as_json = params.get("format") == "json"
-        kbs = list(gateway.config.knowledge_bases)
+        if not as_json and (moved := token_to_cookie(request, gateway.config)):
+            return moved
+        kbs = explain_scope(request, gateway.config)
+        if isinstance(kbs, JSONResponse):
+            return kbs
+        values = {k: params.get(k, "") for k in ("kb", "q", "top_k", "threshold", "filter")}
         values["kb"] = values["kb"] or kbs[0]
 
         def failed(status: int, code: int, message: str) -> Response:
             if as_json:
                 return error(status, code, message)
             return HTMLResponse(explain.render_page(kbs, values, None, message), status_code=status)
+
+        if values["kb"] not in kbs and gateway.config.server.ops_token is None:  # as /retrieval: known or not, 403
+            return failed(403, 1002, f"this API key may not read knowledge base {values['kb']!r}")
 
         if not values["q"].strip():
             return failed(400, 3001, "q: a query is required") if as_json else HTMLResponse(explain.render_page(kbs, values, None))
@@ -367,7 +456,7 @@ def create_app(load: Callable[[], GatewayConfig] | None = None, config_path: Pat
         elapsed = time.perf_counter() - started
         service.record(gateway, parsed.knowledge_id, parsed.query, result, elapsed, "explain-" + uuid.uuid4().hex[:8])
         types = {name: slot.connector.type for name, slot in gateway.slots.items()}
-        data = explain.explanation(result, body, elapsed * 1000, types)
+        data = explain.explanation(result, body, elapsed * 1000, types, gateway.secrets)
         if as_json:
             return JSONResponse(data)
         return HTMLResponse(explain.render_page(kbs, values, data))
@@ -376,6 +465,8 @@ def create_app(load: Callable[[], GatewayConfig] | None = None, config_path: Pat
     async def page(request: Request) -> Response:
         if service.gateway is not None and (denied := ops_denied(request, service.gateway.config)):
             return denied
+        if service.gateway is not None and (moved := token_to_cookie(request, service.gateway.config)):
+            return moved
         html = statuspage.render(service.status()).encode()
         if "gzip" in request.headers.get("accept-encoding", "") and len(html) > 1024:
             # Twenty sources with a full hour of charts and errors are 80 to 130 KB of text; it refreshes every 5 s.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -32,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default=os.environ.get("AGGREGATOR_LOG_LEVEL", "info"))
     serve.add_argument("--workers", type=int, default=1, help="worker processes (they share the indexes under state_dir; one syncs each)")
     serve.add_argument("--log-format", choices=["text", "json"], default=os.environ.get("AGGREGATOR_LOG_FORMAT", "text"))
+    serve.add_argument("--header-timeout", type=float, default=10.0, help="seconds a client has to send a request's headers (10)")
+    serve.add_argument("--max-connections", type=int, default=512, help="connections open at once, per worker; more are closed (512)")
 
     check = commands.add_parser("check", help="send a real query to every source; exit 1 if any fails")
     _config_arg(check)
@@ -79,6 +82,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .api import create_app
     from .collector import settle_for_serving
     from .ops.tracing import Tracing, TracingConfigError
+    from .protocol import BoundedHttpProtocol
 
     if _load_or_report(args.config) is None:
         return 1
@@ -91,7 +95,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     path = resolve_config_path(args.config).resolve()
     # Keep-alive longer than uvicorn's 5 s: clients (Dify, proxies) reuse connections, and a server that
     # closes an idle one just as a client reuses it turns a good request into a connection error.
-    common = {"host": args.host, "port": args.port, "log_level": args.log_level.lower(), "log_config": None, "timeout_keep_alive": 75}
+    # uvicorn times out neither a request head that never completes nor the number of connections: see aggregator/protocol.py.
+    http = functools.partial(BoundedHttpProtocol, header_timeout_s=args.header_timeout, max_connections=args.max_connections)
+    common = {
+        "host": args.host, "port": args.port, "log_level": args.log_level.lower(), "log_config": None, "timeout_keep_alive": 75,
+        "http": http,
+    }  # fmt: skip
     if args.workers <= 1:
         app = create_app(config_path=path, tracing=tracing)
         settle_for_serving()
@@ -217,14 +226,14 @@ async def _retrieve_once(args: argparse.Namespace, explain: bool):  # type: igno
         return 2
     finally:
         await gateway.aclose()
-    return body, result, elapsed_ms, {name: slot.connector.type for name, slot in gateway.slots.items()}
+    return body, result, elapsed_ms, {name: slot.connector.type for name, slot in gateway.slots.items()}, gateway.secrets
 
 
 async def _query(args: argparse.Namespace) -> int:
     done = await _retrieve_once(args, explain=False)
     if isinstance(done, int):
         return done
-    _, result, _, _ = done
+    _, result, _, _, _ = done
     if args.json:
         print(json.dumps({"records": result.records}, ensure_ascii=False, indent=2))
     else:
@@ -238,8 +247,8 @@ async def _explain(args: argparse.Namespace) -> int:
     done = await _retrieve_once(args, explain=True)
     if isinstance(done, int):
         return done
-    body, result, elapsed_ms, types = done
-    data = explanation(result, body, elapsed_ms, types)
+    body, result, elapsed_ms, types, secrets = done
+    data = explanation(result, body, elapsed_ms, types, secrets)
     print(json.dumps(data, ensure_ascii=False, indent=2) if args.json else render_text(data))
     return 0
 
@@ -272,6 +281,11 @@ async def _check(args: argparse.Namespace) -> int:
     secrets = config.secrets()
     try:
         await _wait_for_indexes(gateway)
+        for model, kbs in gateway.rerank_models.models.items():  # a rerank model: one call over two made-up passages
+            result = await model.probe(args.query, loop.time() + config.server.deadline_s)
+            failed += result.outcome != "ok"
+            rows.append((f"rerank ({model.settings.provider}: {', '.join(kbs)})", result.outcome, f"{result.elapsed_ms:.0f} ms",
+                         "2" if result.outcome == "ok" else "0", redact(result.error, secrets) or ""))  # fmt: skip
         query = SourceQuery(text=args.query, limit=5)
         for name, slot in gateway.slots.items():
             result = await call_source(slot.connector, query, slot.policy, loop.time() + config.server.deadline_s)
@@ -284,7 +298,7 @@ async def _check(args: argparse.Namespace) -> int:
             failed += state != "ok"
             rows.append((name, state, f"{result.elapsed_ms:.0f} ms", str(len(result.passages)), error))
             if result.passages:
-                firsts.append(redact(format_first_record(slot.connector, result.passages[0]), secrets) or "")
+                firsts.append(format_first_record(slot.connector, result.passages[0], secrets))
             elif result.outcome == "empty" and slot.connector.empty_hint:
                 hints.append(f"  {name}: {slot.connector.empty_hint}")
     finally:
@@ -303,14 +317,17 @@ async def _check(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def format_first_record(connector, passage) -> str:  # type: ignore[no-untyped-def]
-    """One source's first passage as the gateway will see it: title, score, text and metadata (indented)."""
+def format_first_record(connector, passage, secrets: Sequence[str] = ()) -> str:  # type: ignore[no-untyped-def]
+    """One source's first passage as the gateway will see it: title, score, text and metadata (indented).
+    Each part is scrubbed of the config's secrets before it is cut short, as every output is."""
     from connectors.base import record_metadata
 
-    metadata = json.dumps(record_metadata(passage, connector.name, connector.type), ensure_ascii=False, default=str)
-    text = " ".join(passage.content.split())
+    from .ops.health import redact
+
+    metadata = redact(json.dumps(record_metadata(passage, connector.name, connector.type), ensure_ascii=False, default=str), secrets, None) or ""
+    text = redact(" ".join(passage.content.split()), secrets, None) or ""
     return "\n".join([
-        f"  {connector.name}: {passage.title!r}  source_score={passage.source_score}  source_rank={passage.source_rank}",
+        f"  {connector.name}: {redact(repr(passage.title), secrets, None)}  source_score={passage.source_score}  source_rank={passage.source_rank}",
         f"      {text[:200] + ('…' if len(text) > 200 else '')}",
         f"      metadata: {metadata[:400] + ('…' if len(metadata) > 400 else '')}",
     ])  # fmt: skip

@@ -22,6 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from connectors import REGISTRY
 from connectors.base import CircuitSettings, ConnectorSettings
 
+from .ranking.rerank_model import STAGE_NAME as RERANK_STAGE, RerankOverride, RerankSettings, effective_settings
+
 DEFAULT_CONFIG_PATH = "connectors.yaml"
 #: The state folder's name when `server.state_dir` is unset: beside the config file.
 DEFAULT_STATE_DIR = "gateway-state"
@@ -73,6 +75,7 @@ class ServerSettings(BaseModel):
 
     api_keys: list[ApiKey] = Field(min_length=1)
     deadline_s: float = Field(4.0, gt=0, le=60)
+    rerank: RerankSettings | None = Field(None, description="A rerank model that reorders the top of every knowledge base's ranking.")
     ops_token: SecretStr | None = Field(
         None, min_length=8, description="Bearer token for /status, /metrics and the status page; open on loopback when unset."
     )
@@ -119,6 +122,7 @@ class Defaults(BaseModel):
 class KnowledgeBase(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    rerank: RerankOverride | None = Field(None, description="Fields that replace server.rerank's here; `enabled: false` for none.")
     connectors: list[str] = Field(min_length=1)
     description: str | None = None
 
@@ -175,6 +179,10 @@ class GatewayConfig(BaseModel):
             if getattr(settings, key) is None
         }
         return settings.model_copy(update=filled)
+
+    def rerank_for(self, knowledge_id: str) -> RerankSettings | None:
+        """A knowledge base's rerank model: server.rerank with the knowledge base's own fields over it (checked at load)."""
+        return effective_settings(self.server.rerank, self.knowledge_bases[knowledge_id].rerank)
 
 
 def _url_passwords(text: str) -> list[str]:
@@ -255,11 +263,35 @@ def _cross_check(config: GatewayConfig) -> list[str]:
     for field_name, module, extra in (("state_url", "psycopg_pool", "PostgreSQL"), ("redis_url", "redis", "Redis")):
         if getattr(config.server, field_name) and importlib.util.find_spec(module) is None:
             errors.append(f'server.{field_name}: the {extra} client is not installed: pip install "dify-knowledge-gateway[replicas]"')
+    errors.extend(_check_rerank(config))
     for k, api_key in enumerate(config.server.api_keys):
         for i, kb_id in enumerate(api_key.knowledge_ids):
             if kb_id != "*" and kb_id not in config.knowledge_bases:
                 errors.append(f"server.api_keys[{k}].knowledge_ids[{i}]: no knowledge base named {kb_id!r}")
     return errors
+
+
+def _check_rerank(config: GatewayConfig) -> list[str]:
+    """Each knowledge base's merged rerank settings are complete, leave the sources time, and own their name."""
+    errors: list[str] = []
+    used = False
+    for kb_id, kb in config.knowledge_bases.items():
+        place = f"knowledge_bases.{kb_id}.rerank"
+        try:
+            settings = config.rerank_for(kb_id)
+        except ValidationError as exc:
+            errors.extend(f"{place}{'.' if e['loc'] else ''}{'.'.join(map(str, e['loc']))}: {_message(e)}" for e in exc.errors())
+            continue
+        if settings is None:
+            continue
+        used = True
+        where = place if kb.rerank is not None and "timeout_s" in kb.rerank.model_fields_set else "server.rerank"
+        if settings.timeout_s > config.server.deadline_s / 2:
+            errors.append(f"{where}.timeout_s: at most half of server.deadline_s ({config.server.deadline_s / 2:g} s): "
+                          "the model's time is kept out of the sources' share of the deadline")  # fmt: skip
+    if used and RERANK_STAGE in config.connectors:
+        errors.append(f"connectors.{RERANK_STAGE}: this name reports the rerank model's outcome (X-Sources, /status, metrics); rename the connector")
+    return list(dict.fromkeys(errors))
 
 
 def parse_config(text: str, environ: Mapping[str, str] | None = None, source: str = "") -> GatewayConfig:

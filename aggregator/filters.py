@@ -18,12 +18,20 @@ its user any non-200 as an error page): a condition whose value is null is
 left out, as Dify does when it filters its own knowledge bases; a list value
 holds when any of its items does; a value the operator cannot use (a number
 operator given "abc") matches nothing and is logged with its place.
+
+What no Dify produces is refused with 400/3001 by the request model
+(`aggregator/models.py`): more values in a condition, more field names over
+all conditions, or more (name, value) tests than a passage may cost. Within
+those limits each field is read once per passage and each condition's values
+are folded into one test (a set, a tuple, a bound, one pattern), so an indexed
+source that tests every candidate stays inside the request's deadline.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
@@ -93,62 +101,112 @@ def _is_empty(value: Any) -> bool:
     return value is None or value == "" or (isinstance(value, (list, tuple, set, dict)) and not value)
 
 
-def _never(_field: Any) -> bool:
+def _never(_values: Any) -> bool:
     return False
 
 
-def _compile_one(op: str, value: Any, where: str) -> Callable[[Any], bool]:
-    """A test of one field value for a positive operator (negations are built on top).
+#: How a test reads a field: as it is, as texts, as numbers or as instants (each computed once per passage).
+Reading = str
+RAW, TEXTS, NUMBERS, INSTANTS = "raw", "texts", "numbers", "instants"
+#: A positive test of one field, as its reading gives it.
+FieldTest = Callable[[Any], bool]
+
+
+def _read(field: Any, reading: Reading) -> Any:
+    if reading == RAW:
+        return field
+    elements = _elements(field)
+    if reading == TEXTS:
+        return [as_text(item) for item in elements]
+    convert = as_number if reading == NUMBERS else as_instant
+    return [x for x in map(convert, elements) if x is not None]
+
+
+def _values(value: Any) -> list[Any]:
+    """The non-null values a condition compares with (a list value holds when any of its items does)."""
+    items = value if isinstance(value, list) else [value]
+    return [item for item in items if item is not None]
+
+
+def _text_test(op: str, wanted: list[str]) -> Callable[[str], bool]:
+    """One test of a text against every wanted value at once: a set, a tuple or one substring search each.
+
+    `in` and `is` are one hash lookup whatever the number of values; `start with` and `end with` one C
+    call over a tuple; `contains` one substring search, or one scan by an alternation of the values.
+    """
+    if op in ("is", "in"):
+        return frozenset(wanted).__contains__
+    if op == "start with":
+        prefixes = tuple(wanted)
+        return lambda text: text.startswith(prefixes)
+    if op == "end with":
+        suffixes = tuple(wanted)
+        return lambda text: text.endswith(suffixes)
+    needles = list(dict.fromkeys(wanted))
+    if len(needles) == 1:
+        needle = needles[0]
+        return lambda text: needle in text
+    search = re.compile("|".join(map(re.escape, needles))).search  # one scan in C for all of them
+    return lambda text: search(text) is not None
+
+
+def _compile_one(op: str, value: Any, where: str) -> tuple[Reading, FieldTest]:
+    """How to read a field, and the test of that reading for a positive operator (negations are built on top).
+
+    Every value of the condition is folded into that one test (a set, a tuple, a
+    bound), so its cost per field does not grow with Python loops over the
+    values (one request must not stall the service).
 
     A value the operator cannot use (`>` given "abc", `before` given "soon")
-    makes a test that no field passes: no number is greater than "abc". It is
-    logged, not refused, because Dify shows every non-200 to its user as an
-    error page, and an automatic (LLM-written) filter can produce such values.
+    matches no field: no number is greater than "abc". It is logged, not
+    refused, because Dify shows every non-200 to its user as an error page, and
+    an automatic (LLM-written) filter can produce such values.
     """
     if op == "not empty":
-        return lambda field: not _is_empty(field)
-    if op == "in":
-        items = value if isinstance(value, list) else str(value).split(",") if isinstance(value, str) else [value]
-        allowed = {as_text(item).strip() for item in items if item is not None}
-        return lambda field: any(as_text(item) in allowed for item in _elements(field))
-    if isinstance(value, list):  # several values: the condition holds when it holds for any of them
-        tests = [_compile_one(op, item, where) for item in value if item is not None]
-        return lambda field: any(test(field) for test in tests)
-    if op in ("contains", "start with", "end with", "is"):
-        wanted = as_text(value)
-        check: Callable[[str], bool] = {
-            "contains": lambda text: wanted in text,
-            "start with": lambda text: text.startswith(wanted),
-            "end with": lambda text: text.endswith(wanted),
-            "is": lambda text: text == wanted,
-        }[op]
-        return lambda field: any(check(as_text(item)) for item in _elements(field))
+        return RAW, lambda field: not _is_empty(field)
+    values = value.split(",") if op == "in" and isinstance(value, str) else _values(value)
+    if op in STRING_OPS:
+        wanted = [as_text(item).strip() if op == "in" else as_text(item) for item in values]
+        if not wanted:
+            return TEXTS, _never
+        test = _text_test(op, wanted)
+        return TEXTS, lambda texts: any(map(test, texts))
     if op in NUMBER_OPS:
-        target = as_number(value)
-        if target is None:
-            log.info("%s: '%s' needs a number, got %r; the condition matches nothing", where, op, value)
-            return _never
+        targets = [n for n in map(as_number, values) if n is not None]
+        if len(targets) < len(values):
+            log.info("%s: '%s' needs a number, got %r; such a value matches nothing", where, op, value)
+        if not targets:
+            return NUMBERS, _never
+        if op == "=":
+            equal = frozenset(targets)
+            return NUMBERS, lambda numbers: any(map(equal.__contains__, numbers))
+        bound = min(targets) if op in (">", "≥") else max(targets)  # holding for any value: for the loosest one
         compare: Callable[[float], bool] = {
-            "=": lambda x: x == target,
-            ">": lambda x: x > target,
-            "<": lambda x: x < target,
-            "≥": lambda x: x >= target,
-            "≤": lambda x: x <= target,
-        }[op]
-        return lambda field: any((n := as_number(item)) is not None and compare(n) for item in _elements(field))
+            ">": bound.__lt__, "<": bound.__gt__, "≥": bound.__le__, "≤": bound.__ge__,
+        }[op]  # fmt: skip
+        return NUMBERS, lambda numbers: any(map(compare, numbers))
     if op in DATE_OPS:
-        moment = as_instant(value)
-        if moment is None:
-            log.info("%s: '%s' needs an ISO 8601 date or Unix seconds, got %r; the condition matches nothing", where, op, value)
-            return _never
-        if op == "before":
-            return lambda field: any((t := as_instant(item)) is not None and t < moment for item in _elements(field))
-        return lambda field: any((t := as_instant(item)) is not None and t > moment for item in _elements(field))
+        moments = [t for t in map(as_instant, values) if t is not None]
+        if len(moments) < len(values):
+            log.info("%s: '%s' needs an ISO 8601 date or Unix seconds, got %r; such a value matches nothing", where, op, value)
+        if not moments:
+            return INSTANTS, _never
+        is_in_range = max(moments).__gt__ if op == "before" else min(moments).__lt__
+        return INSTANTS, lambda instants: any(map(is_in_range, instants))
     raise ValueError(f"{where}: unknown comparison_operator {op!r}")  # the request model prevents this
 
 
-def compile_condition(condition: Condition, where: str) -> Predicate | None:
-    """The condition as a predicate, or None when it has no value to compare with and so is left out.
+class _Compiled:
+    """A condition compiled: its field names, how it reads them, its test, and whether it is a negation."""
+
+    __slots__ = ("names", "reading", "test", "negated")
+
+    def __init__(self, names: tuple[str, ...], reading: Reading, test: FieldTest, negated: bool) -> None:
+        self.names, self.reading, self.test, self.negated = names, reading, test, negated
+
+
+def compile_condition(condition: Condition, where: str) -> _Compiled | None:
+    """The condition compiled, or None when it has no value to compare with and so is left out.
 
     Dify itself leaves such conditions out when it filters its own knowledge
     bases (a condition added in its UI with the value still empty arrives as
@@ -157,12 +215,44 @@ def compile_condition(condition: Condition, where: str) -> Predicate | None:
     op = condition.comparison_operator
     if condition.value is None and op not in ("empty", "not empty"):
         return None
-    positive_op = NEGATIONS.get(op, op)
-    test = _compile_one(positive_op, condition.value, f"{where}.value")
-    names = condition.name
-    if op in NEGATIONS:
-        return lambda metadata: any(not test(metadata.get(name)) for name in names)
-    return lambda metadata: any(test(metadata.get(name)) for name in names)
+    reading, test = _compile_one(NEGATIONS.get(op, op), condition.value, f"{where}.value")
+    return _Compiled(tuple(dict.fromkeys(condition.name)), reading, test, op in NEGATIONS)
+
+
+class Filter:
+    """The whole `metadata_condition` as one predicate over a record's metadata.
+
+    Each field a passage is asked about is read once per passage (as texts, numbers or
+    instants), however many conditions name it, so the work per passage is one pass
+    over the fields plus one folded test per (condition, name): bounded by the
+    request model's limits (`MAX_FILTER_FIELDS`, `MAX_FILTER_TESTS`).
+    """
+
+    __slots__ = ("conditions", "any_of", "fields")
+
+    def __init__(self, conditions: list[_Compiled], any_of: bool) -> None:
+        self.conditions = conditions
+        self.any_of = any_of
+        #: The metadata names it reads: a source that knows which of them are the same for every passage of a
+        #: document tests each document once.
+        self.fields = frozenset(name for condition in conditions for name in condition.names)
+
+    def __call__(self, metadata: dict[str, Any]) -> bool:
+        read: dict[Any, Any] = {}
+        for condition in self.conditions:
+            holds = False
+            texts = condition.reading == TEXTS
+            for name in condition.names:
+                key = name if texts else (name, condition.reading)  # texts, the usual reading, keyed by the bare name
+                field = read.get(key, read)
+                if field is read:
+                    field = read[key] = _read(metadata.get(name), condition.reading)
+                if condition.test(field) is not condition.negated:
+                    holds = True
+                    break
+            if holds is self.any_of:  # `or`: one holding decides; `and`: one failing decides
+                return holds
+        return not self.any_of
 
 
 def compile_filter(metadata_condition: MetadataCondition | None) -> Predicate | None:
@@ -173,9 +263,7 @@ def compile_filter(metadata_condition: MetadataCondition | None) -> Predicate | 
         compile_condition(condition, f"metadata_condition.conditions[{i}]")
         for i, condition in enumerate(metadata_condition.conditions)
     )
-    predicates = [p for p in compiled if p is not None]
-    if not predicates:
+    conditions = [c for c in compiled if c is not None]
+    if not conditions:
         return None
-    if metadata_condition.logical_operator == "or":
-        return lambda metadata: any(p(metadata) for p in predicates)
-    return lambda metadata: all(p(metadata) for p in predicates)
+    return Filter(conditions, metadata_condition.logical_operator == "or")

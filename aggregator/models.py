@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictFloat, StrictInt
+from pydantic import (
+    AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictFloat, StrictInt, model_validator,
+)
 
 Operator = Literal[
     "contains", "not contains", "start with", "end with", "is", "is not", "in", "not in",
@@ -17,6 +19,14 @@ MAX_TOP_K = 100
 DEFAULT_TOP_K = 4
 MAX_QUERY_CHARS = 4000
 MAX_CONDITIONS = 64
+#: Values one condition may compare with (a list, or the items of a comma-separated `in` string).
+MAX_VALUES_PER_CONDITION = 256
+#: Characters of one compared value: a metadata value longer than this is not something a filter names.
+MAX_VALUE_CHARS = 1024
+#: What a whole `metadata_condition` may cost each passage, which an indexed source pays on every candidate it
+#: reads: fields named (summed over the conditions), and field tests (each name against each value, summed).
+MAX_FILTER_FIELDS = 64
+MAX_FILTER_TESTS = 256
 
 #: Where Dify posts its retrievals: `//retrieval` when its endpoint was saved with a trailing slash.
 RETRIEVAL_PATHS = frozenset({"/retrieval", "//retrieval"})
@@ -48,12 +58,45 @@ class Condition(BaseModel):
     comparison_operator: Operator
     value: JsonScalar | list[JsonScalar] = None
 
+    @model_validator(mode="after")
+    def _bounded_value(self) -> "Condition":
+        for item in self.value if isinstance(self.value, list) else [self.value]:
+            if isinstance(item, str) and len(item) > MAX_VALUE_CHARS:
+                raise ValueError(f"a value is {len(item)} characters long; at most {MAX_VALUE_CHARS} are allowed")
+        if self.values() > MAX_VALUES_PER_CONDITION:
+            raise ValueError(f"{self.values()} values in one condition; at most {MAX_VALUES_PER_CONDITION} are allowed")
+        return self
+
+    def values(self) -> int:
+        """How many values the condition compares with: a list's items, an `in` string's comma-separated items, or one."""
+        if isinstance(self.value, list):
+            return len(self.value)
+        if isinstance(self.value, str) and self.comparison_operator in ("in", "not in"):
+            return self.value.count(",") + 1
+        return 1
+
+    def tests(self) -> int:
+        """Field tests this condition costs a passage: each name against each value."""
+        return len(set(self.name)) * max(1, self.values())
+
 
 class MetadataCondition(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     logical_operator: Annotated[Literal["and", "or"], _none_means("and")] = "and"
     conditions: Annotated[list[Condition], _none_means([])] = Field(default_factory=list, max_length=MAX_CONDITIONS)
+
+    @model_validator(mode="after")
+    def _bounded_work(self) -> "MetadataCondition":
+        fields = sum(len(set(condition.name)) for condition in self.conditions)
+        if fields > MAX_FILTER_FIELDS:
+            raise ValueError(f"{fields} field names summed over the conditions; at most {MAX_FILTER_FIELDS} are allowed")
+        tests = sum(condition.tests() for condition in self.conditions)
+        if tests > MAX_FILTER_TESTS:
+            raise ValueError(
+                f"{tests} field tests (names × values, summed over the conditions); at most {MAX_FILTER_TESTS} are allowed"
+            )
+        return self
 
 
 class RetrievalSetting(BaseModel):

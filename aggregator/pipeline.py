@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from connectors.base import SourceQuery, record_metadata
@@ -12,6 +13,7 @@ from .fanout import SourceResult, ask_sources
 from .filters import compile_filter
 from .models import RetrievalRequest
 from .ranking.rerank import Answer, Candidate, Ranked, rerank
+from .ranking.rerank_model import stage_detail
 from .ranking.statistics import merge_term_statistics
 from .runtime import Gateway
 from .text.tokenize import tokenize
@@ -53,7 +55,7 @@ class RetrievalResult:
     trace: RetrievalTrace | None = None
 
     def sources_header(self) -> str:
-        """`X-Sources`: `name=outcome;name=outcome`, in the knowledge base's order."""
+        """`X-Sources`: `name=outcome;name=outcome`, in the knowledge base's order, then the stages (`rerank=ok`)."""
         return ";".join(f"{s.name}={s.outcome}" for s in self.sources)
 
 
@@ -78,7 +80,8 @@ async def retrieve(gateway: Gateway, request: RetrievalRequest, explain: bool = 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + gateway.config.server.deadline_s
     slots = [gateway.slots[name] for name in dict.fromkeys(knowledge_base.connectors)]
-    results = await ask_sources(slots, query, deadline)
+    model = gateway.rerank_models.get(request.knowledge_id)  # a second stage, its time kept out of the sources' share
+    results = await ask_sources(slots, query, deadline - (model.reserve_s if model is not None else 0.0))
 
     # Indexed sources know their whole collection: the rerank's IDF uses it (whether they answered or not).
     terms = tokenize(request.query)
@@ -108,7 +111,11 @@ async def retrieve(gateway: Gateway, request: RetrievalRequest, explain: bool = 
     records: list[dict] = []
     verdicts: list[Verdict] | None = [] if explain else None
     sampled = [name for name, stats in reported.items() if stats is None]
-    for ranked in rerank(request.query, answers, gateway.term_cache, local, sampled=sampled, query_terms=terms):
+    ranking: Iterable[Ranked] = rerank(request.query, answers, gateway.term_cache, local, sampled=sampled, query_terms=terms)
+    if model is not None:  # the model's order and scores, or the fusion's when it fails; its outcome reported as a source's
+        ranking, stage = await model.reorder(request.query, ranking, deadline)
+        results.append(stage)
+    for ranked in ranking:
         score = round(ranked.score, SCORE_DIGITS)
         if score <= 0.0:
             outcome = "score 0"
@@ -145,4 +152,5 @@ def score_detail(ranked: Ranked) -> dict[str, float | int | str | None]:
         "source_rank": passage.source_rank,
         "calibrated": None if calibrated is None else round(calibrated, SCORE_DIGITS),
         "calibration": ranked.calibration,
+        **stage_detail(ranked),
     }

@@ -21,6 +21,7 @@ from .circuit import CircuitBreaker
 from .config import DEV_API_KEY, GatewayConfig
 from .fanout import SourcePolicy, SourceSlot
 from .ranking.pool import TermCache
+from .ranking.rerank_model import RerankModels
 from .state import LocalBackend, StateBackend
 from .state.local import unused_stores
 
@@ -84,6 +85,10 @@ class Gateway:
         #: Worked out once per config version, not per request: what messages are scrubbed of, and each source's type.
         self.secrets: list[str] = config.secrets()
         self.source_types: dict[str, str] = {name: slot.connector.type for name, slot in self.slots.items()}
+        #: Second stages of the ranking (a rerank model), per knowledge base; each reports like a source (`stages`: name -> type).
+        self.rerank_models = RerankModels({kb_id: config.rerank_for(kb_id) for kb_id in config.knowledge_bases})
+        self.stages: dict[str, str] = self.rerank_models.stages
+        self.source_types.update(self.stages)
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -120,10 +125,12 @@ class Gateway:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._idle.wait(), drain_timeout)
         await self._close([name for name in self.slots if name not in keep])
+        await self.rerank_models.aclose()
 
     async def aclose(self) -> None:
         """Close every source and the state backend: the service stops (a retired version uses drain_and_close)."""
         await self._close(list(self.slots))
+        await self.rerank_models.aclose()
         if self.state is not None:
             await self.state.aclose()
 

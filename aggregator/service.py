@@ -250,7 +250,7 @@ class Service:
         return [
             self.health.source(name, slot.connector.type).snapshot(slot, name in used, gateway.secrets, now)
             for name, slot in gateway.slots.items()
-        ]
+        ] + [self.health.source(name, kind).snapshot(None, True, gateway.secrets, now) for name, kind in gateway.stages.items()]
 
     def summary(self) -> dict[str, Any]:
         """This replica's recent health per source, as the other replicas show it (no history: it is large).
@@ -261,7 +261,7 @@ class Service:
         used = _used(gateway)
         return {"config_version": gateway.config.version, "sources": {
             name: self.health.source(name, slot.connector.type).summary(slot, name in used) for name, slot in gateway.slots.items()
-        }}  # fmt: skip
+        } | {name: self.health.source(name, kind).summary(None, True) for name, kind in gateway.stages.items()}}  # fmt: skip
 
     def status(self) -> dict[str, Any]:
         gateway = self.gateway

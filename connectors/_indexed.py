@@ -31,6 +31,7 @@ import contextlib
 import logging
 import shutil
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -408,14 +409,36 @@ class IndexedConnector(Connector):
             return []
         predicate = query.accepts
         accept: Callable[[StoredPassage], bool] | None = None
+        abandoned = threading.Event()
         if predicate is not None:
-            accept = lambda stored: predicate(record_metadata(_passage(stored), self.name, self.type))  # noqa: E731
+            name, source_type = self.name, self.type
+            # Every field but `chunk_index` is the same for all passages of a document: unless the filter reads
+            # it, each document is tested once (documents are usually split into several passages).
+            verdicts: dict[str, bool] | None = None if "chunk_index" in getattr(predicate, "fields", ("chunk_index",)) else {}
+
+            def accept(stored: StoredPassage) -> bool:
+                # The search runs on a worker thread, which no timeout can interrupt: a filter that rejects
+                # much reads many passages, so it stops here once the call is given up (deadline, timeout).
+                if abandoned.is_set():
+                    raise _Abandoned
+                if verdicts is None:
+                    return predicate(record_metadata(_passage(stored), name, source_type))
+                verdict = verdicts.get(stored.document_id)
+                if verdict is None:
+                    verdict = verdicts[stored.document_id] = predicate(record_metadata(_passage(stored), name, source_type))
+                return verdict
 
         try:
             hits = await store.asearch(tokenize(query.text), query.limit, accept)
         except StoreUnavailable as exc:
             raise Unavailable(str(exc)) from None
+        finally:
+            abandoned.set()
         return [_passage(hit, rank) for rank, hit in enumerate(hits, start=1)]
+
+
+class _Abandoned(Exception):
+    """Raised on a search's worker thread once the call that started it was given up."""
 
 
 def prepare_documents(documents: Sequence[Document], chunk_chars: int) -> list[PreparedDocument]:

@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from typing import Any, ClassVar
 
 import httpx
+from yarl import URL
 
 from .base import Connector, Passage, SourceQuery
 from .http import DEFAULT_MAX_RESPONSE_BYTES, DescribeError, HttpClient, make_client, request_json
@@ -37,7 +38,7 @@ class Call:
     """One request of a query: method, URL (absolute or relative to the client's base), how messages name it."""
 
     method: str
-    url: str
+    url: str | URL  # a yarl.URL is sent exactly as built (see connectors.http.HttpClient.url)
     what: str  # e.g. "POST https://kb.example.com/v1/datasets/…/retrieve": no credentials, no query string
     options: dict[str, Any] = field(default_factory=dict)  # for request_json: json=..., params=...
 

@@ -30,6 +30,7 @@ gateway's own post-filter, by the rules of `connectors/_conditions.py`.
 from __future__ import annotations
 
 import base64
+import logging
 import re
 from datetime import datetime, timezone
 from typing import Any, Literal
@@ -46,6 +47,8 @@ from ._remote import GATEWAY_FIELDS, Call, RemoteConnector, dig, iso_time, publi
 from .base import BadResponse, ConnectorSettings, Passage, SourceQuery
 from .http import DEFAULT_MAX_RESPONSE_BYTES, BaseUrl
 
+log = logging.getLogger(__name__)
+
 MATCH_TYPES = Literal["best_fields", "most_fields", "cross_fields", "phrase", "phrase_prefix", "bool_prefix"]
 #: Record fields a filter may name besides `metadata_fields`.
 RECORD_FIELDS = frozenset({"title", "url", "updated_at"})
@@ -54,6 +57,13 @@ HIGHLIGHT_MAX_OFFSET = 999_999
 #: Placeholders of `url_template`: `{_id}`, `{_index}` or a `_source` field.
 _PLACEHOLDER = re.compile(r"\{([^{}]+)\}")
 _RANGE_KEYS = {">": "gt", "<": "lt", "≥": "gte", "≤": "lte"}
+#: Bounds of what is pushed down; a condition over them is left to the gateway's own filter. A value longer than
+#: a keyword a cluster indexes by default (`ignore_above` 256 in dynamic mappings, Lucene's 32 KB term limit) can
+#: match nothing there anyway, and a cluster refuses `terms` lists over `index.max_terms_count` (65,536).
+MAX_PUSHED_CHARS = 1024
+MAX_PUSHED_TERMS = 1024
+#: Queries a cluster with `search.allow_expensive_queries: false` refuses: `contains`, `end with`, `start with`.
+EXPENSIVE = frozenset({"wildcard", "prefix"})
 
 
 class ElasticsearchSettings(ConnectorSettings):
@@ -139,17 +149,26 @@ def _wildcard(text: str) -> str:
     return re.sub(r"([\\*?])", r"\\\1", text)
 
 
+def _bounded(texts: list[str]) -> list[str] | None:
+    """`texts` if a cluster takes them as a `terms` list (see MAX_PUSHED_TERMS, MAX_PUSHED_CHARS), else None."""
+    if len(texts) > MAX_PUSHED_TERMS or any(len(t) > MAX_PUSHED_CHARS for t in texts):
+        return None
+    return texts
+
+
 def _positive_query(field: str, operator: str, value: Any) -> dict[str, Any] | None:
-    """The query DSL for one positive operator on a keyword, numeric or date field."""
+    """The query DSL for one positive operator on a keyword, numeric or date field; None when it has none, or
+    when the value is over the bounds above (the gateway's post-filter then does the work)."""
     if operator == "not empty":
         return {"exists": {"field": field}}
-    if operator == "in":
-        return {"terms": {field: listed(value)}}
+    if operator == "in" or (operator == "is" and isinstance(value, list)):
+        items = listed(value) if operator == "in" else [as_text(v) for v in value if v is not None]
+        terms = _bounded(items)
+        return None if terms is None else {"terms": {field: terms}}
     if operator == "is":
-        if isinstance(value, list):
-            return {"terms": {field: [as_text(v) for v in value if v is not None]}}
-        return {"term": {field: as_text(value)}}
-    if isinstance(value, list):
+        text = as_text(value)
+        return {"term": {field: text}} if len(text) <= MAX_PUSHED_CHARS else None
+    if isinstance(value, list) or (isinstance(value, str) and len(value) > MAX_PUSHED_CHARS):
         return None
     if operator == "start with":
         return {"prefix": {field: {"value": as_text(value)}}}
@@ -170,16 +189,19 @@ def _positive_query(field: str, operator: str, value: Any) -> dict[str, Any] | N
     return None
 
 
-def filter_clause(filter_fields: dict[str, str], name: str, operator: str, value: Any) -> dict[str, Any] | None:
+def filter_clause(
+    filter_fields: dict[str, str], name: str, operator: str, value: Any, expensive: bool = True
+) -> dict[str, Any] | None:
     """One condition as a filter clause; negations become `must_not`, which a missing field passes, as in the gateway.
 
-    `empty` is not translated: the gateway counts "" as empty, `must_not exists` does not.
+    `empty` is not translated: the gateway counts "" as empty, `must_not exists` does not. With `expensive`
+    false, neither are the queries in EXPENSIVE (for a cluster that refuses them).
     """
     field = filter_fields.get(name)
     if field is None or operator == "empty":
         return None
     query = _positive_query(field, NEGATIONS.get(operator, operator), value)
-    if query is None:
+    if query is None or (not expensive and next(iter(query)) in EXPENSIVE):
         return None
     return {"bool": {"must_not": [query]}} if operator in NEGATIONS else query
 
@@ -204,6 +226,9 @@ class ElasticsearchConnector(RemoteConnector):
     describe_error = staticmethod(describe_error)
     settings_model = ElasticsearchSettings
     settings: ElasticsearchSettings
+
+    #: False once the cluster refused a wildcard or prefix query (`search.allow_expensive_queries: false`).
+    expensive_queries = True
 
     @property
     def pushdown_fields(self) -> frozenset[str]:  # type: ignore[override]
@@ -240,7 +265,8 @@ class ElasticsearchConnector(RemoteConnector):
         if s.minimum_should_match:
             match["minimum_should_match"] = s.minimum_should_match
         boolean: dict[str, Any] = {"must": [{"multi_match": match}]}
-        pushed = push_down(query.metadata_condition, lambda n, o, v: filter_clause(s.filter_fields, n, o, v))
+        expensive = self.expensive_queries
+        pushed = push_down(query.metadata_condition, lambda n, o, v: filter_clause(s.filter_fields, n, o, v, expensive))
         if pushed is not None:
             boolean["filter"] = pushed.clauses if pushed.logical_operator == "and" else [
                 {"bool": {"should": pushed.clauses, "minimum_should_match": 1}}
@@ -324,6 +350,18 @@ class ElasticsearchConnector(RemoteConnector):
                     metadata=metadata, updated_at=updated, source_score=score, source_rank=rank,
                 ))  # fmt: skip
         return passages
+
+    async def search(self, query: SourceQuery) -> list[Passage]:
+        """A cluster that refuses expensive queries answers 400 to a pushed-down wildcard or prefix: the same query
+        is asked again without them (the gateway filters those conditions itself), and from then on for good."""
+        try:
+            return await super().search(query)
+        except BadResponse as exc:
+            if not self.expensive_queries or "allow_expensive_queries" not in str(exc):
+                raise
+        self.expensive_queries = False
+        log.warning("source %s: the cluster refuses expensive queries; wildcard and prefix conditions are filtered by the gateway", self.name)
+        return await super().search(query)
 
     def call(self, query: SourceQuery) -> Call:
         path = f"/{quote(self.settings.index, safe=',*:')}/_search"

@@ -8,7 +8,10 @@ second; a full rescan every `refresh_s` catches anything a watcher can miss
 The source stays inside its folder: a file whose real path is elsewhere (a
 symlink to `/etc/passwd`, a linked directory outside) is skipped and named in
 /status, unless `follow_symlinks: true`. A documentation folder is often a git
-checkout, where anyone who can commit can add a symlink.
+checkout, where anyone who can commit can add a symlink. A hard link cannot be
+told from the file it links (both are the same inode, with no "real path"
+elsewhere): `hard_links: false` skips every file with more than one link, for
+folders that someone with a shell on this host could plant one in.
 """
 
 from __future__ import annotations
@@ -43,6 +46,9 @@ class FilesSettings(IndexedSettings):
     max_file_bytes: int = Field(5 * 1024 * 1024, ge=1)
     watch: bool = Field(True, description="React to changes at once instead of waiting for refresh_s.")
     follow_symlinks: bool = Field(False, description="Index files whose real path is outside the folder (through symlinks).")
+    hard_links: bool = Field(
+        True, description="false: skip files with more than one hard link (one to a file outside looks like the file itself)."
+    )
 
     @field_validator("include", "exclude")
     @classmethod
@@ -106,10 +112,11 @@ class FilesConnector(IndexedConnector):
         found: dict[str, str] = {}
         skipped = 0
         outside: list[str] = []
+        linked: list[str] = []  # hard links, when `hard_links: false`
         for pattern in self.settings.include:
             for path in root.glob(pattern):
                 relative = path.relative_to(root).as_posix()
-                if relative in found or relative in outside or self._excluded(relative):
+                if relative in found or relative in outside or relative in linked or self._excluded(relative):
                     continue
                 try:
                     if not path.is_file():
@@ -120,6 +127,9 @@ class FilesConnector(IndexedConnector):
                     stat = path.stat()
                 except OSError:  # vanished, or a link loop: not a document
                     continue
+                if not self.settings.hard_links and stat.st_nlink > 1:
+                    linked.append(relative)
+                    continue
                 if stat.st_size > self.settings.max_file_bytes:
                     skipped += 1
                     continue
@@ -127,7 +137,10 @@ class FilesConnector(IndexedConnector):
         if outside:
             log.warning("source %s: %d file(s) lead outside the folder and are skipped (follow_symlinks: false): %s",
                         self.name, len(outside), ", ".join(sorted(outside)[:5]))  # fmt: skip
-        self.set_skipped(skipped + len(outside), outside)
+        if linked:
+            log.warning("source %s: %d file(s) have other hard links and are skipped (hard_links: false): %s",
+                        self.name, len(linked), ", ".join(sorted(linked)[:5]))  # fmt: skip
+        self.set_skipped(skipped + len(outside) + len(linked), sorted(outside + linked))
         return found
 
     @staticmethod
@@ -155,7 +168,7 @@ class FilesConnector(IndexedConnector):
                 path = inside
             with open(path, "rb") as handle:
                 stat = os.fstat(handle.fileno())
-                if stat.st_size > self.settings.max_file_bytes:
+                if stat.st_size > self.settings.max_file_bytes or (not self.settings.hard_links and stat.st_nlink > 1):
                     return None
                 raw = handle.read(self.settings.max_file_bytes + 1)
         except (FileNotFoundError, NotADirectoryError):

@@ -145,6 +145,8 @@ class HttpClient:
         auth_given: bool = False, proxies: Proxies | None = None,
     ) -> None:  # fmt: skip
         self.base_url = base_url.rstrip("/")
+        #: Absolute URLs (links an upstream hands back) must stay here: the client's credentials go with them.
+        self.origin = _origin(URL(self.base_url)) if self.base_url else None
         self.headers = headers
         self.auth_given = auth_given
         self.timeout = aiohttp.ClientTimeout(total=None, connect=timeout_s, sock_connect=timeout_s, sock_read=timeout_s)
@@ -163,9 +165,18 @@ class HttpClient:
             )  # fmt: skip
         return self._session
 
-    def url(self, url: str, params: Mapping[str, Any] | None = None) -> tuple[URL, str | None]:
+    def url(self, url: str | URL, params: Mapping[str, Any] | None = None) -> tuple[URL, str | None]:
         """`url` made absolute against the base URL (httpx's rule: the path is appended), with `params` added;
-        and the Basic `Authorization` that credentials written into it stand for (they leave the URL)."""
+        and the Basic `Authorization` that credentials written into it stand for (they leave the URL).
+        An absolute URL on another origin than the base URL's is refused (BadResponse): a client carries its
+        source's credentials, and a link an upstream hands back (a next page) may not take them elsewhere.
+        A `yarl.URL` is taken as the caller built it (absolute, already encoded: nothing is normalised)."""
+        if isinstance(url, URL):
+            if not url.is_absolute() or params:
+                raise ValueError("a yarl.URL is given absolute and complete")
+            if self.origin is not None and _origin(url) != self.origin:
+                raise BadResponse(f"a link to {public_origin(url)} is not followed: it leaves {public_origin(URL(self.base_url))}")
+            return (url.with_user(None), basic_auth(url.user or "", url.password or "")) if url.user is not None else (url, None)
         if params:
             url += ("&" if "?" in url else "?") + urlencode({k: _param(v) for k, v in params.items()})
         found = self._urls.get(url)
@@ -175,6 +186,8 @@ class HttpClient:
                 parsed = URL(absolute)
             except (ValueError, TypeError):
                 raise BadResponse(f"{url!r} is not a valid URL") from None
+            if self.origin is not None and _origin(parsed) != self.origin:
+                raise BadResponse(f"a link to {public_origin(parsed)} is not followed: it leaves {public_origin(URL(self.base_url))}")
             userinfo = parsed.user is not None or parsed.password is not None
             found = (parsed.with_user(None), basic_auth(parsed.user or "", parsed.password or "")) if userinfo else (parsed, None)
             if len(self._urls) >= _URLS_CACHED:
@@ -183,7 +196,7 @@ class HttpClient:
         return found
 
     def build_request(
-        self, method: str, url: str, *, params: Mapping[str, Any] | None = None, json: Any = None, content: bytes | None = None,
+        self, method: str, url: str | URL, *, params: Mapping[str, Any] | None = None, json: Any = None, content: bytes | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> Request:  # fmt: skip
         merged = {**self.headers, **(headers or {})}
@@ -199,6 +212,19 @@ class HttpClient:
         session, self._session = self._session, None
         if session is not None:
             await session.close()
+
+
+def _origin(url: URL) -> tuple[str, str | None, int | None]:
+    """Scheme, host and port (the scheme's default when not written): what makes two URLs the same server."""
+    return url.scheme, (url.host or "").lower() or None, url.port
+
+
+def public_origin(url: URL) -> str:
+    """Where a URL points, for messages: scheme, host and port only."""
+    try:
+        return str(url.origin())
+    except ValueError:
+        return "a URL without a host"
 
 
 def _param(value: Any) -> str:
@@ -267,8 +293,14 @@ def check_status(response: Answer, what: str, detail: str | None = None) -> None
     raise BadResponse(f"{what}: HTTP {status}{because}")
 
 
-def clip(text: str, limit: int = 300) -> str:
-    """An upstream's message, on one line and bounded: it goes into /status and logs."""
+#: How much of an upstream's own message a typed error keeps. Far more than any output shows: outputs scrub the
+#: config's secrets first and cut to 300 characters after (`aggregator.ops.health.redact`), so that a secret an
+#: upstream echoes is never cut in two here, where its first part would escape the scrub.
+DETAIL_CHARS = 4000
+
+
+def clip(text: str, limit: int = DETAIL_CHARS) -> str:
+    """An upstream's message, on one line and bounded in memory; outputs scrub it, then cut it shorter."""
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
@@ -363,7 +395,7 @@ DescribeError = Callable[[int, Any, str], "str | None"]
 
 
 async def request_json(
-    client: HttpClient, method: str, url: str, what: str, max_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+    client: HttpClient, method: str, url: str | URL, what: str, max_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     *, describe_error: DescribeError | None = None, decode: Callable[[bytes, str], Any] = decode_json, **kwargs: Any,
 ) -> Any:  # fmt: skip
     """Send, check, bound and decode in one call: the usual path for a JSON API.

@@ -22,12 +22,14 @@ gateway filters every record itself.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 from urllib.parse import quote, urlencode
 
 import httpx
 import jmespath
 from jmespath.exceptions import JMESPathError
+from yarl import URL
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from aggregator.filters import as_number, as_text
@@ -106,12 +108,28 @@ class HttpSearchSettings(ConnectorSettings):
         return self
 
 
+_PLACEHOLDERS = re.compile(r"\{query\}|\{limit\}")
+#: The placeholders as they read in a URL that yarl has put in its normal form (braces percent-encoded).
+_URL_PLACEHOLDERS = re.compile(r"%7Bquery%7D|%7Blimit%7D", re.IGNORECASE)
+
+
+def _fill_text(template: str, text: str, limit: int, pattern: re.Pattern[str] = _PLACEHOLDERS) -> str:
+    """Both placeholders filled in one pass: a `{limit}` the user typed stays text, never becomes the number."""
+    return pattern.sub(lambda m: str(limit) if "limit" in m.group().lower() else text, template)
+
+
+def opaque(text: str) -> str:
+    """The user's text for a URL: every character but letters, digits, `-`, `_` and `~` percent-encoded, dots
+    too, so that a query `..` or `.` is a value and not a path segment that a URL's normalisation removes."""
+    return quote(text, safe="").replace(".", "%2E")
+
+
 def fill(template: Any, text: str, limit: int) -> Any:
     """The body template with `{query}` and `{limit}` filled; `"{limit}"` alone becomes a number."""
     if isinstance(template, str):
         if template == LIMIT:
             return limit
-        return template.replace(QUERY, text).replace(LIMIT, str(limit))
+        return _fill_text(template, text, limit)
     if isinstance(template, dict):
         return {key: fill(value, text, limit) for key, value in template.items()}
     if isinstance(template, list):
@@ -139,6 +157,9 @@ class HttpSearchConnector(RemoteConnector):
     def __init__(self, name: str, settings: HttpSearchSettings) -> None:
         super().__init__(name, settings)
         self._results = jmespath.compile(settings.results)
+        # The template in yarl's normal form (its own dot segments resolved, other characters encoded) once, so
+        # that each query only fills placeholders into an encoded URL and nothing normalises the user's text.
+        self._url_template = str(URL(settings.url))
         self._fields = {key: jmespath.compile(expr) for key, expr in settings.record.model_dump().items() if expr is not None}
         # how messages name the call: the URL template without its query string, so no query text or key shows
         marked = public_url(settings.url.replace(QUERY, "QUERY_").replace(LIMIT, "LIMIT_"))
@@ -152,14 +173,14 @@ class HttpSearchConnector(RemoteConnector):
         """The request with its templates filled."""
         s = self.settings
         limit = min(query.limit, s.max_results)
-        url = s.url.replace(QUERY, quote(query.text, safe="")).replace(LIMIT, str(limit))
+        url = _fill_text(self._url_template, opaque(query.text), limit, _URL_PLACEHOLDERS)
         if s.params:  # added to the URL's own query string, which httpx's `params` would replace
             pairs = {k: as_text(fill(v, query.text, limit)) for k, v in s.params.items()}
-            url += ("&" if "?" in url else "?") + urlencode(pairs)
+            url += ("&" if "?" in url else "?") + urlencode(pairs, quote_via=quote)
         options: dict[str, Any] = {}
         if s.body is not None:
             options["json"] = fill(s.body, query.text, limit)
-        return Call(s.method, url, self._what, options)
+        return Call(s.method, URL(url, encoded=True), self._what, options)  # encoded: sent exactly as built
 
     def _get(self, name: str, result: Any, what: str) -> Any:
         expression = self._fields.get(name)

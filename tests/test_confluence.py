@@ -7,7 +7,7 @@ import base64
 
 import pytest
 
-from connectors.base import AuthFailed, RateLimited, SourceQuery
+from connectors.base import AuthFailed, BadResponse, RateLimited, SourceQuery
 from connectors.confluence import ConfluenceConnector, ConfluenceSettings, cql_text, pushdown_clauses
 
 from .fakes.confluence import FakeConfluence, Page, app
@@ -165,3 +165,20 @@ async def test_a_page_deleted_between_search_and_fetch_is_skipped():
         async with ConfluenceConnector("c", settings(url + "/wiki")) as connector:
             passages = await connector.search(SourceQuery("keys", 10))
     assert [p.document_id for p in passages] == ["1"]
+
+
+async def test_a_next_link_to_another_origin_is_not_followed_with_the_token():
+    """A search answer whose `_links.next` names another server must not make the gateway send it the token."""
+    elsewhere = Recorder({("GET", "/wiki/rest/api/content/search"): (200, {"results": [], "_links": {}})})
+    with serve(elsewhere.app()) as other:
+        hits = [{"id": "1", "type": "page", "title": "Page 1", "version": {"number": 1}}]
+        site = Recorder({
+            ("GET", "/wiki/rest/api/content/search"): (200, {"results": hits, "_links": {"next": f"{other}/wiki/rest/api/content/search?cursor=2"}}),
+            ("GET", "/wiki/rest/api/content/1"): (200, {"id": "1", "body": {"storage": {"value": "<p>keys</p>"}}}),
+        })  # fmt: skip
+        with serve(site.app()) as url:
+            async with ConfluenceConnector("c", settings(url + "/wiki", email=None, max_results=50)) as connector:
+                with pytest.raises(BadResponse, match="not followed"):
+                    await connector.search(SourceQuery("keys", 10))
+    assert site.requests and site.requests[0].headers["authorization"] == f"Bearer {TOKEN}"
+    assert elsewhere.requests == [], "nothing, and no token, went to the other origin"

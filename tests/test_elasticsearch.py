@@ -195,3 +195,35 @@ async def test_opensearch_with_basic_auth():
         async with ElasticsearchConnector("es", wrong_flavor) as connector:
             with pytest.raises(BadResponse, match=r"HTTP 400 \(x_content_parse_exception"):
                 await connector.search(SourceQuery("signing keys", 5))
+
+
+def test_values_over_the_bounds_are_left_to_the_gateway():
+    """A 1 MiB value or a list longer than a cluster takes is not pushed down; the gateway's own filter applies it."""
+    from connectors.elasticsearch import MAX_PUSHED_CHARS, MAX_PUSHED_TERMS
+
+    fields = {"space": "space"}
+    huge = "x" * (1024 * 1024)
+    for op, value in (("is", huge), ("contains", huge), ("start with", huge), ("is", [huge]),
+                      ("in", [f"v{i}" for i in range(MAX_PUSHED_TERMS + 1)]), ("not in", ",".join(["v"] * (MAX_PUSHED_TERMS + 1)))):
+        assert filter_clause(fields, "space", op, value) is None, (op, len(value))
+    assert filter_clause(fields, "space", "in", [f"v{i}" for i in range(MAX_PUSHED_TERMS)]) is not None
+    assert filter_clause(fields, "space", "is", "x" * MAX_PUSHED_CHARS) is not None
+    body = ElasticsearchConnector("es", settings("https://es.example")).request_body(
+        SourceQuery("keys", 5, metadata_condition=condition(("space", "is", huge), ("space", "is", "OPS")))
+    )
+    assert body["query"]["bool"]["filter"] == [{"term": {"space": "OPS"}}], "the rest of an `and` is still pushed"
+
+
+async def test_a_cluster_that_refuses_expensive_queries_gets_them_filtered_by_the_gateway(cluster):
+    """`search.allow_expensive_queries: false`: a pushed-down `contains` is refused with a 400; the connector asks
+    again without wildcard and prefix clauses, and keeps doing so, so the source answers instead of failing."""
+    state, url = cluster
+    state.expensive_queries = False
+    wanted = condition(("space", "contains", "OP"), ("labels", "is", "security"))
+    async with ElasticsearchConnector("es", settings(url)) as connector:
+        first = await connector.search(SourceQuery("keys", 20, metadata_condition=wanted))
+        asked = len(state.bodies)
+        again = await connector.search(SourceQuery("keys", 20, metadata_condition=wanted))
+    assert {p.document_id for p in first} == {p.document_id for p in again} == {"k1"}
+    assert len(state.bodies) == asked + 1, "refused once, then asked without them straight away"
+    assert state.bodies[-1]["query"]["bool"]["filter"] == [{"term": {"labels": "security"}}]

@@ -129,3 +129,24 @@ def test_request_urls_stay_out_of_the_logs():
         root.handlers[:], _, _ = saved
         root.setLevel(saved[1])
         httpx_log.setLevel(saved[2])
+
+
+@pytest.mark.parametrize("text", ["..", ".", "a/../b", "{limit}"])
+async def test_the_query_is_filled_once_and_stays_opaque(text: str):
+    """`{query}` as a whole path segment: `..` or `.` is the value of that segment, not a step up that removes
+    the one before; and a `{limit}` the user typed is text, in the URL, the params and the body alike."""
+    from .fakes.recorder import Recorder
+
+    recorder = Recorder({})
+    with serve(recorder.app()) as url:
+        got = HttpSearchSettings(
+            url=url + "/api/items/{query}/search?size={limit}", params={"q": "{query}", "n": "{limit}"}, method="POST",
+            body={"text": "{query}", "size": "{limit}", "both": "{query} x {limit}"}, results="items", record={"content": "text"},
+        )  # fmt: skip
+        async with HttpSearchConnector("intranet", got) as connector:
+            with pytest.raises(BadResponse):  # the recorder answers 404: only the request matters here
+                await connector.search(SourceQuery(text, 7))
+    [sent] = recorder.requests
+    assert sent.path == f"/api/items/{text}/search"
+    assert sent.params == {"size": "7", "q": text, "n": "7"}
+    assert sent.json() == {"text": text, "size": 7, "both": f"{text} x 7"}

@@ -280,3 +280,56 @@ def test_a_dify_dataset_refusing_every_query_is_in_the_log_once_not_only_in_stat
             failures = [r.getMessage() for r in caplog.records if r.name == "aggregator.sources"]
             assert len(failures) == 1 and "source handbook failed (error)" in failures[0] and "invalid_param" in failures[0]
             assert client.get("/status").json()["sources"][0]["last_error"]["message"] in failures[0]
+
+
+def test_the_ops_token_is_traded_for_a_cookie_and_never_logged(folder: Path, tmp_path: Path):
+    """`?token=` on a page answers a redirect without it and a cookie; the token and the query never reach the log."""
+    import httpx
+
+    from .loopback import serve_cli
+
+    config = tmp_path / "c.yaml"
+    config.write_text(config_text(folder, extra_server=f"  ops_token: {OPS}"))
+    query = "which-query-text-must-stay-private"
+    with serve_cli("--config", str(config), "--host", "127.0.0.1") as (url, server):
+        moved = httpx.get(url + "/", params={"token": OPS})
+        assert moved.status_code == 303 and moved.headers["location"] == "/"
+        cookie = moved.cookies["gateway_ops"]
+        assert OPS not in cookie and "httponly" in moved.headers["set-cookie"].lower()
+        assert httpx.get(url + "/", cookies={"gateway_ops": cookie}).status_code == 200
+        assert httpx.get(url + "/", cookies={"gateway_ops": "forged"}).status_code == 403
+        explained = httpx.get(url + "/explain", params={"q": query, "kb": "demo", "token": OPS})
+        assert explained.status_code == 303 and OPS not in explained.headers["location"] and query in explained.headers["location"]
+        page = httpx.get(url + explained.headers["location"], cookies={"gateway_ops": cookie})
+        assert page.status_code == 200 and OPS not in page.text and 'name="token"' not in page.text
+        assert httpx.get(url + "/status", params={"token": OPS}).status_code == 200, "JSON routes take it as before"
+        assert httpx.get(url + "/explain", params={"q": query, "format": "json"}, headers={"Authorization": f"Bearer {OPS}"}).status_code == 200
+    output = server.stdout.read()
+    assert '"GET /explain HTTP/1.1" 303' in output, "access lines are still written, without their query string"
+    assert OPS not in output and query not in output
+
+
+@pytest.mark.parametrize("header", [
+    {"X-Forwarded-For": "8.8.8.8"}, {"X-Real-IP": "8.8.8.8"}, {"Forwarded": "for=8.8.8.8"},
+    {"X-Forwarded-For": "127.0.0.1"}, {"True-Client-IP": "8.8.8.8"},
+])  # fmt: skip
+def test_a_request_a_proxy_forwarded_is_not_local(folder: Path, header: dict[str, str]):
+    """Without an ops token, "from loopback" means no proxy in between, whatever forwarding header the proxy sets."""
+    with client_for(config_text(folder), client=("127.0.0.1", 4000)) as local:
+        for path in ("/status", "/metrics", "/", "/explain"):
+            response = local.get(path, headers=header)
+            assert response.status_code == 403 and response.json()["error_code"] == 1001, (path, header)
+        assert local.get("/status").status_code == 200
+
+
+def test_the_api_documents_are_ops_routes(folder: Path):
+    """/openapi.json, /docs and /redoc answer whom /status answers: loopback callers, or holders of the ops token."""
+    with client_for(config_text(folder), client=("203.0.113.7", 4000)) as remote:
+        for path in ("/openapi.json", "/docs", "/redoc"):
+            assert remote.get(path).status_code == 403, path
+    with client_for(config_text(folder), client=("127.0.0.1", 4000)) as local:
+        assert "/retrieval" in local.get("/openapi.json").json()["paths"]
+        assert "swagger-ui" in local.get("/docs").text and "redoc" in local.get("/redoc").text
+    with client_for(config_text(folder, extra_server=f"  ops_token: {OPS}"), client=("203.0.113.7", 4000)) as remote:
+        assert remote.get("/openapi.json", headers={"Authorization": f"Bearer {OPS}"}).status_code == 200
+        assert remote.get(f"/docs?token={OPS}").status_code == 200, "traded for the cookie, as on the pages"

@@ -195,3 +195,34 @@ def test_errors_show_as_the_source_state_never_as_a_failed_request(s3_url: str, 
     assert status["state"] == expected_state, status
     assert message in status["index"]["last_refresh_error"]
     assert SECRET not in str(status)
+
+
+def test_debug_logging_never_prints_s3_credentials(s3_url: str, bucket):
+    """At --log-level debug, botocore's own loggers would print the signed request (session token, key id)."""
+    import io
+    import logging
+
+    from aggregator.ops.logs import configure_logging
+
+    _, name = bucket
+    root = logging.getLogger()
+    kept = (root.handlers[:], root.level, {n: logging.getLogger(n).level for n in logging.root.manager.loggerDict})
+    output = io.StringIO()
+    try:
+        configure_logging("debug")
+        root.handlers[0].setStream(output)  # type: ignore[attr-defined]
+        token = "session-token-that-must-not-be-logged"
+        client = boto3.client(
+            "s3", endpoint_url=s3_url, region_name="us-east-1", aws_access_key_id=ACCESS, aws_secret_access_key=SECRET,
+            aws_session_token=token,
+        )  # fmt: skip
+        client.list_objects_v2(Bucket=name)
+        logging.getLogger("aggregator").debug("debug lines of the gateway itself still come through")
+    finally:
+        root.handlers[:], level, levels = kept[0], kept[1], kept[2]
+        root.setLevel(level)
+        for logger_name, logger_level in levels.items():
+            logging.getLogger(logger_name).setLevel(logger_level)
+    text = output.getvalue()
+    assert "debug lines of the gateway itself" in text
+    assert token not in text and ACCESS not in text and SECRET not in text

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 from html import escape
+from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlencode
 
 from ..fanout import SourceResult
+from .health import redact
 from ..pipeline import RetrievalResult, Verdict
 from ..ranking.rerank import Candidate
 
@@ -69,8 +71,12 @@ def _fate(verdict: Verdict) -> str:
     return verdict.outcome
 
 
-def explanation(result: RetrievalResult, request: dict[str, Any], elapsed_ms: float, types: dict[str, str]) -> dict[str, Any]:
-    """The trace of `result` as a JSON-ready document. `request` is the retrieval's body; `types` each source's type."""
+def explanation(
+    result: RetrievalResult, request: dict[str, Any], elapsed_ms: float, types: dict[str, str], secrets: Iterable[str]
+) -> dict[str, Any]:
+    """The trace of `result` as a JSON-ready document. `request` is the retrieval's body; `types` each source's type;
+    `secrets` the config's, scrubbed from every message as in /status (the JSON, the page and the CLI all read this)."""
+    secrets = list(secrets)
     trace = result.trace
     assert trace is not None, "explain needs a result from retrieve(..., explain=True)"
     returned: dict[str, list[dict[str, Any]]] = {s.name: [] for s in result.sources}
@@ -110,20 +116,20 @@ def explanation(result: RetrievalResult, request: dict[str, Any], elapsed_ms: fl
         "retrieval_setting": request.get("retrieval_setting"),
         "metadata_condition": request.get("metadata_condition"),
         "ms": round(elapsed_ms, 1),
-        "sources": [_source(s, types.get(s.name, ""), returned.get(s.name, [])) for s in result.sources],
+        "sources": [_source(s, types.get(s.name, ""), returned.get(s.name, []), secrets) for s in result.sources],
         "passages": passages,
         "records": result.records,
     }
 
 
-def _source(result: SourceResult, kind: str, returned: list[dict[str, Any]]) -> dict[str, Any]:
+def _source(result: SourceResult, kind: str, returned: list[dict[str, Any]], secrets: list[str]) -> dict[str, Any]:
     return {
         "name": result.name,
         "type": kind,
         "outcome": result.outcome,
         "ms": round(result.elapsed_ms, 1),
         "attempts": result.attempts,
-        "error": result.error,
+        "error": redact(result.error, secrets),
         "returned": returned,
     }
 
@@ -155,7 +161,6 @@ def _form(knowledge_bases: list[str], values: dict[str, str]) -> str:
     options = "".join(
         f'<option value="{escape(kb)}"{" selected" if kb == values.get("kb") else ""}>{escape(kb)}</option>' for kb in knowledge_bases
     )
-    token = f'<input type="hidden" name="token" value="{escape(values["token"])}">' if values.get("token") else ""
     return (
         '<form method="get" action="/explain">'
         f'<label>Knowledge base<select name="kb">{options}</select></label>'
@@ -163,7 +168,7 @@ def _form(knowledge_bases: list[str], values: dict[str, str]) -> str:
         f'<label>top_k<input class="small" name="top_k" value="{escape(values.get("top_k", "5"))}"></label>'
         f'<label>score_threshold<input class="small" name="threshold" value="{escape(values.get("threshold", "0"))}"></label>'
         f'<label>metadata_condition (JSON, optional)<input name="filter" value="{escape(values.get("filter", ""))}"></label>'
-        f"{token}<button type=\"submit\">Explain</button></form>"
+        '<button type="submit">Explain</button></form>'
     )
 
 

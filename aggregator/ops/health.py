@@ -50,13 +50,22 @@ def percentile(values: Iterable[float], q: float) -> float | None:
     return round(ordered[rank], 1)
 
 
-def redact(message: str | None, secrets: Iterable[str]) -> str | None:
+#: Longest message any output keeps (/status, the page, explain, spans, the CLI): cut after scrubbing.
+MESSAGE_CHARS = 300
+
+
+def redact(message: str | None, secrets: Iterable[str], limit: int | None = MESSAGE_CHARS) -> str | None:
+    """The one scrub of every output: each secret replaced by `***`, then the text put on one line and cut at
+    `limit` characters. In that order, since a secret cut in two by the clip would keep its first part."""
     if message is None:
         return None
     for secret in secrets:
         if secret:
             message = message.replace(secret, "***")
-    return message
+    if limit is None:
+        return message
+    message = " ".join(message.split())
+    return message if len(message) <= limit else message[: limit - 1] + "…"
 
 
 @dataclass

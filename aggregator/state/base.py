@@ -18,6 +18,7 @@ An `IndexStore` is used from two sides:
 from __future__ import annotations
 
 import abc
+import asyncio
 import functools
 import hashlib
 import json
@@ -179,13 +180,17 @@ class IndexStore(abc.ABC):
     def search(
         self, terms: Sequence[str], limit: int, accept: Callable[[StoredPassage], bool] | None = None
     ) -> list[StoredPassage]:
-        """The `limit` best passages for the query terms, best first; ties ordered by a stable key."""
+        """The `limit` best passages for the query terms, best first; ties ordered by a stable key.
+
+        Called on worker threads, several at once, while the event loop calls `refresh`, `term_statistics` and
+        `info`: an implementation guards what it shares. `accept` may raise to stop the search (a deadline)."""
 
     async def asearch(
         self, terms: Sequence[str], limit: int, accept: Callable[[StoredPassage], bool] | None = None
     ) -> list[StoredPassage]:
-        """`search` for the event loop: a store whose data is remote overrides it; local stores answer in place."""
-        return self.search(terms, limit, accept)
+        """`search` for the event loop, on a worker thread: scoring, reading passages and `accept` (a request's
+        filter) are CPU work that must not hold up other requests. A store whose data is remote overrides it."""
+        return await asyncio.to_thread(self.search, terms, limit, accept)
 
     @abc.abstractmethod
     def term_statistics(self, terms: Sequence[str]) -> tuple[int, int, dict[str, int]]:

@@ -21,12 +21,14 @@ idf and ceiling), with the live collection's statistics.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
 import logging
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -45,6 +47,8 @@ LOCK_NAME = "sync.lock"
 #: More segments than this, or more than this share of removed passages, and the writer merges them into one.
 MAX_SEGMENTS = 8
 MAX_DEAD_SHARE = 0.25
+#: Documents whose decoded metadata a reader keeps.
+METADATA_CACHE = 100_000
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -138,6 +142,9 @@ class LocalStore(IndexStore):
         self.source = source or folder.name
         self._lock_fd: int | None = None
         self._reader: sqlite3.Connection | None = None
+        # Searches run on worker threads (`asearch`) while the event loop asks for statistics and status: the
+        # reader connection and the view it loads change under this lock, each use of it holds the lock briefly.
+        self._reading = threading.RLock()
         self._pin: int | None = None  # a descriptor of the database file the reader uses, to see it deleted
         self._data_version: int | None = None
         self._view = _View()
@@ -187,7 +194,8 @@ class LocalStore(IndexStore):
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-        self._close_reader()
+        with self._reading:
+            self._close_reader()
         self._release()
 
     # -- reading ---------------------------------------------------------------------------------------
@@ -218,6 +226,10 @@ class LocalStore(IndexStore):
         return reader
 
     def refresh(self) -> None:
+        with self._reading:
+            self._refresh()
+
+    def _refresh(self) -> None:
         if self._pin is not None and os.fstat(self._pin).st_nlink == 0:
             self._close_reader()  # the syncer discarded the store (its file is gone) and began a new one
         reader = self._reader or self._open_reader()
@@ -294,7 +306,9 @@ class LocalStore(IndexStore):
         if wanted and self._reader is not None:
             marks = ",".join("?" * len(wanted))
             try:
-                for term, term_id in self._reader.execute(f"SELECT term, id FROM terms WHERE term IN ({marks})", wanted):
+                with self._reading:
+                    found = self._reader.execute(f"SELECT term, id FROM terms WHERE term IN ({marks})", wanted).fetchall()
+                for term, term_id in found:
                     self._term_ids[term] = term_id
             except sqlite3.Error as exc:  # a store being replaced under us: nothing found now, asked again next time
                 log.debug("source %s: term lookup failed (%s)", self.source, exc)
@@ -390,39 +404,81 @@ class LocalStore(IndexStore):
         reader = self._reader
         if reader is None:
             return []
+        if accept is not None:
+            return self._filtered(reader, pids, scores, limit, accept)
+        chunk = [int(p) for p in pids[:limit]]
+        rows = self._rows(
+            reader, "SELECT p.id, p.chunk_index, p.content, d.id, d.doc_id, d.title, d.updated_at, d.metadata "
+            "FROM passages p JOIN documents d ON d.id = p.document WHERE p.id IN ({marks})", chunk,
+        )  # fmt: skip
         found: list[StoredPassage] = []
-        metadata_of = self._metadata
-        batch = limit if accept is None else max(64, 2 * limit)
+        for offset, pid in enumerate(chunk):
+            row = rows.get(pid)
+            if row is None:
+                continue  # removed by a commit newer than this reader's view
+            chunk_index, content, document, doc_id, title, updated_at, metadata_json = row
+            found.append(StoredPassage(doc_id, chunk_index, title, content, self._decoded(document, metadata_json), updated_at, float(scores[offset])))
+        return found
+
+    def _filtered(
+        self, reader: sqlite3.Connection, pids: np.ndarray, scores: np.ndarray, limit: int, accept: Callable[[StoredPassage], bool]
+    ) -> list[StoredPassage]:
+        """Ranked passages that `accept` takes, until `limit`: tested on their document's fields, text read last.
+
+        A filter that rejects much reads many candidates. A filter reads metadata only, so each candidate costs
+        its (id, document, chunk) row and each document its row once; passage text is read for the `limit`
+        accepted ones alone. `accept` sees each candidate with empty `content`.
+        """
+        documents: dict[int, tuple[str, str, str | None, dict]] = {}
+        kept: list[tuple[int, StoredPassage]] = []
+        batch = max(64, 2 * limit)
         start = 0
-        while start < len(pids):
+        while start < len(pids) and len(kept) < limit:
             chunk = [int(p) for p in pids[start : start + batch]]
-            marks = ",".join("?" * len(chunk))
-            rows = {
-                row[0]: row[1:]
-                for row in reader.execute(
-                    "SELECT p.id, p.chunk_index, p.content, d.id, d.doc_id, d.title, d.updated_at, d.metadata "
-                    f"FROM passages p JOIN documents d ON d.id = p.document WHERE p.id IN ({marks})", chunk,
-                )
-            }  # fmt: skip
+            rows = self._rows(reader, "SELECT id, document, chunk_index FROM passages WHERE id IN ({marks})", chunk)
+            unseen = list({row[0] for row in rows.values()} - documents.keys())
+            if unseen:
+                for document, fields in self._rows(reader, "SELECT id, doc_id, title, updated_at, metadata FROM documents WHERE id IN ({marks})", unseen).items():
+                    doc_id, title, updated_at, metadata_json = fields
+                    documents[document] = (doc_id, title, updated_at, self._decoded(document, metadata_json))
             for offset, pid in enumerate(chunk):
                 row = rows.get(pid)
-                if row is None:
+                fields = documents.get(row[0]) if row is not None else None
+                if row is None or fields is None:
                     continue  # removed by a commit newer than this reader's view
-                chunk_index, content, document, doc_id, title, updated_at, metadata_json = row
-                metadata = metadata_of.get(document)
-                if metadata is None:
-                    if len(metadata_of) > 10_000:
-                        metadata_of.clear()
-                    metadata = metadata_of[document] = json.loads(metadata_json)
-                passage = StoredPassage(doc_id, chunk_index, title, content, metadata, updated_at, float(scores[start + offset]))
-                if accept is not None and not accept(passage):
-                    continue
-                found.append(passage)
-                if len(found) >= limit:
-                    return found
+                doc_id, title, updated_at, metadata = fields
+                passage = StoredPassage(doc_id, row[1], title, "", metadata, updated_at, float(scores[start + offset]))
+                if accept(passage):
+                    kept.append((pid, passage))
+                    if len(kept) >= limit:
+                        break
             start += len(chunk)
             batch = min(batch * 2, 4096)  # a filter that rejects much: read ever larger pages
-        return found
+        contents = self._rows(reader, "SELECT id, content FROM passages WHERE id IN ({marks})", [pid for pid, _ in kept])
+        return [dataclasses.replace(passage, content=contents[pid][0]) for pid, passage in kept if pid in contents]
+
+    def _rows(self, reader: sqlite3.Connection, sql: str, ids: list[int]) -> dict[int, tuple]:
+        """Rows by their first column for `ids`, or none if the store was replaced or closed meanwhile."""
+        if not ids:
+            return {}
+        with self._reading:
+            if self._reader is not reader:
+                return {}
+            try:
+                fetched = reader.execute(sql.format(marks=",".join("?" * len(ids))), ids).fetchall()
+            except sqlite3.Error as exc:
+                log.debug("source %s: reading passages failed (%s)", self.source, exc)
+                return {}
+        return {row[0]: row[1:] for row in fetched}
+
+    def _decoded(self, document: int, metadata_json: str) -> dict:
+        """A document's metadata, decoded once per view (bounded: a cache, not a copy of the table)."""
+        metadata = self._metadata.get(document)
+        if metadata is None:
+            if len(self._metadata) >= METADATA_CACHE:
+                self._metadata.clear()
+            metadata = self._metadata[document] = json.loads(metadata_json)
+        return metadata
 
     def info(self) -> StoreInfo:
         self.refresh()

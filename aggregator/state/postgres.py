@@ -472,20 +472,35 @@ class PostgresStore(IndexStore):
                     rows = await cursor.fetchall()
             except _DOWN as exc:
                 raise StoreUnavailable(f"the index database did not answer ({' '.join(str(exc).split())})") from None
-            for score, chunk_index, content, document, doc_id, title, updated_at, metadata_json in rows:
-                metadata = self._metadata.get(document)
-                if metadata is None:
-                    metadata = self._metadata[document] = json.loads(metadata_json)
-                passage = StoredPassage(doc_id, chunk_index, title, content, metadata, updated_at, float(score) * scale)
-                if accept is not None and not accept(passage):
-                    continue
-                found.append(passage)
-                if len(found) >= limit:
-                    return found
+            wanted = limit - len(found)
+            if accept is None:
+                found += self._passages(rows, scale, None, wanted)
+            else:  # a filter's work on a page of up to 4,096 rows: on a worker thread, not on the event loop
+                found += await asyncio.to_thread(self._passages, rows, scale, accept, wanted)
+            if len(found) >= limit:
+                return found
             if len(rows) < batch:
                 return found
             offset += batch
             batch = min(batch * 2, 4096)  # a filter that rejects much: read ever larger pages
+
+
+    def _passages(
+        self, rows: Sequence[tuple], scale: float, accept: Callable[[StoredPassage], bool] | None, wanted: int
+    ) -> list[StoredPassage]:
+        """The page's passages that `accept` takes, in order, `wanted` at most."""
+        found: list[StoredPassage] = []
+        for score, chunk_index, content, document, doc_id, title, updated_at, metadata_json in rows:
+            metadata = self._metadata.get(document)
+            if metadata is None:
+                metadata = self._metadata[document] = json.loads(metadata_json)
+            passage = StoredPassage(doc_id, chunk_index, title, content, metadata, updated_at, float(score) * scale)
+            if accept is not None and not accept(passage):
+                continue
+            found.append(passage)
+            if len(found) >= wanted:
+                break
+        return found
 
 
 class PostgresWriter(IndexWriter):

@@ -82,6 +82,19 @@ def _matches(doc: dict[str, Any], clause: dict[str, Any]) -> bool:
     raise ValueError(f"the fake does not know the {kind} query")
 
 
+def _expensive(clauses: list[dict[str, Any]]) -> str | None:
+    """The first wildcard or prefix query among `clauses` (nested bools included), as a cluster would refuse it."""
+    for clause in clauses:
+        [(kind, spec)] = clause.items()
+        if kind in ("wildcard", "prefix"):
+            return kind
+        if kind == "bool":
+            found = _expensive([c for part in ("filter", "must", "must_not", "should") for c in spec.get(part, [])])
+            if found:
+                return found
+    return None
+
+
 def _highlight(text: str, terms: set[str], size: int, count: int, no_match: int) -> list[str]:
     """Groups of whole sentences up to `size` characters around the sentences that match, best first."""
     sentences = _SENTENCE.split(text)
@@ -115,6 +128,7 @@ class FakeCluster:
     rate_limit_next: int = 0
     retry_after: str = "1"
     malformed: bool = False
+    expensive_queries: bool = True  # search.allow_expensive_queries; false refuses wildcard and prefix queries
 
     def add(self, doc_id: str, **source: Any) -> None:
         self.docs[doc_id] = source
@@ -158,6 +172,9 @@ def app(state: FakeCluster) -> FastAPI:
             return _error(400, "x_content_parse_exception", f"[highlight] unknown field [{wrong_key}]")
 
         boolean = body["query"]["bool"]
+        if not state.expensive_queries and (kind := _expensive(boolean.get("filter", []))):
+            return _error(400, "illegal_argument_exception",
+                          f"[{kind}] queries cannot be executed when 'search.allow_expensive_queries' is set to false.")  # fmt: skip
         [must] = boolean["must"]
         match = must["multi_match"]
         terms = {w.lower() for w in _WORD.findall(match["query"])}
