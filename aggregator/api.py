@@ -48,6 +48,8 @@ from .tasks import Timeout
 
 log = logging.getLogger("aggregator.api")
 
+#: Where MCP is served (aggregator/mcp.py); a client configured with a trailing slash posts to the second.
+MCP_PATHS = frozenset({"/mcp", "/mcp/"})
 #: A client that trickles its body in may not hold a request open longer than this.
 BODY_TIMEOUT_S = 10.0
 _encode = msgspec.json.Encoder().encode
@@ -217,6 +219,46 @@ def explain_scope(request: Request, config: GatewayConfig) -> list[str] | JSONRe
     return allowed or error(403, 1002, "this API key may read no knowledge base")
 
 
+async def answer_retrieval(service: Service, gateway: Gateway, api_key: ApiKey, parsed: RetrievalRequest, request_id: str,
+                           via: str | None = None) -> Response:
+    """A validated retrieval by an authenticated key, answered through the response cache: /retrieval's path after
+    its checks, and MCP's `search` (`via="mcp"` marks its log lines). 200 with the records, or 404/2001."""
+    if not api_key.allows(parsed.knowledge_id):
+        return error(403, 1002, f"this API key may not read knowledge base {parsed.knowledge_id!r}")
+
+    async def respond() -> tuple[Response, Answer | None]:
+        """The retrieval itself, and its answer for the response cache when it is a 200."""
+        started = time.perf_counter()
+        try:
+            result = await retrieve(gateway, parsed)
+        except UnknownKnowledgeBase:
+            return error(404, 2001, f"knowledge_id: no knowledge base named {parsed.knowledge_id!r}"), None
+        service.record(gateway, parsed.knowledge_id, parsed.query, result, time.perf_counter() - started, request_id, via)
+        sources = result.sources_header()
+        response = JSONResponse({"records": result.records}, headers={"X-Sources": sources, "X-Request-Id": request_id})
+        if not service.cache.enabled:
+            return response, None
+        return response, Answer(bytes(response.body), sources, complete=answered_by_all(result.sources))
+
+    # Dify's retries (and any identical retrieval within server.cache_ttl_s) are answered once: aggregator/cache.py
+    return await serve_cached(service, gateway, api_key, parsed, request_id, respond, via)
+
+
+async def explain_retrieval(service: Service, gateway: Gateway, parsed: RetrievalRequest, body: dict[str, Any],
+                            via: str | None = None) -> dict[str, Any] | None:
+    """What /explain shows of a retrieval (every passage and its fate; `body` is the request as asked), or None for an
+    unknown knowledge base. The caller has checked who may see it: /explain and MCP's `explain` tool both call this."""
+    started = time.perf_counter()
+    try:
+        result = await retrieve(gateway, parsed, explain=True)
+    except UnknownKnowledgeBase:
+        return None
+    elapsed = time.perf_counter() - started
+    service.record(gateway, parsed.knowledge_id, parsed.query, result, elapsed, "explain-" + uuid.uuid4().hex[:8], via)
+    types = {name: slot.connector.type for name, slot in gateway.slots.items()}
+    return explain.explanation(result, body, elapsed * 1000, types, gateway.secrets)
+
+
 class GatewayApp(FastAPI):
     """FastAPI, with Dify's `POST /retrieval` taken straight to its handler.
 
@@ -226,11 +268,17 @@ class GatewayApp(FastAPI):
     """
 
     retrieval: Callable[[Scope, Receive, Send], Awaitable[None]] | None = None
+    #: MCP at /mcp (aggregator/mcp.py), served directly too: the SDK's transport reads its own request.
+    mcp: Callable[[Scope, Receive, Send], Awaitable[None]] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.retrieval is not None and scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in RETRIEVAL_PATHS:
-            await self.retrieval(scope, receive, send)
-            return
+        if scope["type"] == "http":
+            if self.retrieval is not None and scope["method"] == "POST" and scope["path"] in RETRIEVAL_PATHS:
+                await self.retrieval(scope, receive, send)
+                return
+            if self.mcp is not None and scope["path"] in MCP_PATHS:
+                await self.mcp(scope, receive, send)
+                return
         await super().__call__(scope, receive, send)
 
 
@@ -244,11 +292,16 @@ def create_app(load: Callable[[], GatewayConfig] | None = None, config_path: Pat
     else:
         raise ValueError("create_app needs a config loader or a config path")
 
+    from .mcp import McpEndpoint  # it builds on this module's checks and retrieval path
+
+    mcp = McpEndpoint(service)
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await service.start()
         try:
-            yield
+            async with mcp.run():
+                yield
         finally:
             await service.aclose()
 
@@ -285,26 +338,8 @@ def create_app(load: Callable[[], GatewayConfig] | None = None, config_path: Pat
         parsed = parse_request(raw)
         if isinstance(parsed, JSONResponse):
             return parsed
-        if not api_key.allows(parsed.knowledge_id):
-            return error(403, 1002, f"this API key may not read knowledge base {parsed.knowledge_id!r}")
         request_id = request.headers.get("x-request-id") or f"{random.getrandbits(64):016x}"  # for logs, not a secret
-
-        async def respond() -> tuple[Response, Answer | None]:
-            """The retrieval itself, and its answer for the response cache when it is a 200."""
-            started = time.perf_counter()
-            try:
-                result = await retrieve(gateway, parsed)
-            except UnknownKnowledgeBase:
-                return error(404, 2001, f"knowledge_id: no knowledge base named {parsed.knowledge_id!r}"), None
-            service.record(gateway, parsed.knowledge_id, parsed.query, result, time.perf_counter() - started, request_id)
-            sources = result.sources_header()
-            response = JSONResponse({"records": result.records}, headers={"X-Sources": sources, "X-Request-Id": request_id})
-            if not service.cache.enabled:
-                return response, None
-            return response, Answer(bytes(response.body), sources, complete=answered_by_all(result.sources))
-
-        # Dify's retries (and any identical retrieval within server.cache_ttl_s) are answered once: aggregator/cache.py
-        return await serve_cached(service, gateway, api_key, parsed, request_id, respond)
+        return await answer_retrieval(service, gateway, api_key, parsed, request_id)
 
     async def retrieval(request: Request) -> Response:
         started = time.perf_counter()
@@ -359,6 +394,7 @@ def create_app(load: Callable[[], GatewayConfig] | None = None, config_path: Pat
             await (await unexpected(Request(scope, receive), exc))(scope, receive, send)
 
     app.retrieval = serve_retrieval
+    app.mcp = mcp
     app.openapi = document  # type: ignore[method-assign]
     # The retrieval reads its request by hand (the key before the body): GatewayApp serves it directly, and these
     # plain Starlette routes catch what reaches the router (under a root path); a FastAPI route documents it.
@@ -447,16 +483,10 @@ def create_app(load: Callable[[], GatewayConfig] | None = None, config_path: Pat
             parsed = RetrievalRequest.model_validate(body)
         except ValidationError as exc:
             return failed(400, 3001, describe_validation_error(exc))
-        started = time.perf_counter()
         with gateway.lease():
-            try:
-                result = await retrieve(gateway, parsed, explain=True)
-            except UnknownKnowledgeBase:
-                return failed(404, 2001, f"knowledge_id: no knowledge base named {parsed.knowledge_id!r}")
-        elapsed = time.perf_counter() - started
-        service.record(gateway, parsed.knowledge_id, parsed.query, result, elapsed, "explain-" + uuid.uuid4().hex[:8])
-        types = {name: slot.connector.type for name, slot in gateway.slots.items()}
-        data = explain.explanation(result, body, elapsed * 1000, types, gateway.secrets)
+            data = await explain_retrieval(service, gateway, parsed, body)
+        if data is None:
+            return failed(404, 2001, f"knowledge_id: no knowledge base named {parsed.knowledge_id!r}")
         if as_json:
             return JSONResponse(data)
         return HTMLResponse(explain.render_page(kbs, values, data))

@@ -239,7 +239,7 @@ _background: set[asyncio.Task[Any]] = set()
 
 
 async def serve_cached(service: "Service", gateway: "Gateway", api_key: "ApiKey", request: "RetrievalRequest", request_id: str,
-                       respond: Callable[[], Awaitable[tuple[Response, Answer | None]]]) -> Response:  # fmt: skip
+                       respond: Callable[[], Awaitable[tuple[Response, Answer | None]]], via: str | None = None) -> Response:  # fmt: skip
     """The answer to a retrieval through the service's cache, with `X-Cache: hit|miss|coalesced` (none when it is off)."""
     cache = service.cache
     if not cache.enabled:
@@ -250,7 +250,7 @@ async def serve_cached(service: "Service", gateway: "Gateway", api_key: "ApiKey"
     key = retrieval_key(api_key.knowledge_ids, request.knowledge_id, request.query, setting.top_k, setting.score_threshold,
                         condition, gateway.config.version)  # fmt: skip
     response, answer, outcome = await cache.answer(key, respond, gateway.config.server.deadline_s)
-    service.record_cached(request.knowledge_id, request_id, outcome, time.perf_counter() - started)
+    service.record_cached(request.knowledge_id, request_id, outcome, time.perf_counter() - started, via)
     if response is None:
         assert answer is not None
         response = Response(answer.body, media_type="application/json", headers={"X-Sources": answer.sources, "X-Request-Id": request_id})

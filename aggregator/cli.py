@@ -276,6 +276,7 @@ async def _check(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     rows: list[tuple[str, str, str, str, str]] = []
     firsts: list[str] = []
+    hints: list[str] = []
     failed = 0
     secrets = config.secrets()
     try:
@@ -298,6 +299,8 @@ async def _check(args: argparse.Namespace) -> int:
             rows.append((name, state, f"{result.elapsed_ms:.0f} ms", str(len(result.passages)), error))
             if result.passages:
                 firsts.append(format_first_record(slot.connector, result.passages[0], secrets))
+            elif result.outcome == "empty" and slot.connector.empty_hint:
+                hints.append(f"  {name}: {slot.connector.empty_hint}")
     finally:
         await gateway.aclose()
     width = max([len("source")] + [len(r[0]) for r in rows])
@@ -307,6 +310,9 @@ async def _check(args: argparse.Namespace) -> int:
     if firsts:
         print("first record of each source (as the gateway maps it):")
         print("\n".join(firsts))
+    if hints:
+        print("sources that answered no records (try another --query; if none answers):")
+        print("\n".join(hints))
     print(f"{len(rows) - failed} ok, {failed} failing")
     return 1 if failed else 0
 

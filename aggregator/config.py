@@ -98,6 +98,9 @@ class ServerSettings(BaseModel):
     embeddings: EmbeddingSettings | None = Field(
         None, description="An embedding model that judges meaning beside words (aggregator/ranking/embeddings.py); unset: words only."
     )
+    mcp: bool = Field(
+        True, description="Serve MCP at /mcp (the same keys and scoping as /retrieval); false: /mcp answers 404."
+    )
 
     @field_validator("state_url")
     @classmethod
@@ -128,7 +131,7 @@ class KnowledgeBase(BaseModel):
 
     rerank: RerankOverride | None = Field(None, description="Fields that replace server.rerank's here; `enabled: false` for none.")
     connectors: list[str] = Field(min_length=1)
-    description: str | None = None
+    description: str | None = Field(None, description="One line for people and agents (MCP's list_knowledge_bases).")
     embeddings: EmbeddingSettings | None = Field(None, description="This knowledge base's own embedding model, instead of the server's.")
 
 

@@ -220,8 +220,9 @@ class Service:
 
     # -- what happened ------------------------------------------------------------------------------
 
-    def record(self, gateway: Gateway, knowledge_id: str, query: str, result: RetrievalResult, elapsed_s: float, request_id: str) -> None:
-        """Health, metrics and the one log line of a retrieval."""
+    def record(self, gateway: Gateway, knowledge_id: str, query: str, result: RetrievalResult, elapsed_s: float, request_id: str,
+               via: str | None = None) -> None:
+        """Health, metrics and the one log line of a retrieval (`via=mcp`: asked through MCP, not /retrieval)."""
         self.health.record(result.sources, gateway.source_types, gateway.secrets)
         self.metrics.observe_sources(result.sources)
         annotate({"gateway.knowledge_id": knowledge_id, "gateway.records": len(result.records)})
@@ -232,6 +233,7 @@ class Service:
             "event": "retrieval",
             "request_id": request_id,
             "trace_id": trace_id,
+            **({"via": via} if via else {}),
             "knowledge_id": knowledge_id,
             "records": len(result.records),
             "ms": round(elapsed_s * 1000, 1),
@@ -241,21 +243,22 @@ class Service:
             fields["query"] = query
         summary = " ".join(f"{s.name}={s.outcome}:{s.elapsed_ms:.0f}ms" for s in result.sources)
         access_log.info(
-            "retrieval id=%s%s kb=%s records=%d ms=%.1f %s%s", request_id, f" trace={trace_id}" if trace_id else "", knowledge_id,
+            "retrieval id=%s%s%s kb=%s records=%d ms=%.1f %s%s", request_id, f" trace={trace_id}" if trace_id else "",
+            f" via={via}" if via else "", knowledge_id,
             len(result.records), elapsed_s * 1000, summary, f" query={query!r}" if gateway.config.server.log_queries else "",
             extra={"fields": fields},
         )  # fmt: skip
 
-    def record_cached(self, knowledge_id: str, request_id: str, outcome: str, elapsed_s: float) -> None:
+    def record_cached(self, knowledge_id: str, request_id: str, outcome: str, elapsed_s: float, via: str | None = None) -> None:
         """Count a retrieval's cache outcome; one answered from the cache (no source called) gets its log line here."""
         self.metrics.observe_cache(outcome)
         if outcome == "miss" or not access_log.isEnabledFor(logging.INFO):
             return  # a miss: record() wrote its line; otherwise the fields are built only for a line that is written
         trace_id = current_trace_id()
-        fields = {"event": "retrieval", "request_id": request_id, "trace_id": trace_id, "knowledge_id": knowledge_id,
-                  "cache": outcome, "ms": round(elapsed_s * 1000, 1)}  # fmt: skip
-        access_log.info("retrieval id=%s%s kb=%s cache=%s ms=%.1f", request_id, f" trace={trace_id}" if trace_id else "",
-                        knowledge_id, outcome, elapsed_s * 1000, extra={"fields": fields})  # fmt: skip
+        fields = {"event": "retrieval", "request_id": request_id, "trace_id": trace_id, **({"via": via} if via else {}),
+                  "knowledge_id": knowledge_id, "cache": outcome, "ms": round(elapsed_s * 1000, 1)}  # fmt: skip
+        access_log.info("retrieval id=%s%s%s kb=%s cache=%s ms=%.1f", request_id, f" trace={trace_id}" if trace_id else "",
+                        f" via={via}" if via else "", knowledge_id, outcome, elapsed_s * 1000, extra={"fields": fields})  # fmt: skip
 
     def _sources(self, gateway: Gateway) -> list[dict[str, Any]]:
         used = _used(gateway)

@@ -152,6 +152,11 @@ def doc_id(passage: Passage) -> str:
     return passage.document_id.removesuffix(".md")
 
 
+def judged_id(record: dict) -> str:
+    """The Cranfield id of a record: its document_id is `<source>:<the source's own id>` (a file name, or a shard's id)."""
+    return record["metadata"]["document_id"].split(":", 1)[1].removesuffix(".md")
+
+
 def unique(ids: list[str]) -> list[str]:
     return list(dict.fromkeys(ids))
 
@@ -207,9 +212,9 @@ async def run_scenario(name: str, kinds: list[str], urls: list[str], folders: li
             request = RetrievalRequest.model_validate({"knowledge_id": "bench", "query": text, "retrieval_setting": {"top_k": K, "score_threshold": 0}})
             result = await retrieve(gateway, request)
             assert all(s.outcome in ("ok", "empty") for s in result.sources), result.sources_header()
-            ranked = unique([r["metadata"]["document_id"].removesuffix(".md") for r in result.records])
+            ranked = unique([judged_id(r) for r in result.records])
             run.rankings["gateway"].append(ranked)
-            run.answers.append([(r["metadata"]["document_id"].removesuffix(".md"), r["score"]) for r in result.records])
+            run.answers.append([(judged_id(r), r["score"]) for r in result.records])
             for r in result.records:
                 slots_won[r["metadata"]["source"]] = slots_won.get(r["metadata"]["source"], 0) + 1
             pool = [s.passages for s in result.sources]

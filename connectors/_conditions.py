@@ -50,7 +50,8 @@ def push_down(condition: dict[str, Any] | None, translate: Translate[Clause]) ->
         if value is None and operator not in ("empty", "not empty"):
             continue  # the gateway leaves it out too
         names = item.get("name") or []
-        clause = translate(names[0], operator, value) if len(names) == 1 else None
+        # A record's document_id is the gateway's `<source>:<id>` (base.record_document_id), which no upstream holds.
+        clause = translate(names[0], operator, value) if len(names) == 1 and names[0] != "document_id" else None
         if clause is None:
             if logical_operator == "or":
                 return None

@@ -14,7 +14,13 @@ persistent index store (`aggregator.state`) shared by every worker process:
   commits every few thousand passages, so requests are answered while it runs
   and a killed sync loses at most its last batch;
 - later syncs run every `refresh_s`, or at once when `trigger_refresh()` is
-  called (a file watcher does).
+  called (a file watcher does);
+- a source that can list what changed cheaply (`list_changed`: Notion's
+  search sorted by edit time) has most of those syncs list only that, so an
+  edit shows within `refresh_s` plus the time to fetch it, however many
+  documents there are; a full listing, which also finds removed documents,
+  runs at least every `FULL_LISTING_S` (and every sync when `refresh_s` is
+  at least that).
 """
 
 from __future__ import annotations
@@ -60,6 +66,9 @@ COMMIT_EVERY_S = 2.0
 OPEN_RETRY_S = 60.0
 #: Names of skipped documents kept for /status (the count is always whole).
 SKIPPED_NAMES_SHOWN = 100
+#: For a source with `list_changed`: a full listing at least this often (the default refresh_s, so that a removed
+#: document never stays longer than it did before quick listings existed); the syncs in between list changes only.
+FULL_LISTING_S = 300.0
 
 
 class IndexedSettings(ConnectorSettings):
@@ -100,6 +109,7 @@ class IndexedConnector(Connector):
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._last_full: float | None = None  # monotonic time of this process's last full listing
 
     # -- what a subclass provides -------------------------------------------------------------
 
@@ -110,6 +120,12 @@ class IndexedConnector(Connector):
     @abc.abstractmethod
     async def fetch(self, document_id: str) -> Document | None:
         """One document, or None if it vanished or must be skipped since listing."""
+
+    async def list_changed(self, stored: dict[str, str]) -> dict[str, str] | None:
+        """The documents that changed since `stored` (id -> version, as the store holds them) was synced, with their
+        versions, when the source can tell cheaply (newest first, stopping at what is known); None when it cannot.
+        Removed documents need not be reported: full listings (`list_versions`) find them."""
+        return None
 
     async def fetch_many(self, document_ids: Sequence[str]) -> list[Document | None | BaseException]:
         """A batch of documents, `fetch_concurrency` at a time; a failure is returned in its place."""
@@ -262,14 +278,19 @@ class IndexedConnector(Connector):
                 self._first_attempt.set()
                 if not store.leading:
                     return None
+                self._wake.clear()  # a watcher's trigger must not turn this wait into a busy retry
                 await self._pause(min(self.settings.refresh_s, OPEN_RETRY_S))
 
     async def _sync_while_leading(self, store: IndexStore, writer: Any) -> None:
         while store.leading:
             wait = self.settings.refresh_s
             status = self._status
+            # Cleared before the listing, not when the pause starts: a change the watcher reports while this
+            # sync runs (after the listing saw the old version) leaves it set, and the next sync runs at once.
+            self._wake.clear()
+            full = self._last_full is None or time.monotonic() - self._last_full >= max(FULL_LISTING_S, self.settings.refresh_s) - 0.5
             try:
-                await self.sync()
+                await self.sync(full=full)
                 status.last_error = status.last_outcome = None
                 self._first_attempt.set()
             except asyncio.CancelledError:
@@ -298,21 +319,27 @@ class IndexedConnector(Connector):
             await self._pause(wait)
 
     async def _pause(self, seconds: float) -> None:
-        """Wait `seconds`, or less if `trigger_refresh()` asks for a sync now."""
-        self._wake.clear()
+        """Wait `seconds`, or less if `trigger_refresh()` asks (or asked since the last sync began) for a sync now."""
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._wake.wait(), seconds)
 
     # -- syncing ---------------------------------------------------------------------------------
 
-    async def sync(self) -> None:
-        """Bring the store in line with the source: fetch new and changed documents, drop removed ones."""
+    async def sync(self, full: bool = True) -> None:
+        """Bring the store in line with the source: fetch new and changed documents, drop removed ones.
+        `full=False`: only what `list_changed` reports, when the source has it (nothing is removed then)."""
         store = self._open_store()
         if not store.leading and not await self._blocking(store.try_lead):
             return  # another process syncs this source
         writer = await self._blocking(store.open_writer)
         stored = writer.versions()
-        versions = await self.list_versions()
+        changed = None if full or not stored else await self.list_changed(stored)
+        if changed is None:
+            started_listing = time.monotonic()
+            versions = await self.list_versions()
+            self._last_full = started_listing
+        else:
+            versions = {**stored, **changed}
         status = self._status
         removed = sorted(d for d in stored if d not in versions)
         stale = sorted(d for d, v in versions.items() if stored.get(d) != v)

@@ -102,17 +102,31 @@ class Passage:
     source_rank: int | None = None  # 1-based rank in the source's own answer
 
 
+def record_document_id(source: str, document_id: str) -> str:
+    """A record's `document_id`: `<source>:<the source's own id>`.
+
+    Dify groups a reply's citations by `metadata.document_id`, so it must differ
+    between sources (two folders each holding `README.md`, two Confluence sites
+    with a page 12345) and stay the same across restarts and queries: the
+    connector's name, unique in the config, in front of the source's own id does
+    both, whatever else the knowledge base holds.
+    """
+    return f"{source}:{document_id}"
+
+
 def record_metadata(passage: Passage, source: str, source_type: str) -> dict[str, Any]:
     """The metadata a record carries, as filters see it: the source's own fields plus the gateway's.
 
-    The source's fields are kept whole; `source`, `source_type`, `document_id`,
-    `title`, `chunk_index` and `updated_at` are added where the source did not
-    set them. `title` is there because it is the first name a user filters on.
+    The source's fields are kept whole; `source`, `source_type`, `title`,
+    `chunk_index` and `updated_at` are added where the source did not set them.
+    `document_id` is always the gateway's (`record_document_id`), also over an
+    upstream's own `document_id`, from which `passage.document_id` was read.
+    `title` is there because it is the first name a user filters on.
     """
     metadata = dict(passage.metadata)
     metadata.setdefault("source", source)
     metadata.setdefault("source_type", source_type)
-    metadata.setdefault("document_id", passage.document_id)
+    metadata["document_id"] = record_document_id(source, passage.document_id)
     metadata.setdefault("title", passage.title)
     metadata.setdefault("chunk_index", passage.chunk_index)
     if passage.updated_at is not None:
@@ -227,6 +241,9 @@ class Connector(abc.ABC):
     #: Names of metadata fields this source can filter on itself. The core's
     #: post-filter always runs too; pushing down only saves work.
     pushdown_fields: ClassVar[frozenset[str]] = frozenset()
+    #: What `aggregator check` adds when the source answered no records: the usual reasons, for a source whose
+    #: API answers an empty list where a person would expect an error.
+    empty_hint: ClassVar[str | None] = None
 
     def __init__(self, name: str, settings: ConnectorSettings) -> None:
         self.name = name

@@ -4,7 +4,8 @@ The upstream already returns passages, so they are not re-split; their scores
 are kept as the upstream gave them (even outside [0, 1]) for the rerank to map. We ask for more than the user's `top_k` (the core's `limit`) with no
 threshold, so that the rerank has candidates to choose from, and pass
 `metadata_condition` on. Conditions on fields that only this gateway sets
-(`source`, `source_type`, `title`) are left out of what is passed on: under `and`
+(`source`, `source_type`, `title`, and `document_id`, which it prefixes with the
+source's name) are left out of what is passed on: under `and`
 dropping one only widens the upstream's answer (the core's post-filter still
 applies); under `or` the whole condition is kept local when any part of it
 must be, since a partial `or` would narrow the answer wrongly.
@@ -22,7 +23,7 @@ from .base import BadResponse, Connector, ConnectorSettings, Passage, SourceQuer
 from .http import DEFAULT_MAX_RESPONSE_BYTES, BaseUrl, HttpClient, decode_json, make_client, request_json
 
 #: Fields the gateway sets itself: an upstream may not have them, so conditions on them stay local.
-GATEWAY_FIELDS = frozenset({"source", "source_type", "title"})
+GATEWAY_FIELDS = frozenset({"source", "source_type", "title", "document_id"})
 MAX_UPSTREAM_TOP_K = 100
 
 

@@ -17,9 +17,19 @@ Dify 1.x (docs aligned with Dify 1.16, `openapi_service.json`
     plan's knowledge request rate limit); 404 not_found; 400 invalid_param, dataset_not_initialized, ...
 
 The `retrieval_model` is sent whole (Dify then ignores the dataset's own
-settings, whose `top_k` is usually 3): Dify's defaults (semantic search, no
-reranking, no threshold) unless the config says otherwise. `source_score` is
-Dify's score as given.
+settings, whose `top_k` is usually 3): no reranking and no threshold unless the
+config says otherwise. `source_score` is Dify's score as given (keyword search
+always gives 0.0 and ignores any threshold: the rerank then reads ranks).
+
+The search method is the config's `search_method`; unset, it follows the
+dataset, read once from `GET {api_base}/datasets/{dataset_id}` (the dataset
+detail, as a Knowledge API key may read it): an `economy` dataset (keyword
+index, no embeddings) only answers `keyword_search` (any other method is a 400
+`invalid_param`); a `high_quality` one answers its own `retrieval_model_dict.
+search_method`, else `semantic_search`. A dataset whose `provider` is
+`external` (Dify's own link to an External Knowledge API) is refused with that
+reason: Dify's Service API answers `{"records": []}` for it, never an error.
+A Dify without that route (404/405) gets `semantic_search`.
 
 Metadata filtering: Dify evaluates conditions in SQL on the document's
 metadata, where a missing field fails every operator and `empty` does not
@@ -32,22 +42,26 @@ gateway's post-filter (see `connectors/_conditions.py`).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from typing import Any, ClassVar, Literal
 from urllib.parse import quote
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from aggregator.filters import as_instant, as_number
 
 from ._conditions import listed, push_down, scalar_text
 from ._remote import GATEWAY_FIELDS, Call, RemoteConnector, dig, iso_time, public_url, raw_score, upstream_metadata
-from .base import BadResponse, ConnectorSettings, Passage, RateLimited, SourceQuery
-from .http import DEFAULT_MAX_RESPONSE_BYTES, BaseUrl, clip
+from .base import BadResponse, ConnectorSettings, NotFound, Passage, RateLimited, SourceQuery
+from .http import DEFAULT_MAX_RESPONSE_BYTES, BaseUrl, clip, request_json
 
 #: Dify refuses longer queries (`HitTestingService.hit_testing_args_check`).
 MAX_QUERY_CHARS = 250
 #: Fields this connector sets from the segment itself: Dify's metadata filter knows nothing of them.
-SEGMENT_FIELDS = frozenset({"dataset_id", "segment_id", "document_name", "data_source_type", "doc_type", "keywords", "child_chunks"})
+SEGMENT_FIELDS = frozenset({"dify_dataset_id", "segment_id", "document_name", "data_source_type", "doc_type", "keywords", "child_chunks"})
+SEARCH_METHODS = ("semantic_search", "full_text_search", "hybrid_search", "keyword_search")
+#: What Flask's `uuid` route converter accepts: any other dataset id is an HTML 404 with no reason from Dify.
+_UUID = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}")
 _PUSHABLE_TEXT = ("contains", "start with", "end with", "is")
 _PUSHABLE_NUMBER = ("=", ">", "<", "≥", "≤")
 
@@ -63,8 +77,10 @@ class DifyDatasetSettings(ConnectorSettings):
     type: Literal["dify_dataset"] = "dify_dataset"
     api_base: BaseUrl = Field("https://api.dify.ai/v1", description="Dify's API base URL, ending in /v1.")
     api_key: SecretStr = Field(description="A Knowledge API key (Knowledge -> Service API), not an app key.")
-    dataset_id: str = Field(min_length=1)
-    search_method: Literal["semantic_search", "full_text_search", "hybrid_search", "keyword_search"] = "semantic_search"
+    dataset_id: str = Field(min_length=1, description="The knowledge base's UUID, from its URL in Dify.")
+    search_method: Literal["semantic_search", "full_text_search", "hybrid_search", "keyword_search"] | None = Field(
+        None, description="Unset: what the dataset supports (keyword_search for economy, else its own method)."
+    )
     top_k: int = Field(20, ge=1, le=100, description="Records asked per query, at most.")
     score_threshold: float | None = Field(None, ge=0, le=1, description="Dify's own threshold; unset: off.")
     reranking_enable: bool = False
@@ -74,6 +90,26 @@ class DifyDatasetSettings(ConnectorSettings):
     filter_metadata: bool = Field(True, description="Push metadata_condition down to Dify where it is safe.")
     verify_tls: bool | str = Field(True, description="False, or a CA bundle path for a private CA.")
     max_response_bytes: int = Field(DEFAULT_MAX_RESPONSE_BYTES, ge=1024)
+
+    @field_validator("dataset_id")
+    @classmethod
+    def _a_uuid(cls, value: str) -> str:
+        if not _UUID.fullmatch(value.strip()):
+            raise ValueError(f"{value!r} is not a dataset id: a UUID such as 3f1c8a52-6f0e-4c57-9b3e-0d6f2a9c1b11, from the knowledge base's URL in Dify")
+        return value.strip()
+
+
+def search_method_for(detail: Any) -> str:
+    """The search method a dataset answers, from its detail (`GET /datasets/{id}`); BadResponse for an external one."""
+    if dig(detail, "provider") == "external":
+        raise BadResponse(
+            "the dataset is one of Dify's external knowledge bases: Dify's Knowledge API answers no records for it; "
+            "add its External Knowledge API to the gateway as a `dify` source instead"
+        )
+    if dig(detail, "indexing_technique") == "economy":
+        return "keyword_search"
+    own = dig(detail, "retrieval_model_dict", "search_method")
+    return own if own in SEARCH_METHODS and own != "keyword_search" else "semantic_search"
 
 
 def dify_condition(name: str, operator: str, value: Any) -> dict[str, Any] | None:
@@ -110,10 +146,43 @@ class DifyDatasetConnector(RemoteConnector):
     describe_error = staticmethod(describe_error)
     settings_model = DifyDatasetSettings
     settings: DifyDatasetSettings
+    #: What `aggregator check` says when the dataset answered no records.
+    empty_hint: ClassVar[str] = (
+        "Dify answered no records: an economy dataset answers keyword_search only, "
+        "and one of Dify's external knowledge bases never answers through the Knowledge API"
+    )
+    #: The search method read from the dataset's detail, when the config gives none (once per connector).
+    _detected: str | None = None
+
+    def detail_call(self) -> Call:
+        url = f"{self.settings.api_base}/datasets/{quote(self.settings.dataset_id, safe='')}"
+        return Call("GET", url, f"GET {public_url(url)}")
+
+    async def search(self, query: SourceQuery) -> list[Passage]:
+        if self.settings.search_method is None and self._detected is None:
+            call = self.detail_call()
+            try:
+                detail = await request_json(
+                    await self.client(), call.method, call.url, call.what,
+                    max_bytes=self.settings.max_response_bytes, describe_error=describe_error,
+                )  # fmt: skip
+            except NotFound:  # a Dify without the route, or no such dataset: the retrieve says which
+                detail = {}
+            except BadResponse as exc:
+                if "HTTP 405" not in str(exc):  # older Dify: the route serves DELETE only
+                    raise
+                detail = {}
+            self._detected = search_method_for(detail)
+        return await super().search(query)
+
+    @property
+    def search_method(self) -> str:
+        return self.settings.search_method or self._detected or "semantic_search"
 
     def retrieves_by_meaning(self) -> bool:
-        """Dify's semantic and hybrid searches rank by its embedding model."""
-        return self.settings.search_method in ("semantic_search", "hybrid_search")
+        """Dify's semantic and hybrid searches rank by its embedding model (the configured method, else the one
+        read from the dataset at the first search, else Dify's default: semantic)."""
+        return self.search_method in ("semantic_search", "hybrid_search")
 
     def client_options(self) -> dict[str, Any]:
         s = self.settings
@@ -122,7 +191,7 @@ class DifyDatasetConnector(RemoteConnector):
     def retrieval_model(self, query: SourceQuery) -> dict[str, Any]:
         s = self.settings
         model: dict[str, Any] = {
-            "search_method": s.search_method,
+            "search_method": self.search_method,
             "reranking_enable": s.reranking_enable,
             "top_k": min(query.limit, s.top_k),
             "score_threshold_enabled": s.score_threshold is not None,
@@ -159,7 +228,7 @@ class DifyDatasetConnector(RemoteConnector):
             doc_metadata = document.get("doc_metadata") if isinstance(document.get("doc_metadata"), dict) else {}
             metadata = upstream_metadata(doc_metadata, "dify")
             metadata.update({
-                "dataset_id": self.settings.dataset_id, "segment_id": segment.get("id"),
+                "dify_dataset_id": self.settings.dataset_id, "segment_id": segment.get("id"),
                 "document_name": document.get("name"), "data_source_type": document.get("data_source_type"),
             })  # fmt: skip
             if segment.get("keywords"):

@@ -105,16 +105,28 @@ def pg_url(postgres, request: pytest.FixtureRequest) -> str:  # type: ignore[no-
     return postgres.create_database(name)
 
 
-@pytest.fixture(scope="session")
-def redis_server():  # type: ignore[no-untyped-def]
+def new_redis_server():  # type: ignore[no-untyped-def]
+    """A RedisServer not yet started, or a skip saying why there is none: every test that needs a server of its own
+    makes it here (or through the fixtures below), never with `RedisServer()` directly, so that it skips, not fails."""
     pytest.importorskip("redis", reason='the replicas extra is not installed: pip install -e ".[test]"')
     from .servers import RedisServer, Unavailable
 
     try:
-        server = RedisServer()
+        return RedisServer()
     except Unavailable as exc:
         pytest.skip(str(exc))
-    with server.running():
+
+
+@pytest.fixture(scope="session")
+def redis_server():  # type: ignore[no-untyped-def]
+    with new_redis_server().running() as server:
+        yield server
+
+
+@pytest.fixture
+def own_redis():  # type: ignore[no-untyped-def]
+    """A Redis of this test's own, for a test that stops and starts it."""
+    with new_redis_server().running() as server:
         yield server
 
 
@@ -125,3 +137,17 @@ def redis_url(redis_server) -> str:  # type: ignore[no-untyped-def]
         redis_server.start()
     redis_server.flush()
     return redis_server.url
+
+
+#: Fixtures that start a real server: a test using one is marked `servers` (`-m servers` selects every such test).
+SERVER_FIXTURES = frozenset({"postgres", "pg_url", "redis_server", "redis_url", "own_redis"})
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "servers: needs a real PostgreSQL or Redis (skips, saying why, without them)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.servers)

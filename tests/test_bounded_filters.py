@@ -68,9 +68,9 @@ def test_the_largest_filters_the_limits_allow_are_served(client):
 
     assert records([contains(["title"], [f"v{j}" for j in range(MAX_VALUES_PER_CONDITION)])]) == []
     assert records([contains(["title"], ["x"])] * MAX_FILTER_FIELDS) == []
-    ids = [f"d{j}" for j in range(MAX_VALUES_PER_CONDITION - 1)] + ["keys.md"]
+    ids = [f"d{j}" for j in range(MAX_VALUES_PER_CONDITION - 1)] + ["docs:keys.md"]
     found = records([{"name": ["document_id"], "comparison_operator": "in", "value": ids}])
-    assert [r["metadata"]["document_id"] for r in found] == ["keys.md"]
+    assert [r["metadata"]["document_id"] for r in found] == ["docs:keys.md"]
 
 
 def test_many_values_fold_into_one_test_with_the_same_meaning():

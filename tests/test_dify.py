@@ -52,3 +52,15 @@ def test_json_only_the_standard_library_reads_still_gives_its_records():
     body = b'{"records": [{"content": "kept", "score": NaN, "title": "t"}, 3]}'
     [passage] = parse_records(decode_answer(body, "up"), "up")
     assert (passage.content, passage.source_score, passage.document_id) == ("kept", None, "t")
+
+
+def test_conditions_on_the_gateways_document_id_stay_with_the_gateway():
+    """A record's document_id is `<source>:<id>`, which the upstream never holds: pushing it would empty its answer."""
+    from connectors._conditions import push_down
+    from connectors.dify import pushable_condition
+
+    on_id = {"name": ["document_id"], "comparison_operator": "start with", "value": "partner:ops/"}
+    on_space = {"name": ["space"], "comparison_operator": "is", "value": "OPS"}
+    assert pushable_condition({"logical_operator": "and", "conditions": [on_id, on_space]}) == {"logical_operator": "and", "conditions": [on_space]}
+    assert pushable_condition({"logical_operator": "or", "conditions": [on_id, on_space]}) is None
+    assert push_down({"logical_operator": "and", "conditions": [on_id]}, lambda n, o, v: (n, o, v)) is None

@@ -84,6 +84,8 @@ async def test_known_item_with_document_metadata_child_chunks_and_raw_score(dify
     assert meta["dify_source"] == "upload_file" and "source" not in meta, "Dify's own `source` never hides the gateway's"
     assert meta["child_chunks"] == [{"content": "rotate the release signing keys", "score": 0.91, "position": 1}]
     assert meta["document_name"] == "key-rotation.md" and meta["segment_id"] == "s1"
+    # Dify overwrites `dataset_id` and `dataset_name` of external records in a workflow: the source's own survives.
+    assert meta["dify_dataset_id"] == state.dataset_id and "dataset_id" not in meta and "dataset_name" not in meta
     assert first.updated_at == "2025-03-06T13:20:00Z"
     faq = next(p for p in passages if p.document_id == "d3")
     assert faq.content == "How often are signing keys rotated?\nEvery twelve months."
@@ -123,10 +125,75 @@ async def test_rate_limits_429_and_the_plans_403(dify):
 
 async def test_unknown_dataset_and_malformed_answers(dify):
     state, url = dify
-    async with DifyDatasetConnector("kb", settings(url, dataset_id="nope")) as connector:
+    async with DifyDatasetConnector("kb", settings(url, dataset_id="00000000-0000-4000-8000-000000000000")) as connector:
         with pytest.raises(NotFound, match="not_found: Dataset not found"):
             await connector.search(SourceQuery("keys", 5))
     state.malformed = True
     async with DifyDatasetConnector("kb", settings(url)) as connector:
         with pytest.raises(BadResponse, match="no 'records' list"):
             await connector.search(SourceQuery("keys", 5))
+
+
+async def test_an_economy_dataset_is_asked_with_keyword_search_read_once_from_its_detail(dify):
+    state, url = dify
+    state.indexing_technique = "economy"
+    async with DifyDatasetConnector("kb", settings(url, search_method="semantic_search")) as connector:
+        with pytest.raises(BadResponse, match="invalid_param"):  # what a real Dify answers, as the issue saw it
+            await connector.search(SourceQuery("signing keys", 5))
+    async with DifyDatasetConnector("kb", settings(url, score_threshold=0.9)) as connector:
+        first = await connector.search(SourceQuery("signing keys", 5))
+        again = await connector.search(SourceQuery("office keys", 5))
+    assert first and again and state.detail_reads == 1, "the detail is read once per connector"
+    assert [b["retrieval_model"]["search_method"] for b in state.bodies[-2:]] == ["keyword_search", "keyword_search"]
+    assert {p.source_score for p in first} == {0.0}, "keyword search scores 0.0 and ignores the threshold"
+
+
+async def test_a_high_quality_dataset_is_asked_with_its_own_method_and_an_older_dify_with_semantic_search(dify):
+    state, url = dify
+    state.search_method = "hybrid_search"
+    async with DifyDatasetConnector("kb", settings(url)) as connector:
+        assert await connector.search(SourceQuery("signing keys", 5))
+    assert state.bodies[-1]["retrieval_model"]["search_method"] == "hybrid_search"
+    state.detail_status = 405
+    async with DifyDatasetConnector("kb", settings(url)) as connector:
+        assert await connector.search(SourceQuery("signing keys", 5))
+    assert state.bodies[-1]["retrieval_model"]["search_method"] == "semantic_search"
+
+
+async def test_an_external_knowledge_base_is_refused_with_the_reason_not_answered_empty(dify):
+    state, url = dify
+    state.provider = "external"
+    async with DifyDatasetConnector("kb", settings(url)) as connector:
+        with pytest.raises(BadResponse, match="external knowledge bases: Dify's Knowledge API answers no records"):
+            await connector.search(SourceQuery("signing keys", 5))
+    async with DifyDatasetConnector("kb", settings(url, search_method="semantic_search")) as connector:
+        assert await connector.search(SourceQuery("signing keys", 5)) == [], "told the method, the detail is not read"
+
+
+def test_validate_refuses_a_dataset_id_that_is_not_a_uuid(tmp_path, capsys):
+    from aggregator.cli import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "server:\n  api_keys: [{key: k}]\nknowledge_bases:\n  kb: {connectors: [handbook]}\n"
+        "connectors:\n  handbook: {type: dify_dataset, api_key: dataset-x, dataset_id: handbook}\n"
+    )
+    assert main(["validate", "--config", str(config)]) == 1
+    out = capsys.readouterr()
+    assert "connectors.handbook.dataset_id" in out.out + out.err and "is not a dataset id: a UUID" in out.out + out.err
+
+
+def test_check_says_why_a_dataset_may_answer_nothing(dify, tmp_path, capsys):
+    from aggregator.cli import main
+
+    state, url = dify
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "server:\n  api_keys: [{key: gateway-key}]\nknowledge_bases:\n  kb: {connectors: [handbook]}\n"
+        f"connectors:\n  handbook: {{type: dify_dataset, api_base: '{url}/v1', api_key: {KEY}, dataset_id: {state.dataset_id}}}\n"
+    )
+    assert main(["check", "--config", str(config), "--query", "nothing matches this"]) == 0
+    assert "handbook: Dify answered no records: an economy dataset answers keyword_search only" in capsys.readouterr().out
+    state.provider = "external"
+    assert main(["check", "--config", str(config), "--query", "signing keys"]) == 1
+    assert "one of Dify's external knowledge bases" in capsys.readouterr().out

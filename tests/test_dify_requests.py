@@ -92,10 +92,10 @@ def test_a_null_threshold_is_no_threshold(client):
 
 
 def test_a_string_name_filters_like_the_list_form(client):
-    as_string = {"logical_operator": "and", "conditions": [{"name": "document_id", "comparison_operator": "is", "value": "keys.md"}]}
-    as_list = {"logical_operator": "and", "conditions": [{"name": ["document_id"], "comparison_operator": "is", "value": "keys.md"}]}
+    as_string = {"logical_operator": "and", "conditions": [{"name": "document_id", "comparison_operator": "is", "value": "docs:keys.md"}]}
+    as_list = {"logical_operator": "and", "conditions": [{"name": ["document_id"], "comparison_operator": "is", "value": "docs:keys.md"}]}
     records = post(client, {**AS_DIFY, "metadata_condition": as_string})
-    assert records and {r["metadata"]["document_id"] for r in records} == {"keys.md"}
+    assert records and {r["metadata"]["document_id"] for r in records} == {"docs:keys.md"}
     assert records == post(client, {**AS_DIFY, "metadata_condition": as_list})
 
 

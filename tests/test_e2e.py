@@ -65,7 +65,7 @@ def test_records_from_a_local_folder_and_a_remote_gateway_are_merged(tmp_path: P
     assert {"Key rotation", "Partner runbook"} <= set(by_title)
     remote = by_title["Partner runbook"]["metadata"]
     # the upstream's metadata is kept whole: it already named its own source
-    assert remote["source"] == "docs" and remote["document_id"] == "partner/runbook.md"
+    assert remote["source"] == "docs" and remote["document_id"] == "partner:docs:partner/runbook.md"
     assert remote["score_detail"]["source_rank"] == 1 and 0 < remote["score_detail"]["source_score"] <= 1
     scores = [r["score"] for r in records]
     assert scores == sorted(scores, reverse=True)

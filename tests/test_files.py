@@ -6,6 +6,8 @@ import asyncio
 import os
 from pathlib import Path
 
+import pytest
+
 from aggregator.text.tokenize import tokenize
 from connectors.base import SourceQuery
 from connectors.files import FilesConnector, FilesSettings, title_of
@@ -122,7 +124,7 @@ async def test_metadata_filter_is_applied_before_the_limit(tmp_path: Path):
         (tmp_path / f"doc{i:02}.md").write_text("release checklist " * (30 - i))
     async with FilesConnector("docs", FilesSettings(path=tmp_path)) as docs:
         await docs.wait_ready(5)
-        query = SourceQuery("release checklist", 3, accepts=lambda m: m["document_id"] == "doc29.md")
+        query = SourceQuery("release checklist", 3, accepts=lambda m: m["document_id"] == "docs:doc29.md")
         assert [p.document_id for p in await docs.search(query)] == ["doc29.md"]
 
 
@@ -170,3 +172,87 @@ async def test_a_file_swapped_for_a_link_after_the_scan_is_not_read(tmp_path: Pa
     (folder / "a.md").symlink_to(secret)
     assert await connector.fetch("a.md") is None
     await connector.aclose()
+
+
+async def test_two_folders_with_the_same_file_give_two_document_ids_that_survive_a_restart(tmp_path: Path):
+    """Dify groups a reply's citations by `metadata.document_id`: two folders' README.md must not be one citation."""
+    from aggregator.models import RetrievalRequest
+    from aggregator.pipeline import retrieve
+    from aggregator.runtime import Gateway
+
+    from .conftest import make_config, write_docs
+
+    write_docs(tmp_path / "team-a", {"README.md": "# Team A\n\nRotate the signing keys every year."})
+    write_docs(tmp_path / "team-b", {"README.md": "# Team B\n\nRotate the signing keys every month."})
+    config = make_config(tmp_path / "team-a", f"team-b:\n  type: files\n  path: {tmp_path / 'team-b'}\n", kb_connectors="[docs, team-b]")
+
+    async def ask(condition: dict | None = None) -> list[tuple[str, str]]:
+        """One retrieval on a gateway started for it (the second start reads the stored indexes)."""
+        request = {"knowledge_id": "demo", "query": "rotate signing keys", "retrieval_setting": {"top_k": 5}, "metadata_condition": condition}
+        gateway = Gateway(config)
+        await gateway.start()
+        try:
+            for slot in gateway.slots.values():
+                await slot.connector.wait_ready(10)
+            records = (await retrieve(gateway, RetrievalRequest.model_validate(request))).records
+        finally:
+            await gateway.aclose()
+        return sorted((r["metadata"]["document_id"], r["metadata"]["path"]) for r in records)
+
+    first = await ask()
+    assert first == [("docs:README.md", "README.md"), ("team-b:README.md", "README.md")]
+    assert await ask() == first, "the same ids after a restart on the stored indexes"
+    by_id = {"conditions": [{"name": "document_id", "comparison_operator": "is", "value": "team-b:README.md"}]}
+    assert await ask(by_id) == [("team-b:README.md", "README.md")]
+    by_path = {"conditions": [{"name": "path", "comparison_operator": "is", "value": "README.md"}]}
+    assert await ask(by_path) == first, "the source's own id is still in `path`"
+
+
+@pytest.mark.parametrize("watcher", ["real", "forced"])
+async def test_an_edit_reported_while_the_start_up_sync_runs_is_indexed_at_once(tmp_path: Path, watcher: str):
+    """Issue 24: after a restart on a stored index, a file rewritten while the start-up sync ran was lost until the
+    next full rescan (refresh_s). The race is forced: the edit lands, and the watcher reports it, between the sync's
+    listing (which saw the old version, the stored one) and the end of that sync. `real`: the sync waits until the
+    real watcher has reported the edit; `forced`: the hook reports it itself, as the watcher would."""
+    from aggregator.state import LocalBackend
+
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "notes.md").write_text("# Notes\n\nThe old wording about lunch.")
+    state = LocalBackend(tmp_path / "state")
+    settings = FilesSettings(path=folder, watch=watcher == "real", refresh_s=300)
+
+    first = FilesConnector("docs", settings)
+    first.bind_state(state)
+    async with first:
+        await first.wait_ready(10)
+        assert await first.search(SourceQuery("lunch", 3))
+
+    listed = asyncio.Event()  # the restarted source's start-up sync has listed the folder, and the edit was reported
+    reported = asyncio.Event()
+
+    class Restarted(FilesConnector):
+        def trigger_refresh(self) -> None:
+            super().trigger_refresh()
+            if listed.is_set() or watcher == "forced":
+                reported.set()
+
+        async def list_versions(self) -> dict[str, str]:
+            versions = await super().list_versions()
+            if not listed.is_set():
+                listed.set()
+                (folder / "notes.md").write_text("# Notes\n\nNew wording: the zeppelin timetable.")
+                if watcher == "forced":
+                    self.trigger_refresh()
+                await asyncio.wait_for(reported.wait(), 10)  # this sync ends only after the watcher told of the edit
+            return versions
+
+    second = Restarted("docs", settings)
+    second.bind_state(state)
+    async with second:
+        await asyncio.wait_for(reported.wait(), 10)
+        deadline = asyncio.get_running_loop().time() + 10  # refresh_s is 300: only the report can bring it in
+        while not await second.search(SourceQuery("zeppelin timetable", 3)):
+            assert asyncio.get_running_loop().time() < deadline, "the edit was lost until the next full rescan"
+            await asyncio.sleep(0.02)
+        assert not await second.search(SourceQuery("lunch", 3))

@@ -146,3 +146,43 @@ async def test_a_page_gone_between_listing_and_reading_is_left_out(fake):
     async with NotionConnector("notion", NotionSettings(token=TOKEN, base_url=url, requests_per_second=50)) as notion:
         await notion.wait_ready(10)
         assert notion.stats().documents == 2 and notion.stats().last_refresh_error is None
+
+
+async def test_an_edit_shows_within_refresh_s_plus_its_fetch_not_after_paging_through_the_workspace():
+    """Issue 24: an edit showed 14.7 s after it with refresh_s 3: every refresh paged through the whole workspace
+    (Notion's search, at three requests a second) before fetching anything. Now refreshes list what changed."""
+    state = FakeNotion(token=TOKEN, page_size=2)  # 30 pages: 15 search answers for a full listing
+    for i in range(30):
+        state.add_page(f"p-{i:02}", f"Page {i}", [block(f"b{i}", "paragraph", f"Paragraph about topic{i}.")], edited=f"2025-03-10T12:{i:02}:00.000Z")
+    with serve(app(state)) as url:
+        settings = NotionSettings(token=TOKEN, base_url=url, refresh_s=1, requests_per_second=20)
+        async with NotionConnector("notion", settings) as notion:
+            await notion.wait_ready(20)
+            loop = asyncio.get_running_loop()
+            for round_, (page, words) in enumerate((("p-03", "zeppelin timetable"), ("p-17", "walrus orchestra"))):
+                seen = len(state.requests)
+                state.add_page(page, f"Page {page}", [block(f"n{round_}", "paragraph", words)], edited=f"2025-04-0{round_ + 1}T09:00:00.000Z")
+                edited = loop.time()
+                while not await notion.search(SourceQuery(words, 1)):
+                    assert loop.time() - edited < 10, "the edit never showed"
+                    await asyncio.sleep(0.02)
+                elapsed = loop.time() - edited
+                searches = [path for _, path in state.requests[seen:] if path == "/v1/search"]
+                assert len(searches) <= 4, f"{len(searches)} search requests before the edit showed: a full listing"
+                assert elapsed < settings.refresh_s + 1.0, f"{elapsed:.2f} s"
+
+
+async def test_a_full_listing_still_removes_unshared_pages_between_quick_ones(fake, monkeypatch):
+    import connectors._indexed as indexed
+
+    monkeypatch.setattr(indexed, "FULL_LISTING_S", 1.5)
+    state, url = fake
+    async with NotionConnector("notion", NotionSettings(token=TOKEN, base_url=url, refresh_s=1, requests_per_second=50)) as notion:
+        await notion.wait_ready(10)
+        del state.pages["p-task"]  # unshared: only a full listing can tell
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while await notion.search(SourceQuery("signing keys HSM", 5)):
+            assert loop.time() < deadline, "the unshared page stayed"
+            await asyncio.sleep(0.05)
+        assert notion.stats().documents == 2

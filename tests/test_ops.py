@@ -228,6 +228,60 @@ def test_what_other_replicas_see_of_this_one_is_what_its_status_says(folder: Pat
         assert {k: v for k, v in mine.items() if k not in ("replica", "updated")} == summary["sources"][source["name"]]
 
 
+def test_a_sources_error_is_logged_scrubbed_once_per_change_of_error(caplog):
+    """The reason a source fails was in /status alone: now the log says it when it changes, never every call."""
+    from aggregator.fanout import SourceResult
+    from aggregator.ops.health import HealthRecorder
+
+    health = HealthRecorder()
+    caplog.set_level(logging.INFO, logger="aggregator.sources")
+
+    def record(outcome: str, error: str | None = None) -> None:
+        health.record([SourceResult("handbook", outcome, [], 5.0, error)], {"handbook": "dify_dataset"}, [SECRET])
+
+    record("error", f"POST https://dify/v1/datasets/x/retrieve: HTTP 400 (invalid_param: embedding model; key {SECRET})")
+    record("error", f"POST https://dify/v1/datasets/x/retrieve: HTTP 400 (invalid_param: embedding model; key {SECRET})")
+    record("timeout", "no answer within 2.87 s")
+    record("timeout", "no answer within 2.91 s")  # the same error, numbers aside
+    record("ok")
+    record("ok")
+    record("timeout", "no answer within 2.95 s")
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "aggregator.sources"]
+    assert lines == [
+        ("WARNING", "source handbook failed (error): POST https://dify/v1/datasets/x/retrieve: HTTP 400 (invalid_param: embedding model; key ***)"),
+        ("WARNING", "source handbook failed (timeout): no answer within 2.87 s"),
+        ("INFO", "source handbook answers again (ok)"),
+        ("WARNING", "source handbook failed (timeout): no answer within 2.95 s"),
+    ]
+    assert SECRET not in caplog.text
+
+
+def test_a_dify_dataset_refusing_every_query_is_in_the_log_once_not_only_in_status(caplog):
+    """Issue 24: an economy dataset asked with semantic search showed only as `handbook=error` and in /status."""
+    from .fakes.dify_dataset import FakeDify, Segment, app as dify_app
+    from .loopback import serve
+
+    fake = FakeDify("dataset-key-for-ops", indexing_technique="economy")
+    fake.segments = [Segment("s1", "d1", "keys.md", "We rotate the release signing keys every year.")]
+    caplog.set_level(logging.INFO, logger="aggregator.sources")
+    with serve(dify_app(fake)) as url:
+        text = textwrap.dedent(f"""
+        server:
+          api_keys: [{{key: {KEY}}}]
+          cache_ttl_s: 0
+        knowledge_bases:
+          demo: {{connectors: [handbook]}}
+        connectors:
+          handbook: {{type: dify_dataset, api_base: "{url}/v1", api_key: dataset-key-for-ops, dataset_id: {fake.dataset_id}, search_method: semantic_search, retries: 0}}
+        """)
+        with client_for(text) as client:
+            for query in ("signing keys", "rotate keys", "release keys"):
+                ask(client, query)
+            failures = [r.getMessage() for r in caplog.records if r.name == "aggregator.sources"]
+            assert len(failures) == 1 and "source handbook failed (error)" in failures[0] and "invalid_param" in failures[0]
+            assert client.get("/status").json()["sources"][0]["last_error"]["message"] in failures[0]
+
+
 def test_the_ops_token_is_traded_for_a_cookie_and_never_logged(folder: Path, tmp_path: Path):
     """`?token=` on a page answers a redirect without it and a cookie; the token and the query never reach the log."""
     import httpx

@@ -47,7 +47,7 @@ def ask(url: str, query: str) -> list[tuple[str, str, float]]:
     with httpx.Client() as client:  # a new connection each time: with several workers, any may answer
         response = client.post(url + "/retrieval", json=body, headers={"Authorization": f"Bearer {KEY}"})
     assert response.status_code == 200, response.text
-    return [(r["metadata"]["source"], r["metadata"]["document_id"], r["score"]) for r in response.json()["records"]]
+    return [(r["metadata"]["source"], r["metadata"]["document_id"].split(":", 1)[1], r["score"]) for r in response.json()["records"]]
 
 
 def eventually(check: Callable[[], bool], timeout: float = 8.0) -> None:

@@ -66,7 +66,7 @@ async def ask(gateway: Gateway, query: str, top_k: int = 3, threshold: float = 0
 @pytest.mark.parametrize("query,expected", CHINESE_QUERIES.items())
 async def test_chinese_and_japanese_known_items_rank_first(chinese_gateway, query, expected):
     records = await ask(chinese_gateway, query)
-    assert records and records[0]["metadata"]["document_id"] == expected
+    assert records and records[0]["metadata"]["document_id"] == f"docs:{expected}"
 
 
 def test_scores_are_deterministic_and_in_range():

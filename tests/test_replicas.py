@@ -21,7 +21,6 @@ import pytest
 from .fakes.dify import FakeUpstream
 from .fakes.notion import FakeNotion, app as notion_app, block
 from .loopback import free_port, serve, wait_ready
-from .servers import RedisServer
 
 TOKEN = "secret_notion_token_for_replicas"
 KEY = "replica-key"
@@ -87,7 +86,7 @@ def ask(url: str, query: str, kb: str = "kb", top_k: int = 5, **headers: str) ->
 
 def documents(response: httpx.Response) -> list[str]:
     assert response.status_code == 200, response.text
-    return [r["metadata"]["document_id"] for r in response.json()["records"]]
+    return [r["metadata"]["document_id"].removeprefix("wiki:") for r in response.json()["records"]]
 
 
 def status(url: str) -> dict:
@@ -194,29 +193,29 @@ def test_identical_requests_in_flight_on_two_replicas_are_answered_once(tmp_path
         assert len(slow.headers) == 1, "the slow upstream was asked once for three identical requests"
 
 
-def test_redis_stopped_mid_run_leaves_both_answering_and_shared_state_comes_back(tmp_path: Path, pg_url: str, notion, upstream):  # type: ignore[no-untyped-def]
-    with RedisServer().running() as redis:
-        with replicas(tmp_path, pg=pg_url, redis=redis.url, notion_url=notion[1], upstream_url=upstream[1]) as both:
-            (a, process_a), (b, _) = both
-            assert documents(ask(a, "signing keys"))[0] == "p-keys"
-            redis.stop()
-            for i in range(6):
-                started = time.monotonic()
-                response = ask((a, b)[i % 2], f"signing keys {i}", kb="remote")
-                assert response.status_code == 200 and documents(response)[0] == "p-keys"
-                assert time.monotonic() - started < 2.0, "no request waits on the dead Redis"
-            eventually(lambda: all(status(u)["shared_state"]["redis"]["state"] == "unreachable" for u in (a, b)), timeout=5)
-            assert status(a)["shared_state"]["redis"]["error"]
-            page = httpx.get(a + "/").text
-            assert 'class="banner">Redis (redis://127.0.0.1:' in page and "are per process until it is back" in page
-            redis.start()  # the same port: Redis is back
-            eventually(lambda: all(status(u)["shared_state"]["redis"]["state"] == "connected" for u in (a, b)), timeout=8)
-            first = ask(a, "key rotation HSM")
-            assert ask(b, "key rotation HSM").headers["X-Cache"] == "hit", "shared again: the cache spans both replicas"
-            assert first.headers["X-Cache"] == "miss"
-            process_a.terminate()
-            output = process_a.communicate(timeout=15)[0]
-        assert "unreachable" in output and "reachable again: shared state resumed" in output
+def test_redis_stopped_mid_run_leaves_both_answering_and_shared_state_comes_back(tmp_path: Path, pg_url: str, own_redis, notion, upstream):  # type: ignore[no-untyped-def]
+    redis = own_redis
+    with replicas(tmp_path, pg=pg_url, redis=redis.url, notion_url=notion[1], upstream_url=upstream[1]) as both:
+        (a, process_a), (b, _) = both
+        assert documents(ask(a, "signing keys"))[0] == "p-keys"
+        redis.stop()
+        for i in range(6):
+            started = time.monotonic()
+            response = ask((a, b)[i % 2], f"signing keys {i}", kb="remote")
+            assert response.status_code == 200 and documents(response)[0] == "p-keys"
+            assert time.monotonic() - started < 2.0, "no request waits on the dead Redis"
+        eventually(lambda: all(status(u)["shared_state"]["redis"]["state"] == "unreachable" for u in (a, b)), timeout=5)
+        assert status(a)["shared_state"]["redis"]["error"]
+        page = httpx.get(a + "/").text
+        assert 'class="banner">Redis (redis://127.0.0.1:' in page and "are per process until it is back" in page
+        redis.start()  # the same port: Redis is back
+        eventually(lambda: all(status(u)["shared_state"]["redis"]["state"] == "connected" for u in (a, b)), timeout=8)
+        first = ask(a, "key rotation HSM")
+        assert ask(b, "key rotation HSM").headers["X-Cache"] == "hit", "shared again: the cache spans both replicas"
+        assert first.headers["X-Cache"] == "miss"
+        process_a.terminate()
+        output = process_a.communicate(timeout=15)[0]
+    assert "unreachable" in output and "reachable again: shared state resumed" in output
 
 
 def test_notion_requests_from_two_replicas_together_stay_under_three_a_second(tmp_path: Path, redis_url: str, upstream):  # type: ignore[no-untyped-def]

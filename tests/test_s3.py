@@ -101,7 +101,7 @@ def test_index_a_bucket_query_it_and_follow_changes(s3_url: str, bucket, tmp_pat
         top = [r for r in found if r["metadata"]["source"] == "runbooks"][0]
         meta = top["metadata"]
         assert top["title"] == "restore-database.md" and meta["source_type"] == "s3"
-        assert meta["bucket"] == name and meta["key"] == "ops/restore-database.md" and meta["document_id"] == "ops/restore-database.md"
+        assert meta["bucket"] == name and meta["key"] == "ops/restore-database.md" and meta["document_id"] == "runbooks:ops/restore-database.md"
         assert meta["path"] == f"s3://{name}/ops/restore-database.md"
         assert meta["size"] > 0 and meta["etag"] and meta["updated_at"].endswith("Z")
         assert s3_titles(url, "postgresql") == {"restore-database.md"}, "the prefix, the suffixes and the size limit apply"

@@ -133,11 +133,11 @@ def test_the_same_source_judged_by_words_alone_loses_its_answers(upstream: str, 
 def test_sources_that_say_how_they_search_are_semantic_unless_told_otherwise():
     base = f"server: {{api_keys: [{{key: {KEY}}}]}}\nknowledge_bases: {{kb: {{connectors: [a, b, c, d, e]}}}}\nconnectors:\n"
     text = base + (
-        "  a: {type: dify_dataset, api_key: k, dataset_id: d}\n"
-        "  b: {type: dify_dataset, api_key: k, dataset_id: d, search_method: full_text_search}\n"
+        "  a: {type: dify_dataset, api_key: k, dataset_id: 3f1c8a52-6f0e-4c57-9b3e-0d6f2a9c1b11}\n"
+        "  b: {type: dify_dataset, api_key: k, dataset_id: 3f1c8a52-6f0e-4c57-9b3e-0d6f2a9c1b11, search_method: full_text_search}\n"
         "  c: {type: ragflow, base_url: 'http://r', api_key: k, dataset_ids: [x]}\n"
         "  d: {type: ragflow, base_url: 'http://r', api_key: k, dataset_ids: [x], vector_similarity_weight: 0}\n"
-        "  e: {type: dify_dataset, api_key: k, dataset_id: d, search_method: full_text_search, semantic: true}\n"
+        "  e: {type: dify_dataset, api_key: k, dataset_id: 3f1c8a52-6f0e-4c57-9b3e-0d6f2a9c1b11, search_method: full_text_search, semantic: true}\n"
     )
     gateway = Gateway(parse_config(text, {}))
     assert {name: slot.connector.semantic for name, slot in gateway.slots.items()} == {"a": True, "b": False, "c": True, "d": False, "e": True}

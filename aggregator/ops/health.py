@@ -7,11 +7,15 @@ A source's `state`, from worst to best reason:
 - `down`: its last `DOWN_AFTER` calls failed, or its index could not sync at all;
 - `degraded`: a recent call failed, or its last sync did;
 - `ok`.
-Messages are scrubbed of every secret in the config before they are kept.
+Messages are scrubbed of every secret in the config before they are kept, and logged once per change:
+a source that starts failing, fails differently, or answers again says so in the log (the same error
+repeated, numbers aside, is not logged again: /status and the page count it).
 """
 
 from __future__ import annotations
 
+import logging
+import re
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
@@ -22,6 +26,10 @@ from connectors.base import SourceStats, iso_utc
 
 from ..fanout import OUTCOMES, SourceResult, SourceSlot
 from .history import History
+
+log = logging.getLogger("aggregator.sources")
+#: Numbers in a message (elapsed seconds, retry-after, counts) do not make it another error.
+_NUMBERS = re.compile(r"\d+(?:\.\d+)?")
 
 LATENCY_WINDOW = 256
 RECENT_WINDOW = 20
@@ -73,6 +81,8 @@ class SourceHealth:
     last_error: str | None = None
     last_error_at: float | None = None
     history: History = field(default_factory=History)
+    #: The last error logged (outcome and message, numbers blanked); None while the source answers.
+    logged_error: str | None = None
 
     def record(self, result: SourceResult, secrets: Iterable[str] = (), at: float | None = None) -> None:
         """Count one call that ended at `at` (Unix time; now if None)."""
@@ -90,9 +100,16 @@ class SourceHealth:
             self.last_error = redact(result.error or result.outcome, secrets)
             self.last_error_at = at
             self.history.add_error(at, result.outcome, self.last_error or result.outcome)
+            key = f"{result.outcome}: {_NUMBERS.sub('#', self.last_error or '')}"
+            if key != self.logged_error:
+                self.logged_error = key
+                log.warning("source %s failed (%s): %s", self.name, result.outcome, self.last_error)
         else:
             self.consecutive_failures = 0
             self.last_success_at = at
+            if self.logged_error is not None:
+                self.logged_error = None
+                log.info("source %s answers again (%s)", self.name, result.outcome)
 
     def state(self, slot: SourceSlot | None, used: bool, stats: SourceStats | None) -> str:
         """`stats`: the slot's connector.stats(), read once by the caller."""

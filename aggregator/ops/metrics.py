@@ -77,6 +77,13 @@ class Metrics:
         self.request_latency = Histogram(
             "gateway_request_latency_seconds", "Time to answer a retrieval.", buckets=LATENCY_BUCKETS, registry=self.registry
         )
+        self.mcp_calls = Counter(
+            "gateway_mcp_calls", "MCP calls at /mcp by method or tool and outcome (ok, error, refused); apart from gateway_requests.",
+            ["call", "outcome"], registry=self.registry,
+        )  # fmt: skip
+        self.mcp_latency = Histogram(
+            "gateway_mcp_call_latency_seconds", "Time to answer an MCP tool call.", ["call"], buckets=LATENCY_BUCKETS, registry=self.registry
+        )
         self.reloads = Counter("gateway_config_reloads", "Config reloads by result.", ["result"], registry=self.registry)
         self.cache = Counter(
             "gateway_response_cache", "Retrievals by response cache outcome: hit, coalesced (waited for an identical one), miss.",
@@ -111,6 +118,12 @@ class Metrics:
             counter = self._statuses[status] = self.requests.labels(str(status))
         counter.inc()
         self.request_latency.observe(seconds)
+
+    def observe_mcp(self, call: str, outcome: str, seconds: float | None = None) -> None:
+        """One MCP call: `call` is a tool's name (`search`) or a method (`tools/list`, `http` for one refused before MCP)."""
+        self.mcp_calls.labels(call, outcome).inc()
+        if seconds is not None:
+            self.mcp_latency.labels(call).observe(seconds)
 
     def observe_cache(self, outcome: str) -> None:
         counter = self._cache_outcomes.get(outcome)

@@ -139,21 +139,21 @@ class Tracing:
         if self.provider is not None:
             self.provider.shutdown()
 
-    def retrieval(self, headers: Mapping[str, str], scrub: Scrub) -> contextlib.AbstractContextManager[trace.Span]:
+    def retrieval(self, headers: Mapping[str, str], scrub: Scrub, route: str = "/retrieval") -> contextlib.AbstractContextManager[trace.Span]:
         """The span of one retrieval, continuing the caller's `traceparent`. Error messages of its sources go
-        into their spans through `scrub`, like every message the service keeps."""
+        into their spans through `scrub`, like every message the service keeps. `route`: `/mcp` for MCP's search."""
         if self.provider is None and "traceparent" not in headers:  # nothing to record and no trace to continue
             return _NO_SPAN
-        return self._retrieval(headers, scrub)
+        return self._retrieval(headers, scrub, route)
 
     @contextlib.contextmanager
-    def _retrieval(self, headers: Mapping[str, str], scrub: Scrub) -> Iterator[trace.Span]:
+    def _retrieval(self, headers: Mapping[str, str], scrub: Scrub, route: str) -> Iterator[trace.Span]:
         parent = TRACE_CONTEXT.extract(headers)
         token = _active.set(_Active(self.tracer, scrub)) if self.enabled else None
         try:
             with self.tracer.start_as_current_span(
-                "POST /retrieval", context=parent, kind=SpanKind.SERVER,
-                attributes={"http.request.method": "POST", "http.route": "/retrieval"},
+                f"POST {route}", context=parent, kind=SpanKind.SERVER,
+                attributes={"http.request.method": "POST", "http.route": route},
             ) as span:  # fmt: skip
                 yield span
         finally:

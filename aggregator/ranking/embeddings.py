@@ -36,11 +36,13 @@ from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from yarl import URL
 
 from connectors.base import BadResponse, CircuitSettings, RateLimited, SourceError, SourceTimeout
 from connectors.http import BaseUrl, HttpClient, clip, make_client, request_json
 
 from ..circuit import CircuitBreaker
+from ..fanout import SourcePolicy, pause_before_retry
 from .rerank import DEFAULT_FUSION
 from ..tasks import Timeout
 
@@ -267,12 +269,12 @@ class Judge:
     def start(self, query: str, deadline: float) -> "asyncio.Task[np.ndarray] | np.ndarray | None":
         """The query's vector: from the cache, or a task started now to run beside the sources' calls
         (None when the circuit is open)."""
+        if not self.breaker.allow():
+            return None
         found = self.queries.get(query)
         if found is not None:
             self.queries.move_to_end(query)
             return found
-        if not self.breaker.allow():
-            return None
         return asyncio.get_running_loop().create_task(self._query_vector(query, deadline))
 
     async def _query_vector(self, query: str, deadline: float) -> np.ndarray:
@@ -330,8 +332,6 @@ class Judge:
 
     async def _embed(self, texts: list[str], deadline: float) -> np.ndarray:
         """All `texts`, in batches sent at once; transient failures retried with the fan-out's backoff."""
-        from ..fanout import SourcePolicy, pause_before_retry
-
         policy = SourcePolicy(self.settings.timeout_s, self.settings.retries)
         size = self.settings.batch_size
         batches = [texts[i : i + size] for i in range(0, len(texts), size)]
@@ -339,10 +339,16 @@ class Judge:
         attempt = 0
         while True:
             attempt += 1
+            calls = [asyncio.ensure_future(self.provider.embed(b)) for b in batches] if len(batches) > 1 else []
             try:
-                parts = await asyncio.gather(*(self.provider.embed(b) for b in batches))
-                return np.concatenate(parts) if len(parts) > 1 else parts[0]
-            except SourceError as exc:
+                if not calls:  # one batch (a query, a few new passages): no task of its own
+                    return await self.provider.embed(batches[0])
+                return np.concatenate(await asyncio.gather(*calls))
+            except BaseException as exc:
+                for call in calls:  # one batch failed (or time is up): the others are not waited for
+                    call.cancel()
+                if not isinstance(exc, SourceError):
+                    raise
                 if not exc.retryable or attempt > policy.retries:
                     raise
                 pause = pause_before_retry(exc, attempt, policy)
@@ -384,7 +390,8 @@ class Judge:
 
     def describe(self) -> dict[str, Any]:
         s = self.settings
-        return {"provider": s.provider, "model": s.model, "url": s.url, "cached_passages": len(self.cache), "weight": s.weight,
+        url = str(URL(s.url).with_user(None)) if s.url else None  # no credentials written into it
+        return {"provider": s.provider, "model": s.model, "url": url, "cached_passages": len(self.cache), "weight": s.weight,
                 "similarity": list(s.similarity or ()), "circuit": self.breaker.state}  # fmt: skip
 
     async def aclose(self) -> None:

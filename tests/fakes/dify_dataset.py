@@ -1,11 +1,14 @@
-"""A fake Dify Knowledge API: `POST /v1/datasets/{dataset_id}/retrieve` with the documented shapes.
+"""A fake Dify Knowledge API: `POST /v1/datasets/{dataset_id}/retrieve` and `GET /v1/datasets/{dataset_id}` (the
+dataset detail: `id`, `name`, `provider`, `indexing_technique`, `retrieval_model_dict`, ...) with the documented shapes.
 
 Answers `{"query": {"content"}, "records": [{"segment": {..., "document": {...}}, "child_chunks",
 "score", "tsne_position", "files", "summary"}]}`; errors as `{"status", "code", "message"}`
 (401 unauthorized, 404 not_found, 400 invalid_param for a query over 250 characters or a
 retrieval_model missing a required field, 403 forbidden for the plan's rate limit, and a 429
 with Retry-After as a proxy in front of Dify sends). Metadata conditions are evaluated the way
-Dify's SQL does (a missing field fails), and every body is recorded.
+Dify's SQL does (a missing field fails), and every body is recorded. As a real Dify 1.13 does: an `economy` dataset
+answers 400 invalid_param to every method but `keyword_search`, and keyword search scores every record 0.0 and
+ignores the threshold; an `external` dataset answers `{"records": []}` to every query.
 """
 
 from __future__ import annotations
@@ -43,6 +46,11 @@ class FakeDify:
     plan_limit_next: int = 0
     retry_after: str = "1"
     malformed: bool = False
+    indexing_technique: str = "high_quality"  # or "economy"
+    provider: str = "vendor"  # or "external"
+    search_method: str = "semantic_search"  # the dataset's own retrieval_model_dict.search_method
+    detail_status: int = 200  # 405: an older Dify whose route serves DELETE only
+    detail_reads: int = 0
 
 
 def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -76,6 +84,34 @@ def _holds(metadata: dict[str, Any], condition: dict[str, Any]) -> bool:
 def app(state: FakeDify) -> FastAPI:
     api = FastAPI()
 
+    @api.get("/v1/datasets/{dataset_id}")
+    async def detail(request: Request, dataset_id: str) -> JSONResponse:
+        if request.headers.get("authorization") != f"Bearer {state.api_key}":
+            return _error(401, "unauthorized", "Access token is invalid")
+        state.detail_reads += 1
+        if state.detail_status == 405:
+            return _error(405, "method_not_allowed", "The method is not allowed for the requested URL.")
+        if dataset_id != state.dataset_id:
+            return _error(404, "not_found", "Dataset not found.")
+        return JSONResponse({
+            "id": state.dataset_id, "name": "Handbook", "description": "", "provider": state.provider, "permission": "only_me",
+            "data_source_type": "upload_file", "indexing_technique": state.indexing_technique, "app_count": 0,
+            "document_count": len({s.document_id for s in state.segments}), "word_count": 120, "created_by": "user-1",
+            "created_at": 1741267200, "updated_by": "user-1", "updated_at": 1741267200,
+            "embedding_model": None if state.indexing_technique == "economy" else "text-embedding-3-small",
+            "embedding_model_provider": None if state.indexing_technique == "economy" else "langgenius/openai/openai",
+            "embedding_available": state.indexing_technique != "economy",
+            "retrieval_model_dict": {"search_method": state.search_method, "reranking_enable": False, "reranking_mode": None,
+                                     "reranking_model": {"reranking_provider_name": "", "reranking_model_name": ""},
+                                     "weights": None, "top_k": 3, "score_threshold_enabled": False, "score_threshold": None},
+            "tags": [], "doc_form": "text_model",
+            "external_knowledge_info": {"external_knowledge_id": "kb" if state.provider == "external" else None,
+                                        "external_knowledge_api_id": None, "external_knowledge_api_name": None,
+                                        "external_knowledge_api_endpoint": None},
+            "external_retrieval_model": {"top_k": 2, "score_threshold": 0.0, "score_threshold_enabled": None},
+            "doc_metadata": [], "built_in_field_enabled": False,
+        })  # fmt: skip
+
     @api.post("/v1/datasets/{dataset_id}/retrieve")
     async def retrieve(request: Request, dataset_id: str) -> JSONResponse:
         if request.headers.get("authorization") != f"Bearer {state.api_key}":
@@ -97,6 +133,11 @@ def app(state: FakeDify) -> FastAPI:
             return _error(400, "invalid_param", "retrieval_model: field required")
         if state.malformed:
             return JSONResponse({"query": {"content": query}, "records": {"oops": True}})
+        if state.provider == "external":
+            return JSONResponse({"query": {"content": query}, "records": []})
+        keyword = model["search_method"] == "keyword_search"
+        if state.indexing_technique == "economy" and not keyword:
+            return _error(400, "invalid_param", "Default model not found for text-embedding")
         conditions = (model.get("metadata_filtering_conditions") or {})
         terms = {w.lower() for w in _WORD.findall(query)}
         scored = []
@@ -109,8 +150,10 @@ def app(state: FakeDify) -> FastAPI:
             overlap = len(terms & words) / max(1, len(terms))
             if overlap:
                 scored.append((round(0.45 + 0.5 * overlap, 4), segment))
-        threshold = (model.get("score_threshold") or 0.0) if model["score_threshold_enabled"] else 0.0
+        threshold = (model.get("score_threshold") or 0.0) if model["score_threshold_enabled"] and not keyword else 0.0
         scored = [s for s in sorted(scored, key=lambda x: -x[0]) if s[0] >= threshold][: model["top_k"]]
+        if keyword:
+            scored = [(0.0, seg) for _, seg in scored]
         records = [{
             "segment": {
                 "id": seg.id, "position": seg.position, "document_id": seg.document_id, "content": seg.content,

@@ -1,4 +1,5 @@
-"""A fake Notion API that answers with the documented shapes: search, block children, pagination, 429, 401."""
+"""A fake Notion API that answers with the documented shapes: search (with its `sort` by `last_edited_time`), block
+children, pagination, 429, 401."""
 
 from __future__ import annotations
 
@@ -78,6 +79,11 @@ def app(state: FakeNotion) -> FastAPI:
             return refused
         body = await request.json()
         pages = sorted(state.pages.values(), key=lambda p: p["id"])
+        sort = body.get("sort")
+        if sort is not None:  # the one sort Notion's search has: by last_edited_time
+            if sort.get("timestamp") != "last_edited_time" or sort.get("direction") not in ("ascending", "descending"):
+                return JSONResponse({"object": "error", "status": 400, "code": "validation_error", "message": "body.sort is invalid."}, status_code=400)
+            pages.sort(key=lambda p: p["last_edited_time"], reverse=sort["direction"] == "descending")
         return JSONResponse(_paginate(pages, body.get("start_cursor"), min(state.page_size, body.get("page_size", 100))))
 
     @api.get("/v1/blocks/{block_id}/children")
