@@ -101,11 +101,18 @@ class EmbeddingSettings(BaseModel):
 
 
 class VectorCache:
-    """Unit vectors by text hash, least recently used out first; saved to and loaded from one .npy-in-npz file."""
+    """Unit vectors by text, least recently used out first; saved to and loaded from one npz file.
+
+    Stored under a stable key (the text's BLAKE2b), found by a process-local one: Python's own hash of the
+    text and its length, as the term cache does (a 64-bit hash: two texts are confused only with the same
+    hash and length). A passage seen before costs one lookup, not a hash of its bytes: the BLAKE2b of 60
+    passages of 800 characters took 60 us a retrieval, half the judge's time.
+    """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._vectors: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._local: dict[tuple[int, int], bytes] = {}  # (hash, length) -> stable key, for texts met in this process
         self.dirty = False
 
     def __len__(self) -> int:
@@ -115,11 +122,35 @@ class VectorCache:
     def key(text: str) -> bytes:
         return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
+    def find(self, text: str) -> np.ndarray | None:
+        """The vector of `text`, if cached."""
+        local = (hash(text), len(text))
+        key = self._local.get(local)
+        if key is None:
+            key = self.key(text)
+            if key not in self._vectors:
+                return None
+            self._remember(local, key)
+        found = self._vectors.get(key)
+        if found is not None:
+            self._vectors.move_to_end(key)
+        return found
+
     def get(self, key: bytes) -> np.ndarray | None:
         found = self._vectors.get(key)
         if found is not None:
             self._vectors.move_to_end(key)
         return found
+
+    def add(self, text: str, vector: np.ndarray) -> None:
+        key = self.key(text)
+        self.put(key, vector)
+        self._remember((hash(text), len(text)), key)
+
+    def _remember(self, local: tuple[int, int], key: bytes) -> None:
+        if len(self._local) >= 2 * max(self.capacity, 1):  # entries of evicted vectors: dropped all at once, rarely
+            self._local.clear()
+        self._local[local] = key
 
     def put(self, key: bytes, vector: np.ndarray) -> None:
         if self.capacity <= 0:
@@ -297,8 +328,8 @@ class Judge:
             with Timeout(max(0.0, min(self.settings.timeout_s, deadline - loop.time())), task):
                 query = started if isinstance(started, np.ndarray) else await started
                 distinct = list(dict.fromkeys(texts))
-                keys = [VectorCache.key(t) for t in distinct]
-                vectors = [self.cache.get(k) for k in keys]
+                find = self.cache.find
+                vectors = [find(t) for t in distinct]
                 missing = [i for i, v in enumerate(vectors) if v is None]
                 if missing:
                     embedded = len(missing)
@@ -306,10 +337,11 @@ class Judge:
                     new = _unit(await self._embed([prefix + distinct[i] for i in missing], deadline))
                     for i, vector in zip(missing, new):
                         vectors[i] = vector
-                        self.cache.put(keys[i], vector)
-            if any(v.shape != query.shape for v in vectors):  # type: ignore[union-attr]
-                raise BadResponse(f"{NAME}: vectors of different lengths (was the model changed?)")
-            cosines = np.stack(vectors) @ query if vectors else np.zeros(0)  # type: ignore[arg-type]
+                        self.cache.add(distinct[i], vector)
+            try:
+                cosines = np.stack(vectors) @ query  # type: ignore[arg-type]
+            except ValueError:
+                raise BadResponse(f"{NAME}: vectors of different lengths (was the model changed?)") from None
             meaning = np.clip((cosines - self._low) / self._span, 0.0, 1.0).tolist()
             self.breaker.record_success()
             return Judgement(dict(zip(distinct, meaning)), "ok", _ms(begun), None, embedded)
