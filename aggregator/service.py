@@ -29,6 +29,7 @@ from .ops.tracing import Tracing, annotate, current_trace_id
 from .pipeline import RetrievalResult
 from .ranking import pool
 from .ranking.statistics import dump_samples, load_samples
+from .ranking.embeddings import NAME as EMBEDDINGS
 from .runtime import Gateway
 from .shared.circuit import SharedBreakers
 from .shared.peers import Peers
@@ -94,6 +95,7 @@ class Service:
             log.warning("the rerank's compiled kernel was not built (no C compiler at install): the same ranking runs in numpy "
                         "and Python, about 0.25 ms more CPU per retrieval; install a C compiler and reinstall to build it")  # fmt: skip
         await asyncio.to_thread(self._load_samples)
+        await asyncio.to_thread(self._load_vectors, self.gateway)
         await self.gateway.start()
         self._saver = asyncio.create_task(self._save_samples_every(SAMPLES_SAVE_S), name="save:samples")
         if self.config_path is not None and self.gateway.config.server.watch_config:
@@ -130,7 +132,17 @@ class Service:
         except (OSError, ValueError) as exc:
             log.warning("%s: rerank statistics not loaded (%s); they are gathered again from the next queries", path, exc)
 
+    def _load_vectors(self, gateway: Gateway, previous: Gateway | None = None) -> None:
+        """The embedding judges' passage vectors, for judges the previous version did not already run."""
+        running = {id(j) for j in previous.judges.values()} if previous else set()
+        for judge in gateway.judges.values():
+            if id(judge) not in running:
+                judge.load(gateway.config.server.state_dir)
+
     def _save_samples(self) -> None:
+        if self.gateway is not None:
+            for judge in self.gateway.judges.values():
+                judge.save(self.gateway.config.server.state_dir)
         path = self._samples_path()
         if path is None or self.gateway is None or not self.gateway.term_cache.samples:
             return
@@ -172,11 +184,12 @@ class Service:
             if config.server.redis_url != old.config.server.redis_url:
                 log.warning("server.redis_url changed: the new Redis is used from the next start of the service")
             new = Gateway(config, previous=old)
+            await asyncio.to_thread(self._load_vectors, new, old)
             await new.start()
             self.gateway = new
             self.cache.ttl_s = config.server.cache_ttl_s
             self.cache.clear()  # keys carry the config version too: nothing of the old one is served again
-            retire = asyncio.create_task(old.drain_and_close(keep=new.adopted), name=f"retire:{old.config.version}")
+            retire = asyncio.create_task(old.drain_and_close(keep=new.adopted, judges=new.judges), name=f"retire:{old.config.version}")
             self._retiring.add(retire)
             retire.add_done_callback(self._retiring.discard)
             self.health.last_reload = ReloadRecord(now_iso(), "ok")
@@ -250,10 +263,14 @@ class Service:
     def _sources(self, gateway: Gateway) -> list[dict[str, Any]]:
         used = _used(gateway)
         now = self.health.clock()
-        return [
+        sources = [
             self.health.source(name, slot.connector.type).snapshot(slot, name in used, gateway.secrets, now)
             for name, slot in gateway.slots.items()
         ] + [self.health.source(name, kind).snapshot(None, True, gateway.secrets, now) for name, kind in gateway.stages.items()]
+        for entry in sources:
+            if entry["name"] == EMBEDDINGS:  # the judges' models and cached vectors
+                entry["embeddings"] = [j.describe() for j in dict.fromkeys(gateway.judges.values())]
+        return sources
 
     def summary(self) -> dict[str, Any]:
         """This replica's recent health per source, as the other replicas show it (no history: it is large).

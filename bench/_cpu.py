@@ -99,13 +99,15 @@ def pool_upstreams(count: int = 3, delay: float = 0.0) -> Iterator[list[str]]:
         yield [f"http://127.0.0.1:{p}" for p in ports]
 
 
-def gateway_config(folder: Path, urls: list[str], tree: Path = ROOT) -> Path:
+def gateway_config(folder: Path, urls: list[str], tree: Path = ROOT, judge: bool = False) -> Path:
     """A knowledge base of the `urls` as `dify` sources, for the gateway of `tree`. The response cache is off
     where the tree has one: the queries repeat, and a cache hit would measure the cache, not the retrieval."""
     connectors = "".join(f"  up{i}:\n    type: dify\n    endpoint: {u}\n    api_key: x\n    knowledge_id: kb\n    retries: 0\n" for i, u in enumerate(urls))
     names = ", ".join(f"up{i}" for i in range(len(urls)))
     cache = "  cache_ttl_s: 0\n" if "cache_ttl_s" in (tree / "aggregator" / "config.py").read_text() else ""
-    config = folder / f"connectors-{abs(hash(str(tree))):x}.yaml"
+    if judge:  # the embedding judge in process (WordLlama): what a static local model costs per retrieval
+        cache += "  embeddings: {provider: local}\n"
+    config = folder / f"connectors-{abs(hash(str(tree))):x}{'-judge' if judge else ''}.yaml"
     config.write_text(f"server:\n  api_keys: [{{key: {KEY}}}]\n  watch_config: false\n{cache}"
                       f"knowledge_bases:\n  kb: {{connectors: [{names}]}}\nconnectors:\n{connectors}")  # fmt: skip
     return config
@@ -132,11 +134,12 @@ class Target:
     client: str = "aiohttp"  # bare only
     codec: str = "orjson"  # bare only
     workers: int = 1  # gateway only: `serve --workers N`
+    judge: bool = False  # gateway only: with the local embedding judge
 
     def command(self, port: int, urls: list[str], folder: Path) -> list[str]:
         if self.kind == "bare":
             return [sys.executable, "-m", "bench._bare", "--port", str(port), "--client", self.client, "--json", self.codec, *urls]
-        config = gateway_config(folder, urls, self.tree)
+        config = gateway_config(folder, urls, self.tree, self.judge)
         workers = ["--workers", str(self.workers)] if self.workers > 1 else []
         module = "bench._floor" if self.kind == "floor" else "aggregator"
         return [sys.executable, "-m", module, "serve", "--config", str(config), "--port", str(port), "--log-level", "warning", *workers]
@@ -400,7 +403,7 @@ def profile(port: int, pid: int, requests: int, queries: list[str]) -> dict[str,
 
 
 def run(requests: int = 2000, rounds: int = 3, baseline: str | None = None, all_clients: bool = False, profiled: bool = True,
-        floor: bool = False) -> None:  # fmt: skip
+        floor: bool = False, judge: bool = False) -> None:  # fmt: skip
     from bench._cranfield import load
 
     _, cranfield, _ = load()
@@ -419,6 +422,8 @@ def run(requests: int = 2000, rounds: int = 3, baseline: str | None = None, all_
             tree = checkout(baseline, folder / "baseline")
             targets.append(Target(f"gateway at {baseline}", "gateway", tree=tree))
         targets.append(Target("gateway (this tree)", "gateway"))
+        if judge:
+            targets.append(Target("gateway (this tree), local embedding judge", "gateway", judge=True))
         if floor:
             targets.append(Target(FLOOR_LABEL, "floor"))
         urls = stack.enter_context(pool_upstreams())

@@ -492,6 +492,7 @@ def main() -> int:
     parser.add_argument("--baseline", metavar="REV", help="cpu: also measure the gateway at this commit (e.g. main)")
     parser.add_argument("--all-clients", action="store_true", help="cpu: bare fan-outs over every HTTP client measured")
     parser.add_argument("--no-profile", action="store_true", help="cpu: skip the py-spy breakdown")
+    parser.add_argument("--judge", action="store_true", help="cpu: also this tree with the local embedding judge (WordLlama)")
     parser.add_argument("--floor", action="store_true", help="cpu: also this tree with its rerank replaced by a sort (what the rest costs)")
     args = parser.parse_args()
     print(f"# bench/perf.py on {os.cpu_count()} cores, Python {sys.version.split()[0]}")
@@ -500,7 +501,7 @@ def main() -> int:
     parts = {
         "overhead": overhead, "throughput": lambda: throughput(args.seconds), "rerank": rerank_times,
         "index": lambda: index_scale(args.passages), "engines": lambda: engines(args.passages),
-        "cpu": lambda: _cpu.run(args.requests, args.rounds, args.baseline, args.all_clients, not args.no_profile, args.floor),
+        "cpu": lambda: _cpu.run(args.requests, args.rounds, args.baseline, args.all_clients, not args.no_profile, args.floor, args.judge),
     }  # fmt: skip
     for name, part in parts.items():
         if args.only in (None, name):

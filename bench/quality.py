@@ -3,6 +3,10 @@
     python -m bench.quality                  # the matrix and the threshold table (a minute or two)
     python -m bench.quality --sweep          # also the tuning grid, over the pools captured in the same run
     python -m bench.quality --collection cisi  # the held-out collection, with the settings tuned on Cranfield
+    python -m bench.quality --lexical        # only the lexical scenarios 1 to 6, without a judge (as before)
+
+Scenarios 7 to 9 and the judged rows are `bench/_semantic.py`'s (dense upstreams, the embedding judge);
+the paraphrase and cross-language cases are `bench/_paraphrase.py`'s.
 
 The collection is split round-robin into 4 shards. Each scenario is one
 knowledge base of 4 sources over loopback HTTP; a remote shard is a
@@ -85,13 +89,21 @@ CONVENTIONS: dict[str, Callable[[float, float, float], float]] = {
 
 
 def shard_app(docs: list[Doc]) -> FastAPI:
-    """A third-party engine over one shard, answering in every convention at `/{convention}/retrieval`."""
+    """A third-party engine over one shard, answering in every convention at `/{convention}/retrieval`
+    (`/dense/retrieval`: a vector search, by the cosine of WordLlama's embeddings)."""
+    from ._semantic import Dense
+
     index = build_index(docs, third_party_terms)
+    dense = Dense(docs)
     by_id = {doc.id: doc for doc in docs}
     app = FastAPI()
 
     @app.post("/{convention}/retrieval")
     async def retrieval(convention: str, body: dict) -> dict:
+        if convention == "dense":
+            found = dense.search(body["query"], min(UPSTREAM_TOP, int(body["retrieval_setting"]["top_k"])))
+            return {"records": [{"content": d.body, "title": d.title, "metadata": {"document_id": d.id}, "score": cosine}
+                                for d, cosine in found]}  # fmt: skip
         terms = third_party_terms(body["query"])
         _, ceiling = index.score_all(terms)
         hits = index.search(terms, min(UPSTREAM_TOP, int(body["retrieval_setting"]["top_k"])))
@@ -117,7 +129,7 @@ def write_shard(folder: Path, docs: list[Doc]) -> Path:
     return folder
 
 
-def gateway_config(kinds: list[str], urls: list[str], folders: list[Path]) -> str:
+def gateway_config(kinds: list[str], urls: list[str], folders: list[Path], judge: bool = False) -> str:
     connectors = []
     for i, kind in enumerate(kinds):
         if kind == "files":
@@ -126,11 +138,13 @@ def gateway_config(kinds: list[str], urls: list[str], folders: list[Path]) -> st
             connectors.append(
                 f"  shard{i}:\n    type: dify\n    endpoint: {urls[i]}/{kind}\n    api_key: bench\n"
                 f"    knowledge_id: cranfield\n    candidates: {UPSTREAM_TOP}\n    timeout_s: 30\n"
+                + ("    semantic: true\n" if kind == "dense" else "")
             )
     names = ", ".join(f"shard{i}" for i in range(len(kinds)))
     return (
         "server:\n  api_keys: [{key: bench}]\n  deadline_s: 30\n  watch_config: false\n  cache_ttl_s: 0\n"
-        f"knowledge_bases:\n  bench:\n    connectors: [{names}]\nconnectors:\n" + "".join(connectors)
+        + ("  embeddings: {provider: local, timeout_s: 30}\n" if judge else "")
+        + f"knowledge_bases:\n  bench:\n    connectors: [{names}]\nconnectors:\n" + "".join(connectors)
     )
 
 
@@ -182,9 +196,10 @@ def shard_servers(shards: list[list[Doc]]) -> Iterator[tuple[list[str], list[Pat
         yield urls, folders
 
 
-async def run_scenario(name: str, kinds: list[str], urls: list[str], folders: list[Path], queries: list[tuple[str, str]]) -> ScenarioRun:
+async def run_scenario(name: str, kinds: list[str], urls: list[str], folders: list[Path], queries: list[tuple[str, str]],
+                       judge: bool = False) -> ScenarioRun:  # fmt: skip
     run = ScenarioRun(name, {"gateway": [], "merge by source score": [], "reciprocal rank fusion": []}, kinds=kinds)
-    gateway = Gateway(parse_config(gateway_config(kinds, urls, folders), {}))
+    gateway = Gateway(parse_config(gateway_config(kinds, urls, folders, judge), {}))
     await gateway.start()
     for slot in gateway.slots.values():
         wait_ready = getattr(slot.connector, "wait_ready", None)
@@ -245,7 +260,7 @@ def load_collection(name: str) -> tuple[list[Doc], list[tuple[str, str]], dict[s
     return _cranfield.load()
 
 
-async def evaluate(collection: str, sweep: bool, only: list[str] | None) -> None:
+async def evaluate(collection: str, sweep: bool, only: list[str] | None, lexical: bool = False) -> None:
     docs, queries, qrels = load_collection(collection)
     shards = [docs[i::SHARDS] for i in range(SHARDS)]
     central = build_index(docs, tokenize)
@@ -253,23 +268,35 @@ async def evaluate(collection: str, sweep: bool, only: list[str] | None) -> None
     central_ndcg, central_recall = measure(central_run, queries, qrels)
     print(f"{collection}: {len(docs)} documents in {SHARDS} shards, {len(queries)} judged queries; "
           f"remote shards return their top {UPSTREAM_TOP}; top_k = {K}.\n")  # fmt: skip
+    from . import _semantic
+
     runs: list[ScenarioRun] = []
+    matrix = {name: (kinds, False) for name, kinds in SCENARIOS.items()} | ({} if lexical else _semantic.SCENARIOS)
     with shard_servers(shards) as (urls, folders):
-        for name, kinds in SCENARIOS.items():
+        for name, (kinds, judge) in matrix.items():
             if only and not any(name.startswith(o) for o in only):
                 continue
-            runs.append(await run_scenario(name, kinds, urls, folders, queries))
+            runs.append(await run_scenario(name, kinds, urls, folders, queries, judge))
 
     plain = build_index(docs, third_party_terms)
     plain_ndcg, plain_recall = measure([[str(k) for k, _ in plain.search(third_party_terms(t), K)] for _, t in queries], queries, qrels)
     lines = ["| scenario | ranking | nDCG@10 | recall@10 | ratio to central |", "| --- | --- | ---: | ---: | ---: |"]
     lines.append(f"| all | central BM25, whole collection (baseline) | {central_ndcg:.4f} | {central_recall:.4f} | 1.000 |")
     lines.append(f"| all | central BM25 with the third-party tokenizer | {plain_ndcg:.4f} | {plain_recall:.4f} | {plain_ndcg / central_ndcg:.3f} |")
+    best = central_ndcg
+    if not lexical:
+        for label, rankings in _semantic.central_rankings(docs, queries, central).items():
+            n, r = measure(rankings, queries, qrels)
+            best = max(best, n) if label == "central dense" else best
+            lines.append(f"| all | {label} | {n:.4f} | {r:.4f} | {n / central_ndcg:.3f} |")
+    lines[0] += " ratio to the best of central BM25 and dense |"
+    lines[1] += " ---: |"
+    lines[2:] = [line + " |" for line in lines[2:]]
     for run in runs:
         for label, rankings in run.rankings.items():
             n, r = measure(rankings, queries, qrels)
             name = f"**{label}**" if label == "gateway" else label
-            lines.append(f"| {run.name} | {name} | {n:.4f} | {r:.4f} | {n / central_ndcg:.3f} |")
+            lines.append(f"| {run.name} | {name} | {n:.4f} | {r:.4f} | {n / central_ndcg:.3f} | {n / best:.3f} |")
     print("\n".join(lines))
 
     print("\nThresholds (the gateway, top_k = 10): records per query and their precision at each score_threshold.\n")
@@ -285,7 +312,20 @@ async def evaluate(collection: str, sweep: bool, only: list[str] | None) -> None
 
     from ._fusion_sweep import sweep as replay
 
-    replay(runs, queries, qrels, central_ndcg, measure, grid=sweep)
+    if not lexical and not only:
+        from . import _paraphrase
+
+        await _paraphrase.run()
+    lexical_runs = [run for run in runs if run.name in SCENARIOS]
+    replay(lexical_runs, queries, qrels, central_ndcg, measure, grid=sweep)
+    if sweep and not lexical:
+        _semantic.tuning(runs, queries, qrels, best, measure, precision_at)
+
+
+def precision_at(answers: list[list[tuple[str, float]]], queries: list[tuple[str, str]], qrels: dict[str, dict[str, int]], threshold: float) -> float:
+    kept = [[doc for doc, s in answer if s >= threshold] for answer in answers]
+    count = sum(len(k) for k in kept)
+    return sum(len(set(k) & set(qrels[qid])) for k, (qid, _) in zip(kept, queries)) / count if count else 0.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -293,8 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", action="store_true", help="also print the tuning grid over the captured pools")
     parser.add_argument("--collection", choices=("cranfield", "cisi"), default="cranfield")
     parser.add_argument("--only", nargs="*", help="scenario numbers to run (e.g. 3 6)")
+    parser.add_argument("--lexical", action="store_true", help="only the lexical scenarios 1 to 6, without a judge (as before)")
     args = parser.parse_args(argv)
-    asyncio.run(evaluate(args.collection, args.sweep, args.only))
+    asyncio.run(evaluate(args.collection, args.sweep, args.only, args.lexical))
     return 0
 
 

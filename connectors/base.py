@@ -74,6 +74,11 @@ class ConnectorSettings(BaseModel):
     retries: int | None = Field(None, ge=0, le=10, description="Retries of a transient failure; defaults.retries if unset.")
     chunk_chars: int | None = Field(None, ge=200, le=20000, description="Passage size; defaults.chunk_chars if unset.")
     circuit: CircuitSettings | None = Field(None, description="Circuit breaker; defaults.circuit if unset.")
+    semantic: bool | None = Field(
+        None,
+        description="The source retrieves by meaning (embeddings), so its best passages may share no word with the query: "
+        "without an embedding judge the gateway keeps its own confidence. Unset: the connector's guess from its settings.",
+    )
 
 
 @dataclass(slots=True)
@@ -252,6 +257,16 @@ class Connector(abc.ABC):
     def ready(self) -> bool:
         """True once the source can answer from a complete view (first sync done)."""
         return True
+
+    @property
+    def semantic(self) -> bool:
+        """Whether the source retrieves by meaning: `semantic:` when set, else what its own settings say."""
+        declared = self.settings.semantic
+        return self.retrieves_by_meaning() if declared is None else declared
+
+    def retrieves_by_meaning(self) -> bool:
+        """The connector's guess when `semantic:` is unset; sources whose API says how they search override it."""
+        return False
 
     def stats(self) -> SourceStats | None:
         """Index statistics for indexed sources; None for query-time sources."""

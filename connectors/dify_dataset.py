@@ -179,6 +179,11 @@ class DifyDatasetConnector(RemoteConnector):
     def search_method(self) -> str:
         return self.settings.search_method or self._detected or "semantic_search"
 
+    def retrieves_by_meaning(self) -> bool:
+        """Dify's semantic and hybrid searches rank by its embedding model (the configured method, else the one
+        read from the dataset at the first search, else Dify's default: semantic)."""
+        return self.search_method in ("semantic_search", "hybrid_search")
+
     def client_options(self) -> dict[str, Any]:
         s = self.settings
         return {"headers": {"Authorization": f"Bearer {s.api_key.get_secret_value()}"}, "verify": s.verify_tls}

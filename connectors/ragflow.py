@@ -113,6 +113,10 @@ class RagflowConnector(RemoteConnector):
     settings_model = RagflowSettings
     settings: RagflowSettings
 
+    def retrieves_by_meaning(self) -> bool:
+        """RAGFlow's similarity mixes term and vector similarity: by meaning whenever the vector part has a weight."""
+        return self.settings.vector_similarity_weight > 0
+
     def client_options(self) -> dict[str, Any]:
         s = self.settings
         return {"base_url": s.base_url, "headers": {"Authorization": f"Bearer {s.api_key.get_secret_value()}"}, "verify": s.verify_tls}

@@ -97,6 +97,8 @@ def explanation(
             "proximity": _number(ranked.proximity),
             "calibrated": _number(ranked.calibrated),
             "calibration": ranked.calibration,
+            "meaning": _number(ranked.meaning),  # the embedding judge's similarity on [0, 1] (null: no judge, or it failed)
+            "confidence": _number(ranked.confidence),  # a semantic source's own confidence, where it set the score
             "weight": winner.weight,
             "title": winner.passage.title,
             "document_id": winner.passage.document_id,

@@ -40,8 +40,8 @@ import math
 import operator
 from array import array
 from bisect import bisect_right
-from dataclasses import dataclass, field
-from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal, overload
 
 import numpy as np
@@ -67,6 +67,13 @@ class FusionSettings:
     gamma: float = 0.5  # spread of fused scores so that thresholds 0.3 to 0.6 separate good from weak
     sample: bool = True  # IDF from passages seen before, not only the pool
     local: bool = True  # IDF from the local indexes' whole collections
+    meaning: float = 0.5  # weight of the embedding judge's similarity in the relevance, when there is a judge
+    combine: str = "or"  # or: 1 − (1 − words)(1 − w·meaning), relevant by words or meaning; mix: (1 − w)·words + w·meaning
+    rank_confidence: float = 0.5  # a semantic source's confidence in its best passage when it gives no score in [0, 1]
+    confidence_discount: bool = True  # a semantic source's confidence counts less down its list: × 1/log2(1 + place)
+    confidence_top: int = 0  # only its first so many passages get a floor (0: all)
+    judged_confidence_top: int = 1  # with a judge, a semantic source's first so many passages still get it where the
+    # judge saw neither words nor meaning in them (0: none)
 
 
 DEFAULT_FUSION = FusionSettings()
@@ -83,6 +90,7 @@ class Answer:
     scores: ScoreUse = "auto"
     indexed: bool = False  # from a source whose collection statistics are already counted (no sampling)
     metadata: list[dict[str, Any]] | None = None  # record metadata per passage, when the pipeline built it (filters, explain)
+    semantic: bool = False  # retrieved by meaning: without a judge, its own confidence is a floor under its passages' scores
 
 
 @dataclass(slots=True)
@@ -106,6 +114,8 @@ class Ranked:
     relevance: float = 0.0
     calibration: str = "none"  # how the source's score was mapped: scores, ranks, trusted, ignored, none
     members: list[Candidate] = field(default_factory=list)  # every source's copy of this text, the winner among them
+    meaning: float | None = None  # the embedding judge's similarity on [0, 1], when a judge scored the pool
+    confidence: float | None = None  # a semantic source's own confidence, when it lifted the score (no judge)
 
     @property
     def calibrated(self) -> float | None:
@@ -210,7 +220,7 @@ def fuse(relevance: Any, calibrated: Any, weight: Any, settings: FusionSettings 
 def rerank(
     query: str, answers: Sequence[Answer], cache: TermCache | None = None, local: TermStatistics | None = None,
     settings: FusionSettings = DEFAULT_FUSION, sampled: Iterable[str] | None = None, compiled: bool = True,
-    query_terms: list[str] | None = None,
+    query_terms: list[str] | None = None, meaning: Mapping[str, float] | None = None,
 ) -> Sequence[Ranked]:  # fmt: skip
     """Merge identical texts, score each distinct passage, calibrate each source, fuse and sort (best first).
 
@@ -220,6 +230,9 @@ def rerank(
     sample, and the samples of the `sampled` sources (by default, the
     answers' sources that are not indexed) join the statistics.
     `query_terms`: the query already tokenized, when the caller has it.
+    `meaning`: the embedding judge's similarity on [0, 1] of each passage's text (by content), when a judge
+    scored the pool: relevance becomes 1 − (1 − lexical)·(1 − w·meaning) before calibration. Without it, the
+    passages of `semantic` answers keep at least the score their source's own confidence supports.
 
     A retrieval ranks a few dozen passages, where per-passage interpreter
     overhead is the cost: the work is done a source's answer at a time, in
@@ -246,11 +259,77 @@ def rerank(
     statistics = query_statistics(plan, cache, local, sampled, settings)
     pool = score_pool(plan, [seen[i].ids for i in first], cache, settings.bm25, statistics, compiled)
     relevance = (pool.bm25 + settings.mu * pool.proximity) / (1.0 + settings.mu) if pool.has_pairs else pool.bm25
+    similarity: list[float] | None = None
+    if meaning is not None:
+        flat = [p.content for a in answers for p in a.passages]
+        similarity = [meaning.get(flat[i], 0.0) for i in first]
+        if settings.combine == "or":
+            relevance = 1.0 - (1.0 - relevance) * (1.0 - settings.meaning * np.asarray(similarity))
+        else:
+            relevance = (1.0 - settings.meaning) * relevance + settings.meaning * np.asarray(similarity)
     rel = relevance.tolist()
 
     fuser = _fuse_compiled if compiled and _kernel is not None else _fuse_reference
     fusion = fuser(answers, relevance, group_of, first, copies, settings)
-    return RankedList(_Pool(answers, fusion.calibrated), fusion, copies, pool.bm25.tolist(), pool.proximity.tolist(), rel)
+    confidence = None
+    if any(a.semantic for a in answers):
+        if meaning is None:
+            confidence = _semantic_floor(answers, fusion, group_of, relevance, settings)
+        elif settings.judged_confidence_top:  # a judge that cannot read the source's language must not empty it
+            top = replace(settings, confidence_top=settings.judged_confidence_top)
+            confidence = _semantic_floor(answers, fusion, group_of, relevance, top, blind=True)
+    return RankedList(_Pool(answers, fusion.calibrated), fusion, copies, pool.bm25.tolist(), pool.proximity.tolist(), rel,
+                      similarity, confidence)  # fmt: skip
+
+
+def _confidence(passages: list[Passage], settings: FusionSettings) -> list[float]:
+    """A semantic source's confidence in each of its passages, on [0, 1]: its scores when they are similarities
+    (all in [0, 1], best first), else its order, from `rank_confidence` for its best passage down to 0; discounted
+    down its list like DCG (its first passage keeps all of it), and none past `confidence_top`."""
+    scores = [p.source_score for p in passages]
+    ranks = [p.source_rank or _NO_RANK for p in passages]
+    order = sorted(range(len(scores)), key=ranks.__getitem__)
+    values: list[float] | None = None
+    if None not in scores and all(0.0 <= x <= 1.0 for x in scores):  # type: ignore[operator]
+        ordered = [scores[i] for i in order]
+        if all(a >= b for a, b in zip(ordered, ordered[1:])) or _NO_RANK in ranks:
+            values = scores  # type: ignore[assignment]
+    if values is None:
+        position, _ = _positions("rank", scores, ranks)
+        values = [settings.rank_confidence * x for x in position]
+    out = [0.0] * len(values)
+    for place, i in enumerate(order):
+        if settings.confidence_top and place >= settings.confidence_top:
+            break
+        out[i] = values[i] / math.log2(place + 2) if settings.confidence_discount else values[i]
+    return out
+
+
+def _semantic_floor(answers: list[Answer], fusion: "_Fusion", group_of: list[int], relevance: np.ndarray,
+                    settings: FusionSettings, blind: bool = False) -> list[float | None]:  # fmt: skip
+    """Without a judge the gateway cannot read meaning: a semantic source's passage scores at least what the
+    source's own confidence supports (bent by its weight like any score), so a paraphrase it ranks first is
+    not scored 0 for lacking the query's words. With `blind`, only texts the gateway found no relevance in at
+    all (a judge that cannot read their language). Changes `fusion` in place; returns each text's floor where it lifted it."""
+    floors: list[float | None] = [None] * len(fusion.scores)
+    at = 0
+    for answer in answers:
+        n = len(answer.passages)
+        if answer.semantic:
+            for g, value in zip(group_of[at : at + n], _confidence(answer.passages, settings)):
+                lifted = 1.0 - (1.0 - value) ** answer.weight
+                if blind and relevance[g] > 0.0:
+                    continue
+                if lifted > fusion.scores[g] and lifted > (floors[g] or 0.0):
+                    floors[g] = lifted
+        at += n
+    if not any(f is not None for f in floors):
+        return floors
+    fusion.scores = [s if f is None else f for s, f in zip(fusion.scores, floors)]
+    scores = np.asarray(fusion.scores)
+    fusion.order = np.lexsort((-relevance, -scores)).tolist()
+    fusion.ties = bool(np.any((np.diff(scores[fusion.order]) == 0) & (np.diff(relevance[fusion.order]) == 0)))
+    return floors
 
 
 @dataclass(slots=True)
@@ -344,7 +423,7 @@ def _one_per_source(answers: Sequence[Answer]) -> list[Answer]:
         if earlier.metadata is not None or answer.metadata is not None:
             metadata = (earlier.metadata or [None] * len(earlier.passages)) + (answer.metadata or [None] * len(answer.passages))  # type: ignore[operator]
         merged[answer.source] = Answer(earlier.source, earlier.source_type, earlier.passages + answer.passages, earlier.weight,
-                                       earlier.scores, earlier.indexed, metadata)  # fmt: skip
+                                       earlier.scores, earlier.indexed, metadata, earlier.semantic)  # fmt: skip
     return list(merged.values())
 
 
@@ -384,8 +463,10 @@ class RankedList(Sequence[Ranked]):
     so the passages below never cost an object.
     """
 
-    def __init__(self, pool: _Pool, fusion: _Fusion, copies: dict[int, list[int]], bm25: list[float], proximity: list[float], relevance: list[float]) -> None:
+    def __init__(self, pool: _Pool, fusion: _Fusion, copies: dict[int, list[int]], bm25: list[float], proximity: list[float], relevance: list[float],
+                 meaning: list[float] | None = None, confidence: list[float | None] | None = None) -> None:  # fmt: skip
         self._pool, self._winner, self._copies, self._how = pool, fusion.winner, copies, fusion.how
+        self._meaning, self._confidence = meaning, confidence
         self._scores, self._bm25, self._proximity, self._relevance = fusion.scores, bm25, proximity, relevance
         self._order = _break_ties(pool, fusion, relevance) if fusion.ties else fusion.order
         self._made: dict[int, Ranked] = {}
@@ -420,7 +501,9 @@ class RankedList(Sequence[Ranked]):
         label = self._how[candidate.source]
         if candidate.calibrated is None and label != "ignored":
             label = "none"
-        made = self._made[g] = Ranked(candidate, self._scores[g], self._bm25[g], self._proximity[g], self._relevance[g], label, members)
+        made = self._made[g] = Ranked(candidate, self._scores[g], self._bm25[g], self._proximity[g], self._relevance[g], label, members,
+                                      None if self._meaning is None else self._meaning[g],
+                                      None if self._confidence is None else self._confidence[g])  # fmt: skip
         return made
 
 

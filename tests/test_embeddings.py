@@ -1,0 +1,295 @@
+"""The embedding judge against a fake OpenAI-compatible /v1/embeddings on loopback, and the local model.
+
+Whatever becomes of the model (slow, down, refusing, rate limited, answering nonsense) the retrieval is
+answered, ranked by words exactly as without a judge, and the judge's outcome is shown like a source's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from aggregator.api import create_app
+from aggregator.config import ConfigError, parse_config
+from aggregator.models import RetrievalRequest
+from aggregator.pipeline import RetrievalResult, retrieve
+from aggregator.ranking.embeddings import EmbeddingSettings, Judge, LocalProvider, VectorCache
+from aggregator.runtime import Gateway
+
+from .conftest import KEY, write_docs
+from .fakes.embeddings import API_KEY, FakeEmbeddings, hashed_vectors
+from .loopback import free_port, serve
+
+DOCS = {
+    "vpn.md": "# VPN setup\n\nInstall WireGuard and import the VPN profile from the IT portal.",
+    "keys.md": "# Key rotation\n\nWe rotate the release signing keys every twelve months.",
+    "expenses.md": "# Expense reports\n\nSubmit receipts within thirty days; meals are reimbursed up to the daily allowance.",
+    "leave.md": "# Parental leave\n\nEmployees receive sixteen weeks of paid leave after a birth or an adoption.",
+}
+QUERY = "rotate the VPN signing keys"
+
+
+def config_text(folder: Path, embeddings: str = "", deadline_s: float = 4.0) -> str:
+    block = f"\n  embeddings: {embeddings}" if embeddings else ""
+    return (f"server:\n  api_keys: [{{key: {KEY}}}]\n  cache_ttl_s: 0\n  deadline_s: {deadline_s}{block}\n"
+            f"knowledge_bases:\n  demo: {{connectors: [docs]}}\n"
+            f"connectors:\n  docs: {{type: files, path: {folder}, watch: false}}\n")
+
+
+def openai_block(url: str, **fields: object) -> str:
+    extra = "".join(f", {k}: {v}" for k, v in fields.items())
+    return f"{{provider: openai, url: {url}/v1, model: test-model, api_key: {API_KEY}{extra}}}"
+
+
+async def started(text: str) -> Gateway:
+    gateway = Gateway(parse_config(text, {}))
+    await gateway.start()
+    await gateway.slots["docs"].connector.wait_ready(20)  # type: ignore[attr-defined]
+    return gateway
+
+
+async def ask(gateway: Gateway, query: str = QUERY, top_k: int = 4, threshold: float = 0.0) -> RetrievalResult:
+    body = {"knowledge_id": "demo", "query": query, "retrieval_setting": {"top_k": top_k, "score_threshold": threshold}}
+    return await retrieve(gateway, RetrievalRequest.model_validate(body))
+
+
+def ranking(result: RetrievalResult) -> list[tuple[str, float]]:
+    return [(r["title"], r["score"]) for r in result.records]
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    return write_docs(tmp_path / "docs", DOCS)
+
+
+def test_the_judge_speaks_openai_and_its_similarity_joins_the_relevance(folder: Path):
+    fake = FakeEmbeddings(real=False)
+
+    async def main() -> tuple[RetrievalResult, RetrievalResult]:
+        with serve(fake.app()) as url:
+            gateway = await started(config_text(folder, openai_block(url, batch_size=1, dimensions=64)))
+            plain = await started(config_text(folder))
+            try:
+                return await ask(gateway), await ask(plain)
+            finally:
+                await gateway.aclose()
+                await plain.aclose()
+
+    judged, plain = asyncio.run(main())
+    assert judged.sources_header() == "docs=ok;embeddings=ok"
+    assert plain.sources_header() == "docs=ok"
+    # one call for the query, then the passages in batches of 1 (sent at once), as the API documents them
+    assert len(judged.records) == 2 and [len(c["input"]) for c in fake.calls] == [1, 1, 1]
+    assert all(c["model"] == "test-model" and c["dimensions"] == 64 and c["encoding_format"] == "float" for c in fake.calls)
+    assert set(fake.authorization) == {f"Bearer {API_KEY}"}
+    # the fake answers in reverse order: the judge reads `index`, so each passage gets its own vector back
+    texts = {r["title"]: r["content"] for r in judged.records}
+    vectors = hashed_vectors([QUERY] + list(texts.values()))
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    for (title, _), cosine in zip(texts.items(), unit[1:] @ unit[0]):
+        detail = next(r for r in judged.records if r["title"] == title)["metadata"]["score_detail"]
+        assert detail["meaning"] == pytest.approx(min(1.0, max(0.0, (cosine - 0.3) / 0.5)), abs=1e-5)
+        assert detail["relevance"] >= 0.5 * detail["meaning"] - 1e-6
+    assert "meaning" not in plain.records[0]["metadata"]["score_detail"]
+
+
+def test_passages_seen_before_cost_nothing_and_survive_a_restart(folder: Path, tmp_path: Path):
+    fake = FakeEmbeddings(real=False)
+
+    async def main() -> None:
+        with serve(fake.app()) as url:
+            gateway = await started(config_text(folder, openai_block(url)))
+            await ask(gateway)
+            calls = len(fake.calls)
+            await ask(gateway)  # the same query and passages: nothing to embed
+            assert len(fake.calls) == calls
+            await ask(gateway, "signing keys")  # a new query: one call, its passages all cached
+            assert [len(c["input"]) for c in fake.calls[calls:]] == [1]
+            judge = next(iter(gateway.judges.values()))
+            judge.save(tmp_path / "state")
+            await gateway.aclose()
+
+            successor = await started(config_text(folder, openai_block(url)))
+            next(iter(successor.judges.values())).load(tmp_path / "state")
+            before = len(fake.calls)
+            result = await ask(successor, "import the profile")
+            assert result.sources_header() == "docs=ok;embeddings=ok"
+            assert [len(c["input"]) for c in fake.calls[before:]] == [1], "passages came from the saved cache"
+            await successor.aclose()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    "mode, outcome",
+    [("auth", "auth_failed"), ("rate_limited", "rate_limited"), ("error", "error"), ("garbage", "error"), ("slow", "timeout")],
+)
+def test_when_the_model_fails_the_answer_is_the_lexical_one_and_says_so(folder: Path, mode: str, outcome: str):
+    fake = FakeEmbeddings(real=False, mode=mode, delay_s=5.0)
+
+    async def main() -> tuple[RetrievalResult, RetrievalResult, float]:
+        with serve(fake.app()) as url:
+            gateway = await started(config_text(folder, openai_block(url, timeout_s=0.5, retries=1)))
+            plain = await started(config_text(folder))
+            try:
+                loop = asyncio.get_running_loop()
+                begun = loop.time()
+                judged = await ask(gateway)
+                return judged, await ask(plain), loop.time() - begun
+            finally:
+                await gateway.aclose()
+                await plain.aclose()
+
+    judged, plain, seconds = asyncio.run(main())
+    assert judged.sources_header() == f"docs=ok;embeddings={outcome}"
+    assert ranking(judged) == ranking(plain)
+    assert judged.sources[-1].name == "embeddings" and judged.sources[-1].error
+    assert seconds < 2.0, "the judge's timeout_s bounds what a failing model costs"
+
+
+def test_a_model_that_is_down_is_skipped_by_its_breaker(folder: Path):
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens
+
+    async def main() -> list[str]:
+        gateway = await started(config_text(folder, openai_block(url, circuit="{failures: 2, cooldown_s: 60}")))
+        try:
+            return [(await ask(gateway, q)).sources_header() for q in ("VPN profile", "signing keys", "meals")]
+        finally:
+            await gateway.aclose()
+
+    assert asyncio.run(main()) == ["docs=ok;embeddings=error", "docs=ok;embeddings=error", "docs=ok;embeddings=skipped"]
+
+
+def test_the_judge_shows_in_status_metrics_the_log_and_explain(folder: Path, caplog: pytest.LogCaptureFixture):
+    caplog.set_level("INFO", logger="aggregator.access")
+    fake = FakeEmbeddings(real=False)
+    with serve(fake.app()) as model:
+        config = parse_config(config_text(folder, openai_block(model)), {})
+        with serve(create_app(lambda: config)) as url:
+            body = {"knowledge_id": "demo", "query": QUERY, "retrieval_setting": {"top_k": 3, "score_threshold": 0}}
+            headers = {"Authorization": f"Bearer {KEY}"}
+            for _ in range(20):  # the folder indexes in the background
+                response = httpx.post(url + "/retrieval", json=body, headers=headers)
+                if response.json()["records"]:
+                    break
+            assert response.headers["X-Sources"] == "docs=ok;embeddings=ok"
+            line = [r for r in caplog.records if r.name == "aggregator.access"][-1]
+            assert " embeddings=ok:" in line.getMessage() and line.fields["sources"]["embeddings"]["outcome"] == "ok"  # type: ignore[attr-defined]
+            status = httpx.get(url + "/status").json()
+            judge = next(s for s in status["sources"] if s["name"] == "embeddings")
+            assert judge["calls"]["ok"] >= 1 and judge["embeddings"][0]["model"] == "test-model"
+            assert judge["embeddings"][0]["cached_passages"] >= 1
+            assert 'gateway_source_calls_total{outcome="ok",source="embeddings"}' in httpx.get(url + "/metrics").text
+            page = httpx.get(url + "/")
+            assert page.status_code == 200 and "embeddings" in page.text
+            explained = httpx.get(url + "/explain", params={"kb": "demo", "q": QUERY, "format": "json"}, headers=headers).json()
+            assert any(s["name"] == "embeddings" and s["outcome"] == "ok" for s in explained["sources"])
+            assert explained["passages"][0]["meaning"] is not None
+
+
+def test_settings_are_checked_where_they_are_written(folder: Path):
+    with pytest.raises(ConfigError, match="server.embeddings: .*needs url"):
+        parse_config(config_text(folder, "{provider: openai, model: m}"), {})
+    with pytest.raises(ConfigError, match="similarity"):
+        parse_config(config_text(folder, "{provider: openai, url: 'http://m/v1', similarity: [0.8, 0.2]}"), {})
+    config = parse_config(config_text(folder, "{provider: openai, url: 'http://m/v1', api_key: sk-secret-value}"), {})
+    assert "sk-secret-value" in config.secrets()
+
+
+def test_a_knowledge_base_may_bring_its_own_model(folder: Path):
+    text = config_text(folder, openai_block("http://server-model")).replace(
+        "demo: {connectors: [docs]}", "demo: {connectors: [docs]}\n  own: {connectors: [docs], embeddings: {provider: local}}")
+    gateway = Gateway(parse_config(text, {}))
+    assert gateway.judge("demo").settings.provider == "openai"  # type: ignore[union-attr]
+    assert gateway.judge("own").settings.provider == "local"  # type: ignore[union-attr]
+    successor = Gateway(parse_config(text, {}), previous=gateway)
+    assert successor.judge("demo") is gateway.judge("demo"), "an unchanged judge keeps its cache across a reload"
+
+
+def test_the_local_model_needs_its_extra_and_says_which(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setitem(sys.modules, "wordllama", None)
+    monkeypatch.setattr(LocalProvider, "_models", {})
+    with pytest.raises(RuntimeError, match=r"dify-knowledge-gateway\[local-embeddings\]"):
+        Judge(EmbeddingSettings(provider="local"))
+
+
+def test_the_local_model_judges_in_process(folder: Path):
+    async def main() -> RetrievalResult:
+        gateway = await started(config_text(folder, "{provider: local}"))
+        try:
+            return await ask(gateway, "paid time off for new parents")
+        finally:
+            await gateway.aclose()
+
+    result = asyncio.run(main())
+    assert result.sources_header() == "docs=ok;embeddings=ok"
+    assert result.records[0]["title"] == "Parental leave"
+
+
+def test_the_vector_cache_is_bounded_and_round_trips():
+    cache = VectorCache(2)
+    for i in range(3):
+        cache.put(VectorCache.key(f"text {i}"), np.full(4, i, np.float32))
+    assert len(cache) == 2 and cache.get(VectorCache.key("text 0")) is None
+    copy = VectorCache(10)
+    assert copy.load(cache.dump()) == 2
+    assert np.array_equal(copy.get(VectorCache.key("text 2")), np.full(4, 2, np.float32))  # type: ignore[arg-type]
+
+
+#: A paraphrase that shares no word with its query, a look-alike that shares several; WordLlama prefers the
+#: paraphrase (cosines 0.54 and 0.48).
+CAR = "my car will not start"
+CAR_ANSWER = "Vehicle ignition failure: if the engine refuses to turn over, check the battery and the starter motor."
+CAR_LOOKALIKE = "Start here: my first week, where to park the car and who will show you around."
+
+
+def test_with_a_real_model_a_match_by_meaning_alone_can_pass_a_threshold_of_half(tmp_path: Path):
+    """A source (read by words: not declared semantic) returns both; only the judge can tell the paraphrase."""
+    from fastapi import FastAPI
+
+    upstream = FastAPI()
+
+    @upstream.post("/retrieval")
+    async def retrieval(body: dict) -> dict:
+        return {"records": [{"content": text, "title": title, "score": score, "metadata": {"document_id": title}}
+                            for text, title, score in ((CAR_LOOKALIKE, "lookalike", 0.9), (CAR_ANSWER, "answer", 0.8))]}  # fmt: skip
+
+    fake = FakeEmbeddings(real=True)
+
+    async def main(embeddings: str) -> dict[str, dict]:
+        text = (f"server:\n  api_keys: [{{key: {KEY}}}]\n  cache_ttl_s: 0\n{embeddings}"
+                f"knowledge_bases:\n  demo: {{connectors: [wiki]}}\n"
+                f"connectors:\n  wiki: {{type: dify, endpoint: {up}, api_key: k, knowledge_id: x, semantic: false}}\n")  # fmt: skip
+        gateway = Gateway(parse_config(text, {}))
+        await gateway.start()
+        try:
+            result = await ask(gateway, CAR, threshold=0.5)
+            return {r["title"]: r for r in result.records}
+        finally:
+            await gateway.aclose()
+
+    with serve(upstream) as up, serve(fake.app()) as model:
+        by_words = asyncio.run(main(""))
+        judged = asyncio.run(main(f"  embeddings: {openai_block(model, similarity='[0.4, 0.6]')}\n"))
+    assert "answer" not in by_words, "by words alone the paraphrase scores under 0.5"
+    assert judged["answer"]["score"] > 0.5
+    detail = judged["answer"]["metadata"]["score_detail"]
+    assert detail["bm25"] == 0 and detail["meaning"] > judged["lookalike"]["metadata"]["score_detail"]["meaning"]
+
+
+def test_the_readme_example_is_a_valid_judge():
+    import re
+
+    import yaml
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    block = next(b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if "provider: openai" in b)
+    example = yaml.safe_load(block.replace("${EMBEDDINGS_KEY}", "sk-x"))
+    settings = EmbeddingSettings.model_validate(example["server"]["embeddings"])
+    assert settings.url == "http://xinference:9997/v1" and settings.similarity == (0.3, 0.8)
+    assert EmbeddingSettings.model_validate(example["knowledge_bases"]["manuals"]["embeddings"]).similarity == (0.7, 1.0)
