@@ -14,16 +14,17 @@ __version__ = "0.1.0"
 __all__ = ["ConfigError", "Gateway", "GatewayConfig", "create_app", "load_config", "parse_config", "retrieve"]
 
 if TYPE_CHECKING:
-    from .api import create_app
-    from .config import ConfigError, GatewayConfig, load_config, parse_config
-    from .pipeline import retrieve
-    from .runtime import Gateway
+    from aggregator.web.api import create_app
+    from aggregator.runtime.config import ConfigError, GatewayConfig, load_config, parse_config
+    from aggregator.retrieval.pipeline import retrieve
+    from aggregator.runtime.gateway import Gateway
 
 
 def __getattr__(name: str) -> Any:
     modules = {
-        "create_app": ".api", "ConfigError": ".config", "GatewayConfig": ".config", "load_config": ".config",
-        "parse_config": ".config", "retrieve": ".pipeline", "Gateway": ".runtime",
+        "create_app": ".web.api", "ConfigError": ".runtime.config", "GatewayConfig": ".runtime.config",
+        "load_config": ".runtime.config", "parse_config": ".runtime.config", "retrieve": ".retrieval.pipeline",
+        "Gateway": ".runtime.gateway",
     }  # fmt: skip
     if name not in modules:
         raise AttributeError(name)

@@ -12,8 +12,8 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
-from .config import ConfigError, load_config, resolve_config_path
-from .ops.logs import configure_logging
+from aggregator.runtime.config import ConfigError, load_config, resolve_config_path
+from aggregator.ops.logs import configure_logging
 
 log = logging.getLogger("aggregator")
 
@@ -79,10 +79,10 @@ def _load_or_report(path: str | None):  # type: ignore[no-untyped-def]
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .api import create_app
-    from .collector import settle_for_serving
-    from .ops.tracing import Tracing, TracingConfigError
-    from .protocol import BoundedHttpProtocol
+    from aggregator.web.api import create_app
+    from aggregator.runtime.gc import settle_for_serving
+    from aggregator.ops.tracing import Tracing, TracingConfigError
+    from aggregator.web.protocol import BoundedHttpProtocol
 
     if _load_or_report(args.config) is None:
         return 1
@@ -95,7 +95,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     path = resolve_config_path(args.config).resolve()
     # Keep-alive longer than uvicorn's 5 s: clients (Dify, proxies) reuse connections, and a server that
     # closes an idle one just as a client reuses it turns a good request into a connection error.
-    # uvicorn times out neither a request head that never completes nor the number of connections: see aggregator/protocol.py.
+    # uvicorn times out neither a request head that never completes nor the number of connections: see aggregator/web/protocol.py.
     http = functools.partial(BoundedHttpProtocol, header_timeout_s=args.header_timeout, max_connections=args.max_connections)
     common = {
         "host": args.host, "port": args.port, "log_level": args.log_level.lower(), "log_config": None, "timeout_keep_alive": 75,
@@ -114,7 +114,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     os.environ["AGGREGATOR_LOG_LEVEL"] = args.log_level
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gateway-metrics-")
-    uvicorn.run("aggregator.asgi:create_from_env", factory=True, workers=args.workers, **common)  # type: ignore[arg-type]
+    uvicorn.run("aggregator.web.asgi:create_from_env", factory=True, workers=args.workers, **common)  # type: ignore[arg-type]
     return 0
 
 
@@ -129,7 +129,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_gc(args: argparse.Namespace) -> int:
     """Stores of removed sources are kept until this runs: a source renamed or commented out by mistake keeps its index."""
-    from .state.local import folder_bytes, remove_store, unused_stores
+    from aggregator.state.local import folder_bytes, remove_store, unused_stores
 
     config = _load_or_report(args.config)
     if config is None:
@@ -157,7 +157,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 def _gc_postgres(url: str, in_use: set[str], dry_run: bool) -> int:
     """`gc` for `server.state_url`: the stores of sources no longer configured, unless a replica syncs them."""
-    from .state.postgres import display_url, remove_stores, unused_stores
+    from aggregator.state.postgres import display_url, remove_stores, unused_stores
 
     where = display_url(url)
     try:
@@ -196,9 +196,9 @@ async def _retrieve_once(args: argparse.Namespace, explain: bool):  # type: igno
 
     from pydantic import ValidationError
 
-    from .models import RetrievalRequest
-    from .pipeline import UnknownKnowledgeBase, retrieve
-    from .runtime import Gateway
+    from aggregator.contract.models import RetrievalRequest
+    from aggregator.retrieval.pipeline import UnknownKnowledgeBase, retrieve
+    from aggregator.runtime.gateway import Gateway
 
     config = _load_or_report(args.config)
     if config is None:
@@ -209,7 +209,7 @@ async def _retrieve_once(args: argparse.Namespace, explain: bool):  # type: igno
             body["metadata_condition"] = json.loads(args.filter)
         request = RetrievalRequest.model_validate(body)
     except ValueError as exc:
-        from .api import describe_validation_error
+        from aggregator.web.api import describe_validation_error
 
         message = describe_validation_error(exc) if isinstance(exc, ValidationError) else "--filter: not valid JSON"
         print(f"error: {message}", file=sys.stderr)
@@ -242,7 +242,7 @@ async def _query(args: argparse.Namespace) -> int:
 
 
 async def _explain(args: argparse.Namespace) -> int:
-    from .ops.explain import explanation, render_text
+    from aggregator.ops.explain import explanation, render_text
 
     done = await _retrieve_once(args, explain=True)
     if isinstance(done, int):
@@ -264,9 +264,9 @@ async def _wait_for_indexes(gateway, timeout: float = 120.0) -> None:  # type: i
 async def _check(args: argparse.Namespace) -> int:
     from connectors.base import SourceQuery
 
-    from .fanout import call_source
-    from .ops.health import redact
-    from .runtime import Gateway
+    from aggregator.retrieval.fanout import call_source
+    from aggregator.ops.health import redact
+    from aggregator.runtime.gateway import Gateway
 
     config = _load_or_report(args.config)
     if config is None:
@@ -322,7 +322,7 @@ def format_first_record(connector, passage, secrets: Sequence[str] = ()) -> str:
     Each part is scrubbed of the config's secrets before it is cut short, as every output is."""
     from connectors.base import record_metadata
 
-    from .ops.health import redact
+    from aggregator.ops.health import redact
 
     metadata = redact(json.dumps(record_metadata(passage, connector.name, connector.type), ensure_ascii=False, default=str), secrets, None) or ""
     text = redact(" ".join(passage.content.split()), secrets, None) or ""

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from aggregator import pipeline
+from aggregator.retrieval import pipeline
 from aggregator.ranking.rerank import Answer, Candidate, Ranked
 
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from aggregator.config import parse_config
-from aggregator.models import RetrievalRequest
-from aggregator.pipeline import retrieve
-from aggregator.runtime import Gateway
+from aggregator.runtime.config import parse_config
+from aggregator.contract.models import RetrievalRequest
+from aggregator.retrieval.pipeline import retrieve
+from aggregator.runtime.gateway import Gateway
 from tests.loopback import serve
 from tests.test_semantic import ANSWERS, CASES, LOOKALIKES, semantic_upstream
 

@@ -4,7 +4,7 @@
 
 The gateway runs as `aggregator serve` in its own process over a `files` source whose every passage holds the
 query's word, so a filter that matches nothing makes the source read and test every passage. For each shape of
-filter at the limits (`aggregator/models.py`), one request is timed while a second client asks `/healthz` over
+filter at the limits (`aggregator/contract/models.py`), one request is timed while a second client asks `/healthz` over
 and over: the answer must come within the deadline, and the health checks must keep being answered. The same
 query without a filter, in the same run, is the baseline.
 """
@@ -25,7 +25,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from aggregator.models import MAX_FILTER_FIELDS, MAX_FILTER_TESTS, MAX_VALUES_PER_CONDITION  # noqa: E402
+from aggregator.contract.models import MAX_FILTER_FIELDS, MAX_FILTER_TESTS, MAX_VALUES_PER_CONDITION  # noqa: E402
 from tests.loopback import free_port, stop  # noqa: E402
 
 KEY = "bench-key-0123456789"

@@ -41,11 +41,11 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-from aggregator.config import parse_config
-from aggregator.models import RetrievalRequest
-from aggregator.pipeline import retrieve
+from aggregator.runtime.config import parse_config
+from aggregator.contract.models import RetrievalRequest
+from aggregator.retrieval.pipeline import retrieve
 from aggregator.ranking.bm25 import BM25Index, BM25Params
-from aggregator.runtime import Gateway
+from aggregator.runtime.gateway import Gateway
 from aggregator.text.tokenize import tokenize
 from aggregator.ranking.statistics import merge_term_statistics
 from connectors.base import Passage, TermStatistics

@@ -24,10 +24,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from aggregator.config import parse_config  # noqa: E402
-from aggregator.models import RetrievalRequest  # noqa: E402
-from aggregator.pipeline import retrieve  # noqa: E402
-from aggregator.runtime import Gateway  # noqa: E402
+from aggregator.runtime.config import parse_config  # noqa: E402
+from aggregator.contract.models import RetrievalRequest  # noqa: E402
+from aggregator.retrieval.pipeline import retrieve  # noqa: E402
+from aggregator.runtime.gateway import Gateway  # noqa: E402
 from tests.conftest import KEY, write_docs  # noqa: E402
 from tests.loopback import free_port, stop  # noqa: E402
 

@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider  # noqa: E402
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult  # noqa: E402
 
-import aggregator.fanout as fanout  # noqa: E402
-import aggregator.service as service_module  # noqa: E402
+import aggregator.retrieval.fanout as fanout  # noqa: E402
+import aggregator.runtime.service as service_module  # noqa: E402
 from aggregator.ops.tracing import Tracing  # noqa: E402
 from bench.perf import KEY, upstreams  # noqa: E402
 from connectors import http as connectors_http  # noqa: E402
@@ -107,7 +107,7 @@ def report(title: str, unit: str, samples: dict[str, list[float]]) -> None:
 
 
 async def fanout_only(rounds: int = 7, per_round: int = 3000) -> dict[str, list[float]]:
-    from aggregator.circuit import CircuitBreaker
+    from aggregator.retrieval.breaker import CircuitBreaker
     from connectors.base import Connector, ConnectorSettings, Passage, SourceQuery
 
     class Instant(Connector):
@@ -152,8 +152,8 @@ async def end_to_end(url: str, set_tracing: Any, rounds: int = 5, per_round: int
 
 
 def main() -> None:
-    from aggregator.api import create_app
-    from aggregator.config import load_config
+    from aggregator.web.api import create_app
+    from aggregator.runtime.config import load_config
 
     report("Fan-out only: a retrieval span over three instant sources", "µs per retrieval", asyncio.run(fanout_only()))
     with upstreams(3, 0.0) as urls, tempfile.TemporaryDirectory() as folder:

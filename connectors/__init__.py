@@ -6,16 +6,16 @@ and its settings model, then add one line to `REGISTRY` below.
 
 from __future__ import annotations
 
-from .base import Connector
-from .confluence import ConfluenceConnector
-from .dify import DifyConnector
-from .dify_dataset import DifyDatasetConnector
-from .elasticsearch import ElasticsearchConnector
-from .files import FilesConnector
-from .http_search import HttpSearchConnector
-from .notion import NotionConnector
-from .ragflow import RagflowConnector
-from .s3 import S3Connector
+from connectors.base import Connector
+from connectors.confluence import ConfluenceConnector
+from connectors.dify import DifyConnector
+from connectors.dify_dataset import DifyDatasetConnector
+from connectors.elasticsearch import ElasticsearchConnector
+from connectors.files import FilesConnector
+from connectors.http_search import HttpSearchConnector
+from connectors.notion import NotionConnector
+from connectors.ragflow import RagflowConnector
+from connectors.s3 import S3Connector
 
 REGISTRY: dict[str, type[Connector]] = {
     "files": FilesConnector,

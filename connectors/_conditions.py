@@ -1,6 +1,6 @@
 """Dify's `metadata_condition`, translated for upstreams that can filter by themselves.
 
-The gateway's own post-filter (`aggregator/filters.py`) runs on every record
+The gateway's own post-filter (`aggregator/contract/conditions.py`) runs on every record
 after the sources answer, so what a connector pushes down may be broader than
 Dify's meaning, never narrower: a record the upstream leaves out is lost for
 good. Two rules follow, written once here for every source:
@@ -21,13 +21,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from aggregator.filters import as_text
+from aggregator.contract.conditions import as_text
 
 Clause = TypeVar("Clause")
 #: (field name, comparison_operator, value) -> the upstream's clause, or None when it has none as safe.
 Translate = Callable[[str, str, Any], "Clause | None"]
 
-#: Operators that hold for a record whose field is missing (see aggregator/filters.py).
+#: Operators that hold for a record whose field is missing (see aggregator/contract/conditions.py).
 NEGATIVE_OPERATORS = frozenset({"not contains", "is not", "not in", "≠", "empty"})
 
 

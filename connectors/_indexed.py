@@ -48,7 +48,7 @@ from aggregator.tasks import cancel_and_wait
 from aggregator.text.chunking import split_passages
 from aggregator.text.tokenize import tokenize
 
-from .base import (
+from connectors.base import (
     Connector, ConnectorSettings, Passage, RateLimited, SourceError, SourceQuery, SourceStats, TermStatistics, Unavailable,
     now_iso, record_metadata,
 )  # fmt: skip

@@ -17,8 +17,8 @@ from typing import Any, ClassVar
 import httpx
 from yarl import URL
 
-from .base import Connector, Passage, SourceQuery
-from .http import DEFAULT_MAX_RESPONSE_BYTES, DescribeError, HttpClient, make_client, request_json
+from connectors.base import Connector, Passage, SourceQuery
+from connectors.http import DEFAULT_MAX_RESPONSE_BYTES, DescribeError, HttpClient, make_client, request_json
 
 
 #: Names the gateway puts on every record (see `base.record_metadata` and the pipeline): an upstream's own

@@ -45,7 +45,7 @@ def now_iso() -> str:
 
 
 class CircuitSettings(BaseModel):
-    """When the core stops calling a failing source, and for how long (see aggregator/circuit.py)."""
+    """When the core stops calling a failing source, and for how long (see aggregator/retrieval/breaker.py)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -150,7 +150,7 @@ class SourceQuery:
     accepts: Callable[[dict[str, Any]], bool] | None = None
 
 
-#: The task of a source call that runs under the fan-out's own timeout (set by `aggregator/fanout.py`, in that
+#: The task of a source call that runs under the fan-out's own timeout (set by `aggregator/retrieval/fanout.py`, in that
 #: call's task). No per-read timer of an HTTP client (at most the source's `timeout_s`) could fire before that
 #: timeout there, so `connectors.http` starts none for the call's requests: a timer per read and per answer is
 #: a measurable share of a call's CPU. Tasks a call starts are not covered: they keep their clients' timers.

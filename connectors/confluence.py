@@ -24,11 +24,11 @@ import httpx
 from pydantic import Field, SecretStr
 
 from aggregator.text.chunking import split_passages
-from aggregator.filters import as_instant
+from aggregator.contract.conditions import as_instant
 
-from ._html import html_to_text
-from .base import BadResponse, Connector, ConnectorSettings, NotFound, Passage, SourceQuery
-from .http import BaseUrl, HttpClient, make_client, request_json
+from connectors._html import html_to_text
+from connectors.base import BadResponse, Connector, ConnectorSettings, NotFound, Passage, SourceQuery
+from connectors.http import BaseUrl, HttpClient, make_client, request_json
 
 #: Characters with a meaning in the Lucene syntax behind CQL's `text ~`; replaced by spaces.
 _LUCENE_SPECIAL = re.compile(r'[+\-&|!(){}\[\]^"~*?:\\/]')

@@ -18,9 +18,9 @@ from typing import Any, Literal
 import msgspec
 from pydantic import Field, SecretStr
 
-from ._remote import raw_score
-from .base import BadResponse, Connector, ConnectorSettings, Passage, SourceQuery
-from .http import DEFAULT_MAX_RESPONSE_BYTES, BaseUrl, HttpClient, decode_json, make_client, request_json
+from connectors._remote import raw_score
+from connectors.base import BadResponse, Connector, ConnectorSettings, Passage, SourceQuery
+from connectors.http import DEFAULT_MAX_RESPONSE_BYTES, BaseUrl, HttpClient, decode_json, make_client, request_json
 
 #: Fields the gateway sets itself: an upstream may not have them, so conditions on them stay local.
 GATEWAY_FIELDS = frozenset({"source", "source_type", "title", "document_id"})

@@ -29,8 +29,8 @@ from pydantic import Field, field_validator
 
 from aggregator.tasks import cancel_and_wait
 
-from .base import SourceError, iso_utc
-from ._indexed import Document, IndexedConnector, IndexedSettings
+from connectors.base import SourceError, iso_utc
+from connectors._indexed import Document, IndexedConnector, IndexedSettings
 
 log = logging.getLogger(__name__)
 

@@ -40,7 +40,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from pydantic import AfterValidator
 from yarl import URL
 
-from .base import BOUNDED_CALL, AuthFailed, BadResponse, NotFound, RateLimited, SourceTimeout, Unavailable
+from connectors.base import BOUNDED_CALL, AuthFailed, BadResponse, NotFound, RateLimited, SourceTimeout, Unavailable
 
 USER_AGENT = "dify-knowledge-gateway/0.1"
 #: W3C trace context only: baggage a caller sent is not handed on to sources (often someone else's SaaS).

@@ -32,12 +32,12 @@ from jmespath.exceptions import JMESPathError
 from yarl import URL
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from aggregator.filters import as_number, as_text
+from aggregator.contract.conditions import as_number, as_text
 from aggregator.text.chunking import split_passages
 
-from ._remote import Call, RemoteConnector, iso_time, public_url, raw_score, upstream_metadata
-from .base import BadResponse, ConnectorSettings, Passage, SourceQuery
-from .http import DEFAULT_MAX_RESPONSE_BYTES
+from connectors._remote import Call, RemoteConnector, iso_time, public_url, raw_score, upstream_metadata
+from connectors.base import BadResponse, ConnectorSettings, Passage, SourceQuery
+from connectors.http import DEFAULT_MAX_RESPONSE_BYTES
 
 QUERY, LIMIT = "{query}", "{limit}"
 JsonValue = Any

@@ -25,9 +25,9 @@ from pydantic import Field, SecretStr
 
 from aggregator.shared.ratelimit import credential_limiter
 
-from ._indexed import Document, IndexedConnector, IndexedSettings
-from .base import BadResponse, NotFound
-from .http import BaseUrl, make_client, request_json
+from connectors._indexed import Document, IndexedConnector, IndexedSettings
+from connectors.base import BadResponse, NotFound
+from connectors.http import BaseUrl, make_client, request_json
 
 NOTION_VERSION = "2022-06-28"
 #: Blocks whose rich text is prose, and how to prefix it so the text keeps its shape.

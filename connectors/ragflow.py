@@ -32,12 +32,12 @@ from typing import Any, Literal
 
 from pydantic import Field, SecretStr
 
-from aggregator.filters import as_number, as_text
+from aggregator.contract.conditions import as_number, as_text
 
-from ._conditions import push_down
-from ._remote import GATEWAY_FIELDS, Call, RemoteConnector, dig, public_url, raw_score, upstream_metadata
-from .base import AuthFailed, BadResponse, ConnectorSettings, NotFound, Passage, SourceError, SourceQuery, Unavailable
-from .http import DEFAULT_MAX_RESPONSE_BYTES, BaseUrl, clip
+from connectors._conditions import push_down
+from connectors._remote import GATEWAY_FIELDS, Call, RemoteConnector, dig, public_url, raw_score, upstream_metadata
+from connectors.base import AuthFailed, BadResponse, ConnectorSettings, NotFound, Passage, SourceError, SourceQuery, Unavailable
+from connectors.http import DEFAULT_MAX_RESPONSE_BYTES, BaseUrl, clip
 
 #: RAGFlow's `RetCode`s (common/constants.py) and what each means here.
 AUTH_CODES = frozenset({108, 109, 401, 403})

@@ -16,9 +16,9 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, SecretStr, field_validator
 
-from ._html import html_to_text
-from ._indexed import Document, IndexedConnector, IndexedSettings
-from .base import AuthFailed, SourceError, Unavailable, iso_utc
+from connectors._html import html_to_text
+from connectors._indexed import Document, IndexedConnector, IndexedSettings
+from connectors.base import AuthFailed, SourceError, Unavailable, iso_utc
 
 AUTH_CODES = frozenset({"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "403", "401"})
 

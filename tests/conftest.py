@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from aggregator.config import GatewayConfig, parse_config
+from aggregator.runtime.config import GatewayConfig, parse_config
 
 KEY = "test-key-0123456789"
 SCOPED_KEY = "scoped-key-abcdef"

@@ -11,9 +11,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 import connectors._indexed as indexed
-from aggregator.api import create_app
-from aggregator.filters import compile_filter
-from aggregator.models import MAX_FILTER_FIELDS, MAX_FILTER_TESTS, MAX_VALUE_CHARS, MAX_VALUES_PER_CONDITION, MetadataCondition
+from aggregator.web.api import create_app
+from aggregator.contract.conditions import compile_filter
+from aggregator.contract.models import MAX_FILTER_FIELDS, MAX_FILTER_TESTS, MAX_VALUE_CHARS, MAX_VALUES_PER_CONDITION, MetadataCondition
 
 from .conftest import KEY, make_config, write_docs
 from .loopback import serve, wait_ready

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from aggregator.api import create_app
+from aggregator.web.api import create_app
 from aggregator.ops.charts import OUTCOME_COLOURS, P50_COLOUR
 
 from .conftest import KEY, make_config, write_docs

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import httpx
 
-from aggregator.api import create_app
-from aggregator.cache import POLL_S, Answer, ResponseCache
+from aggregator.web.api import create_app
+from aggregator.retrieval.cache import POLL_S, Answer, ResponseCache
 from aggregator.shared.redis import SharedState
 
 from .conftest import KEY, make_config, write_docs

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from aggregator.circuit import CircuitBreaker
+from aggregator.retrieval.breaker import CircuitBreaker
 from connectors.base import CircuitSettings
 
 

@@ -155,7 +155,7 @@ def test_a_serving_process_freezes_its_start_up_objects_and_collects_less_often(
     import sys
 
     code = (
-        "import gc, aggregator.api; from aggregator.collector import THRESHOLDS, settle_for_serving; before = gc.get_threshold(); "
+        "import gc, aggregator.web.api; from aggregator.runtime.gc import THRESHOLDS, settle_for_serving; before = gc.get_threshold(); "
         "settle_for_serving(); print(before[0], gc.get_threshold() == THRESHOLDS, gc.get_freeze_count() > 10_000)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from aggregator.config import ConfigError, load_config, parse_config
+from aggregator.runtime.config import ConfigError, load_config, parse_config
 
 GOOD = """
 server:
@@ -163,7 +163,7 @@ def test_a_password_written_into_a_url_is_a_secret_too(tmp_path: Path):
     """A dead upstream's error names its URL; the password in it never reaches /status or the page."""
     from fastapi.testclient import TestClient
 
-    from aggregator.api import create_app
+    from aggregator.web.api import create_app
 
     from .loopback import free_port
 

@@ -133,7 +133,7 @@ async def test_bodies_are_cached_by_version(fake):
 
 
 async def test_429_carries_retry_after_and_the_fan_out_waits_for_it(fake):
-    from aggregator.fanout import SourcePolicy, call_source
+    from aggregator.retrieval.fanout import SourcePolicy, call_source
 
     state, base = fake
     state.rate_limit_next, state.retry_after = 1, "1"

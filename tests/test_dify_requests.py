@@ -12,9 +12,9 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aggregator.api import create_app
-from aggregator.config import GatewayConfig
-from aggregator.models import DEFAULT_TOP_K, MAX_TOP_K
+from aggregator.web.api import create_app
+from aggregator.runtime.config import GatewayConfig
+from aggregator.contract.models import DEFAULT_TOP_K, MAX_TOP_K
 
 from .conftest import KEY
 

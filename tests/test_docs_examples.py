@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from aggregator.config import parse_config
+from aggregator.runtime.config import parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 TYPES = ("elasticsearch", "dify_dataset", "ragflow", "http")

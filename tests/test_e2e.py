@@ -12,7 +12,7 @@ import httpx
 import pytest
 from fastapi import FastAPI, Request
 
-from aggregator.api import create_app
+from aggregator.web.api import create_app
 
 from .conftest import KEY, dify_source, make_config, write_docs
 from .loopback import free_port, serve, serve_cli, wait_ready

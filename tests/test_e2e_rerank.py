@@ -12,8 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from aggregator.api import create_app
-from aggregator.config import parse_config
+from aggregator.web.api import create_app
+from aggregator.runtime.config import parse_config
 
 from .conftest import KEY, write_docs
 from .fakes import rerank as fake_rerank
@@ -149,9 +149,9 @@ def test_explain_shows_the_stage_like_a_source(gateway):
 async def test_a_reload_adds_changes_and_removes_the_model(model, tmp_path: Path):
     import asyncio
 
-    from aggregator.models import RetrievalRequest
-    from aggregator.pipeline import retrieve as run
-    from aggregator.service import Service
+    from aggregator.contract.models import RetrievalRequest
+    from aggregator.retrieval.pipeline import retrieve as run
+    from aggregator.runtime.service import Service
 
     url, state = model
     state.reset()

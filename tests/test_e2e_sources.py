@@ -17,8 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from aggregator.api import create_app
-from aggregator.config import parse_config
+from aggregator.web.api import create_app
+from aggregator.runtime.config import parse_config
 
 from .conftest import KEY, write_docs
 from .fakes import dify_dataset, elasticsearch, ragflow, search_api

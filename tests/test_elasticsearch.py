@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from aggregator.config import ConfigError, parse_config
+from aggregator.runtime.config import ConfigError, parse_config
 from connectors.base import AuthFailed, BadResponse, NotFound, RateLimited, SourceQuery
 from connectors.elasticsearch import ElasticsearchConnector, ElasticsearchSettings, filter_clause
 

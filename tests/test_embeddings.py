@@ -14,12 +14,12 @@ import httpx
 import numpy as np
 import pytest
 
-from aggregator.api import create_app
-from aggregator.config import ConfigError, parse_config
-from aggregator.models import RetrievalRequest
-from aggregator.pipeline import RetrievalResult, retrieve
+from aggregator.web.api import create_app
+from aggregator.runtime.config import ConfigError, parse_config
+from aggregator.contract.models import RetrievalRequest
+from aggregator.retrieval.pipeline import RetrievalResult, retrieve
 from aggregator.ranking.embeddings import EmbeddingSettings, Judge, LocalProvider, VectorCache
-from aggregator.runtime import Gateway
+from aggregator.runtime.gateway import Gateway
 
 from .conftest import KEY, write_docs
 from .fakes.embeddings import API_KEY, FakeEmbeddings, hashed_vectors

@@ -12,7 +12,7 @@ from pydantic import SecretStr
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from aggregator.api import create_app
+from aggregator.web.api import create_app
 from aggregator.cli import main as cli
 
 from .conftest import DOCS, KEY, dify_source, make_config, write_docs

@@ -8,7 +8,7 @@ from typing import Literal
 
 import pytest
 
-from aggregator.fanout import SourcePolicy, call_source, fan_out, pause_before_retry
+from aggregator.retrieval.fanout import SourcePolicy, call_source, fan_out, pause_before_retry
 from aggregator.tasks import Timeout
 from connectors.base import AuthFailed, BadResponse, Connector, ConnectorSettings, Passage, RateLimited, SourceQuery, Unavailable
 

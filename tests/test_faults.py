@@ -17,7 +17,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from aggregator.api import create_app
+from aggregator.web.api import create_app
 
 from .conftest import KEY, make_config, write_docs
 from .loopback import free_port, serve, wait_ready

@@ -176,9 +176,9 @@ async def test_a_file_swapped_for_a_link_after_the_scan_is_not_read(tmp_path: Pa
 
 async def test_two_folders_with_the_same_file_give_two_document_ids_that_survive_a_restart(tmp_path: Path):
     """Dify groups a reply's citations by `metadata.document_id`: two folders' README.md must not be one citation."""
-    from aggregator.models import RetrievalRequest
-    from aggregator.pipeline import retrieve
-    from aggregator.runtime import Gateway
+    from aggregator.contract.models import RetrievalRequest
+    from aggregator.retrieval.pipeline import retrieve
+    from aggregator.runtime.gateway import Gateway
 
     from .conftest import make_config, write_docs
 

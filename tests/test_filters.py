@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from aggregator.filters import compile_filter
-from aggregator.models import MetadataCondition
+from aggregator.contract.conditions import compile_filter
+from aggregator.contract.models import MetadataCondition
 
 RECORD = {
     "source": "confluence-eng",

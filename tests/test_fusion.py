@@ -248,7 +248,7 @@ def test_samples_are_saved_while_retrievals_keep_adding_to_them():
 
 
 async def test_the_service_keeps_its_samples_in_the_state_folder(tmp_path):
-    from aggregator.service import SAMPLES_FILE, Service
+    from aggregator.runtime.service import SAMPLES_FILE, Service
 
     from .conftest import dify_source, make_config, write_docs
     from .fakes.dify import FakeUpstream
@@ -257,8 +257,8 @@ async def test_the_service_keeps_its_samples_in_the_state_folder(tmp_path):
     with serve(FakeUpstream().app()) as url:
         config = make_config(write_docs(tmp_path / "docs"), dify_source("remote", url), kb_connectors="[docs, remote]")
         config.server.state_dir = tmp_path / "state"
-        from aggregator.models import RetrievalRequest
-        from aggregator.pipeline import retrieve
+        from aggregator.contract.models import RetrievalRequest
+        from aggregator.retrieval.pipeline import retrieve
 
         first = Service(lambda: config)
         await first.start()

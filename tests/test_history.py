@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from aggregator.api import create_app
-from aggregator.config import parse_config
-from aggregator.fanout import OUTCOMES, SourceResult
+from aggregator.web.api import create_app
+from aggregator.runtime.config import parse_config
+from aggregator.retrieval.fanout import OUTCOMES, SourceResult
 from aggregator.ops.health import HealthRecorder, percentile
 from aggregator.ops.history import ERRORS_KEPT, MINUTES, History
 

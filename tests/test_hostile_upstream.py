@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
-from aggregator.api import create_app
+from aggregator.web.api import create_app
 
 from .conftest import KEY, make_config, write_docs
 from .loopback import serve, wait_ready

@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from aggregator.fanout import SourcePolicy, call_source
+from aggregator.retrieval.fanout import SourcePolicy, call_source
 from connectors.base import BOUNDED_CALL, AuthFailed, BadResponse, NotFound, RateLimited, SourceQuery, SourceTimeout, Unavailable
 from connectors.http import decode_json, make_client, request_json, send
 

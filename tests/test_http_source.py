@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from aggregator.config import ConfigError, parse_config
+from aggregator.runtime.config import ConfigError, parse_config
 from connectors.base import AuthFailed, BadResponse, RateLimited, SourceQuery
 from connectors.http_search import HttpSearchConnector, HttpSearchSettings
 

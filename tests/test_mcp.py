@@ -25,8 +25,8 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
-from aggregator.api import create_app
-from aggregator.config import GatewayConfig, parse_config
+from aggregator.web.api import create_app
+from aggregator.runtime.config import GatewayConfig, parse_config
 
 from .conftest import KEY, SCOPED_KEY, make_config, write_docs
 from .loopback import free_port, serve, wait_ready
@@ -246,12 +246,12 @@ async def test_bad_arguments_are_told_to_the_model_not_a_500(gateway: str):
 
 
 async def test_a_bug_is_an_error_the_model_sees_without_internals(gateway: str, monkeypatch: pytest.MonkeyPatch):
-    import aggregator.api
+    import aggregator.web.api
 
     async def broken(*_args: Any, **_kwargs: Any) -> None:
         raise RuntimeError("secret internals")
 
-    monkeypatch.setattr(aggregator.api, "retrieve", broken)  # the server runs in this process, on a thread
+    monkeypatch.setattr(aggregator.web.api, "retrieve", broken)  # the server runs in this process, on a thread
     async with mcp_client(gateway) as client:
         result = await client.call_tool("search", {"knowledge_base": "demo", "query": "signing keys"})
     assert result.is_error and text_of(result) == "internal error (RuntimeError); see the service log"
@@ -348,9 +348,9 @@ def test_an_oversized_body_is_refused_as_retrieval_refuses_it(gateway: str):
 async def test_a_body_trickled_in_is_cut_off_as_retrieval_cuts_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     import asyncio
 
-    import aggregator.mcp
+    import aggregator.web.mcp
 
-    monkeypatch.setattr(aggregator.mcp, "BODY_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(aggregator.web.mcp, "BODY_TIMEOUT_S", 0.3)
     app = create_app(lambda: make_config(write_docs(tmp_path / "docs")))
 
     async def trickle() -> AsyncIterator[bytes]:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from aggregator.api import create_app
-from aggregator.config import parse_config
+from aggregator.web.api import create_app
+from aggregator.runtime.config import parse_config
 from aggregator.ops.logs import JsonFormatter
 
 from .conftest import KEY, write_docs
@@ -230,7 +230,7 @@ def test_what_other_replicas_see_of_this_one_is_what_its_status_says(folder: Pat
 
 def test_a_sources_error_is_logged_scrubbed_once_per_change_of_error(caplog):
     """The reason a source fails was in /status alone: now the log says it when it changes, never every call."""
-    from aggregator.fanout import SourceResult
+    from aggregator.retrieval.fanout import SourceResult
     from aggregator.ops.health import HealthRecorder
 
     health = HealthRecorder()

@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from aggregator.text.chunking import split_passages
-from aggregator.filters import compile_filter
-from aggregator.models import MetadataCondition
+from aggregator.contract.conditions import compile_filter
+from aggregator.contract.models import MetadataCondition
 from aggregator.text.tokenize import tokenize
 
 FAST = settings(max_examples=200, deadline=1000)

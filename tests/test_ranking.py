@@ -10,11 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator.models import RetrievalRequest
-from aggregator.pipeline import retrieve
+from aggregator.contract.models import RetrievalRequest
+from aggregator.retrieval.pipeline import retrieve
 from aggregator.ranking.pool import TermCache
 from aggregator.ranking.rerank import Answer, fuse, rerank
-from aggregator.runtime import Gateway
+from aggregator.runtime.gateway import Gateway
 from aggregator.text.tokenize import tokenize
 from connectors.base import Passage
 

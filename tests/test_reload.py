@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 
-from aggregator.api import create_app
+from aggregator.web.api import create_app
 
 from .conftest import KEY, write_docs
 from .loopback import serve, wait_ready
@@ -94,8 +94,8 @@ async def test_requests_in_flight_finish_on_the_old_config(tmp_path: Path):
     """A reload swaps the gateway; what the new one dropped closes only after the old one's last request."""
     import asyncio
 
-    from aggregator.config import load_config
-    from aggregator.service import Service
+    from aggregator.runtime.config import load_config
+    from aggregator.runtime.service import Service
 
     docs = write_docs(tmp_path / "docs")
     more = write_docs(tmp_path / "more", {"kafka.md": "# Kafka guide\n\nHow to add a Kafka topic."})

@@ -10,9 +10,9 @@ from collections.abc import Iterator
 import pytest
 from pydantic import ValidationError
 
-from aggregator.config import ConfigError, parse_config
+from aggregator.runtime.config import ConfigError, parse_config
 from aggregator.ranking.rerank import Candidate, Ranked
-from aggregator.ranking.rerank_model import (
+from aggregator.retrieval.rerank_model import (
     RerankModel, RerankModels, Reranked, RerankSettings, describe_error, parse_scores, request_body, stage_detail,
 )  # fmt: skip
 from connectors.base import BadResponse, Passage

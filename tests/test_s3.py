@@ -12,8 +12,8 @@ import boto3
 import httpx
 import pytest
 
-from aggregator.api import create_app
-from aggregator.config import parse_config
+from aggregator.web.api import create_app
+from aggregator.runtime.config import parse_config
 
 from .conftest import KEY, write_docs
 from .loopback import free_port, serve, wait_ready

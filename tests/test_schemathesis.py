@@ -8,8 +8,8 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from aggregator.api import create_app
-from aggregator.config import parse_config
+from aggregator.web.api import create_app
+from aggregator.runtime.config import parse_config
 
 KEY = "schema-key"
 DOCS = Path(__file__).resolve().parent.parent / "samples"

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from fastapi import FastAPI
 
-from aggregator.config import parse_config
-from aggregator.models import RetrievalRequest
-from aggregator.pipeline import retrieve
-from aggregator.runtime import Gateway
+from aggregator.runtime.config import parse_config
+from aggregator.contract.models import RetrievalRequest
+from aggregator.retrieval.pipeline import retrieve
+from aggregator.runtime.gateway import Gateway
 
 from .conftest import KEY, write_docs
 from .loopback import serve

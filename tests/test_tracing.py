@@ -17,10 +17,10 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from aggregator.api import create_app
-from aggregator.circuit import CircuitBreaker
+from aggregator.web.api import create_app
+from aggregator.retrieval.breaker import CircuitBreaker
 from aggregator.cli import main
-from aggregator.fanout import SourcePolicy, SourceSlot, ask_sources
+from aggregator.retrieval.fanout import SourcePolicy, SourceSlot, ask_sources
 from aggregator.ops.tracing import Tracing, TracingConfigError, exporters_from_env
 from connectors.base import CircuitSettings, SourceQuery
 

@@ -15,10 +15,10 @@ from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlencode
 
-from ..fanout import SourceResult
-from .health import redact
-from ..pipeline import RetrievalResult, Verdict
-from ..ranking.rerank import Candidate
+from aggregator.retrieval.fanout import SourceResult
+from aggregator.ops.health import redact
+from aggregator.retrieval.pipeline import RetrievalResult, Verdict
+from aggregator.ranking.rerank import Candidate
 
 EXCERPT_CHARS = 240
 

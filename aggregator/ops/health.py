@@ -24,8 +24,8 @@ from typing import Any
 
 from connectors.base import SourceStats, iso_utc
 
-from ..fanout import OUTCOMES, SourceResult, SourceSlot
-from .history import History
+from aggregator.retrieval.fanout import OUTCOMES, SourceResult, SourceSlot
+from aggregator.ops.history import History
 
 log = logging.getLogger("aggregator.sources")
 #: Numbers in a message (elapsed seconds, retry-after, counts) do not make it another error.

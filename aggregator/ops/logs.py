@@ -8,7 +8,7 @@ import re
 from datetime import datetime, timezone
 from typing import Any
 
-from ..models import RETRIEVAL_PATHS
+from aggregator.contract.models import RETRIEVAL_PATHS
 
 
 #: Third-party loggers that write credentials at debug level (see configure_logging).

@@ -15,10 +15,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ..fanout import SourceResult
+from aggregator.retrieval.fanout import SourceResult
 
 if TYPE_CHECKING:
-    from ..runtime import Gateway
+    from aggregator.runtime.gateway import Gateway
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0)
 CIRCUIT_VALUES = {"closed": 0, "half_open": 1, "open": 2}

@@ -9,7 +9,7 @@ import re
 from html import escape
 from typing import Any
 
-from .charts import OUTCOME_COLOURS, P50_COLOUR, P95_COLOUR, latency_chart, outcomes_chart
+from aggregator.ops.charts import OUTCOME_COLOURS, P50_COLOUR, P95_COLOUR, latency_chart, outcomes_chart
 
 REFRESH_S = 5
 COLOURS = {

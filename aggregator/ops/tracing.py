@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SpanExporter
 
-    from ..fanout import SourceResult
+    from aggregator.retrieval.fanout import SourceResult
 
 log = logging.getLogger(__name__)
 

@@ -41,10 +41,10 @@ from yarl import URL
 from connectors.base import BadResponse, CircuitSettings, RateLimited, SourceError, SourceTimeout
 from connectors.http import BaseUrl, HttpClient, clip, make_client, request_json
 
-from ..circuit import CircuitBreaker
-from ..fanout import SourcePolicy, pause_before_retry
-from .rerank import DEFAULT_FUSION
-from ..tasks import Timeout
+from aggregator.retrieval.breaker import CircuitBreaker
+from aggregator.retrieval.fanout import SourcePolicy, pause_before_retry
+from aggregator.ranking.rerank import DEFAULT_FUSION
+from aggregator.tasks import Timeout
 
 log = logging.getLogger(__name__)
 

@@ -25,12 +25,12 @@ import numpy as np
 
 from connectors.base import Passage
 
-from ..text.tokenize import tokenize
-from .bm25 import BM25Params
-from .statistics import PassageSample, QueryStatistics
+from aggregator.text.tokenize import tokenize
+from aggregator.ranking.bm25 import BM25Params
+from aggregator.ranking.statistics import PassageSample, QueryStatistics
 
 try:  # the compiled scoring loop (setup.py); optional, numpy does the same work without it
-    from . import _kernel
+    from aggregator.ranking import _kernel
 except ImportError:  # pragma: no cover - only where the build had no C compiler
     _kernel = None  # type: ignore[assignment]
 

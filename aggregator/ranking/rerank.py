@@ -48,10 +48,10 @@ import numpy as np
 
 from connectors.base import Passage, TermStatistics
 
-from ..text.tokenize import tokenize
-from .bm25 import BM25Params
-from .pool import QueryPlan, Seen, TermCache, _kernel, score_pool
-from .statistics import QueryStatistics
+from aggregator.text.tokenize import tokenize
+from aggregator.ranking.bm25 import BM25Params
+from aggregator.ranking.pool import QueryPlan, Seen, TermCache, _kernel, score_pool
+from aggregator.ranking.statistics import QueryStatistics
 
 ScoreUse = Literal["auto", "rank", "trust", "ignore"]
 

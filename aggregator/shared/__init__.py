@@ -3,5 +3,5 @@
 `redis` is the connection and its health (down: everything falls back to per-process state, said in /status and
 the log; back: shared again), `circuit` the breakers every replica sees, `peers` each replica's recent health for
 /status, `ratelimit` the request rates that belong to a credential (Notion's 3 a second) rather than to a process.
-The response cache (`aggregator.cache`) keeps its entries here too. redis-py is an optional extra, imported lazily.
+The response cache (`aggregator.retrieval.cache`) keeps its entries here too. redis-py is an optional extra, imported lazily.
 """

@@ -2,7 +2,7 @@
 
 Each process keeps a full local breaker (the mirror): a call in the closed state costs no round trip. Every
 failure, and the first success after failures, goes to Redis in one atomic script that counts, opens (with the
-cool-down doubling after a failed trial, as `aggregator/circuit.py` does) and publishes the new state; every
+cool-down doubling after a failed trial, as `aggregator/retrieval/breaker.py` does) and publishes the new state; every
 replica's mirror applies it. When the cool-down is over, exactly one replica wins the trial call (`SET NX`).
 While Redis is unreachable the mirror works as the per-process breaker it is; when it is back, the shared state
 is read again.
@@ -17,8 +17,8 @@ from typing import Any
 
 from connectors.base import CircuitSettings
 
-from ..circuit import CircuitBreaker
-from .redis import PREFIX, SharedState
+from aggregator.retrieval.breaker import CircuitBreaker
+from aggregator.shared.redis import PREFIX, SharedState
 
 CHANNEL = "circuit"
 #: A trial call claimed by a replica that died is given to another after this long.

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .redis import PREFIX, SharedState
+from aggregator.shared.redis import PREFIX, SharedState
 
 KEEP_S = 15
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from aiolimiter import AsyncLimiter
 
 if TYPE_CHECKING:
-    from .redis import SharedState
+    from aggregator.shared.redis import SharedState
 
 #: Slots are this much further apart than 1 / per_second: requests leave at their slot and arrive with some
 #: jitter, and the limit must hold in every second as the upstream counts it.

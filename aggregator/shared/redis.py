@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from ..tasks import cancel_and_wait
+from aggregator.tasks import cancel_and_wait
 
 log = logging.getLogger("aggregator.shared")
 T = TypeVar("T")

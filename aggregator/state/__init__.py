@@ -7,11 +7,11 @@ postings it is made of; `postgres` the shared store of several replicas
 so connectors may use it.
 """
 
-from .base import (
+from aggregator.state.base import (
     IndexStore, IndexWriter, PreparedDocument, StateBackend, StoredPassage, StoreInfo, StoreUnavailable, SyncStatus,
     settings_fingerprint,
 )  # fmt: skip
-from .local import LocalBackend, LocalStore
+from aggregator.state.local import LocalBackend, LocalStore
 
 __all__ = [
     "IndexStore", "IndexWriter", "LocalBackend", "LocalStore", "PreparedDocument", "StateBackend", "StoreInfo",

@@ -37,8 +37,8 @@ import numpy as np
 
 from aggregator.ranking.bm25 import K1, B
 
-from . import segments as seg
-from .base import IndexStore, IndexWriter, PreparedDocument, StateBackend, StoreInfo, StoredPassage, SyncStatus, query_weights
+from aggregator.state import segments as seg
+from aggregator.state.base import IndexStore, IndexWriter, PreparedDocument, StateBackend, StoreInfo, StoredPassage, SyncStatus, query_weights
 
 log = logging.getLogger("aggregator.state")
 

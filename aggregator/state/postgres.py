@@ -46,11 +46,11 @@ from aggregator.ranking.bm25 import B, K1
 from aggregator.shared.redis import replica_name  # the name alone: redis-py is not imported
 from aggregator.tasks import cancel_and_wait
 
-from .base import (
+from aggregator.state.base import (
     IndexStore, IndexWriter, PreparedDocument, StateBackend, StoreInfo, StoredPassage, StoreUnavailable, SyncStatus,
     query_weights,
 )  # fmt: skip
-from .local import tie_key
+from aggregator.state.local import tie_key
 
 try:
     import psycopg

@@ -25,9 +25,9 @@ from typing import Any
 
 from connectors.base import BOUNDED_CALL, Connector, Passage, RateLimited, SourceError, SourceQuery, SourceTimeout
 
-from .circuit import CircuitBreaker
-from .ops.tracing import trace_skipped, traced_source_call
-from .tasks import Timeout
+from aggregator.retrieval.breaker import CircuitBreaker
+from aggregator.ops.tracing import trace_skipped, traced_source_call
+from aggregator.tasks import Timeout
 
 log = logging.getLogger(__name__)
 

@@ -31,11 +31,11 @@ from typing import TYPE_CHECKING, Any
 from starlette.responses import Response
 
 if TYPE_CHECKING:
-    from .config import ApiKey
-    from .models import RetrievalRequest
-    from .runtime import Gateway
-    from .service import Service
-    from .shared.redis import SharedState
+    from aggregator.runtime.config import ApiKey
+    from aggregator.contract.models import RetrievalRequest
+    from aggregator.runtime.gateway import Gateway
+    from aggregator.runtime.service import Service
+    from aggregator.shared.redis import SharedState
 
 #: Bounds of the in-process cache (entries are evicted oldest first).
 MAX_ENTRIES = 4096

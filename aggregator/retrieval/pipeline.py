@@ -10,15 +10,15 @@ from typing import Any
 
 from connectors.base import SourceQuery, record_metadata
 
-from .fanout import SourceResult, ask_sources
-from .filters import compile_filter
-from .models import RetrievalRequest
-from .ranking.embeddings import NAME as JUDGE, Judge, drop
-from .ranking.rerank import DEFAULT_FUSION, Answer, Candidate, Ranked, rerank
-from .ranking.rerank_model import stage_detail
-from .ranking.statistics import merge_term_statistics
-from .runtime import Gateway
-from .text.tokenize import tokenize
+from aggregator.retrieval.fanout import SourceResult, ask_sources
+from aggregator.contract.conditions import compile_filter
+from aggregator.contract.models import RetrievalRequest
+from aggregator.ranking.embeddings import NAME as JUDGE, Judge, drop
+from aggregator.ranking.rerank import DEFAULT_FUSION, Answer, Candidate, Ranked, rerank
+from aggregator.retrieval.rerank_model import stage_detail
+from aggregator.ranking.statistics import merge_term_statistics
+from aggregator.runtime.gateway import Gateway
+from aggregator.text.tokenize import tokenize
 
 log = logging.getLogger(__name__)
 

@@ -35,20 +35,20 @@ from fastapi.responses import JSONResponse as StarletteJSONResponse
 from pydantic import ValidationError
 from starlette.types import Message, Receive, Scope, Send
 
-from .ops import explain, statuspage
-from .ops.health import redact
-from .ops.tracing import Tracing
-from .cache import Answer, answered_by_all, serve_cached
-from .config import ApiKey, GatewayConfig
-from .models import RETRIEVAL_PATHS, ErrorBody, RetrievalRequest, RetrievalResponse
-from .pipeline import UnknownKnowledgeBase, retrieve
-from .runtime import Gateway
-from .service import Service
-from .tasks import Timeout
+from aggregator.ops import explain, statuspage
+from aggregator.ops.health import redact
+from aggregator.ops.tracing import Tracing
+from aggregator.retrieval.cache import Answer, answered_by_all, serve_cached
+from aggregator.runtime.config import ApiKey, GatewayConfig
+from aggregator.contract.models import RETRIEVAL_PATHS, ErrorBody, RetrievalRequest, RetrievalResponse
+from aggregator.retrieval.pipeline import UnknownKnowledgeBase, retrieve
+from aggregator.runtime.gateway import Gateway
+from aggregator.runtime.service import Service
+from aggregator.tasks import Timeout
 
-log = logging.getLogger("aggregator.api")
+log = logging.getLogger("aggregator.web.api")
 
-#: Where MCP is served (aggregator/mcp.py); a client configured with a trailing slash posts to the second.
+#: Where MCP is served (aggregator/web/mcp.py); a client configured with a trailing slash posts to the second.
 MCP_PATHS = frozenset({"/mcp", "/mcp/"})
 #: A client that trickles its body in may not hold a request open longer than this.
 BODY_TIMEOUT_S = 10.0
@@ -240,7 +240,7 @@ async def answer_retrieval(service: Service, gateway: Gateway, api_key: ApiKey, 
             return response, None
         return response, Answer(bytes(response.body), sources, complete=answered_by_all(result.sources))
 
-    # Dify's retries (and any identical retrieval within server.cache_ttl_s) are answered once: aggregator/cache.py
+    # Dify's retries (and any identical retrieval within server.cache_ttl_s) are answered once: aggregator/retrieval/cache.py
     return await serve_cached(service, gateway, api_key, parsed, request_id, respond, via)
 
 
@@ -268,7 +268,7 @@ class GatewayApp(FastAPI):
     """
 
     retrieval: Callable[[Scope, Receive, Send], Awaitable[None]] | None = None
-    #: MCP at /mcp (aggregator/mcp.py), served directly too: the SDK's transport reads its own request.
+    #: MCP at /mcp (aggregator/web/mcp.py), served directly too: the SDK's transport reads its own request.
     mcp: Callable[[Scope, Receive, Send], Awaitable[None]] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -292,7 +292,7 @@ def create_app(load: Callable[[], GatewayConfig] | None = None, config_path: Pat
     else:
         raise ValueError("create_app needs a config loader or a config path")
 
-    from .mcp import McpEndpoint  # it builds on this module's checks and retrieval path
+    from aggregator.web.mcp import McpEndpoint  # it builds on this module's checks and retrieval path
 
     mcp = McpEndpoint(service)
 

@@ -20,7 +20,7 @@ holds when any of its items does; a value the operator cannot use (a number
 operator given "abc") matches nothing and is logged with its place.
 
 What no Dify produces is refused with 400/3001 by the request model
-(`aggregator/models.py`): more values in a condition, more field names over
+(`aggregator/contract/models.py`): more values in a condition, more field names over
 all conditions, or more (name, value) tests than a passage may cost. Within
 those limits each field is read once per passage and each condition's values
 are folded into one test (a set, a tuple, a bound, one pattern), so an indexed
@@ -36,7 +36,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
-from .models import Condition, MetadataCondition
+from aggregator.contract.models import Condition, MetadataCondition
 
 log = logging.getLogger(__name__)
 

@@ -6,10 +6,10 @@ import os
 
 from fastapi import FastAPI
 
-from .api import create_app
-from .collector import settle_for_serving
-from .config import resolve_config_path
-from .ops.logs import configure_logging
+from aggregator.web.api import create_app
+from aggregator.runtime.gc import settle_for_serving
+from aggregator.runtime.config import resolve_config_path
+from aggregator.ops.logs import configure_logging
 
 
 def create_from_env() -> FastAPI:

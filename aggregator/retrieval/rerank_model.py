@@ -38,10 +38,10 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from connectors.base import BadResponse, CircuitSettings, Passage, SourceError, SourceTimeout
 from connectors.http import BaseUrl, HttpClient, clip, make_client, request_json
 
-from ..circuit import CircuitBreaker
-from ..fanout import SourcePolicy, SourceResult, pause_before_retry
-from ..ops.tracing import trace_skipped, traced_source_call
-from .rerank import Candidate, Ranked
+from aggregator.retrieval.breaker import CircuitBreaker
+from aggregator.retrieval.fanout import SourcePolicy, SourceResult, pause_before_retry
+from aggregator.ops.tracing import trace_skipped, traced_source_call
+from aggregator.ranking.rerank import Candidate, Ranked
 
 log = logging.getLogger(__name__)
 

@@ -17,17 +17,17 @@ from typing import TYPE_CHECKING
 from connectors import build_connector
 from connectors.base import Connector
 
-from .circuit import CircuitBreaker
-from .config import DEV_API_KEY, GatewayConfig
-from .fanout import SourcePolicy, SourceSlot
-from .ranking.embeddings import NAME as JUDGE, Judge
-from .ranking.pool import TermCache
-from .ranking.rerank_model import RerankModels
-from .state import LocalBackend, StateBackend
-from .state.local import unused_stores
+from aggregator.retrieval.breaker import CircuitBreaker
+from aggregator.runtime.config import DEV_API_KEY, GatewayConfig
+from aggregator.retrieval.fanout import SourcePolicy, SourceSlot
+from aggregator.ranking.embeddings import NAME as JUDGE, Judge
+from aggregator.ranking.pool import TermCache
+from aggregator.retrieval.rerank_model import RerankModels
+from aggregator.state import LocalBackend, StateBackend
+from aggregator.state.local import unused_stores
 
 if TYPE_CHECKING:
-    from .shared.circuit import SharedBreakers
+    from aggregator.shared.circuit import SharedBreakers
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def state_backend(config: GatewayConfig, previous: StateBackend | None) -> State
         if getattr(previous, "url", None) != url:
             log.warning("server.state_url changed: the new database is used from the next start of the service")
         return previous
-    from .state.postgres import PostgresBackend  # psycopg is an optional extra
+    from aggregator.state.postgres import PostgresBackend  # psycopg is an optional extra
 
     return PostgresBackend(url)
 

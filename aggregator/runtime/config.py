@@ -22,8 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from connectors import REGISTRY
 from connectors.base import CircuitSettings, ConnectorSettings
 
-from .ranking.embeddings import EmbeddingSettings
-from .ranking.rerank_model import STAGE_NAME as RERANK_STAGE, RerankOverride, RerankSettings, effective_settings
+from aggregator.ranking.embeddings import EmbeddingSettings
+from aggregator.retrieval.rerank_model import STAGE_NAME as RERANK_STAGE, RerankOverride, RerankSettings, effective_settings
 
 DEFAULT_CONFIG_PATH = "connectors.yaml"
 #: The state folder's name when `server.state_dir` is unset: beside the config file.

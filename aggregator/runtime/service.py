@@ -21,22 +21,22 @@ from typing import Any
 
 from connectors.base import iso_utc, now_iso
 
-from .cache import ResponseCache
-from .config import DEV_API_KEY, ConfigError, GatewayConfig, load_config
-from .ops.health import HealthRecorder, ReloadRecord, redact, summary_of
-from .ops.metrics import Metrics, SharedView
-from .ops.tracing import Tracing, annotate, current_trace_id
-from .pipeline import RetrievalResult
-from .ranking import pool
-from .ranking.statistics import dump_samples, load_samples
-from .ranking.embeddings import NAME as EMBEDDINGS
-from .runtime import Gateway
-from .shared.circuit import SharedBreakers
-from .shared.peers import Peers
-from .shared.ratelimit import PROCESS_LIMITS
-from .shared.redis import SharedState, replica_name
-from .tasks import cancel_and_wait
-from .text.tokenize import TOKENIZER_VERSION
+from aggregator.retrieval.cache import ResponseCache
+from aggregator.runtime.config import DEV_API_KEY, ConfigError, GatewayConfig, load_config
+from aggregator.ops.health import HealthRecorder, ReloadRecord, redact, summary_of
+from aggregator.ops.metrics import Metrics, SharedView
+from aggregator.ops.tracing import Tracing, annotate, current_trace_id
+from aggregator.retrieval.pipeline import RetrievalResult
+from aggregator.ranking import pool
+from aggregator.ranking.statistics import dump_samples, load_samples
+from aggregator.ranking.embeddings import NAME as EMBEDDINGS
+from aggregator.runtime.gateway import Gateway
+from aggregator.shared.circuit import SharedBreakers
+from aggregator.shared.peers import Peers
+from aggregator.shared.ratelimit import PROCESS_LIMITS
+from aggregator.shared.redis import SharedState, replica_name
+from aggregator.tasks import cancel_and_wait
+from aggregator.text.tokenize import TOKENIZER_VERSION
 
 log = logging.getLogger("aggregator")
 

@@ -43,24 +43,24 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.types import Message, Receive, Scope, Send
 
-from .api import (BODY_TIMEOUT_S, JSONResponse, answer_retrieval, bearer_token, describe_validation_error, explain_retrieval, find_key,
+from aggregator.web.api import (BODY_TIMEOUT_S, JSONResponse, answer_retrieval, bearer_token, describe_validation_error, explain_retrieval, find_key,
                   ops_denied, read_body)
-from .config import ApiKey
-from .models import DEFAULT_TOP_K, MAX_QUERY_CHARS, MAX_TOP_K, MetadataCondition, RetrievalRequest
-from .ops import explain
-from .ops.health import redact
-from .tasks import Timeout
+from aggregator.runtime.config import ApiKey
+from aggregator.contract.models import DEFAULT_TOP_K, MAX_QUERY_CHARS, MAX_TOP_K, MetadataCondition, RetrievalRequest
+from aggregator.ops import explain
+from aggregator.ops.health import redact
+from aggregator.tasks import Timeout
 
 if TYPE_CHECKING:
-    from .runtime import Gateway
-    from .service import Service
+    from aggregator.runtime.gateway import Gateway
+    from aggregator.runtime.service import Service
 
-log = logging.getLogger("aggregator.mcp")
+log = logging.getLogger("aggregator.web.mcp")
 access_log = logging.getLogger("aggregator.access")
 
 #: Where the authenticated caller travels from the HTTP request to the tool handler (the SDK hands the handler
 #: the same Starlette request, so the key is checked once, before the SDK reads the body).
-CALLER = "aggregator.mcp.caller"
+CALLER = "aggregator.web.mcp.caller"
 #: The SDK's own body limit: above any `server.max_body_bytes`, which is checked first (the body is read here).
 MAX_BODY_BYTES = 64 * 1024 * 1024
 #: A passage longer than this is cut in the text a model reads (structured content keeps it whole).

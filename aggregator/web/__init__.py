@@ -1,0 +1,1 @@
+"""The web layer: the ASGI app, its routes (retrieval, MCP, ops pages) and the HTTP protocol."""
