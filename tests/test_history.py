@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 
 from aggregator.web.api import create_app
 from aggregator.runtime.config import parse_config
-from aggregator.retrieval.fanout import OUTCOMES, SourceResult
+from aggregator.contract.outcomes import OUTCOMES, SourceResult
 from aggregator.ops.health import HealthRecorder, percentile
 from aggregator.ops.history import ERRORS_KEPT, MINUTES, History
 

@@ -18,7 +18,7 @@ from datetime import datetime
 from html import escape
 from typing import Any
 
-from aggregator.retrieval.fanout import OUTCOMES
+from aggregator.contract.outcomes import OUTCOMES
 
 STEP = 4  # px per minute: a 3 px bar and a 1 px gap
 PLOT = 44  # px of bar height at the top of the scale

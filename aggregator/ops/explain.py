@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlencode
 
-from aggregator.retrieval.fanout import SourceResult
+from aggregator.contract.outcomes import SourceResult
 from aggregator.ops.health import redact
 from aggregator.retrieval.pipeline import RetrievalResult, Verdict
 from aggregator.ranking.rerank import Candidate

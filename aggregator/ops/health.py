@@ -24,7 +24,8 @@ from typing import Any
 
 from connectors.base import SourceStats, iso_utc
 
-from aggregator.retrieval.fanout import OUTCOMES, SourceResult, SourceSlot
+from aggregator.contract.outcomes import FAILURES, OUTCOMES, SourceResult
+from aggregator.retrieval.fanout import SourceSlot
 from aggregator.ops.history import History
 
 log = logging.getLogger("aggregator.sources")
@@ -35,7 +36,6 @@ LATENCY_WINDOW = 256
 RECENT_WINDOW = 20
 #: Consecutive failures after which a source is `down` rather than `degraded`.
 DOWN_AFTER = 3
-FAILURES = frozenset({"timeout", "error", "rate_limited", "auth_failed"})
 
 
 def _iso_or_none(at: float | None) -> str | None:

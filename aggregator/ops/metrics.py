@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from aggregator.retrieval.fanout import SourceResult
+from aggregator.contract.outcomes import SourceResult
 
 if TYPE_CHECKING:
     from aggregator.runtime.gateway import Gateway

@@ -10,6 +10,7 @@ from html import escape
 from typing import Any
 
 from aggregator.ops.charts import OUTCOME_COLOURS, P50_COLOUR, P95_COLOUR, latency_chart, outcomes_chart
+from aggregator.contract.outcomes import FAILURES
 
 REFRESH_S = 5
 COLOURS = {
@@ -110,7 +111,7 @@ def _row(source: dict[str, Any]) -> str:
     state = source["state"]
     colour = COLOURS.get(state, "#6e7781")
     calls = source["calls"]
-    failed = sum(calls[k] for k in ("timeout", "error", "rate_limited", "auth_failed"))
+    failed = sum(calls[k] for k in FAILURES)
     index = source.get("index")
     index_text = "–" if index is None else _index_cell(index)
     history = source.get("history")

@@ -25,7 +25,6 @@ import importlib
 import logging
 import os
 from collections.abc import Callable, Coroutine, Iterator, Mapping
-from contextvars import ContextVar
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
@@ -34,17 +33,17 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from aggregator.contract.outcomes import CALL_TRACER, FAILURES, SourceResult
+
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SpanExporter
 
-    from aggregator.retrieval.fanout import SourceResult
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "dify-knowledge-gateway"
 TRACE_CONTEXT = TraceContextTextMapPropagator()
-FAILED = frozenset({"timeout", "error", "rate_limited", "auth_failed"})
 #: The OTLP exporters: protocol -> (module, extra that installs it).
 OTLP = {
     "http/protobuf": ("opentelemetry.exporter.otlp.proto.http.trace_exporter", "otlp"),
@@ -61,12 +60,20 @@ Scrub = Callable[[str], str]
 
 
 @dataclass(slots=True, frozen=True)
-class _Active:
+class _CallTracer:
+    """The `CallTracer` a traced request hands down to its fan-out and stages."""
+
     tracer: trace.Tracer
     scrub: Scrub
 
+    def call(self, name: str, kind: str, call: Coroutine[Any, Any, SourceResult]) -> Coroutine[Any, Any, SourceResult]:
+        return _traced_call(self, name, kind, call)
 
-_active: ContextVar[_Active | None] = ContextVar("aggregator_tracing", default=None)
+    def skipped(self, name: str, kind: str, result: SourceResult) -> None:
+        span = self.tracer.start_span(f"search {name}", kind=SpanKind.CLIENT, attributes={"gateway.source.name": name, "gateway.source.type": kind})
+        _describe(span, result, self.scrub)
+        span.end()
+
 #: A retrieval's span when tracing is off and the caller sent no trace: one shared, empty context.
 _NO_SPAN = contextlib.nullcontext(trace.INVALID_SPAN)
 
@@ -149,7 +156,7 @@ class Tracing:
     @contextlib.contextmanager
     def _retrieval(self, headers: Mapping[str, str], scrub: Scrub, route: str) -> Iterator[trace.Span]:
         parent = TRACE_CONTEXT.extract(headers)
-        token = _active.set(_Active(self.tracer, scrub)) if self.enabled else None
+        token = CALL_TRACER.set(_CallTracer(self.tracer, scrub)) if self.enabled else None
         try:
             with self.tracer.start_as_current_span(
                 f"POST {route}", context=parent, kind=SpanKind.SERVER,
@@ -158,7 +165,7 @@ class Tracing:
                 yield span
         finally:
             if token is not None:
-                _active.reset(token)
+                CALL_TRACER.reset(token)
 
 
 def current_trace_id() -> str | None:
@@ -174,14 +181,8 @@ def annotate(attributes: Mapping[str, Any]) -> None:
         span.set_attributes(attributes)
 
 
-def traced_source_call(name: str, source_type: str, call: Coroutine[Any, Any, SourceResult]) -> Coroutine[Any, Any, SourceResult]:
-    """One source's call inside its own span, so that HTTP sources pass this span on as `traceparent`; the call
-    itself, unwrapped, when tracing is off or no retrieval span is around (the CLI, benchmarks)."""
-    active = _active.get()
-    return call if active is None else _traced_source_call(active, name, source_type, call)
-
-
-async def _traced_source_call(active: _Active, name: str, source_type: str, call: Coroutine[Any, Any, SourceResult]) -> SourceResult:
+async def _traced_call(active: _CallTracer, name: str, source_type: str, call: Coroutine[Any, Any, SourceResult]) -> SourceResult:
+    """One source's call inside its own span, so that HTTP sources pass this span on as `traceparent`."""
     with active.tracer.start_as_current_span(
         f"search {name}", kind=SpanKind.CLIENT, record_exception=False, set_status_on_exception=False,
         attributes={"gateway.source.name": name, "gateway.source.type": source_type},
@@ -196,22 +197,12 @@ async def _traced_source_call(active: _Active, name: str, source_type: str, call
         return result
 
 
-def trace_skipped(name: str, source_type: str, result: SourceResult) -> None:
-    """A source its breaker skipped gets a span too, so that a trace shows every source of the knowledge base."""
-    active = _active.get()
-    if active is None:
-        return
-    span = active.tracer.start_span(f"search {name}", kind=SpanKind.CLIENT, attributes={"gateway.source.name": name, "gateway.source.type": source_type})
-    _describe(span, result, active.scrub)
-    span.end()
-
-
 def _describe(span: trace.Span, result: SourceResult, scrub: Scrub) -> None:
     span.set_attributes({
         "gateway.source.outcome": result.outcome,
         "gateway.source.records": len(result.passages),
         "gateway.source.retries": max(0, result.attempts - 1),
     })  # fmt: skip
-    if result.outcome in FAILED:
+    if result.outcome in FAILURES:
         message = result.outcome if result.error is None else f"{result.outcome}: {scrub(result.error)}"
         span.set_status(Status(StatusCode.ERROR, message))

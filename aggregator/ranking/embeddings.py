@@ -38,7 +38,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from yarl import URL
 
-from connectors.base import BadResponse, CircuitSettings, RateLimited, SourceError, SourceTimeout
+from connectors.base import BadResponse, CircuitSettings, RateLimited, SourceError
 from connectors.http import BaseUrl, HttpClient, clip, make_client, request_json
 
 from aggregator.retrieval.breaker import CircuitBreaker

@@ -20,31 +20,16 @@ import logging
 import random
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from connectors.base import BOUNDED_CALL, Connector, Passage, RateLimited, SourceError, SourceQuery, SourceTimeout
+from connectors.base import BOUNDED_CALL, Connector, RateLimited, SourceError, SourceQuery, SourceTimeout
 
 from aggregator.retrieval.breaker import CircuitBreaker
-from aggregator.ops.tracing import trace_skipped, traced_source_call
+from aggregator.contract.outcomes import SUCCESSES, SourceResult, traced, traced_skip
 from aggregator.tasks import Timeout
 
 log = logging.getLogger(__name__)
-
-#: Outcomes reported per source, in X-Sources, /status and metrics.
-OUTCOMES = ("ok", "empty", "timeout", "error", "rate_limited", "auth_failed", "skipped")
-SUCCESSES = frozenset({"ok", "empty"})
-
-
-@dataclass(slots=True)
-class SourceResult:
-    name: str
-    outcome: str
-    passages: list[Passage] = field(default_factory=list)
-    elapsed_ms: float = 0.0
-    error: str | None = None
-    attempts: int = 0
-
 
 @dataclass(slots=True)
 class SourcePolicy:
@@ -149,11 +134,11 @@ async def ask_sources(slots: list[SourceSlot], query: SourceQuery, deadline: flo
         name = slot.connector.name
         breaker = slot.breaker
         if breaker.state == "closed" or await breaker.admit():  # closed: every breaker admits, nothing to await
-            calls[name] = traced_source_call(name, slot.connector.type, call_source(slot.connector, query, slot.policy, deadline))
+            calls[name] = traced(name, slot.connector.type, call_source(slot.connector, query, slot.policy, deadline))
         else:
             wait = breaker.seconds_until_trial() or 0.0
             skipped[name] = SourceResult(name, "skipped", error=f"circuit open; next trial in {wait:.0f} s")
-            trace_skipped(name, slot.connector.type, skipped[name])
+            traced_skip(name, slot.connector.type, skipped[name])
     answered = {result.name: result for result in await fan_out(calls, deadline)}
     results = [skipped.get(slot.connector.name) or answered[slot.connector.name] for slot in slots]
     verdicts = [slot.breaker.report(result.outcome in SUCCESSES) for slot, result in zip(slots, results) if result.outcome != "skipped"]

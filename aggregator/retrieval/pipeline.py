@@ -10,7 +10,8 @@ from typing import Any
 
 from connectors.base import SourceQuery, record_metadata
 
-from aggregator.retrieval.fanout import SourceResult, ask_sources
+from aggregator.contract.outcomes import SourceResult
+from aggregator.retrieval.fanout import ask_sources
 from aggregator.contract.conditions import compile_filter
 from aggregator.contract.models import RetrievalRequest
 from aggregator.ranking.embeddings import NAME as JUDGE, Judge, drop

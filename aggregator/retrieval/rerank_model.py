@@ -39,8 +39,8 @@ from connectors.base import BadResponse, CircuitSettings, Passage, SourceError, 
 from connectors.http import BaseUrl, HttpClient, clip, make_client, request_json
 
 from aggregator.retrieval.breaker import CircuitBreaker
-from aggregator.retrieval.fanout import SourcePolicy, SourceResult, pause_before_retry
-from aggregator.ops.tracing import trace_skipped, traced_source_call
+from aggregator.retrieval.fanout import SourcePolicy, pause_before_retry
+from aggregator.contract.outcomes import SourceResult, traced, traced_skip
 from aggregator.ranking.rerank import Candidate, Ranked
 
 log = logging.getLogger(__name__)
@@ -279,7 +279,7 @@ class RerankModel:
         if not self.breaker.allow():
             wait = self.breaker.seconds_until_trial() or 0.0
             skipped = SourceResult(STAGE_NAME, "skipped", error=f"circuit open; next trial in {wait:.0f} s")
-            trace_skipped(STAGE_NAME, STAGE_TYPE, skipped)
+            traced_skip(STAGE_NAME, STAGE_TYPE, skipped)
             return _chain(head, passages), skipped
         scores: dict[int, float] = {}
 
@@ -290,7 +290,7 @@ class RerankModel:
             scores.update(found)
             return SourceResult(STAGE_NAME, "ok", [], _ms(started), None, attempts)
 
-        result = await traced_source_call(STAGE_NAME, STAGE_TYPE, judge())  # a span of its own, like a source's call
+        result = await traced(STAGE_NAME, STAGE_TYPE, judge())  # a span of its own, like a source's call
         self.breaker.report(result.outcome == "ok")
         return (self._apply(head, scores, passages) if result.outcome == "ok" else _chain(head, passages)), result
 
