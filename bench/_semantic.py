@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from aggregator.ranking.bm25 import BM25Index
-from aggregator.ranking.embeddings import LocalProvider
+from aggregator.retrieval.embeddings import LocalProvider
 from aggregator.ranking.pool import TermCache
 from aggregator.ranking.rerank import DEFAULT_FUSION, Answer, FusionSettings, rerank
 from aggregator.text.tokenize import tokenize

@@ -18,7 +18,7 @@ from aggregator.web.api import create_app
 from aggregator.runtime.config import ConfigError, parse_config
 from aggregator.contract.models import RetrievalRequest
 from aggregator.retrieval.pipeline import RetrievalResult, retrieve
-from aggregator.ranking.embeddings import EmbeddingSettings, Judge, LocalProvider, VectorCache
+from aggregator.retrieval.embeddings import EmbeddingSettings, Judge, LocalProvider, VectorCache
 from aggregator.runtime.gateway import Gateway
 
 from .conftest import KEY, write_docs

@@ -56,7 +56,7 @@ class CircuitBreaker:
             self._open()
 
     async def admit(self) -> bool:
-        """`allow()` for the fan-out; a breaker shared across replicas (aggregator/shared/circuit.py) may ask Redis."""
+        """`allow()` for the fan-out; a breaker shared across replicas (aggregator/retrieval/shared_breaker.py) may ask Redis."""
         return self.allow()
 
     def report(self, success: bool) -> Awaitable[None] | None:

@@ -14,7 +14,7 @@ from aggregator.contract.outcomes import SourceResult
 from aggregator.retrieval.fanout import ask_sources
 from aggregator.contract.conditions import compile_filter
 from aggregator.contract.models import RetrievalRequest
-from aggregator.ranking.embeddings import NAME as JUDGE, Judge, drop
+from aggregator.retrieval.embeddings import NAME as JUDGE, Judge, drop
 from aggregator.ranking.rerank import DEFAULT_FUSION, Answer, Candidate, Ranked, rerank
 from aggregator.retrieval.rerank_model import stage_detail
 from aggregator.ranking.statistics import merge_term_statistics

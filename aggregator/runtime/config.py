@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from connectors import REGISTRY
 from connectors.base import CircuitSettings, ConnectorSettings
 
-from aggregator.ranking.embeddings import EmbeddingSettings
+from aggregator.retrieval.embeddings import EmbeddingSettings
 from aggregator.retrieval.rerank_model import STAGE_NAME as RERANK_STAGE, RerankOverride, RerankSettings, effective_settings
 
 DEFAULT_CONFIG_PATH = "connectors.yaml"
@@ -96,7 +96,7 @@ class ServerSettings(BaseModel):
         5.0, ge=0, le=3600, description="Identical retrievals within this many seconds are answered once (Dify's retries); 0: off."
     )
     embeddings: EmbeddingSettings | None = Field(
-        None, description="An embedding model that judges meaning beside words (aggregator/ranking/embeddings.py); unset: words only."
+        None, description="An embedding model that judges meaning beside words (aggregator/retrieval/embeddings.py); unset: words only."
     )
     mcp: bool = Field(
         True, description="Serve MCP at /mcp (the same keys and scoping as /retrieval); false: /mcp answers 404."

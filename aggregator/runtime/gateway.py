@@ -20,14 +20,14 @@ from connectors.base import Connector
 from aggregator.retrieval.breaker import CircuitBreaker
 from aggregator.runtime.config import DEV_API_KEY, GatewayConfig
 from aggregator.retrieval.fanout import SourcePolicy, SourceSlot
-from aggregator.ranking.embeddings import NAME as JUDGE, Judge
+from aggregator.retrieval.embeddings import NAME as JUDGE, Judge
 from aggregator.ranking.pool import TermCache
 from aggregator.retrieval.rerank_model import RerankModels
 from aggregator.state import LocalBackend, StateBackend
 from aggregator.state.local import unused_stores
 
 if TYPE_CHECKING:
-    from aggregator.shared.circuit import SharedBreakers
+    from aggregator.retrieval.shared_breaker import SharedBreakers
 
 log = logging.getLogger(__name__)
 

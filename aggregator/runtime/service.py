@@ -29,9 +29,9 @@ from aggregator.ops.tracing import Tracing, annotate, current_trace_id
 from aggregator.retrieval.pipeline import RetrievalResult
 from aggregator.ranking import pool
 from aggregator.ranking.statistics import dump_samples, load_samples
-from aggregator.ranking.embeddings import NAME as EMBEDDINGS
+from aggregator.retrieval.embeddings import NAME as EMBEDDINGS
 from aggregator.runtime.gateway import Gateway
-from aggregator.shared.circuit import SharedBreakers
+from aggregator.retrieval.shared_breaker import SharedBreakers
 from aggregator.shared.peers import Peers
 from aggregator.shared.ratelimit import PROCESS_LIMITS
 from aggregator.shared.redis import SharedState, replica_name

@@ -33,7 +33,7 @@ def hashed_vectors(texts: list[str], dimensions: int = 64) -> np.ndarray:
 
 
 def wordllama_vectors(texts: list[str], dimensions: int | None = None) -> np.ndarray:
-    from aggregator.ranking.embeddings import LocalProvider
+    from aggregator.retrieval.embeddings import LocalProvider
 
     vectors = LocalProvider.load("wordllama").embed(texts, norm=False)
     return vectors[:, :dimensions] if dimensions else vectors
