@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections.abc import Coroutine
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from connectors.base import Passage
+if TYPE_CHECKING:
+    from connectors.base import Passage
 
 #: Outcomes reported per source, in the order reports list them.
 OUTCOMES = ("ok", "empty", "timeout", "error", "rate_limited", "auth_failed", "skipped")

@@ -28,13 +28,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from starlette.responses import Response
-
 if TYPE_CHECKING:
-    from aggregator.runtime.config import ApiKey
-    from aggregator.contract.models import RetrievalRequest
-    from aggregator.runtime.gateway import Gateway
-    from aggregator.runtime.service import Service
     from aggregator.shared.redis import SharedState
 
 #: Bounds of the in-process cache (entries are evicted oldest first).
@@ -236,23 +230,3 @@ class ResponseCache:
 
 
 _background: set[asyncio.Task[Any]] = set()
-
-
-async def serve_cached(service: "Service", gateway: "Gateway", api_key: "ApiKey", request: "RetrievalRequest", request_id: str,
-                       respond: Callable[[], Awaitable[tuple[Response, Answer | None]]], via: str | None = None) -> Response:  # fmt: skip
-    """The answer to a retrieval through the service's cache, with `X-Cache: hit|miss|coalesced` (none when it is off)."""
-    cache = service.cache
-    if not cache.enabled:
-        return (await respond())[0]
-    started = time.perf_counter()
-    setting = request.retrieval_setting
-    condition = request.metadata_condition.model_dump() if request.metadata_condition else None
-    key = retrieval_key(api_key.knowledge_ids, request.knowledge_id, request.query, setting.top_k, setting.score_threshold,
-                        condition, gateway.config.version)  # fmt: skip
-    response, answer, outcome = await cache.answer(key, respond, gateway.config.server.deadline_s)
-    service.record_cached(request.knowledge_id, request_id, outcome, time.perf_counter() - started, via)
-    if response is None:
-        assert answer is not None
-        response = Response(answer.body, media_type="application/json", headers={"X-Sources": answer.sources, "X-Request-Id": request_id})
-    response.headers["X-Cache"] = outcome
-    return response

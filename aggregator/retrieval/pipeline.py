@@ -6,7 +6,7 @@ import asyncio
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from connectors.base import SourceQuery, record_metadata
 
@@ -18,8 +18,10 @@ from aggregator.retrieval.embeddings import NAME as JUDGE, Judge, drop
 from aggregator.ranking.rerank import DEFAULT_FUSION, Answer, Candidate, Ranked, rerank
 from aggregator.retrieval.rerank_model import stage_detail
 from aggregator.ranking.statistics import merge_term_statistics
-from aggregator.runtime.gateway import Gateway
 from aggregator.text.tokenize import tokenize
+
+if TYPE_CHECKING:  # the gateway runs retrievals; a retrieval only reads the gateway it is given
+    from aggregator.runtime.gateway import Gateway
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ from starlette.types import Message, Receive, Scope, Send
 from aggregator.ops import explain, statuspage
 from aggregator.ops.health import redact
 from aggregator.ops.tracing import Tracing
-from aggregator.retrieval.cache import Answer, answered_by_all, serve_cached
+from aggregator.retrieval.cache import Answer, answered_by_all, retrieval_key
 from aggregator.runtime.config import ApiKey, GatewayConfig
 from aggregator.contract.models import RETRIEVAL_PATHS, ErrorBody, RetrievalRequest, RetrievalResponse
 from aggregator.retrieval.pipeline import UnknownKnowledgeBase, retrieve
@@ -504,3 +504,24 @@ def create_app(load: Callable[[], GatewayConfig] | None = None, config_path: Pat
         return HTMLResponse(html)
 
     return app
+
+
+async def serve_cached(service: Service, gateway: Gateway, api_key: ApiKey, request: RetrievalRequest, request_id: str,
+                       respond: Callable[[], Awaitable[tuple[Response, Answer | None]]], via: str | None = None) -> Response:  # fmt: skip
+    """The answer to a retrieval through the service's cache, with `X-Cache: hit|miss|coalesced` (none when it is off),
+    and the cache's part of the request's record."""
+    cache = service.cache
+    if not cache.enabled:
+        return (await respond())[0]
+    started = time.perf_counter()
+    setting = request.retrieval_setting
+    condition = request.metadata_condition.model_dump() if request.metadata_condition else None
+    key = retrieval_key(api_key.knowledge_ids, request.knowledge_id, request.query, setting.top_k, setting.score_threshold,
+                        condition, gateway.config.version)  # fmt: skip
+    response, answer, outcome = await cache.answer(key, respond, gateway.config.server.deadline_s)
+    service.record_cached(request.knowledge_id, request_id, outcome, time.perf_counter() - started, via)
+    if response is None:
+        assert answer is not None
+        response = Response(answer.body, media_type="application/json", headers={"X-Sources": answer.sources, "X-Request-Id": request_id})
+    response.headers["X-Cache"] = outcome
+    return response
