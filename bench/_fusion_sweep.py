@@ -15,7 +15,7 @@ from aggregator.ranking.bm25 import BM25Params
 from aggregator.ranking.pool import TermCache
 from aggregator.ranking.rerank import DEFAULT_FUSION, Answer, FusionSettings, rerank
 
-from .quality import ScenarioRun, doc_id, unique
+from ._scenarios import ScenarioRun, doc_id, unique
 
 
 def replay(run: ScenarioRun, queries: list[tuple[str, str]], settings: FusionSettings) -> list[list[str]]:

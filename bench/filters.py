@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from aggregator.contract.models import MAX_FILTER_FIELDS, MAX_FILTER_TESTS, MAX_VALUES_PER_CONDITION  # noqa: E402
-from tests.loopback import free_port, stop  # noqa: E402
+from tests.loopback import free_port, stop, wait_ready  # noqa: E402
 
 KEY = "bench-key-0123456789"
 PASSAGES_PER_FILE = 4
@@ -115,15 +115,7 @@ def main() -> None:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         try:
-            while True:
-                try:
-                    if httpx.get(url + "/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if process.poll() is not None:
-                    raise SystemExit("the gateway exited before it was ready")
-                time.sleep(0.5)
+            wait_ready(url, timeout=900, process=process)  # the first sync indexes every passage
             status = httpx.get(url + "/status").json()
             indexed = sum((source.get("index") or {}).get("passages", 0) for source in status["sources"])
             print(f"# bench/filters.py: {indexed} passages indexed in {time.perf_counter() - started:.0f} s; deadline {args.deadline} s\n")

@@ -36,7 +36,6 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -48,10 +47,11 @@ from aggregator.ranking.bm25 import BM25Index, BM25Params
 from aggregator.runtime.gateway import Gateway
 from aggregator.text.tokenize import tokenize
 from aggregator.ranking.statistics import merge_term_statistics
-from connectors.base import Passage, TermStatistics
+from connectors.base import Passage
 from tests.loopback import serve
 
 from ._cranfield import Doc, mean, ndcg_at, recall_at
+from ._scenarios import ScenarioRun, doc_id, unique
 
 SHARDS = 4
 UPSTREAM_TOP = 20
@@ -148,17 +148,9 @@ def gateway_config(kinds: list[str], urls: list[str], folders: list[Path], judge
     )
 
 
-def doc_id(passage: Passage) -> str:
-    return passage.document_id.removesuffix(".md")
-
-
 def judged_id(record: dict) -> str:
     """The Cranfield id of a record: its document_id is `<source>:<the source's own id>` (a file name, or a shard's id)."""
     return record["metadata"]["document_id"].split(":", 1)[1].removesuffix(".md")
-
-
-def unique(ids: list[str]) -> list[str]:
-    return list(dict.fromkeys(ids))
 
 
 def by_source_score(pool: list[list[Passage]]) -> list[str]:
@@ -174,18 +166,6 @@ def rrf(pool: list[list[Passage]], k: int = 60) -> list[str]:
         for rank, p in enumerate(answer, start=1):
             scores[doc_id(p)] = scores.get(doc_id(p), 0.0) + 1.0 / (k + rank)
     return sorted(scores, key=scores.__getitem__, reverse=True)
-
-
-@dataclass
-class ScenarioRun:
-    name: str
-    rankings: dict[str, list[list[str]]] = field(default_factory=dict)
-    answers: list[list[tuple[str, float]]] = field(default_factory=list)  # the gateway's (doc, score), for thresholds
-    pools: list[list[list[Passage]]] = field(default_factory=list)  # per query, per source, what it returned
-    kinds: list[str] = field(default_factory=list)
-    local: list[TermStatistics | None] = field(default_factory=list)  # per query, what the indexed sources reported
-    shares: dict[str, float] = field(default_factory=dict)  # share of the gateway's top-10 slots per source
-    seconds: float = 0.0
 
 
 @contextmanager

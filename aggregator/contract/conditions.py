@@ -150,6 +150,14 @@ def _text_test(op: str, wanted: list[str]) -> Callable[[str], bool]:
     return lambda text: search(text) is not None
 
 
+def _usable(values: list[Any], convert: Callable[[Any], float | None], needs: str, op: str, value: Any, where: str) -> list[float]:
+    """The values `convert` can read; the others match nothing, and the condition's place is logged."""
+    usable = [x for x in map(convert, values) if x is not None]
+    if len(usable) < len(values):
+        log.info("%s: '%s' needs %s, got %r; such a value matches nothing", where, op, needs, value)
+    return usable
+
+
 def _compile_one(op: str, value: Any, where: str) -> tuple[Reading, FieldTest]:
     """How to read a field, and the test of that reading for a positive operator (negations are built on top).
 
@@ -172,9 +180,7 @@ def _compile_one(op: str, value: Any, where: str) -> tuple[Reading, FieldTest]:
         test = _text_test(op, wanted)
         return TEXTS, lambda texts: any(map(test, texts))
     if op in NUMBER_OPS:
-        targets = [n for n in map(as_number, values) if n is not None]
-        if len(targets) < len(values):
-            log.info("%s: '%s' needs a number, got %r; such a value matches nothing", where, op, value)
+        targets = _usable(values, as_number, "a number", op, value, where)
         if not targets:
             return NUMBERS, _never
         if op == "=":
@@ -186,9 +192,7 @@ def _compile_one(op: str, value: Any, where: str) -> tuple[Reading, FieldTest]:
         }[op]  # fmt: skip
         return NUMBERS, lambda numbers: any(map(compare, numbers))
     if op in DATE_OPS:
-        moments = [t for t in map(as_instant, values) if t is not None]
-        if len(moments) < len(values):
-            log.info("%s: '%s' needs an ISO 8601 date or Unix seconds, got %r; such a value matches nothing", where, op, value)
+        moments = _usable(values, as_instant, "an ISO 8601 date or Unix seconds", op, value, where)
         if not moments:
             return INSTANTS, _never
         is_in_range = max(moments).__gt__ if op == "before" else min(moments).__lt__
