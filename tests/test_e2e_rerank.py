@@ -17,7 +17,7 @@ from aggregator.runtime.config import parse_config
 
 from .conftest import KEY, write_docs
 from .fakes import rerank as fake_rerank
-from .loopback import serve
+from .loopback import serve, wait_ready
 
 MODEL_KEY = "cohere-secret-key-for-tests"
 QUERY = "signing keys rotation 签名密钥"  # a bilingual user: the fusion puts the English page first
@@ -279,4 +279,38 @@ def test_an_answer_whose_model_failed_is_not_kept_for_later_retries(model, tmp_p
         assert titles(retried)[0] == "签名密钥轮换" and len(state.requests) == 2
         again = retrieve(base)
         assert again.headers["X-Cache"] == "hit" and again.content == retried.content and len(state.requests) == 2
+    state.reset()
+
+
+def test_a_slow_embedding_judge_leaves_the_rerank_model_its_budget(model, tmp_path: Path):
+    """Both stages configured: the judge ends where the sources end, so the model keeps the time it was promised."""
+    from .fakes.embeddings import API_KEY as EMBEDDING_KEY, FakeEmbeddings
+
+    url, state = model
+    state.reset()
+    state.api_key = MODEL_KEY
+    state.relevance = {"签名密钥": 0.93}
+    judge = FakeEmbeddings(real=False, mode="slow", delay_s=10.0)
+    with serve(judge.app()) as judge_url:
+        text = f"""
+        server:
+          api_keys: [{{key: {KEY}}}]
+          deadline_s: 2.0
+          cache_ttl_s: 0
+          embeddings: {{provider: openai, url: {judge_url}/v1, model: m, api_key: {EMBEDDING_KEY}, timeout_s: 5.0}}
+          rerank: {{provider: cohere, url: {url}/cohere, model: rerank-v3.5, api_key: {MODEL_KEY}, timeout_s: 1.0}}
+        knowledge_bases:
+          demo: {{connectors: [docs]}}
+        connectors:
+          docs: {{type: files, path: {write_docs(tmp_path / "docs")}}}
+        """
+        config = parse_config(textwrap.dedent(text), {})
+        with serve(create_app(lambda: config)) as base:
+            wait_ready(base)
+            started = time.perf_counter()
+            response = retrieve(base)
+            elapsed = time.perf_counter() - started
+    assert response.status_code == 200, response.text
+    assert response.headers["X-Sources"] == "docs=ok;embeddings=timeout;rerank=ok", "the judge timed out, the model still answered"
+    assert titles(response)[0] == "签名密钥轮换" and elapsed < 2.5
     state.reset()

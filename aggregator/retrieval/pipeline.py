@@ -87,8 +87,10 @@ async def retrieve(gateway: Gateway, request: RetrievalRequest, explain: bool = 
     slots = [gateway.slots[name] for name in dict.fromkeys(knowledge_base.connectors)]
     model = gateway.rerank_models.get(request.knowledge_id)  # a second stage, its time kept out of the sources' share
     judge = gateway.judge(request.knowledge_id)
-    started = judge.start(request.query, deadline) if judge is not None else None  # the query's vector, beside the sources
-    results = await ask_sources(slots, query, deadline - (model.reserve_s if model is not None else 0.0))
+    # The rerank model's budget is kept out of what the sources and the judge may use, so it always has it.
+    until = deadline - (model.reserve_s if model is not None else 0.0)
+    started = judge.start(request.query, until) if judge is not None else None  # the query's vector, beside the sources
+    results = await ask_sources(slots, query, until)
 
     # Indexed sources know their whole collection: the rerank's IDF uses it (whether they answered or not).
     terms = tokenize(request.query)
@@ -118,7 +120,7 @@ async def retrieve(gateway: Gateway, request: RetrievalRequest, explain: bool = 
 
     meaning = None
     if judge is not None:  # its outcome reported as a source's (`embeddings=ok`), after the sources
-        meaning = await judge_meaning(judge, started, answers, deadline, results)
+        meaning = await judge_meaning(judge, started, answers, until, results)
 
     records: list[dict] = []
     verdicts: list[Verdict] | None = [] if explain else None
