@@ -196,6 +196,7 @@ class IndexedConnector(Connector):
             documents=info.documents if info else 0,
             passages=info.passages if info else 0,
             last_refresh=status.last_sync,
+            syncs=status.syncs,
             last_refresh_error=status.last_error,
             last_refresh_outcome=status.last_outcome,
             skipped=status.skipped,
@@ -311,6 +312,7 @@ class IndexedConnector(Connector):
                 self._first_attempt.set()
             status.syncing = False
             status.last_sync = now_iso()
+            status.syncs += 1
             if status.last_outcome != RateLimited.outcome and store.leading:
                 with contextlib.suppress(Exception):
                     await self._blocking(writer.finish, status)

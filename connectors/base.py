@@ -177,6 +177,7 @@ class SourceStats:
     documents: int = 0
     passages: int = 0
     last_refresh: str | None = None  # ISO 8601
+    syncs: int = 0  # syncs ended since the index was built
     last_refresh_error: str | None = None
     last_refresh_outcome: str | None = None  # the failed sync's SourceError.outcome, e.g. "auth_failed"
     skipped: int = 0  # documents left out (too large, unreadable, outside the folder), counted not hidden

@@ -75,6 +75,13 @@ def notion() -> Iterator[tuple[FakeNotion, str]]:
         yield state, url
 
 
+
+def syncs(url: str, name: str) -> int:
+    """How many syncs of source `name` have ended, as /status tells (any worker: the count is in the store)."""
+    with httpx.Client() as client:
+        sources = client.get(url + "/status").json()["sources"]
+    return next(s for s in sources if s["name"] == name)["index"]["syncs"]
+
 def test_a_restart_serves_the_stored_index_and_fetches_only_what_changed(tmp_path: Path, notion):
     fake, notion_url = notion
     folder = tmp_path / "docs"
@@ -95,8 +102,9 @@ def test_a_restart_serves_the_stored_index_and_fetches_only_what_changed(tmp_pat
     started = time.monotonic()
     with serve_cli("--config", str(config)) as (url, process):
         ready_after = time.monotonic() - started
+        synced = syncs(url, "wiki")
         assert {q: ask(url, q) for q in queries} == before, "the same answers from the stored index"
-        time.sleep(1.5)  # a background sync has run by now (refresh_s: 1)
+        eventually(lambda: syncs(url, "wiki") > synced)  # a background sync has run (refresh_s: 1)
         assert any(path == "/v1/search" for _, path in fake.requests), "the restart listed the pages"
         assert block_reads(fake) == Counter(), "no unchanged page was fetched again"
 
@@ -168,7 +176,8 @@ def test_three_workers_fetch_each_page_once_and_all_answer(tmp_path: Path, notio
             with httpx.Client() as client:
                 status = client.get(url + "/status").json()
             seen[status["pid"]] = {s["name"]: s["index"] for s in status["sources"]}["wiki"]["syncer"]
-        time.sleep(1.2)  # a second sync (refresh_s: 1) reads nothing new
+        synced = syncs(url, "wiki")
+        eventually(lambda: syncs(url, "wiki") > synced, timeout=10)  # another sync (refresh_s: 1) has read nothing new
         assert block_reads(fake) == Counter({"p-runbook": 1, "p-wifi": 1, "p-keys": 1})
         fake.add_page("p-wifi", "Office wifi", [block("w1", "paragraph", "Visitors use the Lobby network.")], edited="2025-06-01T00:00:00.000Z")
         eventually(lambda: [r[:2] for r in ask(url, "lobby")] == [("wiki", "p-wifi")], timeout=5)

@@ -161,6 +161,7 @@ class SourceHealth:
                 "skipped_paths": stats.skipped_paths,
                 "store_bytes": stats.store_bytes,
                 "last_refresh": stats.last_refresh,
+                "syncs": stats.syncs,
                 "last_refresh_error": redact(stats.last_refresh_error, secrets),
                 "syncing": stats.syncing,
                 "sync_progress": {"done": stats.sync_done, "total": stats.sync_total},

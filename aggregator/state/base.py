@@ -105,6 +105,7 @@ class SyncStatus:
     total: int = 0  # documents that sync has to fetch
     passages_per_s: float | None = None  # rate of the last sync that indexed something
     last_sync: str | None = None
+    syncs: int = 0  # syncs ended (done or failed) since the store was built: a test or an operator sees one happen
     last_error: str | None = None
     last_outcome: str | None = None
     skipped: int = 0
