@@ -55,6 +55,8 @@ from connectors.base import (
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+#: How long a first sync that ended waits for this process's view of the store to show it before it counts as ready.
+VISIBLE_WAIT_S = 5.0
 
 #: How often a process that is not the syncer asks for the lock (and so how soon it takes over).
 LEAD_POLL_S = 1.0
@@ -290,10 +292,11 @@ class IndexedConnector(Connector):
             # sync runs (after the listing saw the old version) leaves it set, and the next sync runs at once.
             self._wake.clear()
             full = self._last_full is None or time.monotonic() - self._last_full >= max(FULL_LISTING_S, self.settings.refresh_s) - 0.5
+            synced = False
             try:
                 await self.sync(full=full)
                 status.last_error = status.last_outcome = None
-                self._first_attempt.set()
+                synced = True
             except asyncio.CancelledError:
                 raise
             except RateLimited as exc:
@@ -316,9 +319,20 @@ class IndexedConnector(Connector):
             if status.last_outcome != RateLimited.outcome and store.leading:
                 with contextlib.suppress(Exception):
                     await self._blocking(writer.finish, status)
+            if synced and not self._first_attempt.is_set():
+                await self._until_visible(store)
+                self._first_attempt.set()
             if not store.leading:
                 return
             await self._pause(wait)
+
+    async def _until_visible(self, store: IndexStore) -> None:
+        """Ready means answers come from the index: wait until this process's own view of the store holds the
+        finished sync (a shared store's readers see a commit when they next poll it), for VISIBLE_WAIT_S at most."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + VISIBLE_WAIT_S
+        while not store.info().synced_once and loop.time() < until:
+            await asyncio.sleep(0.02)
 
     async def _pause(self, seconds: float) -> None:
         """Wait `seconds`, or less if `trigger_refresh()` asks (or asked since the last sync began) for a sync now."""

@@ -249,3 +249,33 @@ async def test_gc_deletes_the_indexes_of_sources_no_longer_configured(pg_url: st
     assert await asyncio.to_thread(main, ["gc", "--config", str(config)]) == 0
     assert "deleted the index of old-source" in capsys.readouterr().out
     assert await asyncio.to_thread(unused_stores, pg_url, {"docs"}) == []
+
+
+async def test_a_source_is_ready_only_once_its_own_view_of_the_shared_store_holds_the_first_sync(pg_url: str, tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
+    """Readers see a commit when they next poll the database. A first sync that ends between two polls must not
+    make the service ready before its own answers come from the index (it answered nothing, flakily, before)."""
+    import aggregator.state.postgres as postgres_module
+    from aggregator.contract.models import RetrievalRequest
+    from aggregator.retrieval.pipeline import retrieve
+    from aggregator.runtime.config import parse_config
+    from aggregator.runtime.service import Service
+
+    from .conftest import KEY, write_docs
+
+    monkeypatch.setattr(postgres_module, "POLL_S", 3.0)  # a slow poll: the sync ends long before the next one
+    path = tmp_path / "connectors.yaml"
+    path.write_text(
+        f"server:\n  api_keys: [{{key: {KEY}}}]\n  state_url: {pg_url}\n  watch_config: false\n"
+        f"knowledge_bases:\n  demo: {{connectors: [docs]}}\n"
+        f"connectors:\n  docs: {{type: files, path: {write_docs(tmp_path / 'docs')}, watch: false}}\n"
+    )
+    service = Service.from_path(path)
+    await service.start()
+    try:
+        while not service.gateway.ready:
+            await asyncio.sleep(0.01)
+        request = RetrievalRequest.model_validate({"knowledge_id": "demo", "query": "rotate signing keys"})
+        result = await retrieve(service.gateway, request)
+        assert result.sources_header() == "docs=ok" and result.records, "ready, and answering from the index"
+    finally:
+        await service.aclose()
