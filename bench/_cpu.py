@@ -104,7 +104,8 @@ def gateway_config(folder: Path, urls: list[str], tree: Path = ROOT, judge: bool
     where the tree has one: the queries repeat, and a cache hit would measure the cache, not the retrieval."""
     connectors = "".join(f"  up{i}:\n    type: dify\n    endpoint: {u}\n    api_key: x\n    knowledge_id: kb\n    retries: 0\n" for i, u in enumerate(urls))
     names = ", ".join(f"up{i}" for i in range(len(urls)))
-    cache = "  cache_ttl_s: 0\n" if "cache_ttl_s" in (tree / "aggregator" / "config.py").read_text() else ""
+    config_module = next(p for p in (tree / "aggregator" / "runtime" / "config.py", tree / "aggregator" / "config.py") if p.exists())
+    cache = "  cache_ttl_s: 0\n" if "cache_ttl_s" in config_module.read_text() else ""  # a tree before the cache has none
     if judge:  # the embedding judge in process (WordLlama): what a static local model costs per retrieval
         cache += "  embeddings: {provider: local}\n"
     config = folder / f"connectors-{abs(hash(str(tree))):x}{'-judge' if judge else ''}.yaml"
