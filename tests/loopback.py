@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -53,6 +53,14 @@ def serve(app: Any, port: int | None = None, startup_timeout: float = 20.0, **op
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def eventually(check: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
+    """Poll `check` until it holds; fail, saying `what`, if it does not within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what or 'the event waited for'}"
+        time.sleep(0.05)
 
 
 def wait_ready(base_url: str, timeout: float = 20.0, process: subprocess.Popen | None = None) -> None:

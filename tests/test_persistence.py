@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -22,7 +22,7 @@ from connectors.base import SourceQuery
 from connectors.files import FilesConnector, FilesSettings
 
 from .fakes.notion import FakeNotion, app, block
-from .loopback import free_port, serve, serve_cli
+from .loopback import eventually, free_port, serve, serve_cli
 
 TOKEN = "secret_notion_token_for_persistence"
 KEY = "persist-key"
@@ -49,12 +49,6 @@ def ask(url: str, query: str) -> list[tuple[str, str, float]]:
     assert response.status_code == 200, response.text
     return [(r["metadata"]["source"], r["metadata"]["document_id"].split(":", 1)[1], r["score"]) for r in response.json()["records"]]
 
-
-def eventually(check: Callable[[], bool], timeout: float = 8.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "not within the time allowed"
-        time.sleep(0.1)
 
 
 def wiki_index(url: str) -> dict:

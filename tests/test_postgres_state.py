@@ -257,7 +257,6 @@ async def test_a_source_is_ready_only_once_its_own_view_of_the_shared_store_hold
     import aggregator.state.postgres as postgres_module
     from aggregator.contract.models import RetrievalRequest
     from aggregator.retrieval.pipeline import retrieve
-    from aggregator.runtime.config import parse_config
     from aggregator.runtime.service import Service
 
     from .conftest import KEY, write_docs

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -11,7 +9,7 @@ import httpx
 from aggregator.web.api import create_app
 
 from .conftest import KEY, write_docs
-from .loopback import serve, wait_ready
+from .loopback import eventually, serve, wait_ready
 
 BASE = """
 server:
@@ -29,12 +27,6 @@ connectors:
     path: {more}
 """
 
-
-def eventually(check: Callable[[], bool], timeout: float = 8.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "the server did not follow the edit in time"
-        time.sleep(0.05)
 
 
 def titles(url: str, query: str) -> set[str]:

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,7 +20,7 @@ import pytest
 
 from .fakes.dify import FakeUpstream
 from .fakes.notion import FakeNotion, app as notion_app, block
-from .loopback import free_port, serve, wait_ready
+from .loopback import eventually, free_port, serve, wait_ready
 
 TOKEN = "secret_notion_token_for_replicas"
 KEY = "replica-key"
@@ -96,12 +96,6 @@ def status(url: str) -> dict:
 def source(url: str, name: str) -> dict:
     return {s["name"]: s for s in status(url)["sources"]}[name]
 
-
-def eventually(check: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
-        time.sleep(0.1)
 
 
 def block_reads(fake: FakeNotion) -> Counter[str]:
