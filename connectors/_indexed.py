@@ -151,7 +151,6 @@ class IndexedConnector(Connector):
     def fingerprint(self) -> str:
         """The settings that shape the index: a stored index of other settings is never served."""
         shaping = self.settings.model_dump(mode="json", exclude=set(self.runtime_fields))
-        shaping["chunk_chars"] = self.settings.chunk_chars or 1500
         shaping["source_name"] = self.name
         return settings_fingerprint(shaping)
 
@@ -361,7 +360,7 @@ class IndexedConnector(Connector):
         stale = sorted(d for d, v in versions.items() if stored.get(d) != v)
         status.syncing, status.done, status.total = True, 0, len(stale)
         status.skipped, status.skipped_paths = self._skipped[0], self._skipped[1][:SKIPPED_NAMES_SHOWN]
-        chunk_chars = self.settings.chunk_chars or 1500
+        chunk_chars = self.settings.chunk_chars
         pending: list[PreparedDocument] = []
         gone: list[str] = list(removed)
         waiting = 0

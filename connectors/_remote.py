@@ -73,7 +73,7 @@ class RemoteConnector(Connector):
 
     async def start(self) -> None:
         if self._client is None:
-            options = {"timeout_s": self.settings.timeout_s or 3.0, **self.client_options()}
+            options = {"timeout_s": self.settings.timeout_s, **self.client_options()}
             self._client = make_client(**options)
 
     async def aclose(self) -> None:

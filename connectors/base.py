@@ -54,6 +54,13 @@ class CircuitSettings(BaseModel):
     max_cooldown_s: float = Field(300.0, gt=0, le=86400, description="Cap of the doubling cool-down.")
 
 
+#: Every source's settings start from these; `connectors.yaml`'s `defaults` block replaces them for the sources
+#: that leave a field unset, and a source's own value wins over both (`GatewayConfig.effective`).
+DEFAULT_TIMEOUT_S = 3.0
+DEFAULT_RETRIES = 2
+DEFAULT_CHUNK_CHARS = 1500
+
+
 class ConnectorSettings(BaseModel):
     """Fields every connector accepts; each source type subclasses this.
 
@@ -70,10 +77,10 @@ class ConnectorSettings(BaseModel):
         description="How the rerank reads this source's scores: auto (learn their scale per query), rank (use the order "
         "only), trust (already on the gateway's scale), ignore (the gateway's own relevance alone).",
     )
-    timeout_s: float | None = Field(None, gt=0, le=60, description="Per-call budget; defaults.timeout_s if unset.")
-    retries: int | None = Field(None, ge=0, le=10, description="Retries of a transient failure; defaults.retries if unset.")
-    chunk_chars: int | None = Field(None, ge=200, le=20000, description="Passage size; defaults.chunk_chars if unset.")
-    circuit: CircuitSettings | None = Field(None, description="Circuit breaker; defaults.circuit if unset.")
+    timeout_s: float = Field(DEFAULT_TIMEOUT_S, gt=0, le=60, description="Per-call budget; defaults.timeout_s if unset.")
+    retries: int = Field(DEFAULT_RETRIES, ge=0, le=10, description="Retries of a transient failure; defaults.retries if unset.")
+    chunk_chars: int = Field(DEFAULT_CHUNK_CHARS, ge=200, le=20000, description="Passage size; defaults.chunk_chars if unset.")
+    circuit: CircuitSettings = Field(default_factory=CircuitSettings, description="Circuit breaker; defaults.circuit if unset.")
     semantic: bool | None = Field(
         None,
         description="The source retrieves by meaning (embeddings), so its best passages may share no word with the query: "

@@ -122,7 +122,7 @@ class ConfluenceConnector(Connector):
             headers, auth = self.auth_headers()
             self._client = make_client(
                 self.settings.base_url, headers={"Accept": "application/json", **headers}, auth=auth,
-                timeout_s=self.settings.timeout_s or 3.0, verify=self.settings.verify_tls,
+                timeout_s=self.settings.timeout_s, verify=self.settings.verify_tls,
             )  # fmt: skip
 
     async def aclose(self) -> None:
@@ -197,7 +197,7 @@ class ConfluenceConnector(Connector):
                 raise outcome
         pages = [page for page, body in zip(found, fetched) if isinstance(body, str)]
         bodies = [body for body in fetched if isinstance(body, str)]
-        chunk_chars = self.settings.chunk_chars or 1500
+        chunk_chars = self.settings.chunk_chars
         passages: list[Passage] = []
         for rank, (page, body) in enumerate(zip(pages, bodies), start=1):
             version = page.get("version") or {}

@@ -126,7 +126,7 @@ class DifyConnector(Connector):
         if self._client is None:
             self._client = make_client(
                 headers={"Authorization": f"Bearer {self.settings.api_key.get_secret_value()}"},
-                timeout_s=self.settings.timeout_s or 3.0,
+                timeout_s=self.settings.timeout_s,
                 verify=self.settings.verify_tls,
             )
 

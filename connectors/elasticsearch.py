@@ -278,10 +278,10 @@ class ElasticsearchConnector(RemoteConnector):
             "_source": {"includes": source} if source else False,
             "track_total_hits": False,
             # stop in time to answer with what was found, rather than be cut off by our own timeout
-            "timeout": f"{int((s.timeout_s or 3.0) * 800)}ms",
+            "timeout": f"{int(s.timeout_s * 800)}ms",
         }
         if s.highlight:
-            size = s.fragment_chars or s.chunk_chars or 1500
+            size = s.fragment_chars or s.chunk_chars
             offset_key = "max_analyzed_offset" if s.flavor == "elasticsearch" else "max_analyzer_offset"
             body["highlight"] = {
                 "fields": {s.content_field: {
@@ -320,7 +320,7 @@ class ElasticsearchConnector(RemoteConnector):
                 return [f.strip() for f in fragments if isinstance(f, str) and f.strip()]
         value = source_value(source, s.content_field)
         text = "\n\n".join(str(v) for v in value if v is not None) if isinstance(value, list) else as_text(value) if value is not None else ""
-        return split_passages(text, s.chunk_chars or 1500) if text.strip() else []
+        return split_passages(text, s.chunk_chars) if text.strip() else []
 
     def parse(self, data: Any, what: str) -> list[Passage]:
         hits = dig(data, "hits", "hits")

@@ -199,7 +199,7 @@ class HttpSearchConnector(RemoteConnector):
         if not isinstance(results, list):
             raise BadResponse(f"{what}: `results` gave {type(results).__name__}, not a list")
         passages: list[Passage] = []
-        chunk_chars = self.settings.chunk_chars or 1500
+        chunk_chars = self.settings.chunk_chars
         for rank, result in enumerate(results[: self.settings.max_results], start=1):
             content = self._get("content", result, what)
             if isinstance(content, list):

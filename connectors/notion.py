@@ -123,7 +123,7 @@ class NotionConnector(IndexedConnector):
             self._client = make_client(
                 self.settings.base_url,
                 headers={"Authorization": f"Bearer {self.settings.token.get_secret_value()}", "Notion-Version": NOTION_VERSION},
-                timeout_s=max(self.settings.timeout_s or 3.0, 10.0), verify=self.settings.verify_tls,
+                timeout_s=max(self.settings.timeout_s, 10.0), verify=self.settings.verify_tls,
             )  # fmt: skip
         return self._client
 

@@ -58,7 +58,7 @@ def _client(settings: S3Settings) -> Any:
         profile_name=settings.profile,
         region_name=settings.region,
     )
-    timeout = settings.timeout_s or 3.0
+    timeout = settings.timeout_s
     config = Config(connect_timeout=timeout, read_timeout=max(timeout, 10.0), retries={"total_max_attempts": 1}, max_pool_connections=32)
     return session.client("s3", endpoint_url=settings.endpoint_url, verify=settings.verify_tls, config=config)
 

@@ -177,3 +177,23 @@ def test_a_password_written_into_a_url_is_a_secret_too(tmp_path: Path):
         status, page = client.get("/status").text, client.get("/").text
     assert "127.0.0.1" in status, "the error is shown, with its URL"
     assert "word-42" not in status and "word-42" not in page
+
+
+def test_one_home_for_defaults_a_block_fills_only_what_a_source_leaves_unset(tmp_path):
+    """A source's settings start from connectors/base.py's defaults (so a connector built without a config has
+    them too); `defaults:` replaces them where a source is silent; a source's own value wins, even the default's."""
+    from aggregator.runtime.config import Defaults
+    from connectors.files import FilesSettings
+
+    built = FilesSettings(type="files", path=tmp_path)
+    assert (built.timeout_s, built.retries, built.chunk_chars) == (Defaults().timeout_s, Defaults().retries, Defaults().chunk_chars)
+    config = parse_config(
+        "server: {api_keys: [{key: k-0123456789abcdef}]}\n"
+        "defaults: {timeout_s: 5.0, chunk_chars: 800}\n"
+        "knowledge_bases: {kb: {connectors: [quiet, own]}}\n"
+        f"connectors:\n  quiet: {{type: files, path: {tmp_path}}}\n  own: {{type: files, path: {tmp_path}, timeout_s: 3.0, retries: 0}}\n",
+        {},
+    )
+    quiet, own = config.effective("quiet"), config.effective("own")
+    assert (quiet.timeout_s, quiet.chunk_chars, quiet.retries) == (5.0, 800, Defaults().retries)
+    assert (own.timeout_s, own.chunk_chars, own.retries) == (3.0, 800, 0)

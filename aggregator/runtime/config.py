@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from connectors import REGISTRY
-from connectors.base import CircuitSettings, ConnectorSettings
+from connectors.base import DEFAULT_CHUNK_CHARS, DEFAULT_RETRIES, DEFAULT_TIMEOUT_S, CircuitSettings, ConnectorSettings
 
 from aggregator.retrieval.embeddings import EmbeddingSettings
 from aggregator.retrieval.rerank_model import STAGE_NAME as RERANK_STAGE, RerankOverride, RerankSettings, effective_settings
@@ -120,9 +120,9 @@ class ServerSettings(BaseModel):
 class Defaults(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    timeout_s: float = Field(3.0, gt=0, le=60)
-    retries: int = Field(2, ge=0, le=10)
-    chunk_chars: int = Field(1500, ge=200, le=20000)
+    timeout_s: float = Field(DEFAULT_TIMEOUT_S, gt=0, le=60)
+    retries: int = Field(DEFAULT_RETRIES, ge=0, le=10)
+    chunk_chars: int = Field(DEFAULT_CHUNK_CHARS, ge=200, le=20000)
     circuit: CircuitSettings = Field(default_factory=CircuitSettings)
 
 
@@ -184,7 +184,7 @@ class GatewayConfig(BaseModel):
         filled = {
             key: getattr(self.defaults, key)
             for key in ("timeout_s", "retries", "chunk_chars", "circuit")
-            if getattr(settings, key) is None
+            if key not in settings.model_fields_set
         }
         return settings.model_copy(update=filled)
 

@@ -80,7 +80,7 @@ class Gateway:
                 connector.bind_state(self.state)
             self.slots[name] = SourceSlot(
                 connector=connector,
-                policy=SourcePolicy(timeout_s=settings.timeout_s or 3.0, retries=settings.retries or 0),
+                policy=SourcePolicy(timeout_s=settings.timeout_s, retries=settings.retries),
                 breaker=self.breakers.breaker(name, settings.circuit) if self.breakers else CircuitBreaker(settings.circuit),
             )
         #: Embedding judges, one per distinct `embeddings:` block; a successor keeps those whose settings stay (cache and all).
