@@ -49,6 +49,8 @@ class RemoteConnector(Connector):
     _client: HttpClient | None = None
     #: Reads the API's error envelope into the typed error's message (see `connectors.http.request_json`).
     describe_error: ClassVar[DescribeError | None] = None
+    #: False for an API asked for more candidates than the query's limit on purpose (the fusion reads them all).
+    cut_to_limit: ClassVar[bool] = True
 
     @abc.abstractmethod
     def client_options(self) -> dict[str, Any]:
@@ -69,7 +71,8 @@ class RemoteConnector(Connector):
             max_bytes=getattr(self.settings, "max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES),
             describe_error=type(self).describe_error, **call.options,
         )  # fmt: skip
-        return self.parse(data, call.what)[: query.limit]
+        passages = self.parse(data, call.what)
+        return passages[: query.limit] if self.cut_to_limit else passages
 
     async def start(self) -> None:
         if self._client is None:

@@ -18,12 +18,10 @@ from typing import Any, Literal
 import msgspec
 from pydantic import Field, SecretStr
 
-from connectors._remote import raw_score
-from connectors.base import BadResponse, Connector, ConnectorSettings, Passage, SourceQuery
-from connectors.http import DEFAULT_MAX_RESPONSE_BYTES, BaseUrl, HttpClient, decode_json, make_client, request_json
+from connectors._remote import GATEWAY_FIELDS, Call, RemoteConnector, raw_score
+from connectors.base import BadResponse, ConnectorSettings, Passage, SourceQuery
+from connectors.http import DEFAULT_MAX_RESPONSE_BYTES, BaseUrl, decode_json
 
-#: Fields the gateway sets itself: an upstream may not have them, so conditions on them stay local.
-GATEWAY_FIELDS = frozenset({"source", "source_type", "title", "document_id"})
 MAX_UPSTREAM_TOP_K = 100
 
 
@@ -39,7 +37,8 @@ class DifySettings(ConnectorSettings):
 
 
 def pushable_condition(condition: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The part of a metadata_condition the upstream can evaluate, or None."""
+    """The part of a metadata_condition the upstream can evaluate, or None: conditions on the fields the gateway
+    sets itself (GATEWAY_FIELDS) stay local, since an upstream may not have them."""
     if not condition or not condition.get("conditions"):
         return None
     conditions = condition["conditions"]
@@ -114,26 +113,20 @@ def parse_records(data: DifyAnswer | Any, what: str) -> list[Passage]:
     return passages
 
 
-class DifyConnector(Connector):
+class DifyConnector(RemoteConnector):
     settings_model = DifySettings
     settings: DifySettings
+    cut_to_limit = False  # `candidates` asks for more than the limit: the fusion reads them all
 
-    def __init__(self, name: str, settings: DifySettings) -> None:
-        super().__init__(name, settings)
-        self._client: HttpClient | None = None
+    def client_options(self) -> dict[str, Any]:
+        return {"headers": {"Authorization": f"Bearer {self.settings.api_key.get_secret_value()}"}, "verify": self.settings.verify_tls}
 
-    async def start(self) -> None:
-        if self._client is None:
-            self._client = make_client(
-                headers={"Authorization": f"Bearer {self.settings.api_key.get_secret_value()}"},
-                timeout_s=self.settings.timeout_s,
-                verify=self.settings.verify_tls,
-            )
+    def call(self, query: SourceQuery) -> Call:
+        url = f"{self.settings.endpoint}/retrieval"
+        return Call("POST", url, f"POST {url}", {"json": self.request_body(query), "decode": decode_answer})
 
-    async def aclose(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            await client.aclose()
+    def parse(self, data: Any, what: str) -> list[Passage]:
+        return parse_records(data, what)
 
     def request_body(self, query: SourceQuery) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -148,14 +141,3 @@ class DifyConnector(Connector):
         if pushed is not None:
             body["metadata_condition"] = pushed
         return body
-
-    async def search(self, query: SourceQuery) -> list[Passage]:
-        if self._client is None:
-            await self.start()
-        assert self._client is not None
-        what = f"POST {self.settings.endpoint}/retrieval"
-        data = await request_json(
-            self._client, "POST", f"{self.settings.endpoint}/retrieval", what,
-            max_bytes=self.settings.max_response_bytes, json=self.request_body(query), decode=decode_answer,
-        )  # fmt: skip
-        return parse_records(data, what)
