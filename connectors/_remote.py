@@ -43,18 +43,40 @@ class Call:
     options: dict[str, Any] = field(default_factory=dict)  # for request_json: json=..., params=...
 
 
-class RemoteConnector(Connector):
-    """A query-time source reached over HTTP through one client made by `make_client`."""
+class ClientConnector(Connector):
+    """A query-time source reached over HTTP through one client made by `make_client`: its lifecycle, once."""
 
     _client: HttpClient | None = None
-    #: Reads the API's error envelope into the typed error's message (see `connectors.http.request_json`).
-    describe_error: ClassVar[DescribeError | None] = None
-    #: False for an API asked for more candidates than the query's limit on purpose (the fusion reads them all).
-    cut_to_limit: ClassVar[bool] = True
 
     @abc.abstractmethod
     def client_options(self) -> dict[str, Any]:
         """Keyword arguments for `make_client` (base URL, headers, auth, TLS); secrets are read here only."""
+
+    async def start(self) -> None:
+        if self._client is None:
+            options = {"timeout_s": self.settings.timeout_s, **self.client_options()}
+            self._client = make_client(**options)
+
+    async def aclose(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    async def client(self) -> HttpClient:
+        """The open client, opened on first use when `start` was not called."""
+        if self._client is None:
+            await self.start()
+        assert self._client is not None
+        return self._client
+
+
+class RemoteConnector(ClientConnector):
+    """A source answered by one call per query: it says what the call is and how its answer reads."""
+
+    #: Reads the API's error envelope into the typed error's message (see `connectors.http.request_json`).
+    describe_error: ClassVar[DescribeError | None] = None
+    #: False for an API asked for more candidates than the query's limit on purpose (the fusion reads them all).
+    cut_to_limit: ClassVar[bool] = True
 
     @abc.abstractmethod
     def call(self, query: SourceQuery) -> Call:
@@ -73,23 +95,6 @@ class RemoteConnector(Connector):
         )  # fmt: skip
         passages = self.parse(data, call.what)
         return passages[: query.limit] if self.cut_to_limit else passages
-
-    async def start(self) -> None:
-        if self._client is None:
-            options = {"timeout_s": self.settings.timeout_s, **self.client_options()}
-            self._client = make_client(**options)
-
-    async def aclose(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            await client.aclose()
-
-    async def client(self) -> HttpClient:
-        """The open client, opened on first use when `start` was not called."""
-        if self._client is None:
-            await self.start()
-        assert self._client is not None
-        return self._client
 
 
 def raw_score(value: Any) -> float | None:

@@ -27,8 +27,9 @@ from aggregator.text.chunking import split_passages
 from aggregator.contract.conditions import as_instant
 
 from connectors._html import html_to_text
-from connectors.base import BadResponse, Connector, ConnectorSettings, NotFound, Passage, SourceQuery
-from connectors.http import BaseUrl, HttpClient, make_client, request_json
+from connectors._remote import ClientConnector
+from connectors.base import BadResponse, ConnectorSettings, NotFound, Passage, SourceQuery
+from connectors.http import BaseUrl, request_json
 
 #: Characters with a meaning in the Lucene syntax behind CQL's `text ~`; replaced by spaces.
 _LUCENE_SPECIAL = re.compile(r'[+\-&|!(){}\[\]^"~*?:\\/]')
@@ -99,14 +100,13 @@ def pushdown_clauses(condition: dict[str, Any] | None) -> list[str]:
     return clauses
 
 
-class ConfluenceConnector(Connector):
+class ConfluenceConnector(ClientConnector):
     settings_model = ConfluenceSettings
     settings: ConfluenceSettings
     pushdown_fields = frozenset({"space", "labels", "updated_at"})
 
     def __init__(self, name: str, settings: ConfluenceSettings) -> None:
         super().__init__(name, settings)
-        self._client: HttpClient | None = None
         self._bodies: OrderedDict[tuple[str, int], str] = OrderedDict()
 
     def auth_headers(self) -> tuple[dict[str, str], tuple[str, str] | None]:
@@ -117,18 +117,10 @@ class ConfluenceConnector(Connector):
             return {}, (s.email or "", token)
         return {"Authorization": f"Bearer {token}"}, None
 
-    async def start(self) -> None:
-        if self._client is None:
-            headers, auth = self.auth_headers()
-            self._client = make_client(
-                self.settings.base_url, headers={"Accept": "application/json", **headers}, auth=auth,
-                timeout_s=self.settings.timeout_s, verify=self.settings.verify_tls,
-            )  # fmt: skip
-
-    async def aclose(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            await client.aclose()
+    def client_options(self) -> dict[str, Any]:
+        headers, auth = self.auth_headers()
+        return {"base_url": self.settings.base_url, "headers": {"Accept": "application/json", **headers}, "auth": auth,
+                "verify": self.settings.verify_tls}  # fmt: skip
 
     def cql(self, query: SourceQuery) -> str:
         s = self.settings
@@ -188,8 +180,7 @@ class ConfluenceConnector(Connector):
         return text
 
     async def search(self, query: SourceQuery) -> list[Passage]:
-        if self._client is None:
-            await self.start()
+        await self.client()
         found, base = await self._search(self.cql(query))
         fetched = await asyncio.gather(*(self._body(page) for page in found), return_exceptions=True)
         for outcome in fetched:  # a page deleted since the search is skipped; anything else fails the source
