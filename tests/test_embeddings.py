@@ -7,6 +7,7 @@ answered, ranked by words exactly as without a judge, and the judge's outcome is
 from __future__ import annotations
 
 import asyncio
+import time
 import sys
 from pathlib import Path
 
@@ -293,3 +294,25 @@ def test_the_readme_example_is_a_valid_judge():
     settings = EmbeddingSettings.model_validate(example["server"]["embeddings"])
     assert settings.url == "http://xinference:9997/v1" and settings.similarity == (0.3, 0.8)
     assert EmbeddingSettings.model_validate(example["knowledge_bases"]["manuals"]["embeddings"]).similarity == (0.7, 1.0)
+
+
+def test_with_fast_sources_the_query_rides_with_the_passages_one_embedding_call_not_two(folder: Path):
+    """The sources answered before the query's own call did: the judge sends the query with the new passages,
+    so a retrieval with nothing cached waits for one embedding call (issue 22: at most one call more)."""
+    fake = FakeEmbeddings(real=False, mode="slow", delay_s=0.6)
+
+    async def main() -> tuple[RetrievalResult, float]:
+        with serve(fake.app()) as url:
+            gateway = await started(config_text(folder, openai_block(url, timeout_s=3.0)))
+            try:
+                begun = time.perf_counter()
+                result = await ask(gateway)
+                return result, time.perf_counter() - begun
+            finally:
+                await gateway.aclose()
+
+    result, elapsed = asyncio.run(main())
+    assert result.sources_header() == "docs=ok;embeddings=ok" and result.records
+    assert elapsed < 1.1, f"{elapsed:.2f} s: two calls of 0.6 s in a row, not one"
+    batch = fake.calls[-1]["input"]
+    assert batch[0] == QUERY and len(batch) > 1, "the query went with the passages"

@@ -310,13 +310,22 @@ class Judge:
 
     async def _query_vector(self, query: str, deadline: float) -> np.ndarray:
         vector = _unit(await self._embed([self.settings.query_prefix + query], deadline))[0]
+        self._remember_query(query, vector)
+        return vector
+
+    def _remember_query(self, query: str, vector: np.ndarray) -> None:
         self.queries[query] = vector
         if len(self.queries) > _QUERIES_CACHED:
             self.queries.popitem(last=False)
-        return vector
 
-    async def judge(self, started: "asyncio.Task[np.ndarray] | np.ndarray | None", texts: Sequence[str], deadline: float) -> Judgement:
-        """Each distinct text's meaning on [0, 1], or the outcome that says why there is none. Never raises."""
+    async def judge(
+        self, started: "asyncio.Task[np.ndarray] | np.ndarray | None", texts: Sequence[str], deadline: float, query: str | None = None
+    ) -> Judgement:
+        """Each distinct text's meaning on [0, 1], or the outcome that says why there is none. Never raises.
+
+        With `query` (the text `start` was given): when the sources answered before the query's own call did
+        and passages need embedding, that call is dropped and the query goes in the passages' batch, so a
+        retrieval waits for one embedding call, not two in a row."""
         begun = time.perf_counter()
         if started is None:
             wait = self.breaker.seconds_until_trial() or 0.0
@@ -326,20 +335,30 @@ class Judge:
         embedded = 0
         try:
             with Timeout(max(0.0, min(self.settings.timeout_s, deadline - loop.time())), task):
-                query = started if isinstance(started, np.ndarray) else await started
                 distinct = list(dict.fromkeys(texts))
                 find = self.cache.find
                 vectors = [find(t) for t in distinct]
                 missing = [i for i, v in enumerate(vectors) if v is None]
+                # The query's own call still out when the passages' batch has room for it: one call, not two in a row.
+                together = (0 < len(missing) < self.settings.batch_size and query is not None
+                            and isinstance(started, asyncio.Task) and not started.done())  # fmt: skip
+                if together:
+                    drop(started)
+                else:
+                    vector = started if isinstance(started, np.ndarray) else await started
                 if missing:
                     embedded = len(missing)
                     prefix = self.settings.passage_prefix
-                    new = _unit(await self._embed([prefix + distinct[i] for i in missing], deadline))
-                    for i, vector in zip(missing, new):
-                        vectors[i] = vector
-                        self.cache.add(distinct[i], vector)
+                    batch = [prefix + distinct[i] for i in missing]
+                    new = _unit(await self._embed([self.settings.query_prefix + query, *batch] if together else batch, deadline))  # type: ignore[operator]
+                    if together:
+                        vector, new = new[0], new[1:]
+                        self._remember_query(query, vector)  # type: ignore[arg-type]
+                    for i, vector_i in zip(missing, new):
+                        vectors[i] = vector_i
+                        self.cache.add(distinct[i], vector_i)
             try:
-                cosines = np.stack(vectors) @ query  # type: ignore[arg-type]
+                cosines = np.stack(vectors) @ vector  # type: ignore[arg-type]
             except ValueError:
                 raise BadResponse(f"{NAME}: vectors of different lengths (was the model changed?)") from None
             meaning = np.clip((cosines - self._low) / self._span, 0.0, 1.0).tolist()

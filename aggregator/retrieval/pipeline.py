@@ -120,7 +120,7 @@ async def retrieve(gateway: Gateway, request: RetrievalRequest, explain: bool = 
 
     meaning = None
     if judge is not None:  # its outcome reported as a source's (`embeddings=ok`), after the sources
-        meaning = await judge_meaning(judge, started, answers, until, results)
+        meaning = await judge_meaning(judge, started, answers, until, results, request.query)
 
     records: list[dict] = []
     verdicts: list[Verdict] | None = [] if explain else None
@@ -155,14 +155,15 @@ async def retrieve(gateway: Gateway, request: RetrievalRequest, explain: bool = 
     return RetrievalResult(records, results, None if verdicts is None else RetrievalTrace(removed, verdicts))
 
 
-async def judge_meaning(judge: Judge, started: Any, answers: list[Answer], deadline: float, results: list[SourceResult]) -> dict[str, float] | None:
+async def judge_meaning(judge: Judge, started: Any, answers: list[Answer], deadline: float, results: list[SourceResult],
+                        query: str | None = None) -> dict[str, float] | None:  # fmt: skip
     """The embedding judge's meaning of every passage (None when it failed: the ranking is then by words, as
     without a judge); its outcome is appended to `results` as a pseudo-source's (`embeddings=...`)."""
     texts = [p.content for a in answers for p in a.passages]
     if not texts:
         drop(started)
         return None
-    judgement = await judge.judge(started, texts, deadline)
+    judgement = await judge.judge(started, texts, deadline, query)
     results.append(SourceResult(JUDGE, judgement.outcome, [], judgement.elapsed_ms, judgement.error, 1))
     return judgement.meaning
 
