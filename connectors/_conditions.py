@@ -60,12 +60,6 @@ def push_down(condition: dict[str, Any] | None, translate: Translate[Clause]) ->
     return PushedDown(logical_operator, clauses) if clauses else None
 
 
-def listed(value: Any) -> list[str]:
-    """The allowed values of `in` / `not in`: a list, or a comma-separated string, as the gateway reads them."""
-    items = value if isinstance(value, list) else str(value).split(",") if isinstance(value, str) else [value]
-    return [as_text(item).strip() for item in items if item is not None]
-
-
 def scalar_text(value: Any) -> str | None:
     """A single value as the gateway compares text (`3`, `true`), or None for a list."""
     return None if isinstance(value, list) else as_text(value)

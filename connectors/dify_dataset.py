@@ -48,9 +48,9 @@ from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from aggregator.contract.conditions import as_instant, as_number
+from aggregator.contract.conditions import as_instant, as_number, listed
 
-from connectors._conditions import listed, push_down, scalar_text
+from connectors._conditions import push_down, scalar_text
 from connectors._remote import GATEWAY_FIELDS, Call, RemoteConnector, dig, iso_time, public_url, raw_score, upstream_metadata
 from connectors.base import BadResponse, ConnectorSettings, NotFound, Passage, RateLimited, SourceQuery
 from connectors.http import DEFAULT_MAX_RESPONSE_BYTES, BaseUrl, clip, request_json

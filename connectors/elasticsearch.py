@@ -39,10 +39,10 @@ from urllib.parse import quote
 import httpx
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from aggregator.contract.conditions import NEGATIONS, as_instant, as_number, as_text
+from aggregator.contract.conditions import NEGATIONS, as_instant, as_number, as_text, listed
 from aggregator.text.chunking import split_passages
 
-from connectors._conditions import listed, push_down
+from connectors._conditions import push_down
 from connectors._remote import GATEWAY_FIELDS, Call, RemoteConnector, dig, iso_time, public_url, raw_score, upstream_metadata
 from connectors.base import BadResponse, ConnectorSettings, Passage, SourceQuery
 from connectors.http import DEFAULT_MAX_RESPONSE_BYTES, BaseUrl

@@ -128,6 +128,13 @@ def _values(value: Any) -> list[Any]:
     return [item for item in items if item is not None]
 
 
+def listed(value: Any) -> list[str]:
+    """The allowed values of `in` / `not in`: a list, or a comma-separated string, each as text, trimmed. The
+    gateway's own filter and every pushdown to an upstream read them so."""
+    items = value if isinstance(value, list) else value.split(",") if isinstance(value, str) else [value]
+    return [as_text(item).strip() for item in items if item is not None]
+
+
 def _text_test(op: str, wanted: list[str]) -> Callable[[str], bool]:
     """One test of a text against every wanted value at once: a set, a tuple or one substring search each.
 
@@ -172,9 +179,9 @@ def _compile_one(op: str, value: Any, where: str) -> tuple[Reading, FieldTest]:
     """
     if op == "not empty":
         return RAW, lambda field: not _is_empty(field)
-    values = value.split(",") if op == "in" and isinstance(value, str) else _values(value)
+    values = _values(value)
     if op in STRING_OPS:
-        wanted = [as_text(item).strip() if op == "in" else as_text(item) for item in values]
+        wanted = listed(value) if op == "in" else [as_text(item) for item in values]
         if not wanted:
             return TEXTS, _never
         test = _text_test(op, wanted)
