@@ -406,18 +406,21 @@ class LocalStore(IndexStore):
             return []
         if accept is not None:
             return self._filtered(reader, pids, scores, limit, accept)
-        chunk = [int(p) for p in pids[:limit]]
-        rows = self._rows(
-            reader, "SELECT p.id, p.chunk_index, p.content, d.id, d.doc_id, d.title, d.updated_at, d.metadata "
-            "FROM passages p JOIN documents d ON d.id = p.document WHERE p.id IN ({marks})", chunk,
-        )  # fmt: skip
         found: list[StoredPassage] = []
-        for offset, pid in enumerate(chunk):
-            row = rows.get(pid)
-            if row is None:
-                continue  # removed by a commit newer than this reader's view
-            chunk_index, content, document, doc_id, title, updated_at, metadata_json = row
-            found.append(StoredPassage(doc_id, chunk_index, title, content, self._decoded(document, metadata_json), updated_at, float(scores[offset])))
+        start = 0
+        while start < len(pids) and len(found) < limit and self._reader is reader:
+            chunk = [int(p) for p in pids[start : start + limit - len(found)]]  # more only for passages since removed
+            rows = self._rows(
+                reader, "SELECT p.id, p.chunk_index, p.content, d.id, d.doc_id, d.title, d.updated_at, d.metadata "
+                "FROM passages p JOIN documents d ON d.id = p.document WHERE p.id IN ({marks})", chunk,
+            )  # fmt: skip
+            for offset, pid in enumerate(chunk, start):
+                row = rows.get(pid)
+                if row is None:
+                    continue  # removed by a commit newer than this reader's view
+                chunk_index, content, document, doc_id, title, updated_at, metadata_json = row
+                found.append(StoredPassage(doc_id, chunk_index, title, content, self._decoded(document, metadata_json), updated_at, float(scores[offset])))
+            start += len(chunk)
         return found
 
     def _filtered(
@@ -433,7 +436,7 @@ class LocalStore(IndexStore):
         kept: list[tuple[int, StoredPassage]] = []
         batch = max(64, 2 * limit)
         start = 0
-        while start < len(pids) and len(kept) < limit:
+        while start < len(pids) and len(kept) < limit and self._reader is reader:
             chunk = [int(p) for p in pids[start : start + batch]]
             rows = self._rows(reader, "SELECT id, document, chunk_index FROM passages WHERE id IN ({marks})", chunk)
             unseen = list({row[0] for row in rows.values()} - documents.keys())
