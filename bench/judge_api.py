@@ -39,7 +39,7 @@ from aggregator.runtime.config import parse_config  # noqa: E402
 from aggregator.runtime.gateway import Gateway  # noqa: E402
 from tests.conftest import KEY, write_docs  # noqa: E402
 from tests.fakes.embeddings import API_KEY  # noqa: E402
-from tests.loopback import free_port, stop  # noqa: E402
+from tests.loopback import free_port, stop, wait_listening  # noqa: E402
 
 FAKE = (
     "import uvicorn; from tests.fakes.embeddings import FakeEmbeddings; "
@@ -108,12 +108,7 @@ def main() -> None:
     port = free_port()
     fake = subprocess.Popen([sys.executable, "-c", FAKE.format(delay=args.delay_ms / 1000, port=port)], cwd=ROOT)
     try:
-        for _ in range(200):
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/")
-                break
-            except httpx.TransportError:
-                time.sleep(0.05)
+        wait_listening(port, fake, "the fake embedding model")
         with tempfile.TemporaryDirectory() as folder:
             found = asyncio.run(measure(args.rounds, f"http://127.0.0.1:{port}", write_docs(Path(folder) / "docs")))
     finally:

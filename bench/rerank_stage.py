@@ -29,7 +29,7 @@ from aggregator.contract.models import RetrievalRequest  # noqa: E402
 from aggregator.retrieval.pipeline import retrieve  # noqa: E402
 from aggregator.runtime.gateway import Gateway  # noqa: E402
 from tests.conftest import KEY, write_docs  # noqa: E402
-from tests.loopback import free_port, stop  # noqa: E402
+from tests.loopback import free_port, stop, wait_listening  # noqa: E402
 
 FAKE = "import uvicorn; from tests.fakes import rerank as r; s = r.FakeRerank(relevance={'签名': 0.9}); uvicorn.run(r.app(s), host='127.0.0.1', port={port}, log_level='warning')"
 
@@ -73,14 +73,7 @@ def main() -> None:
     port = free_port()
     fake = subprocess.Popen([sys.executable, "-c", FAKE.replace("{port}", str(port))], cwd=ROOT)
     try:
-        import httpx
-
-        for _ in range(200):
-            try:
-                httpx.post(f"http://127.0.0.1:{port}/tei/rerank", json={"query": "q", "texts": ["a"]})
-                break
-            except httpx.TransportError:
-                time.sleep(0.05)
+        wait_listening(port, fake, "the fake rerank model")
         with tempfile.TemporaryDirectory() as folder:
             found = asyncio.run(measure(args.rounds, f"http://127.0.0.1:{port}", write_docs(Path(folder) / "docs")))
     finally:

@@ -63,6 +63,20 @@ def eventually(check: Callable[[], bool], timeout: float = 10.0, what: str = "")
         time.sleep(0.05)
 
 
+def wait_listening(port: int, process: subprocess.Popen, what: str, timeout: float = 30.0) -> None:
+    """Wait until a server process listens on `port` of loopback; fail with its last output if it exits first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return
+        if process.poll() is not None:
+            output = process.stdout.read() if process.stdout else ""
+            raise RuntimeError(f"{what} exited with status {process.returncode}: {output[-2000:]}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not listen on port {port} within {timeout} s")
+        time.sleep(0.05)
+
+
 def wait_ready(base_url: str, timeout: float = 20.0, process: subprocess.Popen | None = None) -> None:
     """Poll /readyz until the gateway says it is ready (and fail early if its process died)."""
     deadline = time.monotonic() + timeout

