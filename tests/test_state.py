@@ -17,7 +17,7 @@ import pytest
 
 from aggregator.ranking.bm25 import BM25Index
 from aggregator.state import LocalBackend, PreparedDocument, SyncStatus
-from aggregator.state import local
+from aggregator.state.local import store as local
 
 from .test_bm25 import WORDS, reference
 
