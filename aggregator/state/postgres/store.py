@@ -48,9 +48,9 @@ from aggregator.tasks import cancel_and_wait
 
 from aggregator.state.base import (
     IndexStore, IndexWriter, PreparedDocument, StateBackend, StoreInfo, StoredPassage, StoreUnavailable, SyncStatus,
-    query_weights,
+    query_weights, tie_key,
 )  # fmt: skip
-from aggregator.state.local import tie_key
+
 
 try:
     import psycopg
