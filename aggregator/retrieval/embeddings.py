@@ -72,6 +72,10 @@ class EmbeddingSettings(BaseModel):
     timeout_s: float = Field(2.0, gt=0, le=60, description="Budget of the judge within a retrieval (never past the deadline).")
     retries: int = Field(0, ge=0, le=5, description="Retries of a transient failure (connection, 5xx, 429), within the budget.")
     weight: float = Field(0.5, ge=0, le=1, description="Weight of meaning: relevance = 1 − (1 − words)·(1 − weight·meaning).")
+    combine: Literal["or", "mix"] = Field(
+        "or", description="or: relevant by words or by meaning (the default, measured); mix: (1 − weight)·words + weight·meaning, "
+        "for a model trusted over words (a high weight lets it put a paraphrase above a passage that only shares words)."
+    )
     similarity: tuple[float, float] | None = Field(
         None, description="[low, high]: cosines mapped onto 0 and 1; default local [0.7, 1.0] (measured), openai [0.3, 0.8]."
     )
@@ -349,7 +353,7 @@ class Judge:
         low, high = settings.similarity or DEFAULT_SIMILARITY[settings.provider]
         self._low, self._span = low, high - low
         #: The fusion's constants with this judge's share of meaning.
-        self.fusion = replace(DEFAULT_FUSION, meaning=settings.weight)
+        self.fusion = replace(DEFAULT_FUSION, meaning=settings.weight, combine=settings.combine)
 
     # -- one retrieval -----------------------------------------------------------------------------------
 
