@@ -8,7 +8,7 @@ same rules for every source.
 
 Lifecycle, written once here::
 
-    connector = FilesConnector("samples", settings)
+    connector = ConfluenceConnector("wiki", settings)     # or, for a folder: IndexedConnector(FilesSource(...))
     await connector.start()          # open clients, kick off background indexing
     passages = await connector.search(SourceQuery(text="vpn setup", limit=20))
     await connector.aclose()         # release clients and background tasks
@@ -33,7 +33,6 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -366,11 +365,7 @@ class DocumentSource(abc.ABC):
         #: What the last listing left out (too large, outside the folder): a count, and the names worth showing.
         self.skipped: tuple[int, list[str]] = (0, [])
         #: Paces requests when `rate_limit()` names a rate: the core hands the credential's limiter to `bind_limiter`.
-        self.limiter: AbstractAsyncContextManager[Any] = contextlib.nullcontext()
-
-    @property
-    def type(self) -> str:
-        return self.settings.type
+        self.limiter: contextlib.AbstractAsyncContextManager[Any] = contextlib.nullcontext()
 
     @abc.abstractmethod
     async def list_versions(self) -> dict[str, str]:
@@ -404,7 +399,7 @@ class DocumentSource(abc.ABC):
         """The rate this source's requests share with others using its credential, if any (see `limiter`)."""
         return None
 
-    def bind_limiter(self, limiter: AbstractAsyncContextManager[Any]) -> None:
+    def bind_limiter(self, limiter: contextlib.AbstractAsyncContextManager[Any]) -> None:
         """The core's limiter of `rate_limit()` (shared by the process, and by every replica through Redis)."""
         self.limiter = limiter
 
