@@ -56,6 +56,8 @@ class _View:
 
 
 class LocalReader(IndexReader):
+    """One process's view of a local store; every worker has its own, over the same files."""
+
     def __init__(self, folder: Path, fingerprint: str, source: str) -> None:
         self.folder = folder
         self.fingerprint = fingerprint

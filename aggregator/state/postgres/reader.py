@@ -60,6 +60,8 @@ class _Snapshot:
 
 
 class PostgresReader(IndexReader):
+    """One replica's view of a shared store, as its backend's poller last loaded it."""
+
     def __init__(self, backend: "PostgresBackend") -> None:
         self.backend = backend
         self._snap = _Snapshot()
