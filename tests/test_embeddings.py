@@ -94,7 +94,7 @@ def test_the_judge_speaks_openai_and_its_similarity_joins_the_relevance(folder: 
     unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
     for (title, _), cosine in zip(texts.items(), unit[1:] @ unit[0]):
         detail = next(r for r in judged.records if r["title"] == title)["metadata"]["score_detail"]
-        assert detail["meaning"] == pytest.approx(min(1.0, max(0.0, (cosine - 0.3) / 0.5)), abs=1e-5)
+        assert detail["meaning"] == pytest.approx(min(1.0, max(0.0, (cosine - 0.4) / 0.5)), abs=1e-5)  # default [0.4, 0.9]
         assert detail["relevance"] >= 0.5 * detail["meaning"] - 1e-6
     assert "meaning" not in plain.records[0]["metadata"]["score_detail"]
 
