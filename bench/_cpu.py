@@ -37,7 +37,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.loopback import free_port, stop  # noqa: E402
+from testkit.loopback import free_port, stop  # noqa: E402
 
 KEY = "bench"
 FLOOR_LABEL = "this tree without its rerank (a sort on source scores: bench/_floor.py)"

@@ -17,7 +17,7 @@ from aggregator.runtime.config import parse_config
 from aggregator.contract.models import RetrievalRequest
 from aggregator.retrieval.pipeline import retrieve
 from aggregator.runtime.gateway import Gateway
-from tests.loopback import serve
+from testkit.loopback import serve
 from tests.test_semantic import ANSWERS, CASES, LOOKALIKES, semantic_upstream
 
 from ._semantic import embed

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from aggregator.contract.models import MAX_FILTER_FIELDS, MAX_FILTER_TESTS, MAX_VALUES_PER_CONDITION  # noqa: E402
-from tests.loopback import free_port, stop, wait_ready  # noqa: E402
+from testkit.loopback import free_port, stop, wait_ready  # noqa: E402
 
 KEY = "bench-key-0123456789"
 PASSAGES_PER_FILE = 4

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench._cpu import children, hammer, pct  # noqa: E402
-from tests.loopback import free_port, wait_ready  # noqa: E402
+from testkit.loopback import free_port, wait_ready  # noqa: E402
 
 KEY = "bench"
 

@@ -48,7 +48,7 @@ from aggregator.runtime.gateway import Gateway
 from aggregator.text.tokenize import tokenize
 from aggregator.ranking.statistics import merge_term_statistics
 from connectors.base import Passage
-from tests.loopback import serve
+from testkit.loopback import serve
 
 from ._cranfield import Doc, mean, ndcg_at, recall_at
 from ._scenarios import ScenarioRun, doc_id, unique

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench._cranfield import load  # noqa: E402
 from connectors.base import Connector, SourceQuery  # noqa: E402
-from tests.loopback import free_port  # noqa: E402
+from testkit.loopback import free_port  # noqa: E402
 
 
 def wait_for(url: str) -> None:

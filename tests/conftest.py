@@ -83,13 +83,13 @@ def config(docs_dir: Path) -> GatewayConfig:
     return make_config(docs_dir)
 
 
-# -- real PostgreSQL and Redis (tests/servers.py), started once per session, only by tests that ask for them ------
+# -- real PostgreSQL and Redis (testkit/servers.py), started once per session, only by tests that ask for them ------
 
 
 @pytest.fixture(scope="session")
 def postgres():  # type: ignore[no-untyped-def]
     pytest.importorskip("psycopg_pool", reason='the replicas extra is not installed: pip install -e ".[test]"')
-    from .servers import Unavailable, postgres_server
+    from testkit.servers import Unavailable, postgres_server
 
     try:
         with postgres_server() as server:
@@ -109,7 +109,7 @@ def new_redis_server():  # type: ignore[no-untyped-def]
     """A RedisServer not yet started, or a skip saying why there is none: every test that needs a server of its own
     makes it here (or through the fixtures below), never with `RedisServer()` directly, so that it skips, not fails."""
     pytest.importorskip("redis", reason='the replicas extra is not installed: pip install -e ".[test]"')
-    from .servers import RedisServer, Unavailable
+    from testkit.servers import RedisServer, Unavailable
 
     try:
         return RedisServer()

@@ -16,7 +16,7 @@ from aggregator.contract.conditions import compile_filter
 from aggregator.contract.models import MAX_FILTER_FIELDS, MAX_FILTER_TESTS, MAX_VALUE_CHARS, MAX_VALUES_PER_CONDITION, MetadataCondition
 
 from .conftest import KEY, make_config, write_docs
-from .loopback import serve, wait_ready
+from testkit.loopback import serve, wait_ready
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
 

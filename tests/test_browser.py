@@ -20,8 +20,8 @@ from aggregator.web.api import create_app
 from aggregator.ops.charts import OUTCOME_COLOURS, P50_COLOUR
 
 from .conftest import KEY, make_config, write_docs
-from .fakes.dify import FakeUpstream
-from .loopback import free_port, serve, wait_ready
+from testkit.fakes.dify import FakeUpstream
+from testkit.loopback import free_port, serve, wait_ready
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"

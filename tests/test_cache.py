@@ -19,8 +19,8 @@ from aggregator.retrieval.cache import POLL_S, Answer, ResponseCache
 from aggregator.shared.redis import SharedState
 
 from .conftest import KEY, make_config, write_docs
-from .fakes.dify import FakeUpstream
-from .loopback import serve, wait_ready
+from testkit.fakes.dify import FakeUpstream
+from testkit.loopback import serve, wait_ready
 
 PARTNER = """
 partner:

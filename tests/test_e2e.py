@@ -15,7 +15,7 @@ from fastapi import FastAPI, Request
 from aggregator.web.api import create_app
 
 from .conftest import KEY, dify_source, make_config, write_docs
-from .loopback import free_port, serve, serve_cli, wait_ready
+from testkit.loopback import free_port, serve, serve_cli, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFORMANCE = ROOT.parent / "shared" / "conformance" / "check.py"

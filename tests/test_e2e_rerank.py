@@ -16,8 +16,8 @@ from aggregator.web.api import create_app
 from aggregator.runtime.config import parse_config
 
 from .conftest import KEY, write_docs
-from .fakes import rerank as fake_rerank
-from .loopback import serve, wait_ready
+from testkit.fakes import rerank as fake_rerank
+from testkit.loopback import serve, wait_ready
 
 MODEL_KEY = "cohere-secret-key-for-tests"
 QUERY = "signing keys rotation 签名密钥"  # a bilingual user: the fusion puts the English page first
@@ -278,7 +278,7 @@ def test_an_answer_whose_model_failed_is_not_kept_for_later_retries(model, tmp_p
 
 def test_a_slow_embedding_judge_leaves_the_rerank_model_its_budget(model, tmp_path: Path):
     """Both stages configured: the judge ends where the sources end, so the model keeps the time it was promised."""
-    from .fakes.embeddings import API_KEY as EMBEDDING_KEY, FakeEmbeddings
+    from testkit.fakes.embeddings import API_KEY as EMBEDDING_KEY, FakeEmbeddings
 
     url, state = model
     state.reset()

@@ -11,8 +11,8 @@ from aggregator.web.api import create_app
 from aggregator.runtime.config import parse_config
 
 from .conftest import KEY, write_docs
-from .fakes import confluence, notion
-from .loopback import serve, wait_ready
+from testkit.fakes import confluence, notion
+from testkit.loopback import serve, wait_ready
 from .test_confluence import BASIC
 
 

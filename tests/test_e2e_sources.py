@@ -21,8 +21,8 @@ from aggregator.web.api import create_app
 from aggregator.runtime.config import parse_config
 
 from .conftest import KEY, write_docs
-from .fakes import dify_dataset, elasticsearch, ragflow, search_api
-from .loopback import serve, wait_ready
+from testkit.fakes import dify_dataset, elasticsearch, ragflow, search_api
+from testkit.loopback import serve, wait_ready
 
 SECRETS = {
     "ES_API_KEY": "es-id:es-secret-key",

@@ -23,8 +23,8 @@ from aggregator.retrieval.embeddings import EmbeddingSettings, Judge, LocalProvi
 from aggregator.runtime.gateway import Gateway
 
 from .conftest import KEY, write_docs
-from .fakes.embeddings import API_KEY, FakeEmbeddings, hashed_vectors
-from .loopback import free_port, serve
+from testkit.fakes.embeddings import API_KEY, FakeEmbeddings, hashed_vectors
+from testkit.loopback import free_port, serve
 
 DOCS = {
     "vpn.md": "# VPN setup\n\nInstall WireGuard and import the VPN profile from the IT portal.",

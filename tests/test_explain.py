@@ -16,7 +16,7 @@ from aggregator.web.api import create_app
 from aggregator.cli import main as cli
 
 from .conftest import DOCS, KEY, dify_source, make_config, write_docs
-from .loopback import serve, wait_ready
+from testkit.loopback import serve, wait_ready
 from .test_browser import ARTIFACTS, CHROMIUM, chromium
 
 QUERY = "rotate the signing keys"

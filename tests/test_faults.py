@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from aggregator.web.api import create_app
 
 from .conftest import KEY, make_config, write_docs
-from .loopback import free_port, serve, wait_ready
+from testkit.loopback import free_port, serve, wait_ready
 
 GOOD = {"records": [{"content": "upstream passage about rotating signing keys", "score": 0.8, "title": "Upstream", "metadata": {}}]}
 

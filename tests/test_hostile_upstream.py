@@ -18,7 +18,7 @@ from starlette.routing import Route
 from aggregator.web.api import create_app
 
 from .conftest import KEY, make_config, write_docs
-from .loopback import serve, wait_ready
+from testkit.loopback import serve, wait_ready
 
 LIMIT = 64 * 1024
 

@@ -21,8 +21,8 @@ from aggregator.retrieval.fanout import SourcePolicy, call_source
 from connectors.base import BOUNDED_CALL, AuthFailed, BadResponse, NotFound, RateLimited, SourceQuery, SourceTimeout, Unavailable
 from connectors.http import decode_json, make_client, request_json, send
 
-from .fakes.recorder import Recorder
-from .loopback import free_port, serve
+from testkit.fakes.recorder import Recorder
+from testkit.loopback import free_port, serve
 
 LIMIT = 4096
 

@@ -9,9 +9,9 @@ import pytest
 from connectors.base import AuthFailed, SourceQuery
 from connectors.notion import NOTION_VERSION, NotionConnector, NotionSettings, flatten_property
 
-from .fakes.notion import FakeNotion, app, block, rich
-from .fakes.recorder import Recorder
-from .loopback import serve
+from testkit.fakes.notion import FakeNotion, app, block, rich
+from testkit.fakes.recorder import Recorder
+from testkit.loopback import serve
 
 TOKEN = "secret_notion_integration_token"
 

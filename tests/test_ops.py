@@ -258,8 +258,8 @@ def test_a_sources_error_is_logged_scrubbed_once_per_change_of_error(caplog):
 
 def test_a_dify_dataset_refusing_every_query_is_in_the_log_once_not_only_in_status(caplog):
     """Issue 24: an economy dataset asked with semantic search showed only as `handbook=error` and in /status."""
-    from .fakes.dify_dataset import FakeDify, Segment, app as dify_app
-    from .loopback import serve
+    from testkit.fakes.dify_dataset import FakeDify, Segment, app as dify_app
+    from testkit.loopback import serve
 
     fake = FakeDify("dataset-key-for-ops", indexing_technique="economy")
     fake.segments = [Segment("s1", "d1", "keys.md", "We rotate the release signing keys every year.")]
@@ -286,7 +286,7 @@ def test_the_ops_token_is_traded_for_a_cookie_and_never_logged(folder: Path, tmp
     """`?token=` on a page answers a redirect without it and a cookie; the token and the query never reach the log."""
     import httpx
 
-    from .loopback import serve_cli
+    from testkit.loopback import serve_cli
 
     config = tmp_path / "c.yaml"
     config.write_text(config_text(folder, extra_server=f"  ops_token: {OPS}"))

@@ -21,8 +21,8 @@ from aggregator.state import LocalBackend
 from connectors.base import SourceQuery
 from connectors.files import FilesConnector, FilesSettings
 
-from .fakes.notion import FakeNotion, app, block
-from .loopback import eventually, free_port, serve, serve_cli
+from testkit.fakes.notion import FakeNotion, app, block
+from testkit.loopback import eventually, free_port, serve, serve_cli
 
 TOKEN = "secret_notion_token_for_persistence"
 KEY = "persist-key"

@@ -9,7 +9,7 @@ import httpx
 from aggregator.web.api import create_app
 
 from .conftest import KEY, write_docs
-from .loopback import eventually, serve, wait_ready
+from testkit.loopback import eventually, serve, wait_ready
 
 BASE = """
 server:

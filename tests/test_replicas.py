@@ -18,9 +18,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .fakes.dify import FakeUpstream
-from .fakes.notion import FakeNotion, app as notion_app, block
-from .loopback import eventually, free_port, serve, wait_ready
+from testkit.fakes.dify import FakeUpstream
+from testkit.fakes.notion import FakeNotion, app as notion_app, block
+from testkit.loopback import eventually, free_port, serve, wait_ready
 
 TOKEN = "secret_notion_token_for_replicas"
 KEY = "replica-key"

@@ -19,7 +19,7 @@ from aggregator.retrieval.pipeline import retrieve
 from aggregator.runtime.gateway import Gateway
 
 from .conftest import KEY, write_docs
-from .loopback import serve
+from testkit.loopback import serve
 
 #: query -> (the answer by meaning, two weaker passages of the same collection)
 CASES: dict[str, tuple[str, str, str]] = {

@@ -25,8 +25,8 @@ from aggregator.ops.tracing import Tracing, TracingConfigError, exporters_from_e
 from connectors.base import CircuitSettings, SourceQuery
 
 from .conftest import KEY, make_config, write_docs
-from .fakes.dify import FakeUpstream
-from .loopback import serve, wait_ready
+from testkit.fakes.dify import FakeUpstream
+from testkit.loopback import serve, wait_ready
 from .test_fanout import OK, Scripted
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
