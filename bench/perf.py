@@ -237,12 +237,12 @@ def _serve_memory(config: Path, workers: int, queries: list[str]) -> tuple[float
 
 def index_scale(passages: int) -> None:
     """The persistent store against today's in-memory BM25Index, on the same files, in the same run."""
-    from aggregator.ranking.bm25 import BM25Index
     from aggregator.state import LocalBackend
     from aggregator.text.chunking import split_passages
     from aggregator.text.tokenize import tokenize
     from connectors.base import SourceQuery
     from connectors.files import FilesConnector, FilesSettings
+    from testkit.bm25_index import BM25Index
 
     queries = _queries()
     print(f"\n## Index scale: a `files` source of {passages:,} passages\n")
@@ -374,8 +374,9 @@ def engines(passages: int) -> None:
     import sqlite3
     from collections import Counter
 
-    from aggregator.ranking.bm25 import K1, BM25Index, idf
+    from aggregator.ranking.bm25 import K1, idf
     from aggregator.state import LocalBackend, PreparedDocument, SyncStatus
+    from testkit.bm25_index import BM25Index
 
     corpus, queries = _engine_corpus(passages)
     print(f"\n## Engines: {passages:,} pre-tokenized passages of about 1,000 characters, 200 queries, top 20\n")

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from aggregator.ranking.bm25 import BM25Index
 from aggregator.state import LocalBackend, PreparedDocument, SyncStatus
 from aggregator.state import local
+from testkit.bm25_index import BM25Index
 
 from .test_bm25 import WORDS, reference
 
