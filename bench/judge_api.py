@@ -37,7 +37,7 @@ from aggregator.retrieval.embeddings import VectorCache  # noqa: E402
 from aggregator.retrieval.pipeline import retrieve  # noqa: E402
 from aggregator.runtime.config import parse_config  # noqa: E402
 from aggregator.runtime.gateway import Gateway  # noqa: E402
-from tests.conftest import KEY, write_docs  # noqa: E402
+from testkit.gateway import KEY, write_docs  # noqa: E402
 from testkit.fakes.embeddings import API_KEY  # noqa: E402
 from testkit.loopback import free_port, stop, wait_listening  # noqa: E402
 
