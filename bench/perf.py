@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench._cpu import children, hammer, pct  # noqa: E402
-from testkit.loopback import free_port, wait_ready  # noqa: E402
+from testkit.loopback import free_port, wait_listening, wait_ready  # noqa: E402
 
 KEY = "bench"
 
@@ -49,26 +49,13 @@ def processes(*commands: list[str]) -> Iterator[list[subprocess.Popen]]:
             p.wait(10)
 
 
-def wait_port(url: str) -> None:
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            httpx.post(url + "/retrieval", json={}, timeout=2)
-            return
-        except httpx.TransportError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
 @contextlib.contextmanager
 def upstreams(count: int, delay: float) -> Iterator[list[str]]:
     ports = [free_port() for _ in range(count)]
-    with processes(*[[sys.executable, "-m", "bench._upstream", "--port", str(p), "--delay", str(delay)] for p in ports]):
-        urls = [f"http://127.0.0.1:{p}" for p in ports]
-        for url in urls:
-            wait_port(url)
-        yield urls
+    with processes(*[[sys.executable, "-m", "bench._upstream", "--port", str(p), "--delay", str(delay)] for p in ports]) as started:
+        for port, process in zip(ports, started):
+            wait_listening(port, process, f"the upstream on port {port}")
+        yield [f"http://127.0.0.1:{p}" for p in ports]
 
 
 @contextlib.contextmanager
