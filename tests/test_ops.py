@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,9 @@ from fastapi.testclient import TestClient
 from aggregator.web.api import create_app
 from aggregator.runtime.config import parse_config
 from aggregator.ops.logs import JsonFormatter
+
+from testkit.gateway import retrieval_body
+from testkit.loopback import eventually
 
 from .conftest import KEY, write_docs
 
@@ -53,8 +55,7 @@ def client_for(text: str, **kwargs) -> TestClient:
 
 
 def ask(client: TestClient, query: str = "rotate signing keys") -> None:
-    body = {"knowledge_id": "demo", "query": query, "retrieval_setting": {"top_k": 3, "score_threshold": 0}}
-    assert client.post("/retrieval", json=body, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    assert client.post("/retrieval", json=retrieval_body(query, top_k=3), headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
 
 
 @pytest.fixture
@@ -213,10 +214,7 @@ def test_what_other_replicas_see_of_this_one_is_what_its_status_says(folder: Pat
         wait_ready(client)
         ask(client)
         service = client.app.state.service
-        deadline = time.monotonic() + 5
-        while not client.portal.call(service.peers.current):  # until this replica's summary went through Redis
-            assert time.monotonic() < deadline, "no exchange with Redis"
-            time.sleep(0.05)
+        eventually(lambda: client.portal.call(service.peers.current), timeout=5, what="this replica's summary through Redis")
         status = client.get("/status").json()
         summary = json.loads(json.dumps(client.portal.call(service.summary)))
     assert summary["config_version"] == status["config_version"]
