@@ -409,8 +409,8 @@ def run(requests: int = 2000, rounds: int = 3, baseline: str | None = None, all_
             targets.append(Target(FLOOR_LABEL, "floor"))
         urls = stack.enter_context(pool_upstreams())
         servers = {t.label: stack.enter_context(t.serve(urls, folder)) for t in targets}
-        for t in targets:  # warm up: connections, caches of passages seen before (the pool is seen many times over)
-            drive(servers[t.label][0], 300, queries, seed=1)
+        for t in targets:  # warm up: connections, caches of passages and queries seen before (each seen many times over)
+            drive(servers[t.label][0], 300 if t.kind == "bare" else 2000, queries, seed=1)
         batches: dict[str, list[Batch]] = {t.label: [] for t in targets}
         for r in range(rounds):
             for t in targets:

@@ -97,15 +97,18 @@ class Meaning:
     def __init__(self) -> None:
         self.vectors: dict[str, np.ndarray] = {}
 
-    def of(self, query: str, texts: list[str], low: float, high: float) -> dict[str, float]:
+    def of(self, query: str, texts: list[str], low: float | str, high: float) -> dict[str, float]:
         missing = [t for t in dict.fromkeys(texts) if t not in self.vectors]
         if missing:
             self.vectors.update(zip(missing, embed(missing)))
         q = embed([query])[0]
-        return {t: float(np.clip((self.vectors[t] @ q - low) / (high - low), 0.0, 1.0)) for t in texts}
+        cosines = {t: float(self.vectors[t] @ q) for t in texts}
+        if isinstance(low, str):  # "p50": the pool's own median (a quantile) as the level of no evidence
+            low = float(np.quantile(list(cosines.values()), int(low[1:]) / 100))
+        return {t: float(np.clip((c - low) / (high - low), 0.0, 1.0)) for t, c in cosines.items()}
 
 
-def replay(run: Any, queries: list[tuple[str, str]], meaning: Meaning, weight: float, low: float = 0.0, high: float = 1.0,
+def replay(run: Any, queries: list[tuple[str, str]], meaning: Meaning, weight: float, low: float | str = 0.0, high: float = 1.0,
            settings: FusionSettings = DEFAULT_FUSION, semantic: bool = True) -> tuple[list[list[str]], list[list[tuple[str, float]]]]:  # fmt: skip
     """The real rerank over a run's captured pools, with a judge of the given constants (weight 0: no judge)."""
     from .quality import doc_id, unique
@@ -155,6 +158,7 @@ def tuning(runs: list[Any], queries: list[tuple[str, str]], qrels: dict[str, dic
     print("| weight | similarity | " + " | ".join(names) + " | min | precision ≥ 0.4, min–max |\n| ---: | --- |" + " ---: |" * (len(names) + 2))
     grid = [(c, w, r, 1) for c, w in (("mix", 0.1), ("mix", 0.2), ("or", 0.3), ("or", 0.5), ("or", 0.7)) for r in ((0.5, 1.0), (0.6, 1.0), (0.7, 1.0))]
     grid += [("or", 0.5, (0.7, 1.0), top) for top in (0, 3)]
+    grid += [(c, w, (q, 1.0), 1) for c, w in (("or", 0.3), ("or", 0.5), ("or", 0.7), ("mix", 0.2)) for q in ("p50", "p75", "p90")]
     for combine, weight, (low, high), top in grid:
         ratios, precisions = [], []
         for run in judged:

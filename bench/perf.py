@@ -120,6 +120,7 @@ def rerank_times() -> None:
     from aggregator.ranking.rerank import Answer, rerank
     from aggregator.text.tokenize import tokenize
     from bench._cranfield import load
+    from aggregator.state.sync import IndexedConnector
     from connectors.base import Passage
 
     docs, queries, _ = load()
@@ -228,7 +229,7 @@ def index_scale(passages: int) -> None:
     from aggregator.text.chunking import split_passages
     from aggregator.text.tokenize import tokenize
     from connectors.base import SourceQuery
-    from connectors.files import FilesConnector, FilesSettings
+    from connectors.files import FilesSettings, FilesSource
     from testkit.bm25_index import BM25Index
 
     queries = _queries()
@@ -261,7 +262,7 @@ def index_scale(passages: int) -> None:
         gc.collect()
 
         async def build_and_restart() -> tuple[float, float, float, list[float], int, float | None]:
-            connector = FilesConnector("big", FilesSettings(path=root, watch=False))
+            connector = IndexedConnector(FilesSource("big", FilesSettings(path=root, watch=False)))
             connector.bind_state(LocalBackend(state))
             lags: list[float] = []
 
@@ -280,7 +281,7 @@ def index_scale(passages: int) -> None:
             rate = connector.stats().passages_per_s
             await connector.aclose()
             t0 = time.perf_counter()
-            connector = FilesConnector("big", FilesSettings(path=root, watch=False))
+            connector = IndexedConnector(FilesSource("big", FilesSettings(path=root, watch=False)))
             connector.bind_state(LocalBackend(state))
             await connector.start()
             await connector.wait_ready(3600)

@@ -24,7 +24,8 @@ from aggregator.state.postgres import PostgresBackend  # noqa: E402
 from aggregator.text.tokenize import tokenize  # noqa: E402
 from bench._cpu import pct  # noqa: E402
 from bench._cranfield import load  # noqa: E402
-from connectors._indexed import Document, prepare_documents  # noqa: E402
+from aggregator.state.sync import prepare_documents  # noqa: E402
+from connectors.base import Document  # noqa: E402
 from testkit.servers import postgres_server  # noqa: E402
 
 

@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench._cranfield import load  # noqa: E402
+from aggregator.state.sync import IndexedConnector  # noqa: E402
 from connectors.base import Connector, SourceQuery  # noqa: E402
 from testkit.loopback import free_port, wait_listening  # noqa: E402
 
@@ -64,8 +65,8 @@ def main() -> int:
     import boto3
     import subprocess
 
-    from connectors.files import FilesConnector, FilesSettings
-    from connectors.s3 import S3Connector, S3Settings
+    from connectors.files import FilesSettings, FilesSource
+    from connectors.s3 import S3Settings, S3Source
 
     corpus = texts(args.objects)
     _, queries, _ = load()
@@ -83,7 +84,7 @@ def main() -> int:
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(lambda item: client.put_object(Bucket="bench", Key=f"docs/{item[0]:05}.txt", Body=item[1].encode()), enumerate(corpus)))
         upload = time.perf_counter() - t
-        s3 = S3Connector("bench", S3Settings(bucket="bench", endpoint_url=url, access_key_id="bench", secret_access_key="bench", timeout_s=30))
+        s3 = IndexedConnector(S3Source("bench", S3Settings(bucket="bench", endpoint_url=url, access_key_id="bench", secret_access_key="bench", timeout_s=30)))
         s3_build, s3_mem, s3_lat = asyncio.run(measure(s3, query_texts))
     finally:
         server.terminate()
@@ -91,7 +92,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as folder:
         for i, text in enumerate(corpus):
             (Path(folder) / f"{i:05}.txt").write_text(text)
-        files = FilesConnector("bench", FilesSettings(path=Path(folder), watch=False))
+        files = IndexedConnector(FilesSource("bench", FilesSettings(path=Path(folder), watch=False)))
         f_build, f_mem, f_lat = asyncio.run(measure(files, query_texts))
 
     def p(values: list[float], q: float) -> float:

@@ -8,7 +8,7 @@ same rules for every source.
 
 Lifecycle, written once here::
 
-    connector = FilesConnector("samples", settings)
+    connector = ConfluenceConnector("wiki", settings)     # or, for a folder: IndexedConnector(FilesSource(...))
     await connector.start()          # open clients, kick off background indexing
     passages = await connector.search(SourceQuery(text="vpn setup", limit=20))
     await connector.aclose()         # release clients and background tasks
@@ -16,12 +16,18 @@ Lifecycle, written once here::
 ``start()`` must return quickly: a slow first sync runs in the background and
 ``ready`` turns true when it is done; until then ``search`` answers from what is
 indexed so far. A connector is also an async context manager doing the same.
+
+A source without a search of its own (a folder, a bucket, Notion) is a
+``DocumentSource`` instead: it lists its documents with a version token and
+fetches them, and the core's sync engine (``aggregator/state/sync.py``) wraps
+it into the ``Connector`` above, indexing it and answering its searches.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -307,3 +313,99 @@ class Connector(abc.ABC):
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+
+class IndexedSettings(ConnectorSettings):
+    """Fields of every source the core indexes (a `DocumentSource`)."""
+
+    refresh_s: float = Field(300.0, ge=1, le=86400, description="Seconds between two syncs of the index.")
+
+
+@dataclass(slots=True)
+class Document:
+    """A whole document as a source hands it over, before it is split into passages."""
+
+    document_id: str
+    title: str
+    text: str
+    version: str
+    updated_at: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True, frozen=True)
+class RateLimit:
+    """A request rate that belongs to a credential (Notion: about 3 a second per integration), not to one source."""
+
+    credential: str  # every source, process and replica using it shares the rate (kept by the core only as a hash)
+    per_second: float
+
+
+class DocumentSource(abc.ABC):
+    """A source that cannot search: it says what documents it holds and hands each one over.
+
+    It lists its documents with a token that changes when a document does (mtime, ETag, last_edited_time) and
+    fetches them; the core's sync engine (`aggregator/state/sync.py`) keeps their passages in a persistent
+    index, decides when to sync, and answers searches from it. Errors are the typed ones above.
+    """
+
+    settings_model: ClassVar[type[IndexedSettings]]
+    #: How many documents the default `fetch_many` fetches at once.
+    fetch_concurrency: ClassVar[int] = 8
+    #: Documents handed to `fetch_many` at a time (a sync commits its progress between batches).
+    batch_size: ClassVar[int] = 64
+    #: Settings that do not change what is indexed: editing them keeps the stored index.
+    runtime_fields: ClassVar[frozenset[str]] = frozenset(
+        {"weight", "timeout_s", "retries", "circuit", "refresh_s", "watch", "requests_per_second", "verify_tls"}
+    )
+
+    def __init__(self, name: str, settings: IndexedSettings) -> None:
+        self.name = name
+        self.settings = settings
+        #: What the last listing left out (too large, outside the folder): a count, and the names worth showing.
+        self.skipped: tuple[int, list[str]] = (0, [])
+        #: Paces requests when `rate_limit()` names a rate: the core hands the credential's limiter to `bind_limiter`.
+        self.limiter: contextlib.AbstractAsyncContextManager[Any] = contextlib.nullcontext()
+
+    @abc.abstractmethod
+    async def list_versions(self) -> dict[str, str]:
+        """Every document id the source holds now, with a token that changes when the document does."""
+
+    @abc.abstractmethod
+    async def fetch(self, document_id: str) -> Document | None:
+        """One document, or None if it vanished or must be skipped since listing."""
+
+    async def list_changed(self, stored: dict[str, str]) -> dict[str, str] | None:
+        """The documents that changed since `stored` (id -> version, as the store holds them) was synced, with their
+        versions, when the source can tell cheaply (newest first, stopping at what is known); None when it cannot.
+        Removed documents need not be reported: full listings (`list_versions`) find them."""
+        return None
+
+    async def fetch_many(self, document_ids: Sequence[str]) -> list[Document | None | BaseException]:
+        """A batch of documents, `fetch_concurrency` at a time; a failure is returned in its place."""
+        gate = asyncio.Semaphore(self.fetch_concurrency)
+
+        async def one(document_id: str) -> Document | None:
+            async with gate:
+                return await self.fetch(document_id)
+
+        return list(await asyncio.gather(*(one(d) for d in document_ids), return_exceptions=True))
+
+    async def watch(self, changed: Callable[[], None]) -> None:
+        """Runs while this process syncs the source, calling `changed()` when the source reports a change, so that
+        the next sync starts at once rather than after `refresh_s` (a file watcher). Returns at once when it cannot."""
+
+    def rate_limit(self) -> RateLimit | None:
+        """The rate this source's requests share with others using its credential, if any (see `limiter`)."""
+        return None
+
+    def bind_limiter(self, limiter: contextlib.AbstractAsyncContextManager[Any]) -> None:
+        """The core's limiter of `rate_limit()` (shared by the process, and by every replica through Redis)."""
+        self.limiter = limiter
+
+    def set_skipped(self, count: int, names: Sequence[str] = ()) -> None:
+        """A listing reports what it left out (counted, and named where naming helps); /status shows it."""
+        self.skipped = (count, sorted(names))
+
+    async def aclose(self) -> None:
+        """Release clients. Safe to call twice."""

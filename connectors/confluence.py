@@ -52,6 +52,13 @@ class ConfluenceSettings(ConnectorSettings):
     body_format: Literal["storage", "view"] = "storage"
     verify_tls: bool | str = True
 
+    @property
+    def auth_mode(self) -> Literal["basic", "bearer"]:
+        """`auth` when set, else what `email` implies: basic with it (Cloud), bearer without (Data Center)."""
+        if self.auth is not None:
+            return self.auth
+        return "basic" if self.email else "bearer"
+
 
 
 def cql_string(value: str) -> str:
@@ -112,9 +119,8 @@ class ConfluenceConnector(ClientConnector):
     def auth_headers(self) -> tuple[dict[str, str], tuple[str, str] | None]:
         s = self.settings
         token = s.api_token.get_secret_value()
-        mode = s.auth or ("basic" if s.email else "bearer")
-        if mode == "basic":
-            return {}, (s.email or "", token)
+        if s.auth_mode == "basic":
+            return {}, (s.email if s.email is not None else "", token)
         return {"Authorization": f"Bearer {token}"}, None
 
     def client_options(self) -> dict[str, Any]:

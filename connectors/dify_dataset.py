@@ -60,6 +60,8 @@ MAX_QUERY_CHARS = 250
 #: Fields this connector sets from the segment itself: Dify's metadata filter knows nothing of them.
 SEGMENT_FIELDS = frozenset({"dify_dataset_id", "segment_id", "document_name", "data_source_type", "doc_type", "keywords", "child_chunks"})
 SEARCH_METHODS = ("semantic_search", "full_text_search", "hybrid_search", "keyword_search")
+#: Dify's own default, for a dataset whose detail names no usable method (or before it was read).
+DIFY_SEARCH_METHOD = "semantic_search"
 #: What Flask's `uuid` route converter accepts: any other dataset id is an HTML 404 with no reason from Dify.
 _UUID = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}")
 _PUSHABLE_TEXT = ("contains", "start with", "end with", "is")
@@ -109,7 +111,7 @@ def search_method_for(detail: Any) -> str:
     if dig(detail, "indexing_technique") == "economy":
         return "keyword_search"
     own = dig(detail, "retrieval_model_dict", "search_method")
-    return own if own in SEARCH_METHODS and own != "keyword_search" else "semantic_search"
+    return own if own in SEARCH_METHODS and own != "keyword_search" else DIFY_SEARCH_METHOD
 
 
 def dify_condition(name: str, operator: str, value: Any) -> dict[str, Any] | None:
@@ -152,14 +154,15 @@ class DifyDatasetConnector(RemoteConnector):
         "and one of Dify's external knowledge bases never answers through the Knowledge API"
     )
     #: The search method read from the dataset's detail, when the config gives none (once per connector).
-    _detected: str | None = None
+    _detected: str = DIFY_SEARCH_METHOD
+    _probed: bool = False
 
     def detail_call(self) -> Call:
         url = f"{self.settings.api_base}/datasets/{quote(self.settings.dataset_id, safe='')}"
         return Call("GET", url, f"GET {public_url(url)}")
 
     async def search(self, query: SourceQuery) -> list[Passage]:
-        if self.settings.search_method is None and self._detected is None:
+        if self.settings.search_method is None and not self._probed:
             call = self.detail_call()
             try:
                 detail = await request_json(
@@ -172,12 +175,12 @@ class DifyDatasetConnector(RemoteConnector):
                 if "HTTP 405" not in str(exc):  # older Dify: the route serves DELETE only
                     raise
                 detail = {}
-            self._detected = search_method_for(detail)
+            self._detected, self._probed = search_method_for(detail), True
         return await super().search(query)
 
     @property
     def search_method(self) -> str:
-        return self.settings.search_method or self._detected or "semantic_search"
+        return self.settings.search_method or self._detected
 
     def retrieves_by_meaning(self) -> bool:
         """Dify's semantic and hybrid searches rank by its embedding model (the configured method, else the one

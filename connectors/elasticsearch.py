@@ -92,6 +92,18 @@ class ElasticsearchSettings(ConnectorSettings):
     verify_tls: bool | str = Field(True, description="False, or a CA bundle path for a private CA.")
     max_response_bytes: int = Field(DEFAULT_MAX_RESPONSE_BYTES, ge=1024)
 
+    @property
+    def match_fields(self) -> list[str]:
+        """`fields` when given, else the title and content fields."""
+        if self.fields:
+            return self.fields
+        return [f for f in (self.title_field, self.content_field) if f]
+
+    @property
+    def fragment_size(self) -> int:
+        """`fragment_chars` when set, else the passage size (`chunk_chars`, after `defaults` filled it in)."""
+        return self.fragment_chars if self.fragment_chars is not None else self.chunk_chars
+
     @field_validator("url")
     @classmethod
     def _no_credentials_in_url(cls, value: str) -> str:
@@ -244,10 +256,6 @@ class ElasticsearchConnector(RemoteConnector):
             auth = (s.username, s.password.get_secret_value())
         return {"base_url": s.url, "headers": headers, "auth": auth, "verify": s.verify_tls}
 
-    def search_fields(self) -> list[str]:
-        s = self.settings
-        return s.fields or [f for f in (s.title_field, s.content_field) if f]
-
     def _source_fields(self) -> list[str]:
         s = self.settings
         wanted = [s.title_field, s.url_field, s.updated_field, *s.metadata_fields]
@@ -259,7 +267,7 @@ class ElasticsearchConnector(RemoteConnector):
 
     def request_body(self, query: SourceQuery) -> dict[str, Any]:
         s = self.settings
-        match: dict[str, Any] = {"query": query.text, "fields": self.search_fields(), "type": s.match_type}
+        match: dict[str, Any] = {"query": query.text, "fields": s.match_fields, "type": s.match_type}
         if s.match_type not in ("phrase", "phrase_prefix"):
             match["operator"] = s.operator
         if s.minimum_should_match:
@@ -281,7 +289,7 @@ class ElasticsearchConnector(RemoteConnector):
             "timeout": f"{int(s.timeout_s * 800)}ms",
         }
         if s.highlight:
-            size = s.fragment_chars or s.chunk_chars
+            size = s.fragment_size
             offset_key = "max_analyzed_offset" if s.flavor == "elasticsearch" else "max_analyzer_offset"
             body["highlight"] = {
                 "fields": {s.content_field: {

@@ -21,16 +21,13 @@ import fnmatch
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator
 
-from aggregator.tasks import cancel_and_wait
-
-from connectors.base import SourceError, iso_utc
-from connectors._indexed import Document, IndexedConnector, IndexedSettings
+from connectors.base import Document, DocumentSource, IndexedSettings, SourceError, iso_utc
 
 log = logging.getLogger(__name__)
 
@@ -69,25 +66,14 @@ def title_of(relative: str, text: str) -> str:
     return Path(relative).name
 
 
-class FilesConnector(IndexedConnector):
+class FilesSource(DocumentSource):
     settings_model = FilesSettings
     settings: FilesSettings
 
-    def __init__(self, name: str, settings: FilesSettings) -> None:
-        super().__init__(name, settings)
-        self._watcher: asyncio.Task[None] | None = None
-
-    def on_lead(self) -> None:
-        """Only the process that syncs the folder watches it."""
-        if self.settings.watch and self._watcher is None:
-            self._watcher = asyncio.create_task(self._watch(), name=f"watch:{self.name}")
-
-    async def aclose(self) -> None:
-        watcher, self._watcher = self._watcher, None
-        await cancel_and_wait(watcher)
-        await super().aclose()
-
-    async def _watch(self) -> None:
+    async def watch(self, changed: Callable[[], None]) -> None:
+        """Report every change in the folder (`watch: true`); the core runs this where the folder is synced."""
+        if not self.settings.watch:
+            return
         import watchfiles
 
         root = self.settings.path
@@ -97,7 +83,7 @@ class FilesConnector(IndexedConnector):
                 continue
             try:
                 async for _changes in watchfiles.awatch(root, debounce=200, step=50, recursive=True):
-                    self.trigger_refresh()
+                    changed()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # e.g. inotify limits reached: polling by refresh_s still works

@@ -11,7 +11,7 @@ newest one stored), so an edit is found after one or two requests, not after
 paging through the whole workspace at three requests a second. Requests
 go through a limiter that keeps under Notion's rate limit (about three per
 second per integration, shared by every connector, process and replica that uses the same token when the
-gateway has Redis: `aggregator/shared/ratelimit.py`); a 429 makes the sync stop and the next one start
+gateway has Redis: the core hands it over, see `rate_limit`); a 429 makes the sync stop and the next one start
 after the `Retry-After` it named, keeping what was indexed so far.
 """
 
@@ -23,10 +23,7 @@ from typing import Any, Literal
 import httpx
 from pydantic import Field, SecretStr
 
-from aggregator.shared.ratelimit import credential_limiter
-
-from connectors._indexed import Document, IndexedConnector, IndexedSettings
-from connectors.base import BadResponse, NotFound
+from connectors.base import BadResponse, Document, DocumentSource, IndexedSettings, NotFound, RateLimit
 from connectors.http import BaseUrl, make_client, request_json
 
 NOTION_VERSION = "2022-06-28"
@@ -105,7 +102,7 @@ def block_text(block: dict[str, Any]) -> str:
     return ""
 
 
-class NotionConnector(IndexedConnector):
+class NotionSource(DocumentSource):
     settings_model = NotionSettings
     settings: NotionSettings
     fetch_concurrency = 3
@@ -114,9 +111,12 @@ class NotionConnector(IndexedConnector):
     def __init__(self, name: str, settings: NotionSettings) -> None:
         super().__init__(name, settings)
         self._client: httpx.AsyncClient | None = None
-        #: Notion's limit is per integration: connectors (and replicas) with the same token share one.
-        self._limiter = credential_limiter(f"notion {settings.base_url} {settings.token.get_secret_value()}", settings.requests_per_second)
         self._pages: dict[str, dict[str, Any]] = {}
+
+    def rate_limit(self) -> RateLimit:
+        """Notion's limit is per integration: sources (and replicas) with the same token share it."""
+        settings = self.settings
+        return RateLimit(f"notion {settings.base_url} {settings.token.get_secret_value()}", settings.requests_per_second)
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
@@ -128,7 +128,7 @@ class NotionConnector(IndexedConnector):
         return self._client
 
     async def _call(self, method: str, url: str, what: str, **kwargs: Any) -> dict[str, Any]:
-        async with self._limiter:
+        async with self.limiter:
             data = await request_json(self._http(), method, url, what, **kwargs)
         if not isinstance(data, dict):
             raise BadResponse(f"{what}: answer is not an object")
@@ -219,7 +219,6 @@ class NotionConnector(IndexedConnector):
         )
 
     async def aclose(self) -> None:
-        await super().aclose()
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()

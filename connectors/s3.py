@@ -17,8 +17,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, SecretStr, field_validator
 
 from connectors._html import html_to_text
-from connectors._indexed import Document, IndexedConnector, IndexedSettings
-from connectors.base import AuthFailed, SourceError, Unavailable, iso_utc
+from connectors.base import AuthFailed, Document, DocumentSource, IndexedSettings, SourceError, Unavailable, iso_utc
 
 AUTH_CODES = frozenset({"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "403", "401"})
 
@@ -84,7 +83,7 @@ def _translate(exc: Exception, what: str) -> SourceError:
     return Unavailable(f"{what}: {type(exc).__name__}")
 
 
-class S3Connector(IndexedConnector):
+class S3Source(DocumentSource):
     settings_model = S3Settings
     settings: S3Settings
     fetch_concurrency: ClassVar[int] = 16
@@ -164,7 +163,6 @@ class S3Connector(IndexedConnector):
         return await asyncio.to_thread(self._get, document_id)
 
     async def aclose(self) -> None:
-        await super().aclose()
         client, self._s3 = self._s3, None
         if client is not None:
             client.close()

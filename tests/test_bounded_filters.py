@@ -10,7 +10,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-import connectors._indexed as indexed
+import aggregator.state.sync as indexed
 from aggregator.web.api import create_app
 from aggregator.contract.conditions import compile_filter
 from aggregator.contract.models import MAX_FILTER_FIELDS, MAX_FILTER_TESTS, MAX_VALUE_CHARS, MAX_VALUES_PER_CONDITION, MetadataCondition

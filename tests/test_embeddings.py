@@ -264,10 +264,17 @@ def test_with_a_real_model_a_match_by_meaning_alone_can_pass_a_threshold_of_half
     with serve(upstream) as up, serve(fake.app()) as model:
         by_words = asyncio.run(main(None))
         judged = asyncio.run(main(openai_block(model, similarity=[0.4, 0.6])))
+        trusted = asyncio.run(main(openai_block(model, similarity=[0.4, 0.6], combine="mix", weight=0.9)))
     assert "answer" not in by_words, "by words alone the paraphrase scores under 0.5"
     assert judged["answer"]["score"] > 0.5
     detail = judged["answer"]["metadata"]["score_detail"]
     assert detail["bm25"] == 0 and detail["meaning"] > judged["lookalike"]["metadata"]["score_detail"]["meaning"]
+    # The model prefers the paraphrase (0.54 against 0.48): the gateway puts it first, though the look-alike
+    # shares three of the query's words. A model trusted over words (`combine: mix`, a high weight) widens the gap.
+    assert list(judged) == ["answer", "lookalike"]
+    assert list(trusted) == ["answer", "lookalike"]
+    gap = judged["answer"]["score"] - judged["lookalike"]["score"]
+    assert trusted["answer"]["score"] - trusted["lookalike"]["score"] > gap
 
 
 def test_the_readme_example_is_a_valid_judge():

@@ -9,18 +9,19 @@ from pathlib import Path
 import pytest
 
 from aggregator.text.tokenize import tokenize
+from aggregator.state.sync import IndexedConnector
 from connectors.base import SourceQuery
-from connectors.files import FilesConnector, FilesSettings, title_of
+from connectors.files import FilesSettings, FilesSource, title_of
 from testkit.loopback import until
 
 
-async def titles(connector: FilesConnector, text: str) -> list[str]:
+async def titles(connector: IndexedConnector, text: str) -> list[str]:
     return [p.title for p in await connector.search(SourceQuery(text, 10))]
 
 
 async def test_index_follows_added_changed_and_removed_files(tmp_path: Path):
     (tmp_path / "a.md").write_text("# Alpha\n\nThe alpha document talks about kubernetes.")
-    async with FilesConnector("docs", FilesSettings(path=tmp_path, refresh_s=60)) as docs:
+    async with IndexedConnector(FilesSource("docs", FilesSettings(path=tmp_path, refresh_s=60))) as docs:
         await docs.wait_ready(5)
         assert await titles(docs, "kubernetes") == ["Alpha"]
 
@@ -50,7 +51,7 @@ async def test_index_follows_added_changed_and_removed_files(tmp_path: Path):
 
 async def test_without_a_watcher_a_refresh_finds_changes(tmp_path: Path):
     (tmp_path / "a.md").write_text("first version mentions postgres")
-    async with FilesConnector("docs", FilesSettings(path=tmp_path, watch=False, refresh_s=3600)) as docs:
+    async with IndexedConnector(FilesSource("docs", FilesSettings(path=tmp_path, watch=False, refresh_s=3600))) as docs:
         await docs.wait_ready(5)
         (tmp_path / "a.md").write_text("second version mentions mysql and is longer")
         await docs.sync()
@@ -61,7 +62,7 @@ async def test_metadata_of_a_passage(tmp_path: Path):
     path = tmp_path / "guide.md"
     path.write_text("# The Guide\n\nSome text about backups.")
     os.utime(path, (1_700_000_000, 1_700_000_000))
-    async with FilesConnector("docs", FilesSettings(path=tmp_path)) as docs:
+    async with IndexedConnector(FilesSource("docs", FilesSettings(path=tmp_path))) as docs:
         await docs.wait_ready(5)
         [passage] = await docs.search(SourceQuery("backups", 5))
     assert passage.document_id == "guide.md" and passage.title == "The Guide"
@@ -73,7 +74,7 @@ async def test_metadata_of_a_passage(tmp_path: Path):
 async def test_collection_statistics_for_the_rerank(tmp_path: Path):
     (tmp_path / "a.md").write_text("# Backups\n\nNightly backups of the database.")
     (tmp_path / "b.md").write_text("# Restores\n\nRestore a database from the nightly snapshot.")
-    async with FilesConnector("docs", FilesSettings(path=tmp_path)) as docs:
+    async with IndexedConnector(FilesSource("docs", FilesSettings(path=tmp_path))) as docs:
         await docs.wait_ready(5)
         stats = docs.term_statistics(tokenize("database backups kubernetes"))
     assert stats.passages == 2 and stats.total_length > 8
@@ -83,7 +84,7 @@ async def test_collection_statistics_for_the_rerank(tmp_path: Path):
 async def test_long_documents_become_several_passages(tmp_path: Path):
     paragraphs = [f"Paragraph {i} about the deployment pipeline and its stages." * 4 for i in range(30)]
     (tmp_path / "long.md").write_text("\n\n".join(paragraphs))
-    async with FilesConnector("docs", FilesSettings(path=tmp_path, chunk_chars=500)) as docs:
+    async with IndexedConnector(FilesSource("docs", FilesSettings(path=tmp_path, chunk_chars=500))) as docs:
         await docs.wait_ready(5)
         found = await docs.search(SourceQuery("deployment pipeline", 100))
     assert len(found) > 5 and all(len(p.content) <= 500 for p in found)
@@ -98,14 +99,14 @@ async def test_include_exclude_and_size_limit(tmp_path: Path):
     (tmp_path / "drafts" / "d.md").write_text("widget")
     (tmp_path / "huge.md").write_text("widget " * 1000)
     settings = FilesSettings(path=tmp_path, include=["**/*.md", "**/*.txt"], exclude=["drafts/**"], max_file_bytes=1000)
-    async with FilesConnector("docs", settings) as docs:
+    async with IndexedConnector(FilesSource("docs", settings)) as docs:
         await docs.wait_ready(5)
         assert sorted(p.document_id for p in await docs.search(SourceQuery("widget", 10))) == ["a.md", "b.txt"]
         assert docs.stats().skipped == 1
 
 
 async def test_a_missing_folder_is_a_reported_error_not_a_crash(tmp_path: Path):
-    async with FilesConnector("docs", FilesSettings(path=tmp_path / "nope", watch=False)) as docs:
+    async with IndexedConnector(FilesSource("docs", FilesSettings(path=tmp_path / "nope", watch=False))) as docs:
         await docs.wait_ready(5)
         assert docs.ready
         assert "does not exist" in docs.stats().last_refresh_error
@@ -115,7 +116,7 @@ async def test_a_missing_folder_is_a_reported_error_not_a_crash(tmp_path: Path):
 async def test_metadata_filter_is_applied_before_the_limit(tmp_path: Path):
     for i in range(30):
         (tmp_path / f"doc{i:02}.md").write_text("release checklist " * (30 - i))
-    async with FilesConnector("docs", FilesSettings(path=tmp_path)) as docs:
+    async with IndexedConnector(FilesSource("docs", FilesSettings(path=tmp_path))) as docs:
         await docs.wait_ready(5)
         query = SourceQuery("release checklist", 3, accepts=lambda m: m["document_id"] == "docs:doc29.md")
         assert [p.document_id for p in await docs.search(query)] == ["doc29.md"]
@@ -140,13 +141,13 @@ async def test_files_outside_the_folder_are_skipped_and_named_unless_links_are_f
     (folder / "linked").symlink_to(tmp_path / "outside", target_is_directory=True)
     (folder / "inside.md").symlink_to(folder / "guide.md")  # a link that stays inside is fine
     include = ["**/*.md", "linked/*.md"]  # `**` does not descend into linked folders; a pattern may name one
-    async with FilesConnector("docs", FilesSettings(path=folder, include=include, watch=False)) as docs:
+    async with IndexedConnector(FilesSource("docs", FilesSettings(path=folder, include=include, watch=False))) as docs:
         await docs.wait_ready(5)
         found = {p.document_id for p in await docs.search(SourceQuery("root bash shell", 10))}
         stats = docs.stats()
     assert found == {"guide.md", "inside.md"}
     assert stats.skipped == 2 and stats.skipped_paths == ["linked/notes.md", "passwd.md"]
-    async with FilesConnector("docs", FilesSettings(path=folder, include=include, watch=False, follow_symlinks=True)) as docs:
+    async with IndexedConnector(FilesSource("docs", FilesSettings(path=folder, include=include, watch=False, follow_symlinks=True))) as docs:
         await docs.wait_ready(5)
         found = {p.document_id for p in await docs.search(SourceQuery("root bash shell", 10))}
         assert docs.stats().skipped == 0
@@ -159,12 +160,12 @@ async def test_a_file_swapped_for_a_link_after_the_scan_is_not_read(tmp_path: Pa
     folder = tmp_path / "docs"
     folder.mkdir()
     (folder / "a.md").write_text("harmless")
-    connector = FilesConnector("docs", FilesSettings(path=folder, watch=False))
-    assert "a.md" in await connector.list_versions()
+    source = FilesSource("docs", FilesSettings(path=folder, watch=False))
+    assert "a.md" in await source.list_versions()
     (folder / "a.md").unlink()
     (folder / "a.md").symlink_to(secret)
-    assert await connector.fetch("a.md") is None
-    await connector.aclose()
+    assert await source.fetch("a.md") is None
+    await source.aclose()
 
 
 async def test_two_folders_with_the_same_file_give_two_document_ids_that_survive_a_restart(tmp_path: Path):
@@ -215,7 +216,7 @@ async def test_an_edit_reported_while_the_start_up_sync_runs_is_indexed_at_once(
     state = LocalBackend(tmp_path / "state")
     settings = FilesSettings(path=folder, watch=watcher == "real", refresh_s=300)
 
-    first = FilesConnector("docs", settings)
+    first = IndexedConnector(FilesSource("docs", settings))
     first.bind_state(state)
     async with first:
         await first.wait_ready(10)
@@ -224,23 +225,24 @@ async def test_an_edit_reported_while_the_start_up_sync_runs_is_indexed_at_once(
     listed = asyncio.Event()  # the restarted source's start-up sync has listed the folder, and the edit was reported
     reported = asyncio.Event()
 
-    class Restarted(FilesConnector):
+    class Restarted(IndexedConnector):
         def trigger_refresh(self) -> None:
             super().trigger_refresh()
             if listed.is_set() or watcher == "forced":
                 reported.set()
 
+    class Edited(FilesSource):
         async def list_versions(self) -> dict[str, str]:
             versions = await super().list_versions()
             if not listed.is_set():
                 listed.set()
                 (folder / "notes.md").write_text("# Notes\n\nNew wording: the zeppelin timetable.")
                 if watcher == "forced":
-                    self.trigger_refresh()
+                    second.trigger_refresh()
                 await asyncio.wait_for(reported.wait(), 10)  # this sync ends only after the watcher told of the edit
             return versions
 
-    second = Restarted("docs", settings)
+    second = Restarted(Edited("docs", settings))
     second.bind_state(state)
     async with second:
         await asyncio.wait_for(reported.wait(), 10)

@@ -9,8 +9,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from aggregator.ops.logs import configure_logging
+from aggregator.state.sync import IndexedConnector
 from connectors.base import SourceQuery
-from connectors.files import FilesConnector, FilesSettings
+from connectors.files import FilesSettings, FilesSource
 
 
 @contextlib.contextmanager
@@ -41,7 +42,7 @@ async def test_a_file_name_cannot_forge_a_log_line(tmp_path: Path):
     forged = "evil.md\n2026-12-04 00:00:00,000 INFO aggregator.access: retrieval id=forged kb=demo\x1b[2K"
     (folder / f"{forged}.md").symlink_to(outside)  # skipped, and named in a warning
     with gateway_log() as output:
-        async with FilesConnector("docs", FilesSettings(path=folder, watch=False)) as docs:
+        async with IndexedConnector(FilesSource("docs", FilesSettings(path=folder, watch=False))) as docs:
             await docs.wait_ready(5)
             await docs.search(SourceQuery("guide", 5))
     lines = output.getvalue().splitlines()
@@ -58,15 +59,15 @@ async def test_hard_links_are_skipped_when_the_config_asks(tmp_path: Path):
     folder.mkdir()
     (folder / "guide.md").write_text("# Guide\n\nA password policy guide.")
     (folder / "planted.md").hardlink_to(outside)
-    async with FilesConnector("docs", FilesSettings(path=folder, watch=False)) as docs:
+    async with IndexedConnector(FilesSource("docs", FilesSettings(path=folder, watch=False))) as docs:
         await docs.wait_ready(5)
         found = {p.document_id for p in await docs.search(SourceQuery("password hint", 10))}
     assert found == {"guide.md", "planted.md"}, "by default a hard link is indexed: the documented limit"
-    async with FilesConnector("docs", FilesSettings(path=folder, watch=False, hard_links=False)) as docs:
+    async with IndexedConnector(FilesSource("docs", FilesSettings(path=folder, watch=False, hard_links=False))) as docs:
         await docs.wait_ready(5)
         found = {p.document_id for p in await docs.search(SourceQuery("password hint", 10))}
         stats = docs.stats()
-        assert docs._read("planted.md") is None, "checked again when the file is read"
+        assert docs.source._read("planted.md") is None, "checked again when the file is read"
     assert found == {"guide.md"} and stats.skipped_paths == ["planted.md"]
 
 

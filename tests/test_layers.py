@@ -1,10 +1,10 @@
 """The code's layers hold: imports only go down (the contract is `[tool.importlinter]` in pyproject.toml).
 
-    web → runtime → ops → retrieval → state → ranking → connectors → shared → {contract, text, tasks}
+    web → runtime → ops → retrieval → state → ranking → shared → tasks → connectors → {contract, text}
 
 A newcomer follows one retrieval top to bottom, one folder a layer; nothing on the request path
 (`aggregator/retrieval` and below) imports `ops/`, and connectors reach the core only through the contract
-and text helpers, bar the two exceptions the contract names.
+and text helpers: their index, sync loop and shared rate limiter are the core's (`aggregator/state/sync.py`).
 """
 
 from __future__ import annotations

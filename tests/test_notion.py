@@ -6,8 +6,9 @@ import asyncio
 
 import pytest
 
+from aggregator.state.sync import IndexedConnector
 from connectors.base import AuthFailed, SourceQuery
-from connectors.notion import NOTION_VERSION, NotionConnector, NotionSettings, flatten_property
+from connectors.notion import NOTION_VERSION, NotionSettings, NotionSource, flatten_property
 
 from testkit.fakes.notion import FakeNotion, app, block, rich
 from testkit.fakes.recorder import Recorder
@@ -19,7 +20,7 @@ TOKEN = "secret_notion_integration_token"
 async def test_requests_carry_the_token_and_the_pinned_version():
     recorder = Recorder({("POST", "/v1/search"): (200, {"object": "list", "results": [], "has_more": False, "next_cursor": None})})
     with serve(recorder.app()) as url:
-        connector = NotionConnector("n", NotionSettings(token=TOKEN, base_url=url))
+        connector = IndexedConnector(NotionSource("n", NotionSettings(token=TOKEN, base_url=url)))
         await connector.sync()
         await connector.aclose()
     request = recorder.requests[-1]
@@ -75,7 +76,7 @@ def fake():
 
 async def test_sync_reads_every_block_type_and_database_properties(fake):
     state, url = fake
-    async with NotionConnector("notion", NotionSettings(token=TOKEN, base_url=url, requests_per_second=50)) as notion:
+    async with IndexedConnector(NotionSource("notion", NotionSettings(token=TOKEN, base_url=url, requests_per_second=50))) as notion:
         await notion.wait_ready(10)
         assert notion.stats().documents == 3
         [runbook] = await notion.search(SourceQuery("incident commander escalation", 1))
@@ -96,7 +97,7 @@ async def test_sync_reads_every_block_type_and_database_properties(fake):
 
 async def test_refresh_rereads_only_edited_pages_and_drops_unshared_ones(fake):
     state, url = fake
-    async with NotionConnector("notion", NotionSettings(token=TOKEN, base_url=url, requests_per_second=50)) as notion:
+    async with IndexedConnector(NotionSource("notion", NotionSettings(token=TOKEN, base_url=url, requests_per_second=50))) as notion:
         await notion.wait_ready(10)
         state.requests.clear()
         state.add_page("p-wifi", "Office wifi", [block("w1", "paragraph", "Guests now use the Visitor network.")], edited="2025-04-01T00:00:00.000Z")
@@ -111,7 +112,7 @@ async def test_refresh_rereads_only_edited_pages_and_drops_unshared_ones(fake):
 
 async def test_the_limiter_keeps_under_three_requests_a_second(fake):
     state, url = fake
-    async with NotionConnector("notion", NotionSettings(token=TOKEN, base_url=url)) as notion:
+    async with IndexedConnector(NotionSource("notion", NotionSettings(token=TOKEN, base_url=url))) as notion:
         await notion.wait_ready(20)
     times = sorted(t for t, _ in state.requests)
     assert len(times) >= 10
@@ -124,7 +125,7 @@ async def test_the_limiter_keeps_under_three_requests_a_second(fake):
 async def test_first_sync_does_not_block_and_a_429_pauses_it(fake):
     state, url = fake
     state.rate_limit_next, state.retry_after = 1, "1"
-    async with NotionConnector("notion", NotionSettings(token=TOKEN, base_url=url, requests_per_second=50)) as notion:
+    async with IndexedConnector(NotionSource("notion", NotionSettings(token=TOKEN, base_url=url, requests_per_second=50))) as notion:
         assert not notion.ready, "start() returns before the first sync"
         await asyncio.sleep(0.3)
         assert not notion.ready and notion.stats().last_refresh_outcome == "rate_limited"
@@ -134,7 +135,7 @@ async def test_first_sync_does_not_block_and_a_429_pauses_it(fake):
 
 async def test_a_wrong_token_is_reported_as_auth_failed(fake):
     _, url = fake
-    async with NotionConnector("notion", NotionSettings(token="wrong", base_url=url)) as notion:
+    async with IndexedConnector(NotionSource("notion", NotionSettings(token="wrong", base_url=url))) as notion:
         await notion.wait_ready(5)
         assert notion.stats().last_refresh_outcome == AuthFailed.outcome
         assert "wrong" not in (notion.stats().last_refresh_error or "")
@@ -143,7 +144,7 @@ async def test_a_wrong_token_is_reported_as_auth_failed(fake):
 async def test_a_page_gone_between_listing_and_reading_is_left_out(fake):
     state, url = fake
     del state.blocks["p-wifi"]  # listed, but its blocks answer 404
-    async with NotionConnector("notion", NotionSettings(token=TOKEN, base_url=url, requests_per_second=50)) as notion:
+    async with IndexedConnector(NotionSource("notion", NotionSettings(token=TOKEN, base_url=url, requests_per_second=50))) as notion:
         await notion.wait_ready(10)
         assert notion.stats().documents == 2 and notion.stats().last_refresh_error is None
 
@@ -156,7 +157,7 @@ async def test_an_edit_shows_within_refresh_s_plus_its_fetch_not_after_paging_th
         state.add_page(f"p-{i:02}", f"Page {i}", [block(f"b{i}", "paragraph", f"Paragraph about topic{i}.")], edited=f"2025-03-10T12:{i:02}:00.000Z")
     with serve(app(state)) as url:
         settings = NotionSettings(token=TOKEN, base_url=url, refresh_s=1, requests_per_second=20)
-        async with NotionConnector("notion", settings) as notion:
+        async with IndexedConnector(NotionSource("notion", settings)) as notion:
             await notion.wait_ready(20)
             loop = asyncio.get_running_loop()
             for round_, (page, words) in enumerate((("p-03", "zeppelin timetable"), ("p-17", "walrus orchestra"))):
@@ -173,11 +174,11 @@ async def test_an_edit_shows_within_refresh_s_plus_its_fetch_not_after_paging_th
 
 
 async def test_a_full_listing_still_removes_unshared_pages_between_quick_ones(fake, monkeypatch):
-    import connectors._indexed as indexed
+    import aggregator.state.sync as indexed
 
     monkeypatch.setattr(indexed, "FULL_LISTING_S", 1.5)
     state, url = fake
-    async with NotionConnector("notion", NotionSettings(token=TOKEN, base_url=url, refresh_s=1, requests_per_second=50)) as notion:
+    async with IndexedConnector(NotionSource("notion", NotionSettings(token=TOKEN, base_url=url, refresh_s=1, requests_per_second=50))) as notion:
         await notion.wait_ready(10)
         del state.pages["p-task"]  # unshared: only a full listing can tell
         loop = asyncio.get_running_loop()

@@ -17,8 +17,9 @@ import httpx
 import pytest
 
 from aggregator.state import LocalBackend
+from aggregator.state.sync import IndexedConnector
 from connectors.base import SourceQuery
-from connectors.files import FilesConnector, FilesSettings
+from connectors.files import FilesSettings, FilesSource
 
 from testkit.fakes.notion import FakeNotion, app, block
 from testkit.gateway import ask, config_text
@@ -180,7 +181,7 @@ async def test_an_index_of_other_settings_is_discarded_and_rebuilt(tmp_path: Pat
     state = LocalBackend(tmp_path / "state")
     counts = []
     for chunk_chars in (500, 1000):
-        connector = FilesConnector("docs", FilesSettings(path=folder, chunk_chars=chunk_chars, watch=False))
+        connector = IndexedConnector(FilesSource("docs", FilesSettings(path=folder, chunk_chars=chunk_chars, watch=False)))
         connector.bind_state(state)
         with caplog.at_level(logging.WARNING, "aggregator.state"):
             async with connector:
@@ -197,13 +198,13 @@ async def test_a_store_that_cannot_be_opened_once_is_tried_again_without_a_resta
 ):
     """The syncer keeps the lock while its store fails to open (SQLite busy, a full disk): it must try again,
     or no process would ever index the source until a restart."""
-    import connectors._indexed as indexed
+    import aggregator.state.sync as indexed
 
     monkeypatch.setattr(indexed, "OPEN_RETRY_S", 0.05)
     folder = tmp_path / "docs"
     folder.mkdir()
     (folder / "runbook.md").write_text("Page the incident commander for every SEV1 outage.")
-    connector = FilesConnector("docs", FilesSettings(path=folder, watch=False))
+    connector = IndexedConnector(FilesSource("docs", FilesSettings(path=folder, watch=False)))
     connector.bind_state(LocalBackend(tmp_path / "state"))
     store = connector._open_store()
     real_open, failures = store.open_writer, []
@@ -215,7 +216,7 @@ async def test_a_store_that_cannot_be_opened_once_is_tried_again_without_a_resta
         return real_open()
 
     monkeypatch.setattr(store, "open_writer", open_writer)
-    with caplog.at_level(logging.ERROR, "connectors._indexed"):
+    with caplog.at_level(logging.ERROR, "aggregator.state.sync"):
         async with connector:
             await until(lambda: connector.search(SourceQuery("incident commander", 5)), what="indexed after the failed open")
             found = await connector.search(SourceQuery("incident commander", 5))

@@ -127,7 +127,8 @@ def test_index_a_bucket_query_it_and_follow_changes(s3_url: str, bucket, tmp_pat
 def test_fetches_only_what_changed(s3_url: str, bucket):
     import asyncio
 
-    from connectors.s3 import S3Connector, S3Settings
+    from aggregator.state.sync import IndexedConnector
+    from connectors.s3 import S3Settings, S3Source
 
     client, name = bucket
     for i in range(5):
@@ -135,15 +136,16 @@ def test_fetches_only_what_changed(s3_url: str, bucket):
     settings = S3Settings(bucket=name, endpoint_url=s3_url, access_key_id=ACCESS, secret_access_key=SECRET)
 
     async def run() -> list[str]:
-        connector = S3Connector("s3", settings)
+        source = S3Source("s3", settings)
+        connector = IndexedConnector(source)
         fetched: list[str] = []
-        original = connector.fetch
+        original = source.fetch
 
         async def counting(key: str):
             fetched.append(key)
             return await original(key)
 
-        connector.fetch = counting  # type: ignore[method-assign]
+        source.fetch = counting  # type: ignore[method-assign]
         await connector.sync()
         first = len(fetched)
         client.put_object(Bucket=name, Key="doc3.txt", Body=b"document three, changed")

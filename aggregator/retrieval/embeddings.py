@@ -72,6 +72,10 @@ class EmbeddingSettings(BaseModel):
     timeout_s: float = Field(2.0, gt=0, le=60, description="Budget of the judge within a retrieval (never past the deadline).")
     retries: int = Field(0, ge=0, le=5, description="Retries of a transient failure (connection, 5xx, 429), within the budget.")
     weight: float = Field(0.5, ge=0, le=1, description="Weight of meaning: relevance = 1 − (1 − words)·(1 − weight·meaning).")
+    combine: Literal["or", "mix"] = Field(
+        "or", description="or: relevant by words or by meaning (the default, measured); mix: (1 − weight)·words + weight·meaning, "
+        "for a model trusted over words (a high weight lets it put a paraphrase above a passage that only shares words)."
+    )
     similarity: tuple[float, float] | None = Field(
         None, description="[low, high]: cosines mapped onto 0 and 1; default local [0.7, 1.0] (measured), openai [0.3, 0.8]."
     )
@@ -101,69 +105,123 @@ class EmbeddingSettings(BaseModel):
 
 
 class VectorCache:
-    """Unit vectors by text, least recently used out first; saved to and loaded from one npz file.
+    """Unit vectors by text in one matrix, bounded, saved to and loaded from one npz file.
 
     Stored under a stable key (the text's BLAKE2b), found by a process-local one: Python's own hash of the
     text and its length, as the term cache does (a 64-bit hash: two texts are confused only with the same
-    hash and length). A passage seen before costs one lookup, not a hash of its bytes: the BLAKE2b of 60
-    passages of 800 characters took 60 us a retrieval, half the judge's time.
+    hash and length). A passage seen before costs one lookup, not a hash of its bytes (the BLAKE2b of 60
+    passages of 800 characters took 60 us a retrieval). The vectors are rows of one matrix, so a retrieval
+    gathers its pool's rows in one step instead of stacking arrays; when it is full, the row to reuse is
+    chosen by the clock rule (a row used since the hand last passed gets a second chance), which needs no
+    reordering on every hit.
     """
 
     def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._vectors: OrderedDict[bytes, np.ndarray] = OrderedDict()
-        self._local: dict[tuple[int, int], bytes] = {}  # (hash, length) -> stable key, for texts met in this process
+        self.capacity = max(capacity, 0)
+        self._matrix: np.ndarray | None = None  # capacity × dimension, made at the first vector
+        self._used = np.zeros(self.capacity, dtype=bool)  # the clock's reference bits
+        self._hand = 0
+        self._size = 0  # rows filled so far (all of them, once the cache is full)
+        self._keys: list[bytes] = []  # stable key of each row
+        self._rows: dict[bytes, int] = {}  # stable key -> row
+        self._local_of: list[tuple[int, int] | None] = []  # process-local key of each row, once met
+        self._local: dict[tuple[int, int], int] = {}  # process-local key -> row
         self.dirty = False
 
     def __len__(self) -> int:
-        return len(self._vectors)
+        return self._size
 
     @staticmethod
     def key(text: str) -> bytes:
         return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
+    def rows(self, texts: Sequence[str]) -> list[int]:
+        """The row of each text's vector, −1 where it is not cached; the rows found are marked used."""
+        get = self._local.get
+        rows = [get((hash(t), len(t)), -1) for t in texts]
+        if self._rows and -1 in rows:  # met first in this process: by its stable key (vectors loaded from disk)
+            for i, row in enumerate(rows):
+                if row < 0:
+                    found = self._rows.get(self.key(texts[i]))
+                    if found is not None:
+                        rows[i] = found
+                        self._remember(texts[i], found)
+        found_rows = [r for r in rows if r >= 0]
+        if found_rows:
+            self._used[found_rows] = True
+        return rows
+
+    def vectors(self, rows: Sequence[int]) -> np.ndarray:
+        """The vectors of `rows` (all of them cached), copied: later additions cannot change them."""
+        assert self._matrix is not None
+        return self._matrix[rows]
+
     def find(self, text: str) -> np.ndarray | None:
         """The vector of `text`, if cached."""
-        local = (hash(text), len(text))
-        key = self._local.get(local)
-        if key is None:
-            key = self.key(text)
-            if key not in self._vectors:
-                return None
-            self._remember(local, key)
-        found = self._vectors.get(key)
-        if found is not None:
-            self._vectors.move_to_end(key)
-        return found
+        row = self.rows([text])[0]
+        return None if row < 0 else self.vectors([row])[0]
 
     def get(self, key: bytes) -> np.ndarray | None:
-        found = self._vectors.get(key)
-        if found is not None:
-            self._vectors.move_to_end(key)
-        return found
+        row = self._rows.get(key)
+        if row is None:
+            return None
+        self._used[row] = True
+        return self.vectors([row])[0]
 
     def add(self, text: str, vector: np.ndarray) -> None:
-        key = self.key(text)
-        self.put(key, vector)
-        self._remember((hash(text), len(text)), key)
+        row = self.put(self.key(text), vector)
+        if row is not None:
+            self._remember(text, row)
 
-    def _remember(self, local: tuple[int, int], key: bytes) -> None:
-        if len(self._local) >= 2 * max(self.capacity, 1):  # entries of evicted vectors: dropped all at once, rarely
-            self._local.clear()
-        self._local[local] = key
+    def _remember(self, text: str, row: int) -> None:
+        local = (hash(text), len(text))
+        self._local[local] = row
+        self._local_of[row] = local
 
-    def put(self, key: bytes, vector: np.ndarray) -> None:
+    def put(self, key: bytes, vector: np.ndarray) -> int | None:
+        """Store `vector` under `key`; its row (None when the cache holds nothing)."""
         if self.capacity <= 0:
-            return
-        self._vectors[key] = vector
-        self._vectors.move_to_end(key)
+            return None
+        if self._matrix is None:
+            self._matrix = np.zeros((self.capacity, len(vector)), dtype=np.float32)
+        elif len(vector) != self._matrix.shape[1]:
+            raise BadResponse(f"{NAME}: vectors of different lengths (was the model changed?)")
+        row = self._rows.get(key)
+        if row is None:
+            row = self._free_row()
+            self._rows[key] = row
+            self._keys[row] = key
+        self._matrix[row] = vector
+        self._used[row] = True
         self.dirty = True
-        while len(self._vectors) > self.capacity:
-            self._vectors.popitem(last=False)
+        return row
+
+    def _free_row(self) -> int:
+        if self._size < self.capacity:
+            self._size += 1
+            self._keys.append(b"")
+            self._local_of.append(None)
+            return self._size - 1
+        while True:  # the clock: the first row not used since the hand last passed it
+            unused = np.flatnonzero(~self._used[self._hand :])
+            if unused.size == 0:
+                self._used[self._hand :] = False
+                self._hand = 0
+                continue
+            row = self._hand + int(unused[0])
+            self._used[self._hand : row] = False
+            self._hand = (row + 1) % self.capacity
+            break
+        del self._rows[self._keys[row]]
+        local = self._local_of[row]
+        if local is not None:
+            del self._local[local]
+            self._local_of[row] = None
+        return row
 
     def dump(self) -> bytes:
-        keys = np.frombuffer(b"".join(self._vectors), dtype=np.uint8).reshape(-1, 16)
-        matrix = np.stack(list(self._vectors.values())) if self._vectors else np.zeros((0, 0), np.float32)
+        keys = np.frombuffer(b"".join(self._keys), dtype=np.uint8).reshape(-1, 16)
+        matrix = self._matrix[: self._size] if self._matrix is not None else np.zeros((0, 0), np.float32)
         out = io.BytesIO()
         np.savez(out, keys=keys, vectors=matrix.astype(np.float32))
         return out.getvalue()
@@ -173,10 +231,12 @@ class VectorCache:
             keys, vectors = stored["keys"], stored["vectors"]
         if keys.ndim != 2 or keys.shape[1] != 16 or len(keys) != len(vectors):
             raise ValueError("not a vector cache")
-        for key, vector in zip(keys[-self.capacity :] if self.capacity else [], vectors[-self.capacity :] if self.capacity else []):
-            self._vectors[key.tobytes()] = vector
+        if self.capacity:
+            for key, vector in zip(keys[-self.capacity :], vectors[-self.capacity :]):
+                self.put(key.tobytes(), vector)
+            self._used[:] = False  # nothing used yet in this process
         self.dirty = False
-        return len(self._vectors)
+        return len(self)
 
 
 def _unit(matrix: np.ndarray) -> np.ndarray:
@@ -293,7 +353,7 @@ class Judge:
         low, high = settings.similarity or DEFAULT_SIMILARITY[settings.provider]
         self._low, self._span = low, high - low
         #: The fusion's constants with this judge's share of meaning.
-        self.fusion = replace(DEFAULT_FUSION, meaning=settings.weight)
+        self.fusion = replace(DEFAULT_FUSION, meaning=settings.weight, combine=settings.combine)
 
     # -- one retrieval -----------------------------------------------------------------------------------
 
@@ -336,9 +396,10 @@ class Judge:
         try:
             with Timeout(max(0.0, min(self.settings.timeout_s, deadline - loop.time())), task):
                 distinct = list(dict.fromkeys(texts))
-                find = self.cache.find
-                vectors = [find(t) for t in distinct]
-                missing = [i for i, v in enumerate(vectors) if v is None]
+                rows = self.cache.rows(distinct)
+                missing = [i for i, r in enumerate(rows) if r < 0]
+                # Gathered now: the passages added below may take the rows of ones not used lately.
+                cached = self.cache.vectors([r for r in rows if r >= 0]) if len(missing) < len(rows) else None
                 # The query's own call still out when the passages' batch has room for it: one call, not two in a row.
                 together = (0 < len(missing) < self.settings.batch_size and query is not None
                             and isinstance(started, asyncio.Task) and not started.done())  # fmt: skip
@@ -355,10 +416,15 @@ class Judge:
                         vector, new = new[0], new[1:]
                         self._remember_query(query, vector)  # type: ignore[arg-type]
                     for i, vector_i in zip(missing, new):
-                        vectors[i] = vector_i
                         self.cache.add(distinct[i], vector_i)
             try:
-                cosines = np.stack(vectors) @ vector  # type: ignore[arg-type]
+                if not missing:
+                    cosines = cached @ vector  # type: ignore[operator]
+                else:
+                    cosines = np.empty(len(distinct), dtype=np.float32)
+                    cosines[missing] = new @ vector  # type: ignore[operator]
+                    if cached is not None:
+                        cosines[[i for i, r in enumerate(rows) if r >= 0]] = cached @ vector
             except ValueError:
                 raise BadResponse(f"{NAME}: vectors of different lengths (was the model changed?)") from None
             meaning = np.clip((cosines - self._low) / self._span, 0.0, 1.0).tolist()

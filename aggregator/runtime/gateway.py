@@ -14,7 +14,7 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING
 
-from connectors import build_connector
+from connectors import build_source
 from connectors.base import Connector
 
 from aggregator.retrieval.breaker import CircuitBreaker
@@ -25,6 +25,7 @@ from aggregator.ranking.pool import TermCache
 from aggregator.retrieval.rerank_model import RerankModels
 from aggregator.state import LocalBackend, StateBackend
 from aggregator.state.local import unused_stores
+from aggregator.state.sync import as_connector
 
 if TYPE_CHECKING:
     from aggregator.retrieval.shared_breaker import SharedBreakers
@@ -75,7 +76,7 @@ class Gateway:
                 self.adopted.add(name)
                 continue
             assert settings.circuit is not None  # filled from defaults by effective()
-            connector = build_connector(name, settings)
+            connector = as_connector(build_source(name, settings))
             if self.state is not None:
                 connector.bind_state(self.state)
             self.slots[name] = SourceSlot(

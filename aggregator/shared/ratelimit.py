@@ -1,12 +1,12 @@
 """Request rates that belong to a credential, not to a process: Notion allows an integration about 3 a second.
 
-`credential_limiter(credential, per_second)` is what a connector asks for. Connectors with the same credential
-share one limiter in the process; when the service has Redis (`server.redis_url`), every process and replica
+`credential_limiter(credential, per_second)` is what the sync engine hands a source whose `rate_limit()` names
+one. Sources with the same credential share one limiter in the process; when the service has Redis (`server.redis_url`), every process and replica
 shares it: each request reserves the next free slot, `1 / per_second` (plus a 10 % margin for the network's
 jitter) after the previous one, in one atomic script (GCRA, no burst), and waits for it. While Redis is unreachable, the per-process limiter of that credential
 takes over (aiolimiter's leaky bucket, as before replicas existed).
 
-The credential is kept only as a hash. Imports nothing of the web app, so connectors may use it.
+The credential is kept only as a hash.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 `base` is the interface (a backend opens one `IndexStore` per source); `local`
 is the embedded default under `server.state_dir`; `segments` the memory-mapped
 postings it is made of; `postgres` the shared store of several replicas
-(`server.state_url`, imported only when configured: psycopg is an extra). Imports only the text tools and the BM25 constants,
-so connectors may use it.
+(`server.state_url`, imported only when configured: psycopg is an extra); `sync` the
+engine that keeps a source's index in line with it (imported from there, not re-exported here).
 """
 
 from aggregator.state.base import (

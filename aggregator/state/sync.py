@@ -1,8 +1,10 @@
-"""Shared machinery for sources that have no search API of their own (files, S3, Notion).
+"""The sync engine: how the core indexes a source that has no search of its own (files, S3, Notion).
 
-A subclass says how to list its documents with a version token (mtime, ETag,
-last_edited_time) and how to fetch them; this class keeps their passages in a
-persistent index store (`aggregator.state`) shared by every worker process:
+The source (`connectors.base.DocumentSource`) says how to list its documents
+with a version token (mtime, ETag, last_edited_time) and how to fetch them;
+`IndexedConnector` wraps it into the `Connector` the fan-out calls, keeping
+its passages in a persistent index store (`aggregator.state`) shared by every
+worker process:
 
 - the store lives under `server.state_dir` and survives restarts: a source
   serves what is stored at once and syncs only documents whose version changed;
@@ -14,7 +16,7 @@ persistent index store (`aggregator.state`) shared by every worker process:
   commits every few thousand passages, so requests are answered while it runs
   and a killed sync loses at most its last batch;
 - later syncs run every `refresh_s`, or at once when `trigger_refresh()` is
-  called (a file watcher does);
+  called (the source's `watch`, a file watcher, does);
 - a source that can list what changed cheaply (`list_changed`: Notion's
   search sorted by edit time) has most of those syncs list only that, so an
   edit shows within `refresh_s` plus the time to fetch it, however many
@@ -25,7 +27,6 @@ persistent index store (`aggregator.state`) shared by every worker process:
 
 from __future__ import annotations
 
-import abc
 import asyncio
 import contextlib
 import logging
@@ -34,13 +35,11 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
-from pydantic import Field
-
+from aggregator.shared.ratelimit import credential_limiter
 from aggregator.state import (
     IndexStore, LocalBackend, PreparedDocument, StateBackend, StoredPassage, StoreUnavailable, SyncStatus, settings_fingerprint,
 )  # fmt: skip
@@ -49,8 +48,8 @@ from aggregator.text.chunking import split_passages
 from aggregator.text.tokenize import tokenize
 
 from connectors.base import (
-    Connector, ConnectorSettings, Passage, RateLimited, SourceError, SourceQuery, SourceStats, TermStatistics, Unavailable,
-    now_iso, record_metadata,
+    Connector, Document, DocumentSource, IndexedSettings, Passage, RateLimited, SourceError, SourceQuery, SourceStats,
+    TermStatistics, Unavailable, now_iso, record_metadata,
 )  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -73,74 +72,27 @@ SKIPPED_NAMES_SHOWN = 100
 FULL_LISTING_S = 300.0
 
 
-class IndexedSettings(ConnectorSettings):
-    refresh_s: float = Field(300.0, ge=1, le=86400, description="Seconds between two syncs of the index.")
-
-
-@dataclass(slots=True)
-class Document:
-    """A whole document as a source hands it over, before it is split into passages."""
-
-    document_id: str
-    title: str
-    text: str
-    version: str
-    updated_at: str | None = None
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-
 class IndexedConnector(Connector):
-    settings: IndexedSettings
-    #: How many documents are fetched at once during a sync.
-    fetch_concurrency: ClassVar[int] = 8
-    #: Documents handed to `fetch_many` at a time.
-    batch_size: ClassVar[int] = 64
-    #: Settings that do not change what is indexed: editing them keeps the stored index.
-    runtime_fields: ClassVar[frozenset[str]] = frozenset(
-        {"weight", "timeout_s", "retries", "circuit", "refresh_s", "watch", "requests_per_second", "verify_tls"}
-    )
+    """A `DocumentSource` as the fan-out sees it: searched in the local index the engine keeps in sync."""
 
-    def __init__(self, name: str, settings: IndexedSettings) -> None:
-        super().__init__(name, settings)
+    settings: IndexedSettings
+
+    def __init__(self, source: DocumentSource) -> None:
+        super().__init__(source.name, source.settings)
+        self.source = source
+        limit = source.rate_limit()
+        if limit is not None:  # connectors (and replicas) with the same credential share one limiter
+            source.bind_limiter(credential_limiter(limit.credential, limit.per_second))
         self._backend: StateBackend | None = None
         self._ephemeral: str | None = None  # a temporary state folder when no backend was bound
         self._store: IndexStore | None = None
         self._status = SyncStatus()
-        self._skipped: tuple[int, list[str]] = (0, [])
         self._first_attempt = asyncio.Event()  # this process finished (or failed) a sync as the syncer
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None  # the source's `watch`, while this process syncs it
         self._executor: ThreadPoolExecutor | None = None
         self._last_full: float | None = None  # monotonic time of this process's last full listing
-
-    # -- what a subclass provides -------------------------------------------------------------
-
-    @abc.abstractmethod
-    async def list_versions(self) -> dict[str, str]:
-        """Every document id the source holds now, with a token that changes when the document does."""
-
-    @abc.abstractmethod
-    async def fetch(self, document_id: str) -> Document | None:
-        """One document, or None if it vanished or must be skipped since listing."""
-
-    async def list_changed(self, stored: dict[str, str]) -> dict[str, str] | None:
-        """The documents that changed since `stored` (id -> version, as the store holds them) was synced, with their
-        versions, when the source can tell cheaply (newest first, stopping at what is known); None when it cannot.
-        Removed documents need not be reported: full listings (`list_versions`) find them."""
-        return None
-
-    async def fetch_many(self, document_ids: Sequence[str]) -> list[Document | None | BaseException]:
-        """A batch of documents, `fetch_concurrency` at a time; a failure is returned in its place."""
-        gate = asyncio.Semaphore(self.fetch_concurrency)
-
-        async def one(document_id: str) -> Document | None:
-            async with gate:
-                return await self.fetch(document_id)
-
-        return list(await asyncio.gather(*(one(d) for d in document_ids), return_exceptions=True))
-
-    def on_lead(self) -> None:
-        """Called once when this process becomes the source's syncer (a file watcher starts here)."""
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -150,7 +102,7 @@ class IndexedConnector(Connector):
 
     def fingerprint(self) -> str:
         """The settings that shape the index: a stored index of other settings is never served."""
-        shaping = self.settings.model_dump(mode="json", exclude=set(self.runtime_fields))
+        shaping = self.settings.model_dump(mode="json", exclude=set(self.source.runtime_fields))
         shaping["source_name"] = self.name
         return settings_fingerprint(shaping)
 
@@ -229,6 +181,8 @@ class IndexedConnector(Connector):
     async def aclose(self) -> None:
         task, self._task = self._task, None
         await cancel_and_wait(task)
+        watcher, self._watcher = self._watcher, None
+        await cancel_and_wait(watcher)
         executor, self._executor = self._executor, None
         if executor is not None:  # let a commit in progress finish before the store (and its lock) goes
             await asyncio.to_thread(executor.shutdown, True)
@@ -238,6 +192,7 @@ class IndexedConnector(Connector):
         if self._ephemeral is not None:
             shutil.rmtree(self._ephemeral, ignore_errors=True)
             self._ephemeral = None
+        await self.source.aclose()
 
     async def _blocking(self, function: Callable[..., T], *args: Any) -> T:
         """Run store I/O on this source's own thread: one at a time, in order, off the event loop."""
@@ -247,7 +202,6 @@ class IndexedConnector(Connector):
 
     async def _run(self) -> None:
         store = self._open_store()
-        watching = False
         while True:
             while not store.leading:
                 if await self._blocking(store.try_lead):
@@ -262,9 +216,8 @@ class IndexedConnector(Connector):
             if writer is None:  # a shared store's connection died on the way: ask for the lead again
                 await asyncio.sleep(LEAD_POLL_S)
                 continue
-            if not watching:
-                self.on_lead()
-                watching = True
+            if self._watcher is None:  # only the process that syncs the source watches it
+                self._watcher = asyncio.create_task(self.source.watch(self.trigger_refresh), name=f"watch:{self.name}")
             await self._sync_while_leading(store, writer)
             log.warning("source %s: no longer syncs it (the store's lock was lost); asking for it again", self.name)
 
@@ -348,10 +301,10 @@ class IndexedConnector(Connector):
             return  # another process syncs this source
         writer = await self._blocking(store.open_writer)
         stored = writer.versions()
-        changed = None if full or not stored else await self.list_changed(stored)
+        changed = None if full or not stored else await self.source.list_changed(stored)
         if changed is None:
             started_listing = time.monotonic()
-            versions = await self.list_versions()
+            versions = await self.source.list_versions()
             self._last_full = started_listing
         else:
             versions = {**stored, **changed}
@@ -359,7 +312,8 @@ class IndexedConnector(Connector):
         removed = sorted(d for d in stored if d not in versions)
         stale = sorted(d for d, v in versions.items() if stored.get(d) != v)
         status.syncing, status.done, status.total = True, 0, len(stale)
-        status.skipped, status.skipped_paths = self._skipped[0], self._skipped[1][:SKIPPED_NAMES_SHOWN]
+        skipped, skipped_names = self.source.skipped
+        status.skipped, status.skipped_paths = skipped, skipped_names[:SKIPPED_NAMES_SHOWN]
         chunk_chars = self.settings.chunk_chars
         pending: list[PreparedDocument] = []
         gone: list[str] = list(removed)
@@ -376,9 +330,10 @@ class IndexedConnector(Connector):
                 indexed += waiting
             pending, gone, waiting, last_commit = [], [], 0, time.monotonic()
 
-        for start in range(0, len(stale), self.batch_size):
-            batch = stale[start : start + self.batch_size]
-            results = await self.fetch_many(batch)
+        batch_size = self.source.batch_size
+        for start in range(0, len(stale), batch_size):
+            batch = stale[start : start + batch_size]
+            results = await self.source.fetch_many(batch)
             documents = []
             for document_id, result in zip(batch, results):
                 if isinstance(result, BaseException):
@@ -411,10 +366,6 @@ class IndexedConnector(Connector):
             raise first if isinstance(first, SourceError) else SourceError(
                 f"{len(failures)} of {len(stale)} documents could not be read: {first}"
             )
-
-    def set_skipped(self, count: int, names: Sequence[str] = ()) -> None:
-        """A listing reports what it left out (counted, and named where naming helps); /status shows it."""
-        self._skipped = (count, sorted(names))
 
     # -- searching -------------------------------------------------------------------------------
 
@@ -477,3 +428,8 @@ def _passage(stored: StoredPassage, rank: int | None = None) -> Passage:
         source_score=stored.score if rank is not None else None,
         source_rank=rank,
     )
+
+
+def as_connector(source: Connector | DocumentSource) -> Connector:
+    """What the fan-out calls: a source searched at query time as it is, one that cannot search in the sync engine."""
+    return IndexedConnector(source) if isinstance(source, DocumentSource) else source
