@@ -120,7 +120,6 @@ def rerank_times() -> None:
     from aggregator.ranking.rerank import Answer, rerank
     from aggregator.text.tokenize import tokenize
     from bench._cranfield import load
-    from aggregator.state.sync import IndexedConnector
     from connectors.base import Passage
 
     docs, queries, _ = load()
@@ -226,6 +225,7 @@ def _serve_memory(config: Path, workers: int, queries: list[str]) -> tuple[float
 def index_scale(passages: int) -> None:
     """The persistent store against today's in-memory BM25Index, on the same files, in the same run."""
     from aggregator.state import LocalBackend
+    from aggregator.state.sync import IndexedConnector
     from aggregator.text.chunking import split_passages
     from aggregator.text.tokenize import tokenize
     from connectors.base import SourceQuery
