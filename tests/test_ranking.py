@@ -176,13 +176,13 @@ WORDS = "rotate signing keys release vpn profile backup restore the of module ha
     texts=st.lists(st.lists(st.sampled_from(WORDS), max_size=30).map(" ".join), min_size=1, max_size=12),
     collection=st.one_of(st.none(), st.tuples(st.floats(0.0, 1e6), st.one_of(st.just(0.0), st.floats(1.0, 500.0)), st.integers(0, 10**6))),
 )
-def test_the_compiled_pool_scorer_gives_the_numpy_reference_scores(query, texts, collection):
-    """The C loop (when built) and numpy compute one formula: the same scores to the last few bits, whatever the pool."""
+def test_the_compiled_counts_are_the_numpy_counts_so_the_scores_are_the_same(query, texts, collection):
+    """The C loop (when built) and numpy count the same terms and pairs; the scores come from one formula, so they match to the bit."""
     from aggregator.ranking import pool
     from aggregator.ranking.statistics import QueryStatistics
 
     if pool._kernel is None:
-        pytest.skip("the compiled scorer was not built (no C compiler): numpy scores alone")
+        pytest.skip("the compiled counter was not built (no C compiler): numpy counts alone")
     cache = TermCache()
     docs = [cache.seen("", t).ids for t in texts]
     terms = tokenize(" ".join(query))
@@ -192,11 +192,52 @@ def test_the_compiled_pool_scorer_gives_the_numpy_reference_scores(query, texts,
         distinct = list(dict.fromkeys(terms))
         statistics = QueryStatistics(passages, average, array("d", [float((seed >> i) % 50) for i in range(len(distinct))]))
     plan = pool.QueryPlan(terms, cache.vocabulary)
-    compiled = pool.score_pool(plan, docs, cache, statistics=statistics)
-    reference = pool.score_pool(plan, docs, cache, statistics=statistics, compiled=False)
-    assert compiled.has_pairs == reference.has_pairs
-    np.testing.assert_allclose(compiled.bm25, reference.bm25, rtol=1e-12, atol=1e-15)
-    np.testing.assert_allclose(compiled.proximity, reference.proximity, rtol=1e-12, atol=1e-15)
+    if plan.terms:
+        table = cache.columns(plan.ids)
+        compiled, reference = pool._count_compiled(plan, docs, table), pool._count_numpy(plan, docs, table)
+        cache.release(plan.ids)
+        assert compiled.k == reference.k == len(plan.terms)
+        assert compiled.rows.tolist() == reference.rows.tolist() and compiled.lengths.tolist() == reference.lengths.tolist()
+    compiled_scores = pool.score_pool(plan, docs, cache, statistics=statistics)
+    reference_scores = pool.score_pool(plan, docs, cache, statistics=statistics, compiled=False)
+    assert compiled_scores.has_pairs == reference_scores.has_pairs
+    assert compiled_scores.bm25.tolist() == reference_scores.bm25.tolist()
+    assert compiled_scores.proximity.tolist() == reference_scores.proximity.tolist()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    query=st.lists(st.sampled_from(WORDS + ["zzqx"]), min_size=1, max_size=8),
+    texts=st.lists(st.lists(st.sampled_from(WORDS), max_size=30).map(" ".join), min_size=1, max_size=12),
+)
+def test_the_pool_scores_are_the_documented_formula(query, texts):
+    """score_pool against the formula of README's Ranking section written out term by term, pair by pair."""
+    import math
+
+    from aggregator.ranking import pool
+    from aggregator.ranking.bm25 import B, K1
+
+    cache = TermCache()
+    tokens = [tokenize(t) for t in texts]
+    docs = [cache.seen("", t).ids for t in texts]
+    terms = tokenize(" ".join(query))
+    scores = pool.score_pool(pool.QueryPlan(terms, cache.vocabulary), docs, cache)
+    n, avgdl = len(texts), (sum(map(len, tokens)) / len(texts)) or 1.0
+
+    def bm25(units: list, counts_in: list[list]) -> list[float]:
+        weight = {u: units.count(u) * math.log1p((n - sum(u in c for c in counts_in) + 0.5) / (sum(u in c for c in counts_in) + 0.5))
+                  for u in units}  # fmt: skip
+        ceiling = sum(weight.values()) * (K1 + 1)
+        return [sum(w * c.count(u) * (K1 + 1) / (c.count(u) + K1 * (1 - B + B * len(t) / avgdl)) for u, w in weight.items()) / ceiling
+                if ceiling > 0 else 0.0 for c, t in zip(counts_in, tokens)]  # fmt: skip
+
+    np.testing.assert_allclose(scores.bm25, bm25(terms, tokens), rtol=1e-12, atol=1e-15)
+    pairs = [(a, b) for a, b in zip(terms, terms[1:]) if a != b]
+    if pairs:
+        adjacent = [list(zip(t, t[1:])) for t in tokens]
+        np.testing.assert_allclose(scores.proximity, bm25(pairs, adjacent), rtol=1e-12, atol=1e-15)
+    else:
+        assert not scores.has_pairs and not scores.proximity.any()
 
 
 def test_the_kernel_is_built_wherever_there_is_a_c_compiler():
@@ -218,19 +259,21 @@ def test_the_kernel_refuses_inconsistent_input_instead_of_reading_past_it():
 
     if pool._kernel is None:
         pytest.skip("the compiled kernel was not built (no C compiler)")
-    kernel = pool._kernel
+    count = pool._kernel.count
     plan = pool.QueryPlan(["key"], {"key": 0})
     table = np.array([1], dtype=np.int32)
-    out = np.empty(1), np.empty(1)
     with pytest.raises(ValueError, match="whole number of int32"):
-        kernel.score([b"\x00\x00\x00"], table, plan.qtf, b"\x01", None, 0.0, 0.0, plan.pair_index, plan.pair_qtf, 1.2, 0.75, *out)
+        count([b"\x00\x00\x00"], table, 1, plan.pair_index, 0, np.empty((1, 1)), np.empty(1))
     with pytest.raises(ValueError):
-        kernel.score([b"\x00" * 4], table, plan.qtf, b"\x01", None, 0.0, 0.0, plan.pair_index, plan.pair_qtf, 1.2, 0.75, np.empty(2), np.empty(1))
-    passages = [[Passage("text", "", "d", source_score=0.5, source_rank=1)]]
-    outputs = (np.empty(1), bytearray(1), np.empty(1, np.int64), np.empty(1), np.empty(1, np.int64))
-    with pytest.raises(ValueError, match="out of range"):
-        kernel.fuse(np.zeros(1), array("q", [3]), passages, b"\x00", array("d", [1.0]), 3.0, 0.3, 0.5, *outputs)
-    with pytest.raises(ValueError, match="fewer passages"):
-        kernel.fuse(np.zeros(1), array("q", [0, 0]), passages, b"\x00", array("d", [1.0]), 3.0, 0.3, 0.5, np.empty(2), *outputs[1:])
+        count([b"\x00" * 4], table, 1, plan.pair_index, 0, np.empty((1, 1)), np.empty(2))  # lengths for two passages
+    with pytest.raises(ValueError):
+        count([b"\x00" * 4], table, 1, plan.pair_index, 1, np.empty((1, 1)), np.empty(1))  # no row for the pair
+    with pytest.raises(ValueError):
+        count([b"\x00" * 4], table, 2, plan.pair_index, 0, np.empty((2, 1)), np.empty(1))  # pair_index of one term, not two
+    with pytest.raises(ValueError):
+        count([b"\x00" * 4], table, -1, plan.pair_index, 0, np.empty((1, 1)), np.empty(1))
     with pytest.raises(TypeError):
-        kernel.fuse(np.zeros(1), array("q", [0]), [passages[0][0]], b"\x00", array("d", [1.0]), 3.0, 0.3, 0.5, *outputs)
+        count((b"\x00" * 4,), table, 1, plan.pair_index, 0, np.empty((1, 1)), np.empty(1))  # a tuple, not a list
+    rows = np.empty((1, 1))
+    count([b"\x05\x00\x00\x00" + b"\x00" * 4], table, 1, plan.pair_index, 0, rows, lengths := np.empty(1))
+    assert rows.tolist() == [[1.0]] and lengths.tolist() == [2.0], "a term id past the table is no query term"

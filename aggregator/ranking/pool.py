@@ -3,8 +3,9 @@
 Each distinct passage text is tokenized once and its term ids kept in a
 bounded cache (`TermCache`), so a passage seen again (a popular page, an
 upstream's stable answer) costs a lookup. Scoring a pool then is one pass
-over its term ids: in the compiled kernel (`_kernel.c`), or in numpy where
-the build had no C compiler (the reference the kernel is tested against).
+over its term ids that counts the query's terms and pairs in each passage
+(`_kernel.c`'s loop, or numpy where the build had no C compiler: the same
+counts), and the formula, written once (`_scores`), over those counts.
 
 Proximity: for each pair of adjacent query terms (after stop words are
 dropped, so "speed of the aircraft" pairs "speed" with "aircraft"), count how
@@ -26,10 +27,10 @@ import numpy as np
 from connectors.base import Passage
 
 from aggregator.text.tokenize import tokenize
-from aggregator.ranking.bm25 import BM25Params
+from aggregator.ranking.bm25 import BM25Params, idf
 from aggregator.ranking.statistics import PassageSample, QueryStatistics
 
-try:  # the compiled scoring loop (setup.py); optional, numpy does the same work without it
+try:  # the compiled counting loop (setup.py); optional, numpy counts the same without it
     from aggregator.ranking import _kernel
 except ImportError:  # pragma: no cover - only where the build had no C compiler
     _kernel = None  # type: ignore[assignment]
@@ -181,21 +182,19 @@ class PoolScores:
     has_pairs: bool
 
 
-def _length_norm(lengths: np.ndarray, avgdl: float, p: BM25Params) -> np.ndarray:
-    """The length part of BM25's saturation: the same for every term of a query, so computed once per pool."""
-    return p.k1 * (1 - p.b + p.b * lengths / avgdl)
+@dataclass(frozen=True, slots=True)
+class PoolCounts:
+    """What scoring reads from a pool's text: each passage's length, and how often each of the query's k
+    distinct terms, then each of its pairs of adjacent terms, occurs in it. One matrix for terms and pairs
+    (float64, a row each, a column per passage), so one set of array operations scores both."""
 
-
-def _saturated(tf: np.ndarray, norm: np.ndarray, p: BM25Params) -> np.ndarray:
-    return tf * (p.k1 + 1) / (tf + norm)
-
-
-def _idf(n: int, df: np.ndarray | float) -> np.ndarray | float:
-    return np.log1p((n - df + 0.5) / (df + 0.5))
+    lengths: np.ndarray  # [n]
+    rows: np.ndarray  # [k + pairs, n]
+    k: int
 
 
 class QueryPlan:
-    """The query side of pool scoring, the same for both scorers: distinct terms, their ids, counts and pairs.
+    """The query side of pool scoring: distinct terms, their ids, counts and pairs.
 
     Plain `array`s, not numpy: a query has a handful of terms, where numpy's per-call cost would dominate.
     """
@@ -225,9 +224,9 @@ def score_pool(
 
     With `statistics` (aligned with the plan's distinct terms), single terms
     take their IDF and the average length from it instead of from the pool;
-    term pairs always use the pool. `compiled`: by the C loop of
-    `_kernel.c` when the build made it (the numpy implementation below is
-    its reference, and the fallback).
+    term pairs always use the pool. `compiled`: count by the C loop of
+    `_kernel.c` when the build made it (`_count_numpy` counts the same, and
+    is the fallback); the arithmetic is `_scores`, either way.
     """
     n = len(documents)
     if n == 0 or not plan.terms:
@@ -235,65 +234,84 @@ def score_pool(
         return PoolScores(zeros, zeros, False)
     table = cache.columns(plan.ids)
     try:
-        scorer = _score_compiled if compiled and _kernel is not None else _score_numpy
-        bm25, proximity = scorer(plan, documents, table, params, statistics)
+        counter = _count_compiled if compiled and _kernel is not None else _count_numpy
+        counts = counter(plan, documents, table)
     finally:
         cache.release(plan.ids)
+    bm25, proximity = _scores(plan, counts, params, statistics)
     return PoolScores(bm25, proximity, len(plan.pair_qtf) > 0)
 
 
-def _score_compiled(
-    plan: QueryPlan, documents: Sequence[bytes], table: np.ndarray, params: BM25Params,
-    statistics: QueryStatistics | None,
-) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    n = len(documents)
-    bm25, proximity = np.empty(n), np.empty(n)
-    known = bytes(term_id >= 0 for term_id in plan.ids)
+def _scores(plan: QueryPlan, counts: PoolCounts, params: BM25Params, statistics: QueryStatistics | None) -> tuple[np.ndarray, np.ndarray]:
+    """The module docstring's formula from the pool's counts: BM25 of the single terms, and of the pairs of
+    adjacent terms, each over its ceiling. Its only implementation, compiled kernel or not.
+
+    The few weights of a query (one per term or pair, over its ceiling) in plain Python; numpy only for the
+    arrays the size of the pool, terms and pairs in one pass.
+    """
+    lengths, rows, k = counts.lengths, counts.rows, counts.k
+    n = len(lengths)
+    avgdl = float(lengths.sum()) / n or 1.0
+    present = np.count_nonzero(rows, axis=1).tolist()  # passages of the pool holding each term, each pair
     if statistics is not None:
-        df, passages, average = statistics.frequencies, statistics.passages, statistics.average_length
+        passages, frequencies = max(statistics.passages, 1.0), statistics.frequencies
+        term_avgdl = statistics.average_length if statistics.average_length > 0 else avgdl
     else:
-        df, passages, average = None, 0.0, 0.0
-    _kernel.score(list(documents), table, plan.qtf, known, df, passages, average, plan.pair_index, plan.pair_qtf, params.k1, params.b, bm25, proximity)
+        passages, frequencies, term_avgdl = n, present[:k], avgdl
+    weights = [q * idf(passages, df) for q, df in zip(plan.qtf, frequencies)]
+    # an unknown word counts in the ceiling, and nowhere else
+    weights = _over_ceiling([w if i >= 0 else 0.0 for w, i in zip(weights, plan.ids)], sum(weights))
+    # pairs are scored like terms, with the pool's frequencies and average length
+    pair_weights = [q * idf(n, df) for q, df in zip(plan.pair_qtf, present[k:])]
+    pair_weights = _over_ceiling(pair_weights, sum(pair_weights))
+    pairs = len(pair_weights)
+    both = np.array([weights + [0.0] * pairs, [0.0] * k + pair_weights])
+    if term_avgdl == avgdl:
+        norms = _length_norm(lengths, avgdl, params)
+    else:
+        norms = np.repeat([_length_norm(lengths, term_avgdl, params), _length_norm(lengths, avgdl, params)], [k, pairs], axis=0)
+    bm25, proximity = both @ (rows / (rows + norms))
     return bm25, proximity
 
 
-def _score_numpy(
-    plan: QueryPlan, documents: Sequence[bytes], table: np.ndarray, params: BM25Params,
-    statistics: QueryStatistics | None,
-) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    n, k = len(documents), len(plan.terms)
-    zeros = np.zeros(n)
+def _over_ceiling(weights: list[float], ceiling: float) -> list[float]:
+    return [w / ceiling for w in weights] if ceiling > 0 else [0.0] * len(weights)
+
+
+def _length_norm(lengths: np.ndarray, avgdl: float, p: BM25Params) -> np.ndarray:
+    """BM25's k1·(1 − b + b·|p|/avgdl), per passage: the saturation's denominator is tf plus this.
+
+    The saturation tf·(k1 + 1) / (tf + norm) is taken over its ceiling k1 + 1, the same factor for every term
+    and pair, so it cancels: what remains is tf / (tf + norm), weighted by idf over the query's ceiling.
+    """
+    return lengths * (p.k1 * p.b / avgdl) + p.k1 * (1 - p.b)
+
+
+def _count_compiled(plan: QueryPlan, documents: Sequence[bytes], table: np.ndarray) -> PoolCounts:
+    n, k, pairs = len(documents), len(plan.terms), len(plan.pair_qtf)
+    counts = PoolCounts(np.empty(n), np.empty((k + pairs, n)), k)
+    _kernel.count(list(documents), table, k, plan.pair_index, pairs, counts.rows, counts.lengths)
+    return counts
+
+
+def _count_numpy(plan: QueryPlan, documents: Sequence[bytes], table: np.ndarray) -> PoolCounts:
+    """The pool's counts with numpy: the fallback without a C compiler, and the reference `_kernel.count` is tested against."""
+    n, k, pairs = len(documents), len(plan.terms), len(plan.pair_qtf)
     sizes = [len(d) // 4 for d in documents]
-    lengths = np.array(sizes, dtype=np.float64)
-    avgdl = (sum(sizes) / n) or 1.0
     columns = np.take(table, np.frombuffer(b"".join(documents), dtype=np.int32))  # per token of the pool: 1 + its query term's position, or 0
     # From here on only the query terms' occurrences (hits) are looked at: a few hundred, not the pool's thousands of tokens.
     hit = (columns != 0).nonzero()[0]  # on booleans: four times faster than on the integers
     column = columns[hit]
     owner = np.searchsorted(np.cumsum(sizes), hit, side="right")  # the passage each hit is in
-    tfs = np.bincount((column - 1) * n + owner, minlength=k * n).reshape(k, n)
-
-    term_avgdl = statistics.average_length if statistics is not None and statistics.average_length > 0 else avgdl
-    if statistics is not None:
-        weights = np.asarray(plan.qtf) * _idf(max(statistics.passages, 1.0), np.asarray(statistics.frequencies, dtype=np.float64))
-    else:
-        weights = np.asarray(plan.qtf) * _idf(n, np.count_nonzero(tfs, axis=1).astype(np.float64))
-    ceiling = float(weights.sum()) * (params.k1 + 1)
-    weights[np.asarray(plan.ids) < 0] = 0.0  # an unknown word counts in the ceiling, and nowhere else
-    bm25 = weights @ _saturated(tfs, _length_norm(lengths, term_avgdl, params), params)
-
-    proximity = zeros
-    pair_ceiling = 0.0
-    if len(plan.pair_qtf) and len(hit) > 1:
+    cells = (column - 1) * n + owner  # row (the term's) and column (the passage) of each hit, flattened
+    if pairs and len(hit) > 1:
         # Two hits make a query pair when they are adjacent tokens of one passage, in a pair's order.
         follows = np.flatnonzero((np.diff(hit) == 1) & (owner[1:] == owner[:-1]))
         which = np.asarray(plan.pair_index)[(column[follows] - 1) * k + (column[follows + 1] - 1)]
         found = which >= 0
-        pair_tfs = np.bincount(which[found] * n + owner[follows[found]], minlength=len(plan.pair_qtf) * n).reshape(-1, n)
-        pair_weights = np.asarray(plan.pair_qtf) * _idf(n, np.count_nonzero(pair_tfs, axis=1).astype(np.float64))
-        pair_ceiling = float(pair_weights.sum()) * (params.k1 + 1)
-        proximity = pair_weights @ _saturated(pair_tfs, _length_norm(lengths, avgdl, params), params)
-    return bm25 / ceiling if ceiling > 0 else zeros, proximity / pair_ceiling if pair_ceiling > 0 else zeros
+        cells = np.concatenate((cells, (k + which[found]) * n + owner[follows[found]]))
+    rows = np.bincount(cells, minlength=(k + pairs) * n).reshape(k + pairs, n).astype(np.float64)
+    return PoolCounts(np.array(sizes, dtype=np.float64), rows, k)
 
 
 def _counts(items: Sequence[object]) -> dict:

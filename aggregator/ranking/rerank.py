@@ -50,7 +50,7 @@ from connectors.base import Passage, TermStatistics
 
 from aggregator.text.tokenize import tokenize
 from aggregator.ranking.bm25 import BM25Params
-from aggregator.ranking.pool import QueryPlan, Seen, TermCache, _kernel, score_pool
+from aggregator.ranking.pool import QueryPlan, Seen, TermCache, score_pool
 from aggregator.ranking.statistics import QueryStatistics
 
 ScoreUse = Literal["auto", "rank", "trust", "ignore"]
@@ -181,7 +181,10 @@ def _calibrate(use: ScoreUse, scores: list[float | None], ranks: list[int], rele
     covariance = math.fsum(map(operator.mul, dx, [b - mean_y for b in relevance]))
     slope = max(0.0, covariance / spread) * n / (n + kappa) if spread > 0 else 0.0
     intercept = mean_y - slope * mean_x
-    return [min(1.0, max(0.0, intercept + slope * a)) for a in x], how
+    line = [intercept + slope * a for a in x]
+    if 0.0 < min(line) and max(line) <= 1.0:  # the usual case: nothing to clamp
+        return line, how
+    return [min(1.0, max(0.0, y)) for y in line], how
 
 
 def query_statistics(
@@ -236,9 +239,8 @@ def rerank(
 
     A retrieval ranks a few dozen passages, where per-passage interpreter
     overhead is the cost: the work is done a source's answer at a time, in
-    list comprehensions, and the arithmetic (scoring, each source's fit,
-    fusion, order) by the compiled `_kernel` when the build made it;
-    `compiled=False` runs the Python and numpy reference instead.
+    list comprehensions. `compiled=False` counts the pool's terms with numpy
+    instead of the compiled `_kernel` (pool.score_pool): the same ranking.
     """
     answers = _one_per_source(answers)
     if not answers:
@@ -269,8 +271,7 @@ def rerank(
             relevance = (1.0 - settings.meaning) * relevance + settings.meaning * np.asarray(similarity)
     rel = relevance.tolist()
 
-    fuser = _fuse_compiled if compiled and _kernel is not None else _fuse_reference
-    fusion = fuser(answers, relevance, group_of, first, copies, settings)
+    fusion = _fuse(answers, relevance, group_of, first, copies, settings)
     confidence = None
     if any(a.semantic for a in answers):
         if meaning is None:
@@ -344,10 +345,10 @@ class _Fusion:
     ties: bool  # whether some neighbours in `order` have equal score and relevance
 
 
-def _fuse_reference(
+def _fuse(
     answers: list[Answer], relevance: np.ndarray, group_of: list[int], first: list[int], copies: dict[int, list[int]], settings: FusionSettings
 ) -> _Fusion:  # fmt: skip
-    """Calibration, fusion and order in Python and numpy: the reference `_kernel.fuse` is tested against."""
+    """Each source's calibration, the fused score of each text and their order."""
     rel = relevance.tolist()
     calibrated: list[float] = []
     how: dict[str, str] = {}
@@ -368,26 +369,10 @@ def _fuse_reference(
         pool = _Pool(answers, calibrated)
         weights = [pool.answer_of(i).weight for i in winner]
     scores = fuse(relevance, best, weights, settings)
-    order = np.lexsort((-relevance, -scores))
-    ties = bool(np.any((np.diff(scores[order]) == 0) & (np.diff(relevance[order]) == 0)))
-    return _Fusion(calibrated, how, winner, scores.tolist(), order.tolist(), ties)
-
-
-_USES = {"auto": 0, "rank": 1, "trust": 2, "ignore": 3}
-_HOW = ("scores", "ranks", "trusted", "ignored")
-
-
-def _fuse_compiled(
-    answers: list[Answer], relevance: np.ndarray, group_of: list[int], first: list[int], copies: dict[int, list[int]], settings: FusionSettings
-) -> _Fusion:  # fmt: skip
-    """The same as `_fuse_reference`, by `_kernel.fuse` (about six times faster at a few dozen passages)."""
-    n, groups = len(group_of), len(first)
-    uses = bytes(_USES[a.scores] for a in answers)
-    weights = array("d", [a.weight for a in answers])
-    calibrated, how, winner, fused, order = np.empty(n), bytearray(len(answers)), np.empty(groups, np.int64), np.empty(groups), np.empty(groups, np.int64)
-    ties = _kernel.fuse(relevance, array("q", group_of), [a.passages for a in answers], uses, weights, settings.kappa, settings.alpha,
-                        settings.gamma, calibrated, how, winner, fused, order)  # fmt: skip
-    return _Fusion(calibrated.tolist(), {a.source: _HOW[h] for a, h in zip(answers, how)}, winner.tolist(), fused.tolist(), order.tolist(), ties > 0)
+    fused = scores.tolist()
+    # Equal (score, relevance) pairs are neighbours in this order: ties exactly when some pair comes twice.
+    ties = len(set(zip(fused, rel))) < len(fused)
+    return _Fusion(calibrated, how, winner, fused, np.lexsort((-relevance, -scores)).tolist(), ties)
 
 
 def _groups(seen: list[Seen]) -> tuple[list[int], list[int], dict[int, list[int]]]:
