@@ -1,7 +1,7 @@
 """Paraphrase and cross-language cases of `bench.quality`: where a semantic source's best answer lands.
 
 A `dify` source answers like an embedding search (its best passage first, similarity 0.86, sharing no word
-with the query; tests/test_semantic.py's cases, one of them a Chinese question answered by an English
+with the query; testkit/fakes/semantic.py's cases, one of them a Chinese question answered by an English
 runbook, plus one more), beside a `files` folder of look-alikes that share the query's words. For each
 case: the answer's place among the records at thresholds 0 and 0.5, in the source alone and in the mix,
 with no judge and with the local judge (WordLlama), and whether the model itself prefers the answer to
@@ -14,29 +14,21 @@ import tempfile
 from pathlib import Path
 
 from aggregator.runtime.config import parse_config
-from aggregator.contract.models import RetrievalRequest
-from aggregator.retrieval.pipeline import retrieve
 from aggregator.runtime.gateway import Gateway
-from tests.loopback import serve
-from tests.test_semantic import ANSWERS, CASES, LOOKALIKES, semantic_upstream
+from testkit.fakes.semantic import ANSWERS, CASES, LOOKALIKES, semantic_config, semantic_upstream
+from testkit.gateway import ask_gateway, write_docs
+from testkit.loopback import serve
 
 from ._semantic import embed
 
 #: The look-alike of each case, by the case's order.
 PAIRED = list(LOOKALIKES.values())
-
-
-def config(endpoint: str, folder: Path, judge: bool) -> str:
-    block = "  embeddings: {provider: local}\n" if judge else ""
-    return (f"server:\n  api_keys: [{{key: bench}}]\n  cache_ttl_s: 0\n{block}"
-            f"knowledge_bases:\n  alone: {{connectors: [wiki]}}\n  mixed: {{connectors: [wiki, folder]}}\n"
-            f"connectors:\n  wiki: {{type: dify, endpoint: {endpoint}, api_key: k, knowledge_id: x, semantic: true}}\n"
-            f"  folder: {{type: files, path: {folder}, watch: false}}\n")  # fmt: skip
+#: The server settings without and with the local embedding judge.
+JUDGE: dict[bool, dict[str, object]] = {False: {}, True: {"embeddings": {"provider": "local"}}}
 
 
 async def place(gateway: Gateway, kb: str, query: str, threshold: float) -> str:
-    body = {"knowledge_id": kb, "query": query, "retrieval_setting": {"top_k": 5, "score_threshold": threshold}}
-    records = (await retrieve(gateway, RetrievalRequest.model_validate(body))).records
+    records = (await ask_gateway(gateway, query, kb, threshold=threshold)).records
     contents = [r["content"] for r in records]
     if ANSWERS[query] in contents:
         return f"{contents.index(ANSWERS[query]) + 1} of {len(contents)}"
@@ -49,12 +41,9 @@ async def run() -> None:
     print("| query | model prefers the answer | judge | alone, ≥ 0 | alone, ≥ 0.5 | mixed, ≥ 0 | mixed, ≥ 0.5 |")
     print("| --- | --- | --- | ---: | ---: | ---: | ---: |")
     with serve(semantic_upstream()) as endpoint, tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "folder"
-        folder.mkdir()
-        for name, text in LOOKALIKES.items():
-            (folder / name).write_text(text, encoding="utf-8")
+        folder = write_docs(Path(tmp) / "folder", LOOKALIKES)
         for judge in (False, True):
-            gateway = Gateway(parse_config(config(endpoint, folder, judge), {}))
+            gateway = Gateway(parse_config(semantic_config(endpoint, folder, True, **JUDGE[judge]), {}))
             await gateway.start()
             try:
                 await gateway.slots["folder"].connector.wait_ready(60)  # type: ignore[attr-defined]

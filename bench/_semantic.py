@@ -19,11 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from aggregator.ranking.bm25 import BM25Index
 from aggregator.retrieval.embeddings import LocalProvider
 from aggregator.ranking.pool import TermCache
 from aggregator.ranking.rerank import DEFAULT_FUSION, Answer, FusionSettings, rerank
 from aggregator.text.tokenize import tokenize
+from testkit.bm25_index import BM25Index
 
 from ._cranfield import Doc
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from tests.fakes.embeddings import API_KEY, FakeEmbeddings
+from testkit.fakes.embeddings import API_KEY, FakeEmbeddings
 
 MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 MODEL_NAME = "all-MiniLM-L6-v2"

@@ -41,7 +41,7 @@ from mcp.client.streamable_http import streamable_http_client  # noqa: E402
 
 from bench._cpu import cpu_seconds, pct  # noqa: E402
 from bench.perf import KEY, processes, upstreams  # noqa: E402
-from tests.loopback import free_port, wait_ready  # noqa: E402
+from testkit.loopback import free_port, wait_ready  # noqa: E402
 
 QUERIES = [
     "how do we rotate the release signing keys", "vpn profile expired", "expense policy for meals", "backup and restore",

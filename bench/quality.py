@@ -43,12 +43,13 @@ from fastapi import FastAPI
 from aggregator.runtime.config import parse_config
 from aggregator.contract.models import RetrievalRequest
 from aggregator.retrieval.pipeline import retrieve
-from aggregator.ranking.bm25 import BM25Index, BM25Params
+from aggregator.ranking.bm25 import BM25Params
 from aggregator.runtime.gateway import Gateway
 from aggregator.text.tokenize import tokenize
 from aggregator.ranking.statistics import merge_term_statistics
 from connectors.base import Passage
-from tests.loopback import serve
+from testkit.bm25_index import BM25Index
+from testkit.loopback import serve
 
 from ._cranfield import Doc, mean, ndcg_at, recall_at
 from ._scenarios import ScenarioRun, doc_id, unique

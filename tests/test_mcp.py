@@ -29,7 +29,7 @@ from aggregator.web.api import create_app
 from aggregator.runtime.config import GatewayConfig, parse_config
 
 from .conftest import KEY, SCOPED_KEY, make_config, write_docs
-from .loopback import free_port, serve, wait_ready
+from testkit.loopback import free_port, serve, wait_ready
 
 PARTNER_DOCS = {
     "partner/runbook.md": "# Partner runbook\n\nTo rotate the partner API signing keys, open the partner console.",

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from aggregator.ranking.bm25 import BM25Index
 from aggregator.state import LocalBackend, PreparedDocument, SyncStatus
 from aggregator.state import local
 from aggregator.state.local import writer as local_writer
+from testkit.bm25_index import BM25Index
 
 from .test_bm25 import WORDS, reference
 
