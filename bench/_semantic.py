@@ -168,6 +168,7 @@ def tuning(runs: list[Any], queries: list[tuple[str, str]], qrels: dict[str, dic
         grid = [(c, w, r, 1) for c, w in (("mix", 0.1), ("mix", 0.2), ("or", 0.3), ("or", 0.5), ("or", 0.7)) for r in ((0.5, 1.0), (0.6, 1.0), (0.7, 1.0))]
         grid += [("or", 0.5, (0.7, 1.0), top) for top in (0, 3)]
         grid += [(c, w, (q, 1.0), 1) for c, w in (("or", 0.3), ("or", 0.5), ("or", 0.7), ("mix", 0.2)) for q in ("p50", "p75", "p90")]
+        grid += [("or", 0.5, (0.7, 1.0), 1, False)]
         tuning_grid(judged, grid, Meaning(), queries, qrels, best, measure, precision)
     api = [r for r in runs if r.name.endswith("API judge")]
     if api:
@@ -176,20 +177,22 @@ def tuning(runs: list[Any], queries: list[tuple[str, str]], qrels: dict[str, dic
         print(f"\nTuning the API judge ({_transformer.MODEL_NAME} behind the `openai` provider), the same way.\n")
         ranges = ((0.1, 0.6), (0.2, 0.7), (0.3, 0.8), (0.4, 0.9), (0.5, 1.0))
         grid = [(c, w, r, 1) for c, w in (("or", 0.5), ("or", 0.7), ("mix", 0.3), ("mix", 0.5)) for r in ranges]
+        grid += [("or", 0.5, r, 1, False) for r in ranges]
         tuning_grid(api, grid, Meaning(_transformer.embed), queries, qrels, best, measure, precision)
 
 
-def tuning_grid(judged: list[Any], grid: list[tuple[str, float, tuple[Any, float], int]], meaning: Meaning,
+def tuning_grid(judged: list[Any], grid: list[tuple[Any, ...]], meaning: Meaning,
                 queries: list[tuple[str, str]], qrels: dict[str, dict[str, int]], best: float,
                 measure: Callable[..., Any], precision: Callable[..., float]) -> None:  # fmt: skip
     names = [r.name.split(" ")[0] for r in judged]
     print("| weight | similarity | " + " | ".join(names) + " | min | precision ≥ 0.4, min–max |\n| ---: | --- |" + " ---: |" * (len(names) + 2))
-    for combine, weight, (low, high), top in grid:
+    for combine, weight, (low, high), top, *agreement in grid:  # agreement: [False] for the floor without it
         ratios, precisions = [], []
         for run in judged:
-            settings = replace(DEFAULT_FUSION, combine=combine, judged_confidence_top=top)
+            settings = replace(DEFAULT_FUSION, combine=combine, judged_confidence_top=top, judged_agreement=agreement != [False])
             rankings, answers = replay(run, queries, meaning, weight, low, high, settings)
             ratios.append(measure(rankings, queries, qrels)[0] / best)
             precisions.append(precision(answers, queries, qrels, 0.4))
-        print(f"| {combine} {weight}, floor {top or 'none'} | [{low}, {high}] | " + " | ".join(f"{r:.3f}" for r in ratios)
+        floor = f"{top or 'none'}{', no agreement' if agreement == [False] else ''}"
+        print(f"| {combine} {weight}, floor {floor} | [{low}, {high}] | " + " | ".join(f"{r:.3f}" for r in ratios)
               + f" | {min(ratios):.3f} | {min(precisions):.3f}–{max(precisions):.3f} |", flush=True)  # fmt: skip

@@ -277,6 +277,37 @@ def test_with_a_real_model_a_match_by_meaning_alone_can_pass_a_threshold_of_half
     assert trusted["answer"]["score"] - trusted["lookalike"]["score"] > gap
 
 
+def test_a_semantic_sources_first_answer_that_the_judge_also_prefers_keeps_the_sources_confidence():
+    """Two retrievers by meaning agree (the source ranks the paraphrase first at 0.86, the judge prefers it to
+    the look-alike, if only a little): a threshold of 0.5 that the source's confidence passes keeps it, first,
+    though the judge alone would score it low (cosine 0.54, barely over `similarity`'s low end 0.5)."""
+    from fastapi import FastAPI
+
+    upstream = FastAPI()
+
+    @upstream.post("/retrieval")
+    async def retrieval(body: dict) -> dict:
+        return {"records": [{"content": text, "title": title, "score": score, "metadata": {"document_id": title}}
+                            for text, title, score in ((CAR_ANSWER, "answer", 0.86), (CAR_LOOKALIKE, "lookalike", 0.62))]}  # fmt: skip
+
+    fake = FakeEmbeddings(real=True)
+
+    async def main(embeddings: dict[str, object]) -> list[dict]:
+        wiki = {"type": "dify", "endpoint": up, "api_key": "k", "knowledge_id": "x", "semantic": True}
+        gateway = Gateway(parse_config(config_text({"wiki": wiki}, cache_ttl_s=0, embeddings=embeddings), {}))
+        await gateway.start()
+        try:
+            return (await ask_gateway(gateway, CAR, top_k=4, threshold=0.5)).records
+        finally:
+            await gateway.aclose()
+
+    with serve(upstream) as up, serve(fake.app()) as model:
+        records = asyncio.run(main(openai_block(model, similarity=[0.5, 0.9])))
+    assert [r["title"] for r in records] == ["answer"]
+    detail = records[0]["metadata"]["score_detail"]
+    assert 0 < detail["meaning"] < 0.2 and detail["confidence"] == pytest.approx(0.86, abs=0.01)
+
+
 def test_the_readme_example_is_a_valid_judge():
     import re
 
