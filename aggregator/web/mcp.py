@@ -43,6 +43,7 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.types import Message, Receive, Scope, Send
 
+from aggregator.web.mcp_lane import answer_plain_call, plain_call
 from aggregator.web.api import (BODY_TIMEOUT_S, JSONResponse, answer_retrieval, bearer_token, describe_validation_error, explain_retrieval, find_key,
                   ops_denied, read_body)
 from aggregator.runtime.config import ApiKey
@@ -234,8 +235,11 @@ def render_search(knowledge_base: str, records: list[dict[str, Any]], sources: s
 class McpEndpoint:
     """The ASGI app at /mcp: checks the key, then hands the request to the SDK's stateless JSON transport."""
 
-    def __init__(self, service: "Service") -> None:
+    def __init__(self, service: "Service", fast_lane: bool = True) -> None:
         self.service = service
+        #: A plain `tools/call` answered by the SDK's kernel without its per-POST transport (aggregator/web/mcp_lane.py).
+        self.fast_lane = fast_lane
+        self.lifespan_state: Any = None
         self.server: Server[Any] = Server(
             "dify-knowledge-gateway",
             version="0.1.0",
@@ -246,6 +250,7 @@ class McpEndpoint:
             # 2026-07-28 checks a call's Mcp-Param headers against the tool's input schema: given here, it is not
             # looked up through a whole tools/list per call (the schemas are no secret; explain's visibility is).
             get_tool_input_schema=lambda name: INPUT_SCHEMAS.get(name),
+            lifespan=self._lifespan,
         )
         self.manager: StreamableHTTPSessionManager | None = None
 
@@ -264,6 +269,15 @@ class McpEndpoint:
                 yield
             finally:
                 self.manager = None
+
+    @asynccontextmanager
+    async def _lifespan(self, _: Server[Any]) -> AsyncIterator[dict[str, Any]]:
+        """The SDK's default (an empty state), kept where the fast lane hands it to handlers as the SDK does."""
+        self.lifespan_state = {}
+        try:
+            yield self.lifespan_state
+        finally:
+            self.lifespan_state = None
 
     def _refuse(self, status: int, code: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
         """The contract's error body, which is also a JSON-RPC error: an MCP client shows `message` to its user."""
@@ -313,7 +327,12 @@ class McpEndpoint:
         request_id = request.headers.get("x-request-id") or f"mcp-{random.getrandbits(64):016x}"
         scope[CALLER] = Caller(api_key, gateway, request_id)
         with gateway.lease():  # a reload while the call runs: it finishes on this gateway, as /retrieval does
-            await manager.handle_request(scope, receive_again, send)
+            plain = plain_call(request, raw) if self.fast_lane else None
+            if plain is None:
+                await manager.handle_request(scope, receive_again, send)
+            else:
+                response = await answer_plain_call(self.server, self.lifespan_state, request, *plain)
+                await response(scope, receive_again, send)
 
     # -- handlers ---------------------------------------------------------------------------------------------
 
