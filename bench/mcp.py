@@ -91,11 +91,13 @@ async def measure(url: str, pid: int, rounds: int, per_round: int) -> tuple[dict
         async def retrieval(query: str) -> None:
             response = await http.post(url + "/retrieval", json=body(query), headers=HEADERS)
             assert response.status_code == 200 and response.headers["x-sources"].count("=ok") == 3, response.text
+            assert response.json()["records"]  # each variant reads its answer once, as its caller would
 
         async def mcp_raw(query: str) -> None:
             message = {"jsonrpc": "2.0", "id": next(ids), "method": "tools/call", "params": {"name": "search", "arguments": arguments(query)}}
             response = await http.post(url + "/mcp", json=message, headers=MCP_HEADERS)
-            assert response.status_code == 200 and "result" in response.json() and not response.json()["result"]["isError"], response.text
+            result = response.json().get("result") if response.status_code == 200 else None
+            assert result is not None and not result["isError"] and result["structuredContent"]["records"], response.text
 
         async def mcp_sdk(query: str) -> None:
             result = await sdk.call_tool("search", arguments(query))
