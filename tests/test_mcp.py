@@ -27,7 +27,9 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
+from aggregator.web import mcp_lane
 from aggregator.web.api import create_app
+from aggregator.web.mcp import McpEndpoint
 from aggregator.runtime.config import GatewayConfig, parse_config
 
 from .conftest import KEY, SCOPED_KEY, make_config, write_docs
@@ -521,8 +523,12 @@ def assert_lane_answers_as_the_sdk(url: str, app: Any, requests: list[Asked]) ->
     return answers
 
 
-def test_the_fast_lane_answers_every_request_as_the_sdk_does(tmp_path: Path, partner: str):
+@pytest.mark.parametrize("path", ["direct", "kernel"])  # the lane's own steps, and the SDK's kernel when it has more to do
+def test_the_fast_lane_answers_every_request_as_the_sdk_does(tmp_path: Path, partner: str, path: str, monkeypatch: pytest.MonkeyPatch):
     app = create_app(lambda: gateway_config(tmp_path, partner))
+    assert mcp_lane.kernel_adds_nothing(app.mcp.server)  # type: ignore[union-attr]  # as served: the direct steps
+    if path == "kernel":
+        monkeypatch.setattr(mcp_lane, "kernel_adds_nothing", lambda _server: False)
     with serve(app) as url:
         wait_ready(url)
         answers = assert_lane_answers_as_the_sdk(url, app, LANE_REQUESTS)
@@ -538,6 +544,22 @@ def test_the_fast_lane_answers_every_request_as_the_sdk_does(tmp_path: Path, par
     assert "may not read knowledge base 'demo'" in answers["a knowledge base outside the key's scope"][2]["result"]["content"][0]["text"]
     assert "resultType" not in body["result"]  # the handler adds it for 2026-07-28; the SDK's sieve drops it before
     assert answers["an event stream only"][0] == 406 and answers["a wrong key"][0] == 401
+
+
+def test_the_fast_lane_leaves_the_call_to_the_sdk_kernel_when_the_kernel_has_more_to_do(monkeypatch: pytest.MonkeyPatch):
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+
+    server = McpEndpoint(None).server  # type: ignore[arg-type]  # the server alone; no request is served
+    assert mcp_lane.kernel_adds_nothing(server)
+    monkeypatch.setattr(trace, "get_tracer_provider", TracerProvider)  # a provider installed: the SDK's span records
+    assert not mcp_lane.kernel_adds_nothing(server)
+    monkeypatch.undo()
+    server.middleware.append(lambda ctx, call_next: call_next(ctx))  # a middleware of its own
+    assert not mcp_lane.kernel_adds_nothing(server)
+    server.middleware.pop()
+    server.cache_hints["tools/call"] = object()  # type: ignore[assignment]  # a cache hint to fill in
+    assert not mcp_lane.kernel_adds_nothing(server)
 
 
 def test_the_fast_lane_answers_a_failing_source_and_a_bug_as_the_sdk_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

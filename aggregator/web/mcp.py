@@ -331,17 +331,17 @@ class McpEndpoint:
             if plain is None:
                 await manager.handle_request(scope, receive_again, send)
             else:
-                response = await answer_plain_call(self.server, self.lifespan_state, request, *plain)
+                response = await answer_plain_call(self.server, self.call_tool, self.lifespan_state, request, *plain)
                 await response(scope, receive_again, send)
 
     # -- handlers ---------------------------------------------------------------------------------------------
 
-    def _caller(self, ctx: ServerRequestContext[Any, Any]) -> tuple[Caller, Request]:
-        request = ctx.request
+    def _caller(self, request: Any) -> Caller:
+        """The caller `__call__` checked, from the HTTP request the SDK (or the fast lane) hands a handler."""
         caller = request.scope.get(CALLER) if isinstance(request, Request) else None
         if caller is None:  # every request passes __call__ first; without it, nothing is answered
             raise MCPError(-32001, "not authenticated")
-        return caller, request
+        return caller
 
     def _may_explain(self, caller: Caller, request: Request) -> bool:
         """/explain's own check. Here the Authorization header carries the API key, so an ops token comes the way
@@ -350,15 +350,19 @@ class McpEndpoint:
         return ops_denied(Request({**request.scope, "headers": headers}), caller.gateway.config) is None
 
     async def _list_tools(self, ctx: ServerRequestContext[Any, Any], params: PaginatedRequestParams | None) -> ListToolsResult:
-        caller, request = self._caller(ctx)
+        caller = self._caller(ctx.request)
         self.service.metrics.observe_mcp("tools/list", "ok")
         tools = [SEARCH, LIST_KNOWLEDGE_BASES]
-        if self._may_explain(caller, request):
+        if self._may_explain(caller, ctx.request):
             tools.append(EXPLAIN)
         return ListToolsResult(tools=tools)
 
     async def _call_tool(self, ctx: ServerRequestContext[Any, Any], params: CallToolRequestParams) -> dict[str, Any]:
-        caller, request = self._caller(ctx)
+        return await self.call_tool(ctx.request, params)
+
+    async def call_tool(self, request: Request, params: CallToolRequestParams) -> dict[str, Any]:
+        """A tools/call, from the SDK's kernel (`_call_tool`) or the fast lane: the tool's result, in its wire form."""
+        caller = self._caller(request)
         name = params.name
         arguments = params.arguments or {}
         started = time.perf_counter()
