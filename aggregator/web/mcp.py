@@ -179,29 +179,31 @@ INPUT_SCHEMAS = {tool.name: tool.input_schema for tool in (SEARCH, LIST_KNOWLEDG
 # -- rendering: records as text a model can cite -------------------------------------------------------------
 
 
+#: Where a record can be found, first match wins: its URL, else its path (a bucket key, a file), else its document id.
+_LOCATORS = (("url", "url"), ("path", "path"), ("key", "path"), ("document_id", "document"))
+
+
 def _locator(metadata: Mapping[str, Any]) -> str:
-    """Where a record can be found: its URL, else its path (a bucket key, a file), else its document id."""
-    for field in ("url", "path", "key", "document_id"):
+    for field, label in _LOCATORS:
         value = metadata.get(field)
-        if isinstance(value, str) and value:
-            return f"{'url' if field == 'url' else 'path' if field in ('path', 'key') else 'document'}: {value}"
+        if value and isinstance(value, str):
+            return f"{label}: {value}"
     return ""
 
 
 def render_record(position: int, record: Mapping[str, Any]) -> str:
     """One record as a citable block: `[n] title`, then source, where to find it, when, and the passage."""
     metadata = record.get("metadata") or {}
-    lines = [f"[{position}] {record.get('title') or '(untitled)'}"]
-    source = metadata.get("source")
-    about = [f"source: {source}" if source else "", _locator(metadata), f"score: {record.get('score', 0):.3f}"]
-    if updated := metadata.get("updated_at"):
-        about.append(f"updated: {updated}")
-    lines.append(" | ".join(part for part in about if part))
+    source, locator, updated = metadata.get("source"), _locator(metadata), metadata.get("updated_at")
+    about = f"score: {record.get('score', 0):.3f}"
+    if source or locator:
+        about = " | ".join(part for part in (f"source: {source}" if source else "", locator, about) if part)
+    if updated:
+        about += f" | updated: {updated}"
     content = str(record.get("content", ""))
     if len(content) > PASSAGE_CHARS:
         content = content[:PASSAGE_CHARS] + " […]"
-    lines.append(content)
-    return "\n".join(lines)
+    return f"[{position}] {record.get('title') or '(untitled)'}\n{about}\n{content}"
 
 
 def text(content: str) -> dict[str, str]:
