@@ -12,7 +12,10 @@ Context Protocol. This endpoint gives them what `/retrieval` gives Dify, and not
   bases its key may read;
 - stateless, with JSON answers: any replica answers any request, behind a load balancer, with no session.
 
-MCP calls are counted apart (`gateway_mcp_calls`) and their retrievals' log lines say `via=mcp`.
+A plain `tools/call` (the call agents repeat) takes the fast lane, aggregator/web/mcp_lane.py: the same handler
+behind the same checks, with the SDK's own validation and framing, without the SDK's per-POST transport; the
+rest goes through the SDK. MCP calls are counted apart (`gateway_mcp_calls`) and their retrievals' log lines
+say `via=mcp`.
 `server.mcp: false` in connectors.yaml turns the endpoint off (404), read on every request so a reload applies.
 """
 
@@ -329,7 +332,7 @@ class McpEndpoint:
         request_id = request.headers.get("x-request-id") or f"mcp-{random.getrandbits(64):016x}"
         scope[CALLER] = Caller(api_key, gateway, request_id)
         with gateway.lease():  # a reload while the call runs: it finishes on this gateway, as /retrieval does
-            plain = plain_call(request, raw) if self.fast_lane else None
+            plain = plain_call(request, raw) if self.fast_lane and len(raw) <= MAX_BODY_BYTES else None  # above: the SDK's 413
             if plain is None:
                 await manager.handle_request(scope, receive_again, send)
             else:

@@ -100,7 +100,7 @@ def plain_call(request: Request, raw: bytes) -> tuple[JSONRPCRequest, str] | Non
         message = jsonrpc_message_adapter.validate_python(pydantic_core.from_json(raw), by_name=False)
     except (ValueError, ValidationError):  # pydantic's ValidationError is a ValueError; named for the reader
         return None
-    if not isinstance(message, JSONRPCRequest) or message.method != "tools/call":
+    if not isinstance(message, JSONRPCRequest) or message.method != _METHOD:
         return None
     return message, version if version is not None else DEFAULT_NEGOTIATED_VERSION
 
