@@ -436,6 +436,7 @@ LANE_REQUESTS = [
     Asked("a metadata filter", call("search", {"knowledge_base": "demo", "query": "holidays VPN expenses", "top_k": 10, "metadata_condition": FILTER})),
     Asked("no match", call("search", {"knowledge_base": "demo", "query": "zzzz qqqq nothing matches"})),
     Asked("a string id and a progress token", call("search", SEARCH, id_="call-7", _meta={"progressToken": "p1"})),
+    Asked("an id beyond 64 bits", call("list_knowledge_bases", {}, id_=2**70)),
     Asked("list_knowledge_bases", call("list_knowledge_bases", {})),
     Asked("explain", call("explain", {**SEARCH, "top_k": 1})),
     Asked("explain for a caller /explain refuses", call("explain", SEARCH), {"X-Forwarded-For": "203.0.113.9"}),
