@@ -209,7 +209,7 @@ async def _retrieve_once(args: argparse.Namespace, explain: bool):  # type: igno
             body["metadata_condition"] = json.loads(args.filter)
         request = RetrievalRequest.model_validate(body)
     except ValueError as exc:
-        from aggregator.web.api import describe_validation_error
+        from aggregator.web.route import describe_validation_error
 
         message = describe_validation_error(exc) if isinstance(exc, ValidationError) else "--filter: not valid JSON"
         print(f"error: {message}", file=sys.stderr)

@@ -166,12 +166,12 @@ def test_health_and_readiness(client):
 
 
 def test_a_bug_is_500_5001_without_a_traceback(client, monkeypatch):
-    import aggregator.web.api
+    import aggregator.web.route
 
     async def broken(*_args, **_kwargs):
         raise RuntimeError("secret internals")
 
-    monkeypatch.setattr(aggregator.web.api, "retrieve", broken)
+    monkeypatch.setattr(aggregator.web.route, "retrieve", broken)
     with TestClient(client.app, raise_server_exceptions=False) as c:
         response = c.post("/retrieval", json=body(), headers=AUTH)
     assert_error(response, 500, 5001)
@@ -183,9 +183,9 @@ async def test_a_client_trickling_its_body_is_cut_off(config: GatewayConfig, mon
 
     import httpx
 
-    import aggregator.web.api
+    import aggregator.web.route
 
-    monkeypatch.setattr(aggregator.web.api, "BODY_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(aggregator.web.route, "BODY_TIMEOUT_S", 0.3)
     app = create_app(lambda: config)
 
     async def trickle():

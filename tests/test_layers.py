@@ -54,3 +54,15 @@ def test_the_product_importing_the_test_support_breaks_the_contract(tmp_path: Pa
     result = lint_imports(cwd=tmp_path)
     assert result.returncode != 0
     assert "connectors.files -> testkit.loopback" in result.stdout
+
+
+def test_no_import_circle():
+    """Within a layer too: a module that imports another which imports it back (even inside a function)."""
+    import grimp
+
+    graph = grimp.build_graph("aggregator", "connectors", "testkit", exclude_type_checking_imports=True)
+    circles = [
+        (a, b) for a in graph.modules for b in graph.find_modules_directly_imported_by(a)
+        if a < b and graph.find_shortest_chain(importer=b, imported=a) is not None
+    ]
+    assert circles == []

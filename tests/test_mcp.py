@@ -250,12 +250,12 @@ async def test_bad_arguments_are_told_to_the_model_not_a_500(gateway: str):
 
 
 async def test_a_bug_is_an_error_the_model_sees_without_internals(gateway: str, monkeypatch: pytest.MonkeyPatch):
-    import aggregator.web.api
+    import aggregator.web.route
 
     async def broken(*_args: Any, **_kwargs: Any) -> None:
         raise RuntimeError("secret internals")
 
-    monkeypatch.setattr(aggregator.web.api, "retrieve", broken)  # the server runs in this process, on a thread
+    monkeypatch.setattr(aggregator.web.route, "retrieve", broken)  # the server runs in this process, on a thread
     async with mcp_client(gateway) as client:
         result = await client.call_tool("search", {"knowledge_base": "demo", "query": "signing keys"})
     assert result.is_error and text_of(result) == "internal error (RuntimeError); see the service log"
@@ -352,9 +352,9 @@ def test_an_oversized_body_is_refused_as_retrieval_refuses_it(gateway: str):
 async def test_a_body_trickled_in_is_cut_off_as_retrieval_cuts_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     import asyncio
 
-    import aggregator.web.mcp
+    import aggregator.web.route
 
-    monkeypatch.setattr(aggregator.web.mcp, "BODY_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(aggregator.web.route, "BODY_TIMEOUT_S", 0.3)
     app = create_app(lambda: make_config(write_docs(tmp_path / "docs")))
 
     async def trickle() -> AsyncIterator[bytes]:
@@ -564,7 +564,7 @@ def test_the_fast_lane_leaves_the_call_to_the_sdk_kernel_when_the_kernel_has_mor
 
 
 def test_the_fast_lane_answers_a_failing_source_and_a_bug_as_the_sdk_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    import aggregator.web.api
+    import aggregator.web.route
 
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens: connection refused
     app = create_app(lambda: gateway_config(tmp_path, dead))
@@ -575,7 +575,7 @@ def test_the_fast_lane_answers_a_failing_source_and_a_bug_as_the_sdk_does(tmp_pa
         async def broken(*_args: Any, **_kwargs: Any) -> None:
             raise RuntimeError("secret internals")
 
-        monkeypatch.setattr(aggregator.web.api, "retrieve", broken)
+        monkeypatch.setattr(aggregator.web.route, "retrieve", broken)
         assert_lane_answers_as_the_sdk(url, app, [Asked("a bug", call("search", SEARCH))])
 
 

@@ -47,7 +47,8 @@ from starlette.requests import Request
 from starlette.types import Message, Receive, Scope, Send
 
 from aggregator.web.mcp_lane import answer_plain_call, plain_call
-from aggregator.web.api import (BODY_TIMEOUT_S, JSONResponse, answer_retrieval, bearer_token, describe_validation_error, explain_retrieval, find_key,
+from aggregator.web import route
+from aggregator.web.route import (JSONResponse, answer_retrieval, bearer_token, describe_validation_error, explain_retrieval, find_key,
                   ops_denied, read_body)
 from aggregator.runtime.config import ApiKey
 from aggregator.contract.models import DEFAULT_TOP_K, MAX_QUERY_CHARS, MAX_TOP_K, MetadataCondition, RetrievalRequest
@@ -316,10 +317,10 @@ class McpEndpoint:
         # version open), read here and replayed to the SDK, which reads with neither.
         limit = gateway.config.server.max_body_bytes
         try:
-            with Timeout(BODY_TIMEOUT_S):
+            with Timeout(route.BODY_TIMEOUT_S):
                 raw = await read_body(request, limit)
         except TimeoutError:
-            await self._refuse(408, 3003, f"body: not received within {BODY_TIMEOUT_S:.0f} s")(scope, receive, send)
+            await self._refuse(408, 3003, f"body: not received within {route.BODY_TIMEOUT_S:.0f} s")(scope, receive, send)
             return
         if raw is None:
             await self._refuse(413, 3002, f"body: larger than {limit} bytes")(scope, receive, send)

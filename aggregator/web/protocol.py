@@ -9,7 +9,7 @@ checked, so anyone who can reach the port could hold the service that way. Here:
   first byte, on a kept-alive connection), else it is closed;
 - a connection over `max_connections` open at once is closed as soon as it is accepted, before it is read.
 
-The body has its own bound in the app (`aggregator.web.api.BODY_TIMEOUT_S`). `aggregator serve` sets both
+The body has its own bound in the app (`aggregator.web.route.BODY_TIMEOUT_S`). `aggregator serve` sets both
 (`--header-timeout`, `--max-connections`) through `functools.partial`, which also reaches `--workers`.
 """
 
