@@ -130,7 +130,7 @@ class Request:
 
 
 @dataclass(frozen=True, slots=True)
-class Answer:
+class Reply:
     """What `send` hands back besides the body: the status and the headers (case-insensitive)."""
 
     status_code: int
@@ -269,7 +269,7 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return max(0.0, moment.timestamp() - (time.time() if now is None else now))
 
 
-def check_status(response: Answer, what: str, detail: str | None = None) -> None:
+def check_status(response: Reply, what: str, detail: str | None = None) -> None:
     """Raise the typed error that an HTTP status means; return for 2xx.
 
     `detail` is the upstream's own explanation (read from its error envelope),
@@ -307,7 +307,7 @@ def clip(text: str, limit: int = DETAIL_CHARS) -> str:
 
 async def send(
     client: HttpClient, request: Request, what: str, max_bytes: int = DEFAULT_MAX_RESPONSE_BYTES, *, check: bool = True
-) -> tuple[Answer, bytes]:
+) -> tuple[Reply, bytes]:
     """Send a request and read at most `max_bytes` of the answer; map transport failures to typed errors.
 
     With `check=False` an error status is not raised here: the (bounded) body is
@@ -339,7 +339,7 @@ async def send(
         raise Unavailable(f"{what}: {type(exc).__name__}: cannot connect") from None
     done = False
     try:
-        answer = Answer(response.status, response.headers)
+        answer = Reply(response.status, response.headers)
         if check:
             check_status(answer, what)
         declared = response.content_length

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 
 from aggregator.web.api import create_app
-from aggregator.retrieval.cache import POLL_S, Answer, ResponseCache
+from aggregator.retrieval.cache import POLL_S, CachedAnswer, ResponseCache
 from aggregator.shared.redis import SharedState
 
 from testkit.fakes.dify import FakeUpstream
@@ -129,10 +129,10 @@ async def replica_caches(redis_url: str, count: int = 2, ttl_s: float = 5.0) -> 
 class Source:
     """A retrieval's computation that takes `seconds` and counts how often it ran."""
 
-    def __init__(self, answer: Answer, seconds: float = 0.3) -> None:
+    def __init__(self, answer: CachedAnswer, seconds: float = 0.3) -> None:
         self.answer, self.seconds, self.runs = answer, seconds, 0
 
-    async def __call__(self) -> tuple[str, Answer]:
+    async def __call__(self) -> tuple[str, CachedAnswer]:
         self.runs += 1
         await asyncio.sleep(self.seconds)
         return "response", self.answer
@@ -144,7 +144,7 @@ async def later(seconds: float, call: Awaitable[tuple]) -> tuple:
 
 
 async def test_a_partial_answer_from_another_replica_is_given_to_its_waiting_duplicate_and_kept_by_neither(redis_url: str):
-    partial = Answer(b'{"records": []}', "docs=ok;partner=error", complete=False)
+    partial = CachedAnswer(b'{"records": []}', "docs=ok;partner=error", complete=False)
     source = Source(partial)
     async with replica_caches(redis_url) as (a, b):
         first, waiting = await asyncio.gather(a.answer("k", source, 2.0), later(0.1, b.answer("k", source, 2.0)))
@@ -166,7 +166,7 @@ async def commands(cache: ResponseCache) -> Counter[str]:
 
 
 async def test_identical_requests_together_in_one_process_wait_for_the_local_answer_not_on_redis(redis_url: str):
-    source = Source(Answer(b'{"records": []}', "docs=ok"))
+    source = Source(CachedAnswer(b'{"records": []}', "docs=ok"))
     async with replica_caches(redis_url, count=1) as (cache,):
         before = await commands(cache)
         answers = await asyncio.gather(cache.answer("k", source, 2.0), cache.answer("k", source, 2.0))
@@ -178,7 +178,7 @@ async def test_identical_requests_together_in_one_process_wait_for_the_local_ans
 
 
 async def test_a_duplicate_waiting_on_a_request_that_gave_up_looks_for_the_answer_itself(redis_url: str):
-    source = Source(Answer(b'{"records": []}', "docs=ok"), seconds=0.5)
+    source = Source(CachedAnswer(b'{"records": []}', "docs=ok"), seconds=0.5)
     async with replica_caches(redis_url) as (a, b):
         computing = asyncio.ensure_future(b.answer("k", source, 2.0))
         await asyncio.sleep(0.05)
@@ -193,7 +193,7 @@ async def test_a_duplicate_waiting_on_a_request_that_gave_up_looks_for_the_answe
 
 
 async def test_a_request_arriving_just_after_another_replicas_partial_answer_asks_the_sources_again(redis_url: str):
-    source = Source(Answer(b'{"records": []}', "docs=ok;partner=error", complete=False), seconds=0.05)
+    source = Source(CachedAnswer(b'{"records": []}', "docs=ok;partner=error", complete=False), seconds=0.05)
     async with replica_caches(redis_url) as (a, b):
         assert (await a.answer("k", source, 2.0))[2] == "miss"
         assert a.shared is not None

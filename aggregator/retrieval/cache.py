@@ -47,7 +47,7 @@ return 'won'
 
 
 @dataclass(frozen=True, slots=True)
-class Answer:
+class CachedAnswer:
     """A retrieval's 200 answer as it was sent."""
 
     body: bytes
@@ -58,7 +58,7 @@ class Answer:
         return json.dumps({"sources": self.sources, "complete": self.complete}).encode() + b"\n" + self.body
 
     @classmethod
-    def load(cls, data: bytes) -> "Answer":
+    def load(cls, data: bytes) -> "CachedAnswer":
         """An entry without `complete` was written by a replica of an older version, during a rolling upgrade:
         read as complete, as that version read it (its partial answers stay in Redis a fraction of a second)."""
         head, _, body = data.partition(b"\n")
@@ -83,9 +83,9 @@ class ResponseCache:
         self.ttl_s = ttl_s
         self.shared = shared
         self.counts: Counter[str] = Counter()  # hit, miss, coalesced
-        self._entries: OrderedDict[str, tuple[float, Answer]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[float, CachedAnswer]] = OrderedDict()
         self._bytes = 0
-        self._inflight: dict[str, asyncio.Future[Answer | None]] = {}
+        self._inflight: dict[str, asyncio.Future[CachedAnswer | None]] = {}
 
     @property
     def enabled(self) -> bool:
@@ -102,10 +102,10 @@ class ResponseCache:
 
     # -- the one entry point ----------------------------------------------------------------------------
 
-    async def answer(self, key: str, compute: Callable[[], Awaitable[tuple[Any, Answer | None]]], wait_s: float) -> tuple[Any, Answer | None, str]:
-        """(response, answer, outcome): `compute` gives the response and, for a 200, its Answer to keep.
+    async def answer(self, key: str, compute: Callable[[], Awaitable[tuple[Any, CachedAnswer | None]]], wait_s: float) -> tuple[Any, CachedAnswer | None, str]:
+        """(response, answer, outcome): `compute` gives the response and, for a 200, its CachedAnswer to keep.
 
-        On a hit or a coalesced wait the response is None and the caller builds one from the Answer.
+        On a hit or a coalesced wait the response is None and the caller builds one from the CachedAnswer.
         """
         found = self._get(key)
         if found is not None:
@@ -117,7 +117,7 @@ class ResponseCache:
                 return self._count(None, answer, "coalesced")
         # From here this request answers for the process: identical ones arriving meanwhile wait for `result`,
         # also while it looks in Redis for another replica's answer. Every way out below settles `result`.
-        result: asyncio.Future[Answer | None] = asyncio.get_running_loop().create_future()
+        result: asyncio.Future[CachedAnswer | None] = asyncio.get_running_loop().create_future()
         self._inflight[key] = result
         if self.shared is not None:
             try:
@@ -130,8 +130,8 @@ class ResponseCache:
                 return self._count(None, *claimed)
         return await self._compute(key, result, compute)
 
-    async def _compute(self, key: str, result: asyncio.Future[Answer | None],
-                       compute: Callable[[], Awaitable[tuple[Any, Answer | None]]]) -> tuple[Any, Answer | None, str]:  # fmt: skip
+    async def _compute(self, key: str, result: asyncio.Future[CachedAnswer | None],
+                       compute: Callable[[], Awaitable[tuple[Any, CachedAnswer | None]]]) -> tuple[Any, CachedAnswer | None, str]:  # fmt: skip
         task = asyncio.ensure_future(compute())  # its own task: the first client giving up does not cancel it
         try:
             response, answer = await asyncio.shield(task)
@@ -144,13 +144,13 @@ class ResponseCache:
         self._finish(key, result, answer)
         return self._count(response, answer, "miss")
 
-    def _finish(self, key: str, result: asyncio.Future[Answer | None], answer: Answer | None) -> None:
+    def _finish(self, key: str, result: asyncio.Future[CachedAnswer | None], answer: CachedAnswer | None) -> None:
         """An answer computed here: to those waiting in this process, the process cache and the other replicas."""
         self._settle(key, result, answer)
         if self.shared is not None:
             self._publish(key, answer)
 
-    def _settle(self, key: str, result: asyncio.Future[Answer | None], answer: Answer | None) -> None:
+    def _settle(self, key: str, result: asyncio.Future[CachedAnswer | None], answer: CachedAnswer | None) -> None:
         """`answer` (None: there is none, ask again) to the duplicates waiting in this process; kept if complete."""
         if self._inflight.get(key) is result:
             del self._inflight[key]
@@ -159,13 +159,13 @@ class ResponseCache:
         if answer is not None and answer.complete:
             self._put(key, answer)
 
-    def _count(self, response: Any, answer: Answer | None, outcome: str) -> tuple[Any, Answer | None, str]:
+    def _count(self, response: Any, answer: CachedAnswer | None, outcome: str) -> tuple[Any, CachedAnswer | None, str]:
         self.counts[outcome] += 1
         return response, answer, outcome
 
     # -- in process ----------------------------------------------------------------------------------
 
-    def _get(self, key: str) -> Answer | None:
+    def _get(self, key: str) -> CachedAnswer | None:
         found = self._entries.get(key)
         if found is None:
             return None
@@ -175,7 +175,7 @@ class ResponseCache:
             return None
         return answer
 
-    def _put(self, key: str, answer: Answer) -> None:
+    def _put(self, key: str, answer: CachedAnswer) -> None:
         self._drop(key)
         self._entries[key] = (time.monotonic() + self.ttl_s, answer)
         self._bytes += len(answer.body)
@@ -192,7 +192,7 @@ class ResponseCache:
     def _redis_key(self, key: str) -> str:
         return f"gw:cache:{key}"
 
-    async def _claim(self, key: str, wait_s: float) -> tuple[Answer, str] | None:
+    async def _claim(self, key: str, wait_s: float) -> tuple[CachedAnswer, str] | None:
         """The answer another replica stored (`hit`) or computes now (`coalesced`, after waiting for it);
         None: compute it here."""
         assert self.shared is not None
@@ -202,7 +202,7 @@ class ResponseCache:
         if value is None or value == b"won":
             return None
         if value != _PENDING:
-            found = Answer.load(value)
+            found = CachedAnswer.load(value)
             # A partial answer stays in Redis only for the replicas that were waiting for it: this one was not.
             return (found, "hit") if found.complete else None
         deadline = time.monotonic() + wait_s
@@ -213,9 +213,9 @@ class ResponseCache:
             value = await self.shared.run(lambda r: r.get(redis_key))
             if value is None:
                 return None  # the other replica could not answer (or Redis went away): answer here
-        return Answer.load(value), "coalesced"
+        return CachedAnswer.load(value), "coalesced"
 
-    def _publish(self, key: str, answer: Answer | None) -> None:
+    def _publish(self, key: str, answer: CachedAnswer | None) -> None:
         shared = self.shared
         assert shared is not None
         redis_key = self._redis_key(key)

@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse as StarletteJSONResponse
 from pydantic import ValidationError
 
 from aggregator.ops import explain
-from aggregator.retrieval.cache import Answer, answered_by_all, retrieval_key
+from aggregator.retrieval.cache import CachedAnswer, answered_by_all, retrieval_key
 from aggregator.runtime.config import ApiKey, GatewayConfig
 from aggregator.contract.models import RetrievalRequest
 from aggregator.retrieval.pipeline import UnknownKnowledgeBase, retrieve
@@ -211,7 +211,7 @@ async def answer_retrieval(service: Service, gateway: Gateway, api_key: ApiKey, 
     if not api_key.allows(parsed.knowledge_id):
         return error(403, 1002, f"this API key may not read knowledge base {parsed.knowledge_id!r}")
 
-    async def respond() -> tuple[Response, Answer | None]:
+    async def respond() -> tuple[Response, CachedAnswer | None]:
         """The retrieval itself, and its answer for the response cache when it is a 200."""
         started = time.perf_counter()
         try:
@@ -223,7 +223,7 @@ async def answer_retrieval(service: Service, gateway: Gateway, api_key: ApiKey, 
         response = JSONResponse({"records": result.records}, headers={"X-Sources": sources, "X-Request-Id": request_id})
         if not service.cache.enabled:
             return response, None
-        return response, Answer(bytes(response.body), sources, complete=answered_by_all(result.sources))
+        return response, CachedAnswer(bytes(response.body), sources, complete=answered_by_all(result.sources))
 
     # Dify's retries (and any identical retrieval within server.cache_ttl_s) are answered once: aggregator/retrieval/cache.py
     return await serve_cached(service, gateway, api_key, parsed, request_id, respond, via)
@@ -245,7 +245,7 @@ async def explain_retrieval(service: Service, gateway: Gateway, parsed: Retrieva
 
 
 async def serve_cached(service: Service, gateway: Gateway, api_key: ApiKey, request: RetrievalRequest, request_id: str,
-                       respond: Callable[[], Awaitable[tuple[Response, Answer | None]]], via: str | None = None) -> Response:  # fmt: skip
+                       respond: Callable[[], Awaitable[tuple[Response, CachedAnswer | None]]], via: str | None = None) -> Response:  # fmt: skip
     """The answer to a retrieval through the service's cache, with `X-Cache: hit|miss|coalesced` (none when it is off),
     and the cache's part of the request's record."""
     cache = service.cache
