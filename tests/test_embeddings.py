@@ -10,6 +10,7 @@ import asyncio
 import time
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -237,17 +238,22 @@ CAR_ANSWER = "Vehicle ignition failure: if the engine refuses to turn over, chec
 CAR_LOOKALIKE = "Start here: my first week, where to park the car and who will show you around."
 
 
-def test_with_a_real_model_a_match_by_meaning_alone_can_pass_a_threshold_of_half(tmp_path: Path):
-    """A source (read by words: not declared semantic) returns both; only the judge can tell the paraphrase."""
+def answering(*records: tuple[str, str, float]) -> Any:
+    """A Dify-compatible upstream that answers every query with `records` (content, title, score), in order."""
     from fastapi import FastAPI
 
     upstream = FastAPI()
 
     @upstream.post("/retrieval")
     async def retrieval(body: dict) -> dict:
-        return {"records": [{"content": text, "title": title, "score": score, "metadata": {"document_id": title}}
-                            for text, title, score in ((CAR_LOOKALIKE, "lookalike", 0.9), (CAR_ANSWER, "answer", 0.8))]}  # fmt: skip
+        return {"records": [{"content": text, "title": title, "score": score, "metadata": {"document_id": title}} for text, title, score in records]}
 
+    return upstream
+
+
+def test_with_a_real_model_a_match_by_meaning_alone_can_pass_a_threshold_of_half(tmp_path: Path):
+    """A source (read by words: not declared semantic) returns both; only the judge can tell the paraphrase."""
+    upstream = answering((CAR_LOOKALIKE, "lookalike", 0.9), (CAR_ANSWER, "answer", 0.8))
     fake = FakeEmbeddings(real=True)
 
     async def main(embeddings: dict[str, object] | None) -> dict[str, dict]:
@@ -281,15 +287,7 @@ def test_a_semantic_sources_first_answer_that_the_judge_also_prefers_keeps_the_s
     """Two retrievers by meaning agree (the source ranks the paraphrase first at 0.86, the judge prefers it to
     the look-alike, if only a little): a threshold of 0.5 that the source's confidence passes keeps it, first,
     though the judge alone would score it low (cosine 0.54, barely over `similarity`'s low end 0.5)."""
-    from fastapi import FastAPI
-
-    upstream = FastAPI()
-
-    @upstream.post("/retrieval")
-    async def retrieval(body: dict) -> dict:
-        return {"records": [{"content": text, "title": title, "score": score, "metadata": {"document_id": title}}
-                            for text, title, score in ((CAR_ANSWER, "answer", 0.86), (CAR_LOOKALIKE, "lookalike", 0.62))]}  # fmt: skip
-
+    upstream = answering((CAR_ANSWER, "answer", 0.86), (CAR_LOOKALIKE, "lookalike", 0.62))
     fake = FakeEmbeddings(real=True)
 
     async def main(embeddings: dict[str, object]) -> list[dict]:
