@@ -225,9 +225,13 @@ def fuse(relevance: Any, calibrated: Any, weight: Any, settings: FusionSettings 
     A calibrated value below 0 (or None) means the source gave none: the relevance alone counts.
     """
     source = np.asarray(-1.0 if calibrated is None else calibrated, dtype=np.float64)
-    mixed = (1.0 - settings.alpha) * np.asarray(relevance, dtype=np.float64) + settings.alpha * source
-    fused = np.where(source >= 0.0, mixed, relevance)
-    return 1.0 - (1.0 - fused.clip(0.0, 1.0) ** settings.gamma) ** np.asarray(weight, dtype=np.float64)
+    fused = (1.0 - settings.alpha) * np.asarray(relevance, dtype=np.float64) + settings.alpha * source
+    if source.min() < 0.0:  # some have none (the test costs less than the selection it saves, where all have one)
+        fused = np.where(source >= 0.0, fused, relevance)
+    spread = 1.0 - fused.clip(0.0, 1.0) ** settings.gamma
+    if not (isinstance(weight, float) and weight == 1.0):  # x ** 1.0 is x
+        spread = spread ** np.asarray(weight, dtype=np.float64)
+    return 1.0 - spread
 
 
 def rerank(
@@ -401,20 +405,16 @@ def _groups(seen: list[Seen]) -> tuple[list[int], list[int], dict[int, list[int]
 
     Returns each passage's group, each group's first passage, and the passages of the groups with several copies.
     """
-    keys = [entry.key for entry in seen]
-    n = len(keys)
-    first_of_key = dict(zip(reversed(keys), range(n - 1, -1, -1)))  # the last write of a key is its first passage
+    firsts: dict[str, int] = {}
+    first_of = list(map(firsts.setdefault, [entry.key for entry in seen], range(len(seen))))
+    first = list(firsts.values())
     copies: dict[int, list[int]] = {}
-    if len(first_of_key) == n:  # the usual case: no text twice
-        every = list(range(n))
-        return every, every, copies
-    first = sorted(first_of_key.values())
+    if len(first) == len(seen):  # the usual case: no text twice
+        return first, first, copies
     number = dict(zip(first, range(len(first))))
-    first_of = list(map(first_of_key.__getitem__, keys))
     group_of = list(map(number.__getitem__, first_of))
     for i in [i for i, f in enumerate(first_of) if f != i]:
-        g = group_of[i]
-        copies.setdefault(g, [first[g]]).append(i)
+        copies.setdefault(group_of[i], [first_of[i]]).append(i)
     return group_of, first, copies
 
 
