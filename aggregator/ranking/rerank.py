@@ -453,9 +453,16 @@ class _Pool:
     def answer_of(self, i: int) -> Answer:
         return self._locate(i)[0]
 
-    def passage(self, i: int) -> tuple[Answer, Passage]:
-        answer, j = self._locate(i)
-        return answer, answer.passages[j]
+    def tie_keys(self, flat: list[int]) -> list[tuple[str, str, int]]:
+        """(source, document, chunk) of each of the passages `flat`: the tie-break's key, in one call."""
+        starts, answers = self.starts, self.answers
+        keys = []
+        for i in flat:
+            k = bisect_right(starts, i) - 1
+            answer = answers[k]
+            passage = answer.passages[i - starts[k]]
+            keys.append((answer.source, passage.document_id, passage.chunk_index))
+        return keys
 
     def candidate(self, i: int) -> Candidate:
         answer, j = self._locate(i)
@@ -519,16 +526,15 @@ class RankedList(Sequence[Ranked]):
 def _break_ties(pool: _Pool, fusion: _Fusion) -> list[int]:
     """Runs of equal (score, relevance), common among passages the text does not match, sorted by source, document
     and chunk: a key that does not depend on the order the passages arrived in."""
-    ranked = fusion.order.copy()
-
-    def key(g: int) -> tuple[str, str, int]:
-        answer, passage = pool.passage(fusion.winner[g])
-        return answer.source, passage.document_id, passage.chunk_index
-
-    tied = fusion.tied
+    ranked, tied, winner = fusion.order.copy(), fusion.tied, fusion.winner
     start = tied[0]
     for at, following in zip(tied, tied[1:] + [-1]):  # a run is places start .. at + 1, when the next tied place is not at + 1
         if following != at + 1:
-            ranked[start : at + 2] = sorted(ranked[start : at + 2], key=key)
+            run = ranked[start : at + 2]
+            keys = pool.tie_keys([winner[g] for g in run])
+            ranked[start : at + 2] = [g for _, g in sorted(zip(keys, run), key=_first)]
             start = following
     return ranked
+
+
+_first = operator.itemgetter(0)
