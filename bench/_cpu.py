@@ -37,7 +37,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.loopback import free_port, stop  # noqa: E402
+from testkit.loopback import free_port, stop, wait_ready  # noqa: E402
 
 KEY = "bench"
 FLOOR_LABEL = "this tree without its rerank (a sort on source scores: bench/_floor.py)"
@@ -57,32 +57,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime (fields 14 and 15 of stat(5))
 
 
-def wait_http(port: int, process: subprocess.Popen, timeout: float = 60.0) -> None:
-    """Until the server answers HTTP at all (and, for the gateway, /readyz says ready)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"server on port {port} exited with status {process.returncode}")
-        try:
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            connection.request("GET", "/readyz")
-            status = connection.getresponse().status
-            connection.close()
-            if status in (200, 404):  # 404: a server without /readyz (the bare fan-out)
-                return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"server on port {port} not ready in {timeout} s")
-        time.sleep(0.05)
-
-
 @contextlib.contextmanager
 def started(command: list[str], cwd: Path = ROOT, port: int | None = None) -> Iterator[subprocess.Popen]:
     process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         if port is not None:
-            wait_http(port, process)
+            wait_ready(f"http://127.0.0.1:{port}", 60, process, ready=(200, 404))  # 404: a bare fan-out has no /readyz
         yield process
     finally:
         stop(process)

@@ -1,42 +1,36 @@
 """Paraphrase and cross-language cases of `bench.quality`: where a semantic source's best answer lands.
 
 A `dify` source answers like an embedding search (its best passage first, similarity 0.86, sharing no word
-with the query; tests/test_semantic.py's cases, one of them a Chinese question answered by an English
+with the query; testkit/fakes/semantic.py's cases, one of them a Chinese question answered by an English
 runbook, plus one more), beside a `files` folder of look-alikes that share the query's words. For each
 case: the answer's place among the records at thresholds 0 and 0.5, in the source alone and in the mix,
-with no judge and with the local judge (WordLlama), and whether the model itself prefers the answer to
-its look-alike.
+with no judge, the local judge (WordLlama) and the API judge (all-MiniLM-L6-v2 behind the `openai`
+provider, where it is installed), and whether the judge's model itself prefers the answer to its look-alike.
 """
 
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
-from aggregator.runtime.config import parse_config
-from aggregator.contract.models import RetrievalRequest
-from aggregator.retrieval.pipeline import retrieve
-from aggregator.runtime.gateway import Gateway
-from tests.loopback import serve
-from tests.test_semantic import ANSWERS, CASES, LOOKALIKES, semantic_upstream
+import numpy as np
 
+from aggregator.runtime.config import parse_config
+from aggregator.runtime.gateway import Gateway
+from testkit.fakes.embeddings import API_KEY
+from testkit.fakes.semantic import ANSWERS, CASES, LOOKALIKES, semantic_config, semantic_upstream
+from testkit.gateway import ask_gateway, write_docs
+from testkit.loopback import serve
+
+from . import _transformer
 from ._semantic import embed
 
 #: The look-alike of each case, by the case's order.
 PAIRED = list(LOOKALIKES.values())
-
-
-def config(endpoint: str, folder: Path, judge: bool) -> str:
-    block = "  embeddings: {provider: local}\n" if judge else ""
-    return (f"server:\n  api_keys: [{{key: bench}}]\n  cache_ttl_s: 0\n{block}"
-            f"knowledge_bases:\n  alone: {{connectors: [wiki]}}\n  mixed: {{connectors: [wiki, folder]}}\n"
-            f"connectors:\n  wiki: {{type: dify, endpoint: {endpoint}, api_key: k, knowledge_id: x, semantic: true}}\n"
-            f"  folder: {{type: files, path: {folder}, watch: false}}\n")  # fmt: skip
-
-
 async def place(gateway: Gateway, kb: str, query: str, threshold: float) -> str:
-    body = {"knowledge_id": kb, "query": query, "retrieval_setting": {"top_k": 5, "score_threshold": threshold}}
-    records = (await retrieve(gateway, RetrievalRequest.model_validate(body))).records
+    records = (await ask_gateway(gateway, query, kb, threshold=threshold)).records
     contents = [r["content"] for r in records]
     if ANSWERS[query] in contents:
         return f"{contents.index(ANSWERS[query]) + 1} of {len(contents)}"
@@ -48,20 +42,23 @@ async def run() -> None:
           " (— : not among them).\n")  # fmt: skip
     print("| query | model prefers the answer | judge | alone, ≥ 0 | alone, ≥ 0.5 | mixed, ≥ 0 | mixed, ≥ 0.5 |")
     print("| --- | --- | --- | ---: | ---: | ---: | ---: |")
-    with serve(semantic_upstream()) as endpoint, tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "folder"
-        folder.mkdir()
-        for name, text in LOOKALIKES.items():
-            (folder / name).write_text(text, encoding="utf-8")
-        for judge in (False, True):
-            gateway = Gateway(parse_config(config(endpoint, folder, judge), {}))
+    with serve(semantic_upstream()) as endpoint, tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
+        folder = write_docs(Path(tmp) / "folder", LOOKALIKES)
+        judges: dict[str, tuple[dict[str, object], Callable[[list[str]], np.ndarray]]] = {
+            "none": ({}, embed), "local": ({"embeddings": {"provider": "local"}}, embed)}  # fmt: skip
+        if _transformer.missing() is None:
+            url = stack.enter_context(serve(_transformer.TransformerEndpoint().app()))
+            block = {"provider": "openai", "url": f"{url}/v1", "model": _transformer.MODEL_NAME, "api_key": API_KEY, "timeout_s": 60}
+            judges["API"] = ({"embeddings": block}, _transformer.embed)
+        for judge, (server, model) in judges.items():
+            gateway = Gateway(parse_config(semantic_config(endpoint, folder, True, **server), {}))
             await gateway.start()
             try:
                 await gateway.slots["folder"].connector.wait_ready(60)  # type: ignore[attr-defined]
                 for (query, (answer, *_)), lookalike in zip(CASES.items(), PAIRED):
-                    q, a, look = embed([query, answer, lookalike])
+                    q, a, look = model([query, answer, lookalike])
                     prefers = "yes" if q @ a > q @ look else "no"
                     cells = [await place(gateway, kb, query, t) for kb in ("alone", "mixed") for t in (0.0, 0.5)]
-                    print(f"| {query} | {prefers} ({q @ a:.2f} vs {q @ look:.2f}) | {'local' if judge else 'none'} | " + " | ".join(cells) + " |")
+                    print(f"| {query} | {prefers} ({q @ a:.2f} vs {q @ look:.2f}) | {judge} | " + " | ".join(cells) + " |")
             finally:
                 await gateway.aclose()

@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from aggregator.contract.models import MAX_FILTER_FIELDS, MAX_FILTER_TESTS, MAX_VALUES_PER_CONDITION  # noqa: E402
-from tests.loopback import free_port, stop, wait_ready  # noqa: E402
+from testkit.gateway import ask  # noqa: E402
+from testkit.loopback import free_port, stop, wait_ready  # noqa: E402
 
 KEY = "bench-key-0123456789"
 PASSAGES_PER_FILE = 4
@@ -76,15 +77,13 @@ def health_while(url: str, done: threading.Event) -> list[float]:
 
 
 def measure(url: str, condition: list[dict] | None) -> tuple[float, str, list[float]]:
-    body = {"knowledge_id": "kb", "query": "alpha report", "retrieval_setting": {"top_k": 4, "score_threshold": 0}}
-    if condition is not None:
-        body["metadata_condition"] = {"logical_operator": "or", "conditions": condition}
+    fields = {} if condition is None else {"metadata_condition": {"logical_operator": "or", "conditions": condition}}
     done = threading.Event()
     latencies: list[float] = []
     checker = threading.Thread(target=lambda: latencies.extend(health_while(url, done)))
     checker.start()
     started = time.perf_counter()
-    response = httpx.post(url + "/retrieval", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
+    response = ask(url, "alpha report", "kb", top_k=4, key=KEY, timeout=120, **fields)
     elapsed = time.perf_counter() - started
     done.set()
     checker.join()

@@ -4,7 +4,7 @@
 
 Issue 22's goal: with an API judge, p50 latency at most today's plus one embedding call. One in-process
 gateway over the test documents (a `files` source), with and without a judge, interleaved in rounds so that
-drift hits both alike. The fake endpoint (tests/fakes/embeddings.py, hashed vectors) runs in a process of its
+drift hits both alike. The fake endpoint (testkit/fakes/embeddings.py, hashed vectors) runs in a process of its
 own and waits `--delay-ms` before each answer, standing in for a model's inference time. Three rows:
 
 - words only: the knowledge base without a judge (the baseline);
@@ -37,12 +37,12 @@ from aggregator.retrieval.embeddings import VectorCache  # noqa: E402
 from aggregator.retrieval.pipeline import retrieve  # noqa: E402
 from aggregator.runtime.config import parse_config  # noqa: E402
 from aggregator.runtime.gateway import Gateway  # noqa: E402
-from tests.conftest import KEY, write_docs  # noqa: E402
-from tests.fakes.embeddings import API_KEY  # noqa: E402
-from tests.loopback import free_port, stop, wait_listening  # noqa: E402
+from testkit.gateway import KEY, write_docs  # noqa: E402
+from testkit.fakes.embeddings import API_KEY  # noqa: E402
+from testkit.loopback import free_port, stop, wait_listening  # noqa: E402
 
 FAKE = (
-    "import uvicorn; from tests.fakes.embeddings import FakeEmbeddings; "
+    "import uvicorn; from testkit.fakes.embeddings import FakeEmbeddings; "
     "f = FakeEmbeddings(real=False, mode='slow', delay_s={delay}); "
     "uvicorn.run(f.app(), host='127.0.0.1', port={port}, log_level='warning')"
 )

@@ -14,7 +14,7 @@ embedded store (the baseline) and against two replicas sharing one PostgreSQL
 turns between them as a load balancer would: with the response cache off, so
 that every request does the whole work, and with it on (`cache_ttl_s: 5`, the
 default), where the 225 queries repeat and its hit ratio is reported.
-PostgreSQL and Redis come from Debian's packages (tests/servers.py).
+PostgreSQL and Redis come from Debian's packages (testkit/servers.py).
 
 `--compare` puts the bare aiohttp + orjson fan-out (bench/_bare.py), the
 gateway at REV (when given) and this tree's gateway, cache off, in front of
@@ -49,7 +49,7 @@ from bench import _cpu  # noqa: E402
 from bench._cpu import hammer, pct, rss_mib  # noqa: E402
 from bench._cranfield import load  # noqa: E402
 from bench.perf import processes, upstreams  # noqa: E402
-from tests.loopback import free_port, wait_ready  # noqa: E402
+from testkit.loopback import free_port, wait_ready  # noqa: E402
 
 KEY = "load"
 
@@ -113,7 +113,7 @@ def serve_command(config: Path, port: int) -> list[str]:
 
 def run_replicas(clients: int, seconds: float, queries: list[str], docs_folder: Path, healthy: str, dead: str) -> None:
     """One replica with the embedded store, then two over PostgreSQL and Redis (cache off, then on), same run."""
-    from tests.servers import postgres_server, redis_server
+    from testkit.servers import postgres_server, redis_server
 
     print(f"# bench/load.py --replicas: {clients} clients, {seconds:.0f} s each, a files source (Cranfield), a healthy "
           "upstream and a dead one; two replicas take turns, as behind a load balancer\n")  # fmt: skip

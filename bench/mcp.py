@@ -13,8 +13,8 @@ asked in turn of:
 - MCP through the SDK: the official `mcp` client's `call_tool` on a session kept open, as an agent calls it
   (its client-side work, JSON-RPC framing and result validation, counted too).
 
-Each round asks the same requests of each variant in turn, the order turning each round, so that drift on the
-shared machine hits them alike. Prints p50 and p99 per variant and the ratio of each p50 to /retrieval's (the
+The variants take turns every ten requests (the order turning each round), so that the load of other
+processes on a shared machine, which comes and goes within seconds, hits them alike. Prints p50 and p99 per variant and the ratio of each p50 to /retrieval's (the
 goal: ≤ 1.1), and the gateway process's CPU time per request (from /proc: what each costs the server, which
 the load of other processes on the machine moves less than it moves latency).
 """
@@ -41,7 +41,7 @@ from mcp.client.streamable_http import streamable_http_client  # noqa: E402
 
 from bench._cpu import cpu_seconds, pct  # noqa: E402
 from bench.perf import KEY, processes, upstreams  # noqa: E402
-from tests.loopback import free_port, wait_ready  # noqa: E402
+from testkit.loopback import free_port, wait_ready  # noqa: E402
 
 QUERIES = [
     "how do we rotate the release signing keys", "vpn profile expired", "expense policy for meals", "backup and restore",
@@ -91,11 +91,13 @@ async def measure(url: str, pid: int, rounds: int, per_round: int) -> tuple[dict
         async def retrieval(query: str) -> None:
             response = await http.post(url + "/retrieval", json=body(query), headers=HEADERS)
             assert response.status_code == 200 and response.headers["x-sources"].count("=ok") == 3, response.text
+            assert response.json()["records"]  # each variant reads its answer once, as its caller would
 
         async def mcp_raw(query: str) -> None:
             message = {"jsonrpc": "2.0", "id": next(ids), "method": "tools/call", "params": {"name": "search", "arguments": arguments(query)}}
             response = await http.post(url + "/mcp", json=message, headers=MCP_HEADERS)
-            assert response.status_code == 200 and "result" in response.json() and not response.json()["result"]["isError"], response.text
+            result = response.json().get("result") if response.status_code == 200 else None
+            assert result is not None and not result["isError"] and result["structuredContent"]["records"], response.text
 
         async def mcp_sdk(query: str) -> None:
             result = await sdk.call_tool("search", arguments(query))
@@ -107,13 +109,14 @@ async def measure(url: str, pid: int, rounds: int, per_round: int) -> tuple[dict
                 await call(query)
         for round_ in range(rounds):
             order = VARIANTS[round_ % 3:] + VARIANTS[: round_ % 3]
-            for name in order:  # the same requests of each, one variant after the other (so its CPU can be read)
-                cpu_before = cpu_seconds(pid)
-                for i in range(per_round):
-                    started = time.perf_counter()
-                    await calls[name](QUERIES[i % len(QUERIES)])
-                    samples[name].append((time.perf_counter() - started) * 1000)
-                cpu[name] += cpu_seconds(pid) - cpu_before
+            for block in range(0, per_round, len(QUERIES)):  # the ten requests of each variant in turn, block by block
+                for name in order:
+                    cpu_before = cpu_seconds(pid)
+                    for query in QUERIES[: per_round - block]:
+                        started = time.perf_counter()
+                        await calls[name](query)
+                        samples[name].append((time.perf_counter() - started) * 1000)
+                    cpu[name] += cpu_seconds(pid) - cpu_before
     return samples, {name: seconds / (rounds * per_round) * 1e6 for name, seconds in cpu.items()}
 
 

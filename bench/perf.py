@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench._cpu import children, hammer, pct  # noqa: E402
-from tests.loopback import free_port, wait_ready  # noqa: E402
+from testkit.loopback import free_port, wait_listening, wait_ready  # noqa: E402
 
 KEY = "bench"
 
@@ -49,26 +49,13 @@ def processes(*commands: list[str]) -> Iterator[list[subprocess.Popen]]:
             p.wait(10)
 
 
-def wait_port(url: str) -> None:
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            httpx.post(url + "/retrieval", json={}, timeout=2)
-            return
-        except httpx.TransportError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
 @contextlib.contextmanager
 def upstreams(count: int, delay: float) -> Iterator[list[str]]:
     ports = [free_port() for _ in range(count)]
-    with processes(*[[sys.executable, "-m", "bench._upstream", "--port", str(p), "--delay", str(delay)] for p in ports]):
-        urls = [f"http://127.0.0.1:{p}" for p in ports]
-        for url in urls:
-            wait_port(url)
-        yield urls
+    with processes(*[[sys.executable, "-m", "bench._upstream", "--port", str(p), "--delay", str(delay)] for p in ports]) as started:
+        for port, process in zip(ports, started):
+            wait_listening(port, process, f"the upstream on port {port}")
+        yield [f"http://127.0.0.1:{p}" for p in ports]
 
 
 @contextlib.contextmanager
@@ -133,7 +120,6 @@ def rerank_times() -> None:
     from aggregator.ranking.rerank import Answer, rerank
     from aggregator.text.tokenize import tokenize
     from bench._cranfield import load
-    from aggregator.state.sync import IndexedConnector
     from connectors.base import Passage
 
     docs, queries, _ = load()
@@ -238,12 +224,13 @@ def _serve_memory(config: Path, workers: int, queries: list[str]) -> tuple[float
 
 def index_scale(passages: int) -> None:
     """The persistent store against today's in-memory BM25Index, on the same files, in the same run."""
-    from aggregator.ranking.bm25 import BM25Index
     from aggregator.state import LocalBackend
+    from aggregator.state.sync import IndexedConnector
     from aggregator.text.chunking import split_passages
     from aggregator.text.tokenize import tokenize
     from connectors.base import SourceQuery
     from connectors.files import FilesSettings, FilesSource
+    from testkit.bm25_index import BM25Index
 
     queries = _queries()
     print(f"\n## Index scale: a `files` source of {passages:,} passages\n")
@@ -375,8 +362,9 @@ def engines(passages: int) -> None:
     import sqlite3
     from collections import Counter
 
-    from aggregator.ranking.bm25 import K1, BM25Index, idf
+    from aggregator.ranking.bm25 import K1, idf
     from aggregator.state import LocalBackend, PreparedDocument, SyncStatus
+    from testkit.bm25_index import BM25Index
 
     corpus, queries = _engine_corpus(passages)
     print(f"\n## Engines: {passages:,} pre-tokenized passages of about 1,000 characters, 200 queries, top 20\n")

@@ -5,7 +5,7 @@
 Cranfield (1,400 documents) tokenized once and written into both stores; the 225 Cranfield queries, top 20,
 after 20 warm-up queries. Agreement: the same top 10 in the same order, and the largest relative score
 difference (the embedded store scores in float32, PostgreSQL in float8). PostgreSQL from Debian's packages
-on loopback (tests/servers.py).
+on loopback (testkit/servers.py).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from bench._cpu import pct  # noqa: E402
 from bench._cranfield import load  # noqa: E402
 from aggregator.state.sync import prepare_documents  # noqa: E402
 from connectors.base import Document  # noqa: E402
-from tests.servers import postgres_server  # noqa: E402
+from testkit.servers import postgres_server  # noqa: E402
 
 
 async def compare(url: str, folder: Path) -> None:

@@ -43,12 +43,13 @@ from fastapi import FastAPI
 from aggregator.runtime.config import parse_config
 from aggregator.contract.models import RetrievalRequest
 from aggregator.retrieval.pipeline import retrieve
-from aggregator.ranking.bm25 import BM25Index, BM25Params
+from aggregator.ranking.bm25 import BM25Params
 from aggregator.runtime.gateway import Gateway
 from aggregator.text.tokenize import tokenize
 from aggregator.ranking.statistics import merge_term_statistics
 from connectors.base import Passage
-from tests.loopback import serve
+from testkit.bm25_index import BM25Index
+from testkit.loopback import serve
 
 from ._cranfield import Doc, mean, ndcg_at, recall_at
 from ._scenarios import ScenarioRun, doc_id, unique
@@ -129,7 +130,8 @@ def write_shard(folder: Path, docs: list[Doc]) -> Path:
     return folder
 
 
-def gateway_config(kinds: list[str], urls: list[str], folders: list[Path], judge: bool = False) -> str:
+def gateway_config(kinds: list[str], urls: list[str], folders: list[Path], judge: str | None = None) -> str:
+    """`judge`: None, or the gateway's `embeddings` block (bench/_semantic.py's judges)."""
     connectors = []
     for i, kind in enumerate(kinds):
         if kind == "files":
@@ -143,7 +145,7 @@ def gateway_config(kinds: list[str], urls: list[str], folders: list[Path], judge
     names = ", ".join(f"shard{i}" for i in range(len(kinds)))
     return (
         "server:\n  api_keys: [{key: bench}]\n  deadline_s: 30\n  watch_config: false\n  cache_ttl_s: 0\n"
-        + ("  embeddings: {provider: local, timeout_s: 30}\n" if judge else "")
+        + (f"  embeddings: {judge}\n" if judge else "")
         + f"knowledge_bases:\n  bench:\n    connectors: [{names}]\nconnectors:\n" + "".join(connectors)
     )
 
@@ -177,7 +179,7 @@ def shard_servers(shards: list[list[Doc]]) -> Iterator[tuple[list[str], list[Pat
 
 
 async def run_scenario(name: str, kinds: list[str], urls: list[str], folders: list[Path], queries: list[tuple[str, str]],
-                       judge: bool = False) -> ScenarioRun:  # fmt: skip
+                       judge: str | None = None) -> ScenarioRun:  # fmt: skip
     run = ScenarioRun(name, {"gateway": [], "merge by source score": [], "reciprocal rank fusion": []}, kinds=kinds)
     gateway = Gateway(parse_config(gateway_config(kinds, urls, folders, judge), {}))
     await gateway.start()
@@ -251,12 +253,20 @@ async def evaluate(collection: str, sweep: bool, only: list[str] | None, lexical
     from . import _semantic
 
     runs: list[ScenarioRun] = []
-    matrix = {name: (kinds, False) for name, kinds in SCENARIOS.items()} | ({} if lexical else _semantic.SCENARIOS)
-    with shard_servers(shards) as (urls, folders):
+    matrix = {name: (kinds, None) for name, kinds in SCENARIOS.items()} | ({} if lexical else _semantic.SCENARIOS)
+    from . import _transformer
+
+    without_api = _transformer.missing()
+    if without_api and any(judge == "api" for _, judge in matrix.values()):
+        print(f"(the API judge's rows are left out: {without_api})\n")
+    with shard_servers(shards) as (urls, folders), ExitStack() as stack:
+        judges = {"local": "{provider: local, timeout_s: 30}"}
+        if not without_api:
+            judges["api"] = _transformer.JUDGE.format(url=stack.enter_context(serve(_transformer.TransformerEndpoint().app())))
         for name, (kinds, judge) in matrix.items():
-            if only and not any(name.startswith(o) for o in only):
+            if (only and not any(name.startswith(o) for o in only)) or (judge is not None and judge not in judges):
                 continue
-            runs.append(await run_scenario(name, kinds, urls, folders, queries, judge))
+            runs.append(await run_scenario(name, kinds, urls, folders, queries, judges.get(judge or "")))
 
     plain = build_index(docs, third_party_terms)
     plain_ndcg, plain_recall = measure([[str(k) for k, _ in plain.search(third_party_terms(t), K)] for _, t in queries], queries, qrels)
@@ -267,7 +277,7 @@ async def evaluate(collection: str, sweep: bool, only: list[str] | None, lexical
     if not lexical:
         for label, rankings in _semantic.central_rankings(docs, queries, central).items():
             n, r = measure(rankings, queries, qrels)
-            best = max(best, n) if label == "central dense" else best
+            best = max(best, n) if label.startswith("central dense") else best
             lines.append(f"| all | {label} | {n:.4f} | {r:.4f} | {n / central_ndcg:.3f} |")
     lines[0] += " ratio to the best of central BM25 and dense |"
     lines[1] += " ---: |"

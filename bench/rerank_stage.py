@@ -28,10 +28,10 @@ from aggregator.runtime.config import parse_config  # noqa: E402
 from aggregator.contract.models import RetrievalRequest  # noqa: E402
 from aggregator.retrieval.pipeline import retrieve  # noqa: E402
 from aggregator.runtime.gateway import Gateway  # noqa: E402
-from tests.conftest import KEY, write_docs  # noqa: E402
-from tests.loopback import free_port, stop, wait_listening  # noqa: E402
+from testkit.gateway import KEY, write_docs  # noqa: E402
+from testkit.loopback import free_port, stop, wait_listening  # noqa: E402
 
-FAKE = "import uvicorn; from tests.fakes import rerank as r; s = r.FakeRerank(relevance={'签名': 0.9}); uvicorn.run(r.app(s), host='127.0.0.1', port={port}, log_level='warning')"
+FAKE = "import uvicorn; from testkit.fakes import rerank as r; s = r.FakeRerank(relevance={'签名': 0.9}); uvicorn.run(r.app(s), host='127.0.0.1', port={port}, log_level='warning')"
 
 
 async def measure(rounds: int, url: str, docs: Path) -> dict[str, tuple[float, float]]:

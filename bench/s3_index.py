@@ -26,21 +26,7 @@ sys.path.insert(0, str(ROOT))
 from bench._cranfield import load  # noqa: E402
 from aggregator.state.sync import IndexedConnector  # noqa: E402
 from connectors.base import Connector, SourceQuery  # noqa: E402
-from tests.loopback import free_port  # noqa: E402
-
-
-def wait_for(url: str) -> None:
-    import httpx
-
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            httpx.get(url)
-            return
-        except httpx.TransportError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+from testkit.loopback import free_port, wait_listening  # noqa: E402
 
 
 def texts(count: int) -> list[str]:
@@ -91,7 +77,7 @@ def main() -> int:
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_for(url)
+        wait_listening(port, server, "moto's S3 server")
         client = boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="bench", aws_secret_access_key="bench")
         client.create_bucket(Bucket="bench")
         t = time.perf_counter()

@@ -37,7 +37,7 @@ import aggregator.runtime.service as service_module  # noqa: E402
 from aggregator.ops.tracing import Tracing  # noqa: E402
 from bench.perf import KEY, upstreams  # noqa: E402
 from connectors import http as connectors_http  # noqa: E402
-from tests.loopback import serve, wait_ready  # noqa: E402
+from testkit.loopback import serve, wait_ready  # noqa: E402
 
 TRACEPARENT = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}
 VARIANTS = ("no tracing code", "off", "off, traceparent in", "on, traceparent in")

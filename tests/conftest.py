@@ -1,4 +1,4 @@
-"""Shared fixtures: a small document folder and a gateway config over it."""
+"""Shared fixtures: a small document folder and a gateway config over it (testkit/gateway.py writes both)."""
 
 from __future__ import annotations
 
@@ -8,55 +8,32 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
 from aggregator.runtime.config import GatewayConfig, parse_config
+from testkit.gateway import DOCS, KEY, config_text, write_docs
 
-KEY = "test-key-0123456789"
+# KEY, DOCS and write_docs are testkit's; tests import them from here too.
+__all__ = ["DOCS", "KEY", "SCOPED_KEY", "write_docs", "make_config", "dify_source", "condition"]
+
 SCOPED_KEY = "scoped-key-abcdef"
 _databases = itertools.count(1)
-
-DOCS = {
-    "vpn.md": "# VPN setup\n\nInstall WireGuard and import the VPN profile from the IT portal.\n\nProfiles expire after 180 days.",
-    "keys.md": "# Key rotation\n\nWe rotate the release signing keys every twelve months in the hardware security module.",
-    "expenses.txt": "Expense reports\n\nSubmit receipts within thirty days. Meals are reimbursed up to the daily allowance.",
-    "zh/请假.md": "# 请假制度\n\n员工每年享有十五天带薪年假，需要提前五个工作日申请。",
-    "zh/密钥.md": "# 签名密钥轮换\n\n发布签名密钥每十二个月轮换一次，保存在硬件安全模块中。",
-}
-
-
-def write_docs(folder: Path, docs: dict[str, str] = DOCS) -> Path:
-    for relative, text in docs.items():
-        path = folder / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-    return folder
 
 
 def make_config(
     folder: Path, extra_connectors: str = "", kb_connectors: str = "[docs]", deadline_s: float = 4.0, cache_ttl_s: float | None = None
 ) -> GatewayConfig:
-    """`cache_ttl_s=0` for a test that repeats one query to watch what the sources do (the cache would answer it)."""
-    text = f"""
-    server:
-      api_keys:
-        - key: {KEY}
-        - key: {SCOPED_KEY}
-          knowledge_ids: [other]
-      deadline_s: {deadline_s}{"" if cache_ttl_s is None else f"{chr(10)}      cache_ttl_s: {cache_ttl_s}"}
-    defaults:
-      timeout_s: 2.0
-      retries: 1
-    knowledge_bases:
-      demo:
-        connectors: {kb_connectors}
-      other:
-        connectors: [docs]
-    connectors:
-      docs:
-        type: files
-        path: {folder}
-    """
-    return parse_config(textwrap.dedent(text) + textwrap.indent(textwrap.dedent(extra_connectors), "  "), {})
+    """`demo` over a `files` source of `folder` (`kb_connectors` and `extra_connectors`, YAML, add others), and
+    `other` for SCOPED_KEY. `cache_ttl_s=0` for a test that repeats one query to watch what the sources do."""
+    server: dict[str, object] = {"deadline_s": deadline_s} | ({} if cache_ttl_s is None else {"cache_ttl_s": cache_ttl_s})
+    text = config_text(
+        {"docs": {"type": "files", "path": str(folder)}, **(yaml.safe_load(textwrap.dedent(extra_connectors)) or {})},
+        {"demo": yaml.safe_load(kb_connectors), "other": ["docs"]},
+        keys=[{"key": KEY}, {"key": SCOPED_KEY, "knowledge_ids": ["other"]}],
+        defaults={"timeout_s": 2.0, "retries": 1},
+        **server,
+    )
+    return parse_config(text, {})
 
 
 def dify_source(name: str, endpoint: str, **fields: object) -> str:
@@ -83,13 +60,13 @@ def config(docs_dir: Path) -> GatewayConfig:
     return make_config(docs_dir)
 
 
-# -- real PostgreSQL and Redis (tests/servers.py), started once per session, only by tests that ask for them ------
+# -- real PostgreSQL and Redis (testkit/servers.py), started once per session, only by tests that ask for them ------
 
 
 @pytest.fixture(scope="session")
 def postgres():  # type: ignore[no-untyped-def]
     pytest.importorskip("psycopg_pool", reason='the replicas extra is not installed: pip install -e ".[test]"')
-    from .servers import Unavailable, postgres_server
+    from testkit.servers import Unavailable, postgres_server
 
     try:
         with postgres_server() as server:
@@ -109,7 +86,7 @@ def new_redis_server():  # type: ignore[no-untyped-def]
     """A RedisServer not yet started, or a skip saying why there is none: every test that needs a server of its own
     makes it here (or through the fixtures below), never with `RedisServer()` directly, so that it skips, not fails."""
     pytest.importorskip("redis", reason='the replicas extra is not installed: pip install -e ".[test]"')
-    from .servers import RedisServer, Unavailable
+    from testkit.servers import RedisServer, Unavailable
 
     try:
         return RedisServer()

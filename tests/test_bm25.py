@@ -6,7 +6,8 @@ import math
 import random
 from collections import Counter
 
-from aggregator.ranking.bm25 import BM25Index, idf
+from aggregator.ranking.bm25 import idf
+from testkit.bm25_index import BM25Index
 
 WORDS = [f"w{i}" for i in range(40)]
 

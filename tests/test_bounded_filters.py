@@ -16,7 +16,7 @@ from aggregator.contract.conditions import compile_filter
 from aggregator.contract.models import MAX_FILTER_FIELDS, MAX_FILTER_TESTS, MAX_VALUE_CHARS, MAX_VALUES_PER_CONDITION, MetadataCondition
 
 from .conftest import KEY, make_config, write_docs
-from .loopback import serve, wait_ready
+from testkit.loopback import eventually, serve, wait_ready
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
@@ -93,15 +93,19 @@ def test_many_values_fold_into_one_test_with_the_same_meaning():
 
 
 @pytest.fixture
-def slow_filter(monkeypatch):
-    """Every passage a filter looks at costs 2 ms: a filter that rejects everything on a large source."""
+def slow_filter(monkeypatch) -> threading.Event:
+    """Every passage a filter looks at costs 2 ms: a filter that rejects everything on a large source. The event
+    is set when a passage is looked at (clear it, then wait for it: the filter is under way)."""
     real = indexed.record_metadata
+    looked_at = threading.Event()
 
     def slow(*args, **kwargs):
+        looked_at.set()
         time.sleep(0.002)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(indexed, "record_metadata", slow)
+    return looked_at
 
 
 def test_a_slow_filter_on_an_indexed_source_neither_stalls_the_service_nor_outlives_the_deadline(tmp_path: Path, slow_filter):
@@ -112,6 +116,7 @@ def test_a_slow_filter_on_an_indexed_source_neither_stalls_the_service_nor_outli
 
     with serve(create_app(lambda: config)) as url:
         wait_ready(url, timeout=60)
+        slow_filter.clear()
 
         def ask() -> None:
             started = time.monotonic()
@@ -120,7 +125,7 @@ def test_a_slow_filter_on_an_indexed_source_neither_stalls_the_service_nor_outli
 
         asker = threading.Thread(target=ask)
         asker.start()
-        time.sleep(0.2)  # the retrieval is under way: the filter is reading passages
+        eventually(slow_filter.is_set, what="the retrieval's filter reading passages")
         started = time.monotonic()
         health = httpx.get(url + "/healthz", timeout=30)
         health_s = time.monotonic() - started

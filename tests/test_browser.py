@@ -13,15 +13,16 @@ import subprocess
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from aggregator.web.api import create_app
 from aggregator.ops.charts import OUTCOME_COLOURS, P50_COLOUR
 
-from .conftest import KEY, make_config, write_docs
-from .fakes.dify import FakeUpstream
-from .loopback import free_port, serve, wait_ready
+from testkit.fakes.dify import FakeUpstream
+from testkit.gateway import ask
+from testkit.loopback import free_port, serve, wait_ready
+
+from .conftest import make_config, write_docs
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -52,11 +53,6 @@ def with_partner(tmp_path: Path, endpoint: str, timeout_s: float = 2.0):
     return make_config(write_docs(tmp_path / "docs"), extra, kb_connectors="[docs, partner]", cache_ttl_s=0)
 
 
-def ask(url: str) -> None:
-    body = {"knowledge_id": "demo", "query": "signing keys", "retrieval_setting": {"top_k": 3, "score_threshold": 0}}
-    assert httpx.post(url + "/retrieval", json=body, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
-
-
 def look_at(tmp_path: Path, url: str, screenshot: str) -> tuple[str, Path]:
     """The status page's DOM as Chromium builds it, and a screenshot saved under test-artifacts/."""
     dom = chromium(tmp_path, "--dump-dom", url + "/").stdout
@@ -70,7 +66,7 @@ def test_a_person_sees_the_failing_source(tmp_path: Path):
     config = with_partner(tmp_path, f"http://127.0.0.1:{free_port()}")
     with serve(create_app(lambda: config)) as url:
         wait_ready(url)
-        ask(url)
+        assert ask(url).status_code == 200
         dom, shot = look_at(tmp_path, url, "status-page.png")
 
     rows = dict(re.findall(r'<tr data-source="([^"]+)">(.*?)</tr>', dom, re.S))
@@ -104,7 +100,7 @@ def test_a_person_sees_the_last_hour_of_a_flaky_source(tmp_path: Path):
             for mode in ["ok"] * 4 + ["error", "slow", "ok"] * 4:
                 clock[0] += 60
                 upstream.mode = mode
-                ask(url)
+                assert ask(url).status_code == 200
             dom, shot = look_at(tmp_path, url, "status-page-history.png")
 
     charts = dict(re.findall(r'<tr class="hist" data-history="([^"]+)">(.*?)</tr>', dom, re.S))

@@ -18,9 +18,11 @@ from aggregator.web.api import create_app
 from aggregator.retrieval.cache import POLL_S, Answer, ResponseCache
 from aggregator.shared.redis import SharedState
 
-from .conftest import KEY, make_config, write_docs
-from .fakes.dify import FakeUpstream
-from .loopback import serve, wait_ready
+from testkit.fakes.dify import FakeUpstream
+from testkit.gateway import ask, config_text
+from testkit.loopback import eventually, serve, wait_ready
+
+from .conftest import make_config, write_docs
 
 PARTNER = """
 partner:
@@ -32,17 +34,12 @@ partner:
 """
 
 
-def ask(url: str, query: str = "signing keys", kb: str = "demo", top_k: int = 3, **headers: str) -> httpx.Response:
-    body = {"knowledge_id": kb, "query": query, "retrieval_setting": {"top_k": top_k, "score_threshold": 0}}
-    return httpx.post(url + "/retrieval", json=body, headers={"Authorization": f"Bearer {KEY}", **headers}, timeout=10)
-
-
 def test_a_retry_is_answered_from_the_cache_byte_for_byte(tmp_path: Path):
     config = make_config(write_docs(tmp_path / "docs"))  # the default: cache_ttl_s 5
     with serve(create_app(lambda: config)) as url:
         wait_ready(url)
-        first = ask(url, **{"X-Request-Id": "attempt-1"})
-        retry = ask(url, **{"X-Request-Id": "attempt-2"})
+        first = ask(url, headers={"X-Request-Id": "attempt-1"})
+        retry = ask(url, headers={"X-Request-Id": "attempt-2"})
         other = ask(url, top_k=2)
         unknown = [ask(url, kb="nope").headers.get("X-Cache") for _ in range(2)]
         metrics = httpx.get(url + "/metrics").text
@@ -91,17 +88,14 @@ def test_duplicates_in_flight_wait_for_the_first_and_failures_are_not_kept(tmp_p
 def test_a_config_reload_invalidates_the_cache(tmp_path: Path):
     folder = write_docs(tmp_path / "docs")
     path = tmp_path / "connectors.yaml"
-    text = f"server:\n  api_keys: [{{key: {KEY}}}]\nknowledge_bases:\n  demo: {{connectors: [docs]}}\nconnectors:\n  docs: {{type: files, path: {folder}}}\n"
+    text = config_text({"docs": {"type": "files", "path": str(folder)}})
     path.write_text(text)
     with serve(create_app(config_path=path)) as url:
         wait_ready(url)
         assert [ask(url).headers["X-Cache"] for _ in range(2)] == ["miss", "hit"]
         version = httpx.get(url + "/status").json()["config_version"]
         path.write_text(text + "# edited\n")
-        deadline = time.monotonic() + 10
-        while httpx.get(url + "/status").json()["config_version"] == version:
-            assert time.monotonic() < deadline, "the edit was not reloaded"
-            time.sleep(0.1)
+        eventually(lambda: httpx.get(url + "/status").json()["config_version"] != version, what="the edit reloaded")
         assert ask(url).headers["X-Cache"] == "miss", "nothing answered under the old version is served again"
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 
 from .conftest import DOCS, write_docs
-from .loopback import free_port, serve_cli
+from testkit.loopback import free_port, serve_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 

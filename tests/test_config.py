@@ -165,7 +165,7 @@ def test_a_password_written_into_a_url_is_a_secret_too(tmp_path: Path):
 
     from aggregator.web.api import create_app
 
-    from .loopback import free_port
+    from testkit.loopback import free_port
 
     endpoint = f"http://reader:pa%24%24word-42@127.0.0.1:{free_port()}/api"
     config = parse_config(GOOD.replace("http://127.0.0.1:9/api/", endpoint).replace("./samples", str(tmp_path)), {"KEY": "k", "PARTNER_KEY": "p"})

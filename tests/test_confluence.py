@@ -10,9 +10,9 @@ import pytest
 from connectors.base import AuthFailed, BadResponse, RateLimited, SourceQuery
 from connectors.confluence import ConfluenceConnector, ConfluenceSettings, cql_text, pushdown_clauses
 
-from .fakes.confluence import FakeConfluence, Page, app
-from .fakes.recorder import Recorder
-from .loopback import serve
+from testkit.fakes.confluence import FakeConfluence, Page, app
+from testkit.fakes.recorder import Recorder
+from testkit.loopback import serve
 
 TOKEN = "confluence-token-secret"
 BASIC = "Basic " + base64.b64encode(f"ops@example.com:{TOKEN}".encode()).decode()

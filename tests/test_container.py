@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from .loopback import free_port
+from testkit.loopback import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFORMANCE = ROOT.parent / "shared" / "conformance" / "check.py"

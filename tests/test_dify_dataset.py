@@ -7,9 +7,9 @@ import pytest
 from connectors.base import AuthFailed, BadResponse, NotFound, RateLimited, SourceQuery
 from connectors.dify_dataset import DifyDatasetConnector, DifyDatasetSettings, dify_condition
 
-from .fakes.dify_dataset import FakeDify, Segment, app
+from testkit.fakes.dify_dataset import FakeDify, Segment, app
 from .conftest import condition
-from .loopback import serve
+from testkit.loopback import serve
 
 KEY = "dataset-knowledge-key-secret"
 

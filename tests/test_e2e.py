@@ -8,14 +8,15 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 from fastapi import FastAPI, Request
 
 from aggregator.web.api import create_app
 
+from testkit.gateway import ask
+from testkit.loopback import free_port, serve, serve_cli, wait_ready
+
 from .conftest import KEY, dify_source, make_config, write_docs
-from .loopback import free_port, serve, serve_cli, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFORMANCE = ROOT.parent / "shared" / "conformance" / "check.py"
@@ -24,11 +25,6 @@ PARTNER_DOCS = {
     "partner/runbook.md": "# Partner runbook\n\nTo rotate the partner API signing keys, open the partner console.",
     "partner/holidays.md": "# Partner holidays\n\nThe partner office is closed on public holidays.",
 }
-
-
-def retrieve(base_url: str, query: str, kb: str = "demo", top_k: int = 10, **extra) -> httpx.Response:
-    body = {"knowledge_id": kb, "query": query, "retrieval_setting": {"top_k": top_k, "score_threshold": 0.0}, **extra}
-    return httpx.post(base_url + "/retrieval", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
 
 
 @pytest.fixture
@@ -57,7 +53,7 @@ def test_records_from_a_local_folder_and_a_remote_gateway_are_merged(tmp_path: P
     config = federated_config(tmp_path, partner + "/")  # saved with a trailing slash, as users do
     with serve(create_app(lambda: config)) as url:
         wait_ready(url)
-        response = retrieve(url, "rotate signing keys")
+        response = ask(url, "rotate signing keys", top_k=10)
     assert response.status_code == 200
     assert response.headers["X-Sources"] == "docs=ok;partner=ok"
     records = response.json()["records"]
@@ -75,7 +71,7 @@ def test_a_dead_upstream_never_fails_the_request(tmp_path: Path):
     config = federated_config(tmp_path, f"http://127.0.0.1:{free_port()}")
     with serve(create_app(lambda: config)) as url:
         wait_ready(url)
-        response = retrieve(url, "rotate signing keys")
+        response = ask(url, "rotate signing keys", top_k=10)
     assert response.status_code == 200
     assert response.headers["X-Sources"] == "docs=ok;partner=error"
     assert response.json()["records"][0]["title"] == "Key rotation"
@@ -95,7 +91,7 @@ def test_a_hanging_upstream_is_cut_at_the_deadline(tmp_path: Path):
         with serve(create_app(lambda: config)) as url:
             wait_ready(url)
             started = time.monotonic()
-            response = retrieve(url, "rotate signing keys")
+            response = ask(url, "rotate signing keys", top_k=10)
             elapsed = time.monotonic() - started
     assert response.status_code == 200 and elapsed < 2.0
     assert response.headers["X-Sources"] == "docs=ok;partner=timeout"
@@ -119,7 +115,7 @@ def test_metadata_condition_is_passed_to_the_upstream(tmp_path: Path):
         config = federated_config(tmp_path, upstream_url)
         with serve(create_app(lambda: config)) as url:
             wait_ready(url)
-            response = retrieve(url, "rotate keys", top_k=3, metadata_condition=condition)
+            response = ask(url, "rotate keys", top_k=3, metadata_condition=condition)
     assert response.status_code == 200
     [sent] = seen
     assert sent["knowledge_id"] == "demo" and sent["query"] == "rotate keys"
@@ -177,7 +173,7 @@ def test_sources_with_different_score_scales_merge_by_relevance(tmp_path: Path):
         config = make_config(write_docs(tmp_path / "docs"), extra, kb_connectors="[docs, raw, ranked]")
         with serve(create_app(lambda: config)) as url:
             wait_ready(url)
-            response = retrieve(url, "rotate the release signing keys", top_k=4)
+            response = ask(url, "rotate the release signing keys", top_k=4)
     assert response.status_code == 200 and response.headers["X-Sources"] == "docs=ok;raw=ok;ranked=ok"
     records = response.json()["records"]
     titles = [r["title"] for r in records]

@@ -15,9 +15,11 @@ import pytest
 from aggregator.web.api import create_app
 from aggregator.runtime.config import parse_config
 
+from testkit.fakes import rerank as fake_rerank
+from testkit.gateway import ask
+from testkit.loopback import serve, until, wait_ready
+
 from .conftest import KEY, write_docs
-from .fakes import rerank as fake_rerank
-from .loopback import serve, wait_ready
 
 MODEL_KEY = "cohere-secret-key-for-tests"
 QUERY = "signing keys rotation 签名密钥"  # a bilingual user: the fusion puts the English page first
@@ -62,11 +64,6 @@ def gateway(model, tmp_path: Path) -> Iterator[tuple[str, fake_rerank.FakeRerank
     state.reset()
 
 
-def retrieve(base: str, kb: str = "demo", threshold: float = 0.0, top_k: int = 5) -> httpx.Response:
-    body = {"knowledge_id": kb, "query": QUERY, "retrieval_setting": {"top_k": top_k, "score_threshold": threshold}}
-    return httpx.post(base + "/retrieval", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
-
-
 def titles(response: httpx.Response) -> list[str]:
     return [r["title"] for r in response.json()["records"]]
 
@@ -79,10 +76,10 @@ def test_the_models_order_and_scores_win_and_a_threshold_cuts_on_them(gateway, c
     base, state = gateway
     # The model prefers the Chinese page the fusion puts second, and finds nothing else relevant.
     state.relevance = {"签名密钥": 0.93, "signing keys": 0.41}
-    plain = retrieve(base, "plain")
+    plain = ask(base, QUERY, "plain")
     assert titles(plain) == ["Key rotation", "签名密钥轮换"]
     with caplog.at_level(logging.INFO, logger="aggregator.access"):
-        response = retrieve(base, threshold=0.2)
+        response = ask(base, QUERY, threshold=0.2)
     assert response.status_code == 200 and response.headers["X-Sources"] == "docs=ok;rerank=ok"
     records = response.json()["records"]
     assert [(r["title"], r["score"]) for r in records] == [("签名密钥轮换", 0.93), ("Key rotation", 0.41)]
@@ -99,7 +96,7 @@ def test_the_models_order_and_scores_win_and_a_threshold_cuts_on_them(gateway, c
     assert 'gateway_source_calls_total{outcome="ok",source="rerank"} 1.0' in metrics
     page = httpx.get(base + "/")
     assert page.status_code == 200 and "rerank-model" in page.text
-    assert titles(retrieve(base, threshold=0.5)) == ["签名密钥轮换"], "the threshold cuts on the model's relevance"
+    assert titles(ask(base, QUERY, threshold=0.5)) == ["签名密钥轮换"], "the threshold cuts on the model's relevance"
 
 
 @pytest.mark.parametrize(("fault", "outcome"), [("fail", "error"), ("malformed", "error"), ("rate_limit", "rate_limited"), ("key", "auth_failed")])
@@ -114,9 +111,9 @@ def test_a_failing_model_falls_back_to_the_fusion_with_the_outcome_shown(gateway
         state.rate_limit_next, state.retry_after = 1, "30"
     else:
         state.api_key = "rotated"
-    response = retrieve(base)
+    response = ask(base, QUERY)
     assert response.status_code == 200 and response.headers["X-Sources"] == f"docs=ok;rerank={outcome}"
-    assert response.json()["records"] == retrieve(base, "plain").json()["records"], "the fusion's order and scores, untouched"
+    assert response.json()["records"] == ask(base, QUERY, "plain").json()["records"], "the fusion's order and scores, untouched"
     stage = stage_status(base)
     assert stage["calls"][outcome] == 1 and stage["state"] in ("degraded", "auth_failed")
     assert stage["last_error"]["message"] and MODEL_KEY not in httpx.get(base + "/status").text
@@ -127,11 +124,11 @@ def test_a_hung_model_costs_its_budget_and_the_deadline_holds(gateway):
     base, state = gateway
     state.delay_s = 5.0
     started = time.perf_counter()
-    response = retrieve(base)
+    response = ask(base, QUERY)
     elapsed = time.perf_counter() - started
     assert response.status_code == 200 and response.headers["X-Sources"] == "docs=ok;rerank=timeout"
     assert 0.9 < elapsed < 2.0, f"{elapsed:.2f} s: the model's 1 s budget, inside the 2 s deadline"
-    assert titles(response) == titles(retrieve(base, "plain"))
+    assert titles(response) == titles(ask(base, QUERY, "plain"))
 
 
 def test_explain_shows_the_stage_like_a_source(gateway):
@@ -162,8 +159,7 @@ async def test_a_reload_adds_changes_and_removes_the_model(model, tmp_path: Path
     await service.start()
     request = RetrievalRequest.model_validate({"knowledge_id": "demo", "query": QUERY, "retrieval_setting": {"top_k": 3}})
     try:
-        while not service.gateway.ready:
-            await asyncio.sleep(0.05)
+        await until(lambda: service.gateway.ready, what="the gateway ready")
         assert (await run(service.gateway, request)).sources_header() == "docs=ok"
         assert [s["name"] for s in service.status()["sources"]] == ["docs"]
         for top_n, sent in ((1, 1), (5, 2)):
@@ -210,7 +206,7 @@ def test_the_models_call_is_a_span_of_the_retrieval_and_carries_its_traceparent(
     config = parse_config(textwrap.dedent(text), {})
     with serve(create_app(lambda: config, tracing=Tracing(provider))) as base:
         wait_ready(base)
-        assert retrieve(base).headers["X-Sources"] == "docs=ok;rerank=error"
+        assert ask(base, QUERY).headers["X-Sources"] == "docs=ok;rerank=error"
     spans = {s.name: s for s in exporter.get_finished_spans()}
     stage = spans["search rerank"]
     assert stage.attributes["gateway.source.type"] == "rerank-model" and stage.attributes["gateway.source.outcome"] == "error"
@@ -266,19 +262,19 @@ def test_an_answer_whose_model_failed_is_not_kept_for_later_retries(model, tmp_p
     config = parse_config(textwrap.dedent(text), {})
     with serve(create_app(lambda: config)) as base:
         wait_ready(base)
-        failed = retrieve(base)
+        failed = ask(base, QUERY)
         assert failed.headers["X-Sources"] == "docs=ok;rerank=error" and failed.headers["X-Cache"] == "miss"
-        retried = retrieve(base)  # Dify's retry asks the model again, and gets its order
+        retried = ask(base, QUERY)  # Dify's retry asks the model again, and gets its order
         assert retried.headers["X-Sources"] == "docs=ok;rerank=ok" and retried.headers["X-Cache"] == "miss"
         assert titles(retried)[0] == "签名密钥轮换" and len(state.requests) == 2
-        again = retrieve(base)
+        again = ask(base, QUERY)
         assert again.headers["X-Cache"] == "hit" and again.content == retried.content and len(state.requests) == 2
     state.reset()
 
 
 def test_a_slow_embedding_judge_leaves_the_rerank_model_its_budget(model, tmp_path: Path):
     """Both stages configured: the judge ends where the sources end, so the model keeps the time it was promised."""
-    from .fakes.embeddings import API_KEY as EMBEDDING_KEY, FakeEmbeddings
+    from testkit.fakes.embeddings import API_KEY as EMBEDDING_KEY, FakeEmbeddings
 
     url, state = model
     state.reset()
@@ -302,7 +298,7 @@ def test_a_slow_embedding_judge_leaves_the_rerank_model_its_budget(model, tmp_pa
         with serve(create_app(lambda: config)) as base:
             wait_ready(base)
             started = time.perf_counter()
-            response = retrieve(base)
+            response = ask(base, QUERY)
             elapsed = time.perf_counter() - started
     assert response.status_code == 200, response.text
     assert response.headers["X-Sources"] == "docs=ok;embeddings=timeout;rerank=ok", "the judge timed out, the model still answered"

@@ -10,9 +10,11 @@ import httpx
 from aggregator.web.api import create_app
 from aggregator.runtime.config import parse_config
 
+from testkit.fakes import confluence, notion
+from testkit.gateway import ask
+from testkit.loopback import serve, wait_ready
+
 from .conftest import KEY, write_docs
-from .fakes import confluence, notion
-from .loopback import serve, wait_ready
 from .test_confluence import BASIC
 
 
@@ -47,8 +49,7 @@ def test_records_from_confluence_notion_and_files_are_merged(tmp_path: Path):
         """), {"CONFLUENCE_TOKEN": "confluence-token-secret", "NOTION_TOKEN": "notion-secret"})  # fmt: skip
         with serve(create_app(lambda: config)) as url:
             wait_ready(url)
-            body = {"knowledge_id": "eng", "query": "rotate the signing keys", "retrieval_setting": {"top_k": 5, "score_threshold": 0.1}}
-            response = httpx.post(url + "/retrieval", json=body, headers={"Authorization": f"Bearer {KEY}"})
+            response = ask(url, kb="eng", threshold=0.1)
             status = httpx.get(url + "/status").text
     assert response.status_code == 200
     assert response.headers["X-Sources"] == "confluence-eng=ok;notion-wiki=ok;docs=ok"

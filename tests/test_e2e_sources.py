@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import subprocess
 import sys
-import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +19,9 @@ import pytest
 from aggregator.web.api import create_app
 from aggregator.runtime.config import parse_config
 
-from .conftest import KEY, write_docs
-from .fakes import dify_dataset, elasticsearch, ragflow, search_api
-from .loopback import serve, wait_ready
+from testkit.fakes import dify_dataset, elasticsearch, ragflow, search_api
+from testkit.gateway import ask, config_text, write_docs
+from testkit.loopback import serve, wait_ready
 
 SECRETS = {
     "ES_API_KEY": "es-id:es-secret-key",
@@ -76,55 +75,28 @@ def fakes(upstreams: Fakes) -> Iterator[Fakes]:
         getattr(fake, "bodies", getattr(fake, "requests", [])).clear()
 
 
-def config_text(fakes: Fakes, docs: Path) -> str:
+def sources_config(fakes: Fakes, docs: Path) -> str:
+    """`eng` over a folder and every fake, their keys as ${VAR}s (SECRETS)."""
     u = fakes.urls
-    return textwrap.dedent(f"""
-    server:
-      api_keys: [{{key: {KEY}}}]
-    defaults: {{timeout_s: 2.0, retries: 1}}
-    knowledge_bases:
-      eng: {{connectors: [{", ".join(SOURCES)}]}}
-    connectors:
-      docs:
-        type: files
-        path: {docs}
-      es:
-        type: elasticsearch
-        url: {u["es"]}
-        index: docs
-        api_key: ${{ES_API_KEY}}
-        metadata_fields: [team]
-        filter_fields: {{team: team}}
-      dify-kb:
-        type: dify_dataset
-        api_base: {u["dify"]}/v1
-        api_key: ${{DIFY_DATASET_KEY}}
-        dataset_id: {fakes.dify.dataset_id}
-      ragflow:
-        type: ragflow
-        base_url: {u["ragflow"]}
-        api_key: ${{RAGFLOW_KEY}}
-        dataset_ids: [kb-1]
-      intranet:
-        type: http
-        url: {u["intranet"]}/api/search?q={{query}}&size={{limit}}
-        headers: {{X-Api-Key: "${{INTRANET_KEY}}"}}
-        results: data.items
-        record: {{content: snippet, title: title, url: links.self, score: relevance, id: id, metadata: "{{team: owner.team}}"}}
-    """)
+    intranet_record = {"content": "snippet", "title": "title", "url": "links.self", "score": "relevance", "id": "id", "metadata": "{team: owner.team}"}
+    connectors = {
+        "docs": {"type": "files", "path": str(docs)},
+        "es": {"type": "elasticsearch", "url": u["es"], "index": "docs", "api_key": "${ES_API_KEY}",
+               "metadata_fields": ["team"], "filter_fields": {"team": "team"}},
+        "dify-kb": {"type": "dify_dataset", "api_base": f"{u['dify']}/v1", "api_key": "${DIFY_DATASET_KEY}", "dataset_id": fakes.dify.dataset_id},
+        "ragflow": {"type": "ragflow", "base_url": u["ragflow"], "api_key": "${RAGFLOW_KEY}", "dataset_ids": ["kb-1"]},
+        "intranet": {"type": "http", "url": f"{u['intranet']}/api/search?q={{query}}&size={{limit}}", "headers": {"X-Api-Key": "${INTRANET_KEY}"},
+                     "results": "data.items", "record": intranet_record},
+    }  # fmt: skip
+    return config_text(connectors, {"eng": list(SOURCES)}, defaults={"timeout_s": 2.0, "retries": 1})
 
 
 @pytest.fixture
 def gateway(fakes: Fakes, tmp_path: Path) -> Iterator[tuple[str, Fakes]]:
-    config = parse_config(config_text(fakes, write_docs(tmp_path / "docs")), SECRETS)
+    config = parse_config(sources_config(fakes, write_docs(tmp_path / "docs")), SECRETS)
     with serve(create_app(lambda: config)) as url:
         wait_ready(url)
         yield url, fakes
-
-
-def retrieve(url: str, **extra) -> httpx.Response:
-    body = {"knowledge_id": "eng", "query": "rotate the signing keys", "retrieval_setting": {"top_k": 10, "score_threshold": 0.0}, **extra}
-    return httpx.post(url + "/retrieval", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
 
 
 def assert_no_secret(text: str) -> None:
@@ -134,7 +106,7 @@ def assert_no_secret(text: str) -> None:
 
 def test_records_from_every_source_merge_into_one_ranking(gateway):
     url, _ = gateway
-    response = retrieve(url)
+    response = ask(url, kb="eng", top_k=10)
     assert response.status_code == 200
     assert response.headers["X-Sources"] == ";".join(f"{name}=ok" for name in SOURCES)
     records = response.json()["records"]
@@ -157,7 +129,7 @@ def test_records_from_every_source_merge_into_one_ranking(gateway):
 def test_a_metadata_filter_is_pushed_to_the_sources_that_can_and_applied_to_all(gateway):
     url, fakes = gateway
     condition = {"logical_operator": "and", "conditions": [{"name": "team", "comparison_operator": "is", "value": "security"}]}
-    response = retrieve(url, metadata_condition=condition)
+    response = ask(url, kb="eng", top_k=10, metadata_condition=condition)
     assert response.status_code == 200
     records = response.json()["records"]
     assert {r["metadata"]["source"] for r in records} == set(REMOTE), "files carry no team: filtered out by the gateway"
@@ -173,7 +145,7 @@ def test_a_malformed_answer_fails_only_that_source(gateway):
     url, fakes = gateway
     for fake in fakes.each():
         fake.malformed = True
-    response = retrieve(url)
+    response = ask(url, kb="eng", top_k=10)
     assert response.status_code == 200
     assert response.headers["X-Sources"] == "docs=ok;" + ";".join(f"{name}=error" for name in REMOTE)
     assert {r["metadata"]["source"] for r in response.json()["records"]} == {"docs"}
@@ -186,10 +158,10 @@ def test_rate_limits_and_refused_keys_are_reported_per_source(gateway):
     url, fakes = gateway
     for fake in fakes.each():
         fake.rate_limit_next, fake.retry_after = 1, "30"  # longer than the request's deadline: give up at once
-    response = retrieve(url)
+    response = ask(url, kb="eng", top_k=10)
     assert response.headers["X-Sources"] == "docs=ok;" + ";".join(f"{name}=rate_limited" for name in REMOTE)
     fakes.es.api_key = fakes.dify.api_key = fakes.ragflow.api_key = fakes.intranet.api_key = "rotated"
-    response = retrieve(url)
+    response = ask(url, kb="eng", top_k=10)
     assert response.status_code == 200
     assert response.headers["X-Sources"] == "docs=ok;" + ";".join(f"{name}=auth_failed" for name in REMOTE)
     status = httpx.get(url + "/status")
@@ -199,7 +171,7 @@ def test_rate_limits_and_refused_keys_are_reported_per_source(gateway):
 
 def test_aggregator_check_tries_every_type_and_shows_its_first_record(fakes: Fakes, tmp_path: Path):
     config = tmp_path / "connectors.yaml"
-    config.write_text(config_text(fakes, write_docs(tmp_path / "docs")))
+    config.write_text(sources_config(fakes, write_docs(tmp_path / "docs")))
     env = {"PATH": "/usr/bin:/bin", **SECRETS}
     result = subprocess.run([sys.executable, "-m", "aggregator", "check", "--config", str(config), "--query", "signing keys"],
                             capture_output=True, text=True, timeout=60, env=env)  # fmt: skip

@@ -11,9 +11,9 @@ from aggregator.runtime.config import ConfigError, parse_config
 from connectors.base import AuthFailed, BadResponse, NotFound, RateLimited, SourceQuery
 from connectors.elasticsearch import ElasticsearchConnector, ElasticsearchSettings, filter_clause
 
-from .fakes.elasticsearch import FakeCluster, app
+from testkit.fakes.elasticsearch import FakeCluster, app
 from .conftest import condition
-from .loopback import serve
+from testkit.loopback import serve
 
 API_KEY_PAIR = "key-id:es-api-key-secret"
 ENCODED = base64.b64encode(API_KEY_PAIR.encode()).decode()

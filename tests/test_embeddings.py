@@ -17,14 +17,13 @@ import pytest
 
 from aggregator.web.api import create_app
 from aggregator.runtime.config import ConfigError, parse_config
-from aggregator.contract.models import RetrievalRequest
-from aggregator.retrieval.pipeline import RetrievalResult, retrieve
+from aggregator.retrieval.pipeline import RetrievalResult
 from aggregator.retrieval.embeddings import EmbeddingSettings, Judge, LocalProvider, VectorCache
 from aggregator.runtime.gateway import Gateway
 
-from .conftest import KEY, write_docs
-from .fakes.embeddings import API_KEY, FakeEmbeddings, hashed_vectors
-from .loopback import free_port, serve
+from testkit.fakes.embeddings import API_KEY, FakeEmbeddings, hashed_vectors
+from testkit.gateway import KEY, ask, ask_gateway, config_text, write_docs
+from testkit.loopback import free_port, serve, wait_ready
 
 DOCS = {
     "vpn.md": "# VPN setup\n\nInstall WireGuard and import the VPN profile from the IT portal.",
@@ -35,16 +34,14 @@ DOCS = {
 QUERY = "rotate the VPN signing keys"
 
 
-def config_text(folder: Path, embeddings: str = "", deadline_s: float = 4.0) -> str:
-    block = f"\n  embeddings: {embeddings}" if embeddings else ""
-    return (f"server:\n  api_keys: [{{key: {KEY}}}]\n  cache_ttl_s: 0\n  deadline_s: {deadline_s}{block}\n"
-            f"knowledge_bases:\n  demo: {{connectors: [docs]}}\n"
-            f"connectors:\n  docs: {{type: files, path: {folder}, watch: false}}\n")
+def judged_config(folder: Path, embeddings: dict[str, object] | None = None, deadline_s: float = 4.0, **knowledge_bases: object) -> str:
+    """`demo` over a folder, judged by the server's `embeddings` (None: by words alone); `knowledge_bases` adds others."""
+    server = {"cache_ttl_s": 0, "deadline_s": deadline_s} | ({"embeddings": embeddings} if embeddings else {})
+    return config_text({"docs": {"type": "files", "path": str(folder), "watch": False}}, {"demo": ["docs"], **knowledge_bases}, **server)
 
 
-def openai_block(url: str, **fields: object) -> str:
-    extra = "".join(f", {k}: {v}" for k, v in fields.items())
-    return f"{{provider: openai, url: {url}/v1, model: test-model, api_key: {API_KEY}{extra}}}"
+def openai_block(url: str, **fields: object) -> dict[str, object]:
+    return {"provider": "openai", "url": f"{url}/v1", "model": "test-model", "api_key": API_KEY, **fields}
 
 
 async def started(text: str) -> Gateway:
@@ -52,11 +49,6 @@ async def started(text: str) -> Gateway:
     await gateway.start()
     await gateway.slots["docs"].connector.wait_ready(20)  # type: ignore[attr-defined]
     return gateway
-
-
-async def ask(gateway: Gateway, query: str = QUERY, top_k: int = 4, threshold: float = 0.0) -> RetrievalResult:
-    body = {"knowledge_id": "demo", "query": query, "retrieval_setting": {"top_k": top_k, "score_threshold": threshold}}
-    return await retrieve(gateway, RetrievalRequest.model_validate(body))
 
 
 def ranking(result: RetrievalResult) -> list[tuple[str, float]]:
@@ -73,10 +65,10 @@ def test_the_judge_speaks_openai_and_its_similarity_joins_the_relevance(folder: 
 
     async def main() -> tuple[RetrievalResult, RetrievalResult]:
         with serve(fake.app()) as url:
-            gateway = await started(config_text(folder, openai_block(url, batch_size=1, dimensions=64)))
-            plain = await started(config_text(folder))
+            gateway = await started(judged_config(folder, openai_block(url, batch_size=1, dimensions=64)))
+            plain = await started(judged_config(folder))
             try:
-                return await ask(gateway), await ask(plain)
+                return await ask_gateway(gateway, QUERY, top_k=4), await ask_gateway(plain, QUERY, top_k=4)
             finally:
                 await gateway.aclose()
                 await plain.aclose()
@@ -94,7 +86,7 @@ def test_the_judge_speaks_openai_and_its_similarity_joins_the_relevance(folder: 
     unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
     for (title, _), cosine in zip(texts.items(), unit[1:] @ unit[0]):
         detail = next(r for r in judged.records if r["title"] == title)["metadata"]["score_detail"]
-        assert detail["meaning"] == pytest.approx(min(1.0, max(0.0, (cosine - 0.3) / 0.5)), abs=1e-5)
+        assert detail["meaning"] == pytest.approx(min(1.0, max(0.0, (cosine - 0.4) / 0.5)), abs=1e-5)  # default [0.4, 0.9]
         assert detail["relevance"] >= 0.5 * detail["meaning"] - 1e-6
     assert "meaning" not in plain.records[0]["metadata"]["score_detail"]
 
@@ -104,21 +96,21 @@ def test_passages_seen_before_cost_nothing_and_survive_a_restart(folder: Path, t
 
     async def main() -> None:
         with serve(fake.app()) as url:
-            gateway = await started(config_text(folder, openai_block(url)))
-            await ask(gateway)
+            gateway = await started(judged_config(folder, openai_block(url)))
+            await ask_gateway(gateway, QUERY, top_k=4)
             calls = len(fake.calls)
-            await ask(gateway)  # the same query and passages: nothing to embed
+            await ask_gateway(gateway, QUERY, top_k=4)  # the same query and passages: nothing to embed
             assert len(fake.calls) == calls
-            await ask(gateway, "signing keys")  # a new query: one call, its passages all cached
+            await ask_gateway(gateway, "signing keys", top_k=4)  # a new query: one call, its passages all cached
             assert [len(c["input"]) for c in fake.calls[calls:]] == [1]
             judge = next(iter(gateway.judges.values()))
             judge.save(tmp_path / "state")
             await gateway.aclose()
 
-            successor = await started(config_text(folder, openai_block(url)))
+            successor = await started(judged_config(folder, openai_block(url)))
             next(iter(successor.judges.values())).load(tmp_path / "state")
             before = len(fake.calls)
-            result = await ask(successor, "import the profile")
+            result = await ask_gateway(successor, "import the profile", top_k=4)
             assert result.sources_header() == "docs=ok;embeddings=ok"
             assert [len(c["input"]) for c in fake.calls[before:]] == [1], "passages came from the saved cache"
             await successor.aclose()
@@ -135,13 +127,13 @@ def test_when_the_model_fails_the_answer_is_the_lexical_one_and_says_so(folder: 
 
     async def main() -> tuple[RetrievalResult, RetrievalResult, float]:
         with serve(fake.app()) as url:
-            gateway = await started(config_text(folder, openai_block(url, timeout_s=0.5, retries=1)))
-            plain = await started(config_text(folder))
+            gateway = await started(judged_config(folder, openai_block(url, timeout_s=0.5, retries=1)))
+            plain = await started(judged_config(folder))
             try:
                 loop = asyncio.get_running_loop()
                 begun = loop.time()
-                judged = await ask(gateway)
-                return judged, await ask(plain), loop.time() - begun
+                judged = await ask_gateway(gateway, QUERY, top_k=4)
+                return judged, await ask_gateway(plain, QUERY, top_k=4), loop.time() - begun
             finally:
                 await gateway.aclose()
                 await plain.aclose()
@@ -157,9 +149,9 @@ def test_a_model_that_is_down_is_skipped_by_its_breaker(folder: Path):
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens
 
     async def main() -> list[str]:
-        gateway = await started(config_text(folder, openai_block(url, circuit="{failures: 2, cooldown_s: 60}")))
+        gateway = await started(judged_config(folder, openai_block(url, circuit={"failures": 2, "cooldown_s": 60})))
         try:
-            return [(await ask(gateway, q)).sources_header() for q in ("VPN profile", "signing keys", "meals")]
+            return [(await ask_gateway(gateway, q, top_k=4)).sources_header() for q in ("VPN profile", "signing keys", "meals")]
         finally:
             await gateway.aclose()
 
@@ -170,14 +162,11 @@ def test_the_judge_shows_in_status_metrics_the_log_and_explain(folder: Path, cap
     caplog.set_level("INFO", logger="aggregator.access")
     fake = FakeEmbeddings(real=False)
     with serve(fake.app()) as model:
-        config = parse_config(config_text(folder, openai_block(model)), {})
+        config = parse_config(judged_config(folder, openai_block(model)), {})
         with serve(create_app(lambda: config)) as url:
-            body = {"knowledge_id": "demo", "query": QUERY, "retrieval_setting": {"top_k": 3, "score_threshold": 0}}
+            wait_ready(url)  # the folder indexes in the background
+            response = ask(url, QUERY, top_k=3)
             headers = {"Authorization": f"Bearer {KEY}"}
-            for _ in range(20):  # the folder indexes in the background
-                response = httpx.post(url + "/retrieval", json=body, headers=headers)
-                if response.json()["records"]:
-                    break
             assert response.headers["X-Sources"] == "docs=ok;embeddings=ok"
             line = [r for r in caplog.records if r.name == "aggregator.access"][-1]
             assert " embeddings=ok:" in line.getMessage() and line.fields["sources"]["embeddings"]["outcome"] == "ok"  # type: ignore[attr-defined]
@@ -195,16 +184,15 @@ def test_the_judge_shows_in_status_metrics_the_log_and_explain(folder: Path, cap
 
 def test_settings_are_checked_where_they_are_written(folder: Path):
     with pytest.raises(ConfigError, match="server.embeddings: .*needs url"):
-        parse_config(config_text(folder, "{provider: openai, model: m}"), {})
+        parse_config(judged_config(folder, {"provider": "openai", "model": "m"}), {})
     with pytest.raises(ConfigError, match="similarity"):
-        parse_config(config_text(folder, "{provider: openai, url: 'http://m/v1', similarity: [0.8, 0.2]}"), {})
-    config = parse_config(config_text(folder, "{provider: openai, url: 'http://m/v1', api_key: sk-secret-value}"), {})
+        parse_config(judged_config(folder, {"provider": "openai", "url": "http://m/v1", "similarity": [0.8, 0.2]}), {})
+    config = parse_config(judged_config(folder, {"provider": "openai", "url": "http://m/v1", "api_key": "sk-secret-value"}), {})
     assert "sk-secret-value" in config.secrets()
 
 
 def test_a_knowledge_base_may_bring_its_own_model(folder: Path):
-    text = config_text(folder, openai_block("http://server-model")).replace(
-        "demo: {connectors: [docs]}", "demo: {connectors: [docs]}\n  own: {connectors: [docs], embeddings: {provider: local}}")
+    text = judged_config(folder, openai_block("http://server-model"), own={"connectors": ["docs"], "embeddings": {"provider": "local"}})
     gateway = Gateway(parse_config(text, {}))
     assert gateway.judge("demo").settings.provider == "openai"  # type: ignore[union-attr]
     assert gateway.judge("own").settings.provider == "local"  # type: ignore[union-attr]
@@ -221,9 +209,9 @@ def test_the_local_model_needs_its_extra_and_says_which(monkeypatch: pytest.Monk
 
 def test_the_local_model_judges_in_process(folder: Path):
     async def main() -> RetrievalResult:
-        gateway = await started(config_text(folder, "{provider: local}"))
+        gateway = await started(judged_config(folder, {"provider": "local"}))
         try:
-            return await ask(gateway, "paid time off for new parents")
+            return await ask_gateway(gateway, "paid time off for new parents", top_k=4)
         finally:
             await gateway.aclose()
 
@@ -262,22 +250,21 @@ def test_with_a_real_model_a_match_by_meaning_alone_can_pass_a_threshold_of_half
 
     fake = FakeEmbeddings(real=True)
 
-    async def main(embeddings: str) -> dict[str, dict]:
-        text = (f"server:\n  api_keys: [{{key: {KEY}}}]\n  cache_ttl_s: 0\n{embeddings}"
-                f"knowledge_bases:\n  demo: {{connectors: [wiki]}}\n"
-                f"connectors:\n  wiki: {{type: dify, endpoint: {up}, api_key: k, knowledge_id: x, semantic: false}}\n")  # fmt: skip
+    async def main(embeddings: dict[str, object] | None) -> dict[str, dict]:
+        wiki = {"type": "dify", "endpoint": up, "api_key": "k", "knowledge_id": "x", "semantic": False}
+        text = config_text({"wiki": wiki}, cache_ttl_s=0, **({"embeddings": embeddings} if embeddings else {}))
         gateway = Gateway(parse_config(text, {}))
         await gateway.start()
         try:
-            result = await ask(gateway, CAR, threshold=0.5)
+            result = await ask_gateway(gateway, CAR, top_k=4, threshold=0.5)
             return {r["title"]: r for r in result.records}
         finally:
             await gateway.aclose()
 
     with serve(upstream) as up, serve(fake.app()) as model:
-        by_words = asyncio.run(main(""))
-        judged = asyncio.run(main(f"  embeddings: {openai_block(model, similarity='[0.4, 0.6]')}\n"))
-        trusted = asyncio.run(main(f"  embeddings: {openai_block(model, similarity='[0.4, 0.6]', combine='mix', weight=0.9)}\n"))
+        by_words = asyncio.run(main(None))
+        judged = asyncio.run(main(openai_block(model, similarity=[0.4, 0.6])))
+        trusted = asyncio.run(main(openai_block(model, similarity=[0.4, 0.6], combine="mix", weight=0.9)))
     assert "answer" not in by_words, "by words alone the paraphrase scores under 0.5"
     assert judged["answer"]["score"] > 0.5
     detail = judged["answer"]["metadata"]["score_detail"]
@@ -288,6 +275,37 @@ def test_with_a_real_model_a_match_by_meaning_alone_can_pass_a_threshold_of_half
     assert list(trusted) == ["answer", "lookalike"]
     gap = judged["answer"]["score"] - judged["lookalike"]["score"]
     assert trusted["answer"]["score"] - trusted["lookalike"]["score"] > gap
+
+
+def test_a_semantic_sources_first_answer_that_the_judge_also_prefers_keeps_the_sources_confidence():
+    """Two retrievers by meaning agree (the source ranks the paraphrase first at 0.86, the judge prefers it to
+    the look-alike, if only a little): a threshold of 0.5 that the source's confidence passes keeps it, first,
+    though the judge alone would score it low (cosine 0.54, barely over `similarity`'s low end 0.5)."""
+    from fastapi import FastAPI
+
+    upstream = FastAPI()
+
+    @upstream.post("/retrieval")
+    async def retrieval(body: dict) -> dict:
+        return {"records": [{"content": text, "title": title, "score": score, "metadata": {"document_id": title}}
+                            for text, title, score in ((CAR_ANSWER, "answer", 0.86), (CAR_LOOKALIKE, "lookalike", 0.62))]}  # fmt: skip
+
+    fake = FakeEmbeddings(real=True)
+
+    async def main(embeddings: dict[str, object]) -> list[dict]:
+        wiki = {"type": "dify", "endpoint": up, "api_key": "k", "knowledge_id": "x", "semantic": True}
+        gateway = Gateway(parse_config(config_text({"wiki": wiki}, cache_ttl_s=0, embeddings=embeddings), {}))
+        await gateway.start()
+        try:
+            return (await ask_gateway(gateway, CAR, top_k=4, threshold=0.5)).records
+        finally:
+            await gateway.aclose()
+
+    with serve(upstream) as up, serve(fake.app()) as model:
+        records = asyncio.run(main(openai_block(model, similarity=[0.5, 0.9])))
+    assert [r["title"] for r in records] == ["answer"]
+    detail = records[0]["metadata"]["score_detail"]
+    assert 0 < detail["meaning"] < 0.2 and detail["confidence"] == pytest.approx(0.86, abs=0.01)
 
 
 def test_the_readme_example_is_a_valid_judge():
@@ -310,10 +328,10 @@ def test_with_fast_sources_the_query_rides_with_the_passages_one_embedding_call_
 
     async def main() -> tuple[RetrievalResult, float]:
         with serve(fake.app()) as url:
-            gateway = await started(config_text(folder, openai_block(url, timeout_s=3.0)))
+            gateway = await started(judged_config(folder, openai_block(url, timeout_s=3.0)))
             try:
                 begun = time.perf_counter()
-                result = await ask(gateway)
+                result = await ask_gateway(gateway, QUERY, top_k=4)
                 return result, time.perf_counter() - begun
             finally:
                 await gateway.aclose()

@@ -15,8 +15,10 @@ from fastapi.responses import JSONResponse
 from aggregator.web.api import create_app
 from aggregator.cli import main as cli
 
+from testkit.gateway import ask
+from testkit.loopback import serve, wait_ready
+
 from .conftest import DOCS, KEY, dify_source, make_config, write_docs
-from .loopback import serve, wait_ready
 from .test_browser import ARTIFACTS, CHROMIUM, chromium
 
 QUERY = "rotate the signing keys"
@@ -74,8 +76,7 @@ def test_explain_json_shows_the_filter_the_duplicate_and_the_cut(gateway_url: st
 
 def test_explain_ranks_exactly_as_the_retrieval_does(gateway_url: str):
     explained = httpx.get(gateway_url + "/explain", params={**PARAMS, "format": "json"}, headers=OPS).json()["records"]
-    body = {"knowledge_id": "demo", "query": QUERY, "retrieval_setting": {"top_k": 3, "score_threshold": 0.45}, "metadata_condition": FILTER}
-    answered = httpx.post(gateway_url + "/retrieval", json=body, headers={"Authorization": f"Bearer {KEY}"}).json()["records"]
+    answered = ask(gateway_url, QUERY, top_k=3, threshold=0.45, metadata_condition=FILTER).json()["records"]
     assert [(r["title"], r["score"]) for r in explained] == [(r["title"], r["score"]) for r in answered]
     first = answered[0]["metadata"]
     assert answered[0]["title"] == "Key rotation" and first["also_in"] == sorted({"docs", "partner"} - {first["source"]}), "a merged copy names the other source"

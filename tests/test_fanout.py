@@ -147,10 +147,13 @@ async def test_a_source_calls_timeout_ends_only_what_it_bounds_and_yields_to_a_c
         with Timeout(0.05):
             await asyncio.sleep(5)
     assert task.cancelling() == 0, "an expired timeout leaves no cancellation pending"
-    with Timeout(5) as roomy:
+    with Timeout(0.05) as roomy:
         await asyncio.sleep(0.01)
     assert not roomy.expired
-    await asyncio.sleep(0.06)  # a timer cancelled with its block: nothing fires later
+    passed = asyncio.Event()  # set by a timer due after the block's: timers fire in order, so the block's had its chance
+    asyncio.get_running_loop().call_later(0.06, passed.set)
+    await passed.wait()
+    assert not roomy.expired and task.cancelling() == 0, "a timer cancelled with its block fires nothing later"
 
     async def cancelled_from_outside_as_time_runs_out() -> None:
         with Timeout(0.05):

@@ -12,18 +12,11 @@ from aggregator.text.tokenize import tokenize
 from aggregator.state.sync import IndexedConnector
 from connectors.base import SourceQuery
 from connectors.files import FilesSettings, FilesSource, title_of
+from testkit.loopback import until
 
 
 async def titles(connector: IndexedConnector, text: str) -> list[str]:
     return [p.title for p in await connector.search(SourceQuery(text, 10))]
-
-
-async def eventually(check, timeout: float = 5.0) -> None:
-    """Poll an async check until it holds; the watcher reacts within a second or so."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await check():
-        assert asyncio.get_running_loop().time() < deadline, "the index did not follow the change in time"
-        await asyncio.sleep(0.05)
 
 
 async def test_index_follows_added_changed_and_removed_files(tmp_path: Path):
@@ -38,21 +31,21 @@ async def test_index_follows_added_changed_and_removed_files(tmp_path: Path):
         async def added() -> bool:
             return await titles(docs, "terraform") == ["b.txt"]
 
-        await eventually(added)
+        await until(added, 5, "the index following the added file")
 
         (tmp_path / "a.md").write_text("# Alpha\n\nNow the alpha document talks about nomad instead.")
 
         async def changed() -> bool:
             return await titles(docs, "kubernetes") == [] and await titles(docs, "nomad") == ["Alpha"]
 
-        await eventually(changed)
+        await until(changed, 5, "the index following the changed file")
 
         (tmp_path / "sub" / "b.txt").unlink()
 
         async def removed() -> bool:
             return await titles(docs, "terraform") == []
 
-        await eventually(removed)
+        await until(removed, 5, "the index following the removed file")
         assert docs.stats().documents == 1
 
 

@@ -251,8 +251,8 @@ async def test_the_service_keeps_its_samples_in_the_state_folder(tmp_path):
     from aggregator.runtime.service import SAMPLES_FILE, Service
 
     from .conftest import dify_source, make_config, write_docs
-    from .fakes.dify import FakeUpstream
-    from .loopback import serve
+    from testkit.fakes.dify import FakeUpstream
+    from testkit.loopback import serve
 
     with serve(FakeUpstream().app()) as url:
         config = make_config(write_docs(tmp_path / "docs"), dify_source("remote", url), kb_connectors="[docs, remote]")

@@ -79,7 +79,7 @@ def test_connections_that_never_finish_their_headers_are_closed_and_capped(tmp_p
 
 
     from .conftest import DOCS, write_docs
-    from .loopback import serve_cli, wait_ready
+    from testkit.loopback import serve_cli, wait_ready
 
     folder = write_docs(tmp_path / "docs", DOCS)
     config = tmp_path / "c.yaml"

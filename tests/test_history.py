@@ -21,8 +21,8 @@ from aggregator.ops.health import HealthRecorder, percentile
 from aggregator.ops.history import ERRORS_KEPT, MINUTES, History
 
 from .conftest import KEY, make_config, write_docs
-from .fakes.dify import FakeUpstream
-from .loopback import serve
+from testkit.fakes.dify import FakeUpstream
+from testkit.loopback import serve
 
 #: 2026-11-24 19:00:00 UTC, a whole minute.
 T0 = 1795546800.0

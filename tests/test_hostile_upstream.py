@@ -17,8 +17,10 @@ from starlette.routing import Route
 
 from aggregator.web.api import create_app
 
-from .conftest import KEY, make_config, write_docs
-from .loopback import serve, wait_ready
+from testkit.gateway import ask
+from testkit.loopback import serve, wait_ready
+
+from .conftest import make_config, write_docs
 
 LIMIT = 64 * 1024
 
@@ -73,8 +75,7 @@ def test_hostile_answers_are_contained(tmp_path: Path, kind: str, outcome: str):
         with serve(create_app(lambda: config)) as url:
             wait_ready(url)
             started = time.monotonic()
-            body = {"knowledge_id": "demo", "query": "signing keys", "retrieval_setting": {"top_k": 10, "score_threshold": 0}}
-            response = httpx.post(url + "/retrieval", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
+            response = ask(url, "signing keys", top_k=10)
             elapsed = time.monotonic() - started
             status = {s["name"]: s for s in httpx.get(url + "/status").json()["sources"]}["hostile"]
     assert response.status_code == 200 and elapsed < 2.0

@@ -11,8 +11,8 @@ from aggregator.runtime.config import ConfigError, parse_config
 from connectors.base import AuthFailed, BadResponse, RateLimited, SourceQuery
 from connectors.http_search import HttpSearchConnector, HttpSearchSettings
 
-from .fakes.search_api import FakeSearchApi, app
-from .loopback import serve
+from testkit.fakes.search_api import FakeSearchApi, app
+from testkit.loopback import serve
 
 KEY = "intranet-search-key-secret"
 RECORD = {
@@ -135,7 +135,7 @@ def test_request_urls_stay_out_of_the_logs():
 async def test_the_query_is_filled_once_and_stays_opaque(text: str):
     """`{query}` as a whole path segment: `..` or `.` is the value of that segment, not a step up that removes
     the one before; and a `{limit}` the user typed is text, in the URL, the params and the body alike."""
-    from .fakes.recorder import Recorder
+    from testkit.fakes.recorder import Recorder
 
     recorder = Recorder({})
     with serve(recorder.app()) as url:

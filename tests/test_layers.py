@@ -29,12 +29,12 @@ def lint_imports(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[st
 def test_imports_only_go_down():
     result = lint_imports()
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "1 kept, 0 broken" in result.stdout
+    assert "2 kept, 0 broken" in result.stdout
 
 
 def test_an_arrow_running_back_up_breaks_the_contract(tmp_path: Path):
     """The check can fail: a copy of the code where the fan-out imports ops/ (the request path reaching up)."""
-    for package in ("aggregator", "connectors"):
+    for package in ("aggregator", "connectors", "testkit"):
         shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
     fanout = tmp_path / "aggregator" / "retrieval" / "fanout.py"
@@ -42,3 +42,15 @@ def test_an_arrow_running_back_up_breaks_the_contract(tmp_path: Path):
     result = lint_imports(cwd=tmp_path)
     assert result.returncode != 0
     assert "aggregator.retrieval.fanout -> aggregator.ops.tracing" in result.stdout
+
+
+def test_the_product_importing_the_test_support_breaks_the_contract(tmp_path: Path):
+    """testkit/ is not shipped: a connector that imports it would fail on a user's machine."""
+    for package in ("aggregator", "connectors", "testkit"):
+        shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    files = tmp_path / "connectors" / "files.py"
+    files.write_text(files.read_text() + "\nfrom testkit import loopback  # noqa: E402,F401\n")
+    result = lint_imports(cwd=tmp_path)
+    assert result.returncode != 0
+    assert "connectors.files -> testkit.loopback" in result.stdout

@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import textwrap
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +27,13 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
+from aggregator.web import mcp_lane
 from aggregator.web.api import create_app
+from aggregator.web.mcp import McpEndpoint
 from aggregator.runtime.config import GatewayConfig, parse_config
 
 from .conftest import KEY, SCOPED_KEY, make_config, write_docs
-from .loopback import free_port, serve, wait_ready
+from testkit.loopback import free_port, serve, wait_ready
 
 PARTNER_DOCS = {
     "partner/runbook.md": "# Partner runbook\n\nTo rotate the partner API signing keys, open the partner console.",
@@ -398,6 +402,181 @@ def test_an_edit_of_connectors_yaml_applies_to_mcp_without_a_restart(tmp_path: P
 async def test_a_trailing_slash_url_is_served_too(gateway: str):
     async with mcp_client(gateway, path="/mcp/") as client:
         assert {t.name for t in (await client.list_tools()).tools} >= {"search"}
+
+
+# -- the fast lane (aggregator/web/mcp_lane.py): the SDK's answers, request by request ------------------
+
+
+HEADERS = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json", "Accept": "application/json, text/event-stream",
+           "MCP-Protocol-Version": "2025-11-25"}  # fmt: skip
+
+
+def call(name: str, arguments: Any, id_: Any = 1, **params: Any) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": id_, "method": "tools/call", "params": {"name": name, "arguments": arguments, **params}}
+
+
+@dataclass(frozen=True)
+class Asked:
+    """One POST to /mcp, and who should answer it with the lane on: the lane, the SDK, or the gateway before either."""
+
+    what: str
+    body: Any
+    headers: dict[str, str | None] = field(default_factory=dict)  # over HEADERS; None removes one
+    by: str = "lane"
+
+
+SEARCH = {"knowledge_base": "demo", "query": "how do we rotate the signing keys?"}
+FILTER = {"logical_operator": "or", "conditions": [{"name": "source", "comparison_operator": "is", "value": "partner"},
+                                                   {"name": ["path"], "comparison_operator": "start with", "value": "vpn"}]}  # fmt: skip
+LANE_REQUESTS = [
+    Asked("a search", call("search", SEARCH)),
+    Asked("top_k and a threshold", call("search", {**SEARCH, "top_k": 10, "score_threshold": 0.1})),
+    Asked("top_k 0, another base", call("search", {"knowledge_base": "other", "query": "expense receipts", "top_k": 0})),
+    Asked("top_k as a float", call("search", {**SEARCH, "top_k": 2.0})),
+    Asked("a metadata filter", call("search", {"knowledge_base": "demo", "query": "holidays VPN expenses", "top_k": 10, "metadata_condition": FILTER})),
+    Asked("no match", call("search", {"knowledge_base": "demo", "query": "zzzz qqqq nothing matches"})),
+    Asked("a string id and a progress token", call("search", SEARCH, id_="call-7", _meta={"progressToken": "p1"})),
+    Asked("an id beyond 64 bits", call("list_knowledge_bases", {}, id_=2**70)),
+    Asked("list_knowledge_bases", call("list_knowledge_bases", {})),
+    Asked("explain", call("explain", {**SEARCH, "top_k": 1})),
+    Asked("explain for a caller /explain refuses", call("explain", SEARCH), {"X-Forwarded-For": "203.0.113.9"}),
+    Asked("an unknown tool", call("delete", {})),
+    Asked("no query", call("search", {"knowledge_base": "demo"})),
+    Asked("top_k -1", call("search", {**SEARCH, "top_k": -1})),
+    Asked("a threshold of 2", call("search", {**SEARCH, "score_threshold": 2})),
+    Asked("an unknown operator", call("search", {**SEARCH, "metadata_condition": {"conditions": [{"name": "a", "comparison_operator": "like"}]}})),
+    Asked("arguments not an object", call("search", "rotate keys")),
+    Asked("no tool name", {"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"arguments": SEARCH}}),
+    Asked("no params", {"jsonrpc": "2.0", "id": 4, "method": "tools/call"}),
+    Asked("a knowledge base outside the key's scope", call("search", SEARCH), {"Authorization": f"Bearer {SCOPED_KEY}"}),
+    Asked("an older protocol version", call("search", SEARCH), {"MCP-Protocol-Version": "2025-06-18"}),
+    Asked("the oldest protocol version", call("search", SEARCH), {"MCP-Protocol-Version": "2024-11-05"}),
+    Asked("no protocol version header", call("search", SEARCH), {"MCP-Protocol-Version": None}),
+    Asked("JSON only, with a charset", call("search", SEARCH), {"Accept": "application/json", "Content-Type": "application/json; charset=utf-8"}),
+    Asked("any type accepted", call("search", SEARCH), {"Accept": "*/*"}),
+    Asked("an unknown protocol version", call("search", SEARCH), {"MCP-Protocol-Version": "1999-01-01"}, by="sdk"),
+    Asked("a 2026-07-28 call without its envelope", call("search", SEARCH), {"MCP-Protocol-Version": "2026-07-28"}, by="sdk"),
+    Asked("an event stream only", call("search", SEARCH), {"Accept": "text/event-stream"}, by="sdk"),
+    Asked("no JSON content type", call("search", SEARCH), {"Content-Type": "text/plain"}, by="sdk"),
+    Asked("a batch", [call("search", SEARCH)], by="sdk"),
+    Asked("a notification", {"jsonrpc": "2.0", "method": "tools/call", "params": {"name": "search", "arguments": SEARCH}}, by="sdk"),
+    Asked("bad JSON", b'{"jsonrpc": "2.0", "id": 1, "method": "tools/call", ', by="sdk"),
+    Asked("tools/list", {"jsonrpc": "2.0", "id": 5, "method": "tools/list"}, by="sdk"),
+    Asked("initialize", {"jsonrpc": "2.0", "id": 6, "method": "initialize", "params": {"protocolVersion": "2025-11-25", "capabilities": {},
+                                                                                     "clientInfo": {"name": "t", "version": "1"}}}, by="sdk"),  # fmt: skip
+    Asked("a wrong key", call("search", SEARCH), {"Authorization": "Bearer not-a-key"}, by="gateway"),
+]  # fmt: skip
+
+
+def _timeless(value: Any) -> Any:
+    """An answer without its timings (explain reports how long each step took), so that two runs compare equal."""
+    if isinstance(value, dict):
+        return {k: _timeless(v) for k, v in value.items() if k != "ms"}
+    if isinstance(value, list):
+        return [_timeless(v) for v in value]
+    return re.sub(r"\d+ ms\b", "N ms", value) if isinstance(value, str) else value
+
+
+def _answer(url: str, asked: Asked) -> tuple[int, dict[str, str], Any]:
+    """Status, the headers a client reads (content type, MCP's own, auth and allow), and the body, parsed when JSON."""
+    headers = {name: value for name, value in {**HEADERS, **asked.headers}.items() if value is not None}
+    content = asked.body if isinstance(asked.body, bytes) else json.dumps(asked.body).encode()
+    response = httpx.post(url + "/mcp", content=content, headers=headers, timeout=20)
+    kept = {name: value for name, value in response.headers.items()
+            if name in ("content-type", "www-authenticate", "allow") or name.startswith("mcp")}  # fmt: skip
+    is_json = response.content and response.headers.get("content-type", "").startswith("application/json")
+    body = _timeless(response.json()) if is_json else response.text
+    return response.status_code, kept, body
+
+
+@contextmanager
+def sdk_calls(app: Any) -> Iterator[list[int]]:
+    """Counts the requests the SDK's transport is handed (one element each), for as long as the block runs."""
+    manager = app.mcp.manager
+    calls: list[int] = []
+    handle = manager.handle_request
+
+    async def counted(scope: Any, receive: Any, send: Any) -> None:
+        calls.append(1)
+        await handle(scope, receive, send)
+
+    manager.handle_request = counted
+    try:
+        yield calls
+    finally:
+        del manager.handle_request
+
+
+def assert_lane_answers_as_the_sdk(url: str, app: Any, requests: list[Asked]) -> dict[str, tuple[int, dict[str, str], Any]]:
+    """Each request asked with the lane off, then on: the same status, headers and body, each answered by whom it should be."""
+    answers = {}
+    for asked in requests:
+        app.mcp.fast_lane = False
+        with sdk_calls(app) as calls:
+            expected = _answer(url, asked)
+        assert len(calls) == (asked.by != "gateway"), asked.what
+        app.mcp.fast_lane = True
+        with sdk_calls(app) as calls:
+            answered = _answer(url, asked)
+        assert len(calls) == (asked.by == "sdk"), f"{asked.what}: expected to be answered by the {asked.by}"
+        assert answered == expected, asked.what
+        answers[asked.what] = answered
+    return answers
+
+
+@pytest.mark.parametrize("path", ["direct", "kernel"])  # the lane's own steps, and the SDK's kernel when it has more to do
+def test_the_fast_lane_answers_every_request_as_the_sdk_does(tmp_path: Path, partner: str, path: str, monkeypatch: pytest.MonkeyPatch):
+    app = create_app(lambda: gateway_config(tmp_path, partner))
+    assert mcp_lane.kernel_adds_nothing(app.mcp.server)  # type: ignore[union-attr]  # as served: the direct steps
+    if path == "kernel":
+        monkeypatch.setattr(mcp_lane, "kernel_adds_nothing", lambda _server: False)
+    with serve(app) as url:
+        wait_ready(url)
+        answers = assert_lane_answers_as_the_sdk(url, app, LANE_REQUESTS)
+    # Real answers on both sides, not two alike refusals: records, the SDK's errors, tool errors, version sieving.
+    status, headers, body = answers["a search"]
+    assert status == 200 and headers == {"content-type": "application/json"} and body["id"] == 1
+    assert body["result"]["structuredContent"]["sources"] == "docs=ok;partner=ok" and "Key rotation" in body["result"]["content"][0]["text"]
+    assert answers["a string id and a progress token"][2]["id"] == "call-7"
+    assert answers["an unknown tool"][2]["error"]["code"] == -32602 and "no tool named 'delete'" in answers["an unknown tool"][2]["error"]["message"]
+    assert answers["explain for a caller /explain refuses"][2]["error"]["message"].startswith("no tool named 'explain'")
+    assert answers["no query"][2]["result"]["isError"] and "query" in answers["no query"][2]["result"]["content"][0]["text"]
+    assert answers["no params"][2]["error"]["code"] == -32602
+    assert "may not read knowledge base 'demo'" in answers["a knowledge base outside the key's scope"][2]["result"]["content"][0]["text"]
+    assert "resultType" not in body["result"]  # the handler adds it for 2026-07-28; the SDK's sieve drops it before
+    assert answers["an event stream only"][0] == 406 and answers["a wrong key"][0] == 401
+
+
+def test_the_fast_lane_leaves_the_call_to_the_sdk_kernel_when_the_kernel_has_more_to_do(monkeypatch: pytest.MonkeyPatch):
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+
+    server = McpEndpoint(None).server  # type: ignore[arg-type]  # the server alone; no request is served
+    assert mcp_lane.kernel_adds_nothing(server)
+    monkeypatch.setattr(trace, "get_tracer_provider", TracerProvider)  # a provider installed: the SDK's span records
+    assert not mcp_lane.kernel_adds_nothing(server)
+    monkeypatch.undo()
+    server.middleware.append(lambda ctx, call_next: call_next(ctx))  # a middleware of its own
+    assert not mcp_lane.kernel_adds_nothing(server)
+    server.middleware.pop()
+    server.cache_hints["tools/call"] = object()  # type: ignore[assignment]  # a cache hint to fill in
+    assert not mcp_lane.kernel_adds_nothing(server)
+
+
+def test_the_fast_lane_answers_a_failing_source_and_a_bug_as_the_sdk_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import aggregator.web.api
+
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens: connection refused
+    app = create_app(lambda: gateway_config(tmp_path, dead))
+    with serve(app) as url:
+        wait_ready(url)
+        assert_lane_answers_as_the_sdk(url, app, [Asked("a failing source", call("search", {**SEARCH, "query": "signing keys"}))])
+
+        async def broken(*_args: Any, **_kwargs: Any) -> None:
+            raise RuntimeError("secret internals")
+
+        monkeypatch.setattr(aggregator.web.api, "retrieve", broken)
+        assert_lane_answers_as_the_sdk(url, app, [Asked("a bug", call("search", SEARCH))])
 
 
 # -- the MCP Inspector, the reference client, in CLI mode ---------------------------------------------------

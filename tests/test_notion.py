@@ -10,9 +10,9 @@ from aggregator.state.sync import IndexedConnector
 from connectors.base import AuthFailed, SourceQuery
 from connectors.notion import NOTION_VERSION, NotionSettings, NotionSource, flatten_property
 
-from .fakes.notion import FakeNotion, app, block, rich
-from .fakes.recorder import Recorder
-from .loopback import serve
+from testkit.fakes.notion import FakeNotion, app, block, rich
+from testkit.fakes.recorder import Recorder
+from testkit.loopback import serve
 
 TOKEN = "secret_notion_integration_token"
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,9 @@ from fastapi.testclient import TestClient
 from aggregator.web.api import create_app
 from aggregator.runtime.config import parse_config
 from aggregator.ops.logs import JsonFormatter
+
+from testkit.gateway import retrieval_body
+from testkit.loopback import eventually
 
 from .conftest import KEY, write_docs
 
@@ -53,8 +55,7 @@ def client_for(text: str, **kwargs) -> TestClient:
 
 
 def ask(client: TestClient, query: str = "rotate signing keys") -> None:
-    body = {"knowledge_id": "demo", "query": query, "retrieval_setting": {"top_k": 3, "score_threshold": 0}}
-    assert client.post("/retrieval", json=body, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    assert client.post("/retrieval", json=retrieval_body(query, top_k=3), headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
 
 
 @pytest.fixture
@@ -213,10 +214,7 @@ def test_what_other_replicas_see_of_this_one_is_what_its_status_says(folder: Pat
         wait_ready(client)
         ask(client)
         service = client.app.state.service
-        deadline = time.monotonic() + 5
-        while not client.portal.call(service.peers.current):  # until this replica's summary went through Redis
-            assert time.monotonic() < deadline, "no exchange with Redis"
-            time.sleep(0.05)
+        eventually(lambda: client.portal.call(service.peers.current), timeout=5, what="this replica's summary through Redis")
         status = client.get("/status").json()
         summary = json.loads(json.dumps(client.portal.call(service.summary)))
     assert summary["config_version"] == status["config_version"]
@@ -258,8 +256,8 @@ def test_a_sources_error_is_logged_scrubbed_once_per_change_of_error(caplog):
 
 def test_a_dify_dataset_refusing_every_query_is_in_the_log_once_not_only_in_status(caplog):
     """Issue 24: an economy dataset asked with semantic search showed only as `handbook=error` and in /status."""
-    from .fakes.dify_dataset import FakeDify, Segment, app as dify_app
-    from .loopback import serve
+    from testkit.fakes.dify_dataset import FakeDify, Segment, app as dify_app
+    from testkit.loopback import serve
 
     fake = FakeDify("dataset-key-for-ops", indexing_technique="economy")
     fake.segments = [Segment("s1", "d1", "keys.md", "We rotate the release signing keys every year.")]
@@ -286,7 +284,7 @@ def test_the_ops_token_is_traded_for_a_cookie_and_never_logged(folder: Path, tmp
     """`?token=` on a page answers a redirect without it and a cookie; the token and the query never reach the log."""
     import httpx
 
-    from .loopback import serve_cli
+    from testkit.loopback import serve_cli
 
     config = tmp_path / "c.yaml"
     config.write_text(config_text(folder, extra_server=f"  ops_token: {OPS}"))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -22,34 +21,24 @@ from aggregator.state.sync import IndexedConnector
 from connectors.base import SourceQuery
 from connectors.files import FilesSettings, FilesSource
 
-from .fakes.notion import FakeNotion, app, block
-from .loopback import eventually, free_port, serve, serve_cli
+from testkit.fakes.notion import FakeNotion, app, block
+from testkit.gateway import ask, config_text
+from testkit.loopback import eventually, free_port, serve, serve_cli, until
 
 TOKEN = "secret_notion_token_for_persistence"
-KEY = "persist-key"
 
 
-def config_text(folder: Path, notion_url: str, state: Path, rps: int = 50) -> str:
-    return f"""
-server:
-  api_keys: [{{key: {KEY}}}]
-  state_dir: {state}
-  cache_ttl_s: 0  # every query reaches the index: these tests watch it change
-knowledge_bases:
-  kb: {{connectors: [wiki, docs]}}
-connectors:
-  wiki: {{type: notion, token: {TOKEN}, base_url: "{notion_url}", requests_per_second: {rps}, refresh_s: 1}}
-  docs: {{type: files, path: {folder}}}
-"""
+def stored_config(folder: Path, notion_url: str, state: Path, rps: int = 50) -> str:
+    """`demo` over a fake Notion and a folder, indexed under `state`; no response cache: these tests watch the index change."""
+    wiki = {"type": "notion", "token": TOKEN, "base_url": notion_url, "requests_per_second": rps, "refresh_s": 1}
+    return config_text({"wiki": wiki, "docs": {"type": "files", "path": str(folder)}}, state_dir=str(state), cache_ttl_s=0)
 
 
-def ask(url: str, query: str) -> list[tuple[str, str, float]]:
-    body = {"knowledge_id": "kb", "query": query, "retrieval_setting": {"top_k": 5, "score_threshold": 0}}
-    with httpx.Client() as client:  # a new connection each time: with several workers, any may answer
-        response = client.post(url + "/retrieval", json=body, headers={"Authorization": f"Bearer {KEY}"})
+def hits(url: str, query: str) -> list[tuple[str, str, float]]:
+    """(source, document, score) of each record: `ask` opens a new connection each time, so with several workers any may answer."""
+    response = ask(url, query)
     assert response.status_code == 200, response.text
     return [(r["metadata"]["source"], r["metadata"]["document_id"].split(":", 1)[1], r["score"]) for r in response.json()["records"]]
-
 
 
 def wiki_index(url: str) -> dict:
@@ -86,10 +75,10 @@ def test_a_restart_serves_the_stored_index_and_fetches_only_what_changed(tmp_pat
     (tmp_path / "private.txt").write_text("database password hunter2")
     (folder / "escape.md").symlink_to(tmp_path / "private.txt")
     config = tmp_path / "connectors.yaml"
-    config.write_text(config_text(folder, notion_url, tmp_path / "state"))
+    config.write_text(stored_config(folder, notion_url, tmp_path / "state"))
     queries = ["incident commander", "wireguard profile", "signing keys", "nightly database snapshots", "password hunter2"]
     with serve_cli("--config", str(config)) as (url, _):
-        before = {q: ask(url, q) for q in queries}
+        before = {q: hits(url, q) for q in queries}
     assert before["incident commander"][0][:2] == ("wiki", "p-runbook")
     assert set(block_reads(fake)) == {"p-runbook", "p-wifi", "p-keys"}
 
@@ -98,16 +87,16 @@ def test_a_restart_serves_the_stored_index_and_fetches_only_what_changed(tmp_pat
     with serve_cli("--config", str(config)) as (url, process):
         ready_after = time.monotonic() - started
         synced = syncs(url, "wiki")
-        assert {q: ask(url, q) for q in queries} == before, "the same answers from the stored index"
+        assert {q: hits(url, q) for q in queries} == before, "the same answers from the stored index"
         eventually(lambda: syncs(url, "wiki") > synced)  # a background sync has run (refresh_s: 1)
         assert any(path == "/v1/search" for _, path in fake.requests), "the restart listed the pages"
         assert block_reads(fake) == Counter(), "no unchanged page was fetched again"
 
         fake.add_page("p-wifi", "Office wifi", [block("w1", "paragraph", "Visitors use the Lobby network.")], edited="2025-06-01T00:00:00.000Z")
         (folder / "vpn.md").write_text("# VPN\n\nImport the Tailscale profile from the portal.")
-        eventually(lambda: [r[:2] for r in ask(url, "lobby")] == [("wiki", "p-wifi")])
-        eventually(lambda: [r[:2] for r in ask(url, "tailscale")] == [("docs", "vpn.md")])
-        assert ask(url, "wireguard") == []
+        eventually(lambda: [r[:2] for r in hits(url, "lobby")] == [("wiki", "p-wifi")])
+        eventually(lambda: [r[:2] for r in hits(url, "tailscale")] == [("docs", "vpn.md")])
+        assert hits(url, "wireguard") == []
         assert block_reads(fake) == Counter({"p-wifi": 1}), "only the changed page was fetched"
         status = httpx.get(url + "/status").json()
     assert ready_after < 10
@@ -125,7 +114,7 @@ def test_sigkill_mid_sync_loses_nothing_and_the_next_start_finishes_it(tmp_path:
     folder = tmp_path / "docs"
     folder.mkdir()
     config = tmp_path / "connectors.yaml"
-    config.write_text(config_text(folder, notion_url, tmp_path / "state", rps=8))
+    config.write_text(stored_config(folder, notion_url, tmp_path / "state", rps=8))
     port = free_port()
     command = [sys.executable, "-m", "aggregator", "serve", "--config", str(config), "--port", str(port)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -145,7 +134,7 @@ def test_sigkill_mid_sync_loses_nothing_and_the_next_start_finishes_it(tmp_path:
     fetched_before = set(block_reads(fake))
     fake.requests.clear()
     with serve_cli("--config", str(config)) as (url, server):
-        eventually(lambda: all(ask(url, f"topic{i}") for i in (0, 20, 39)), timeout=20)
+        eventually(lambda: all(hits(url, f"topic{i}") for i in (0, 20, 39)), timeout=20)
         eventually(lambda: wiki_index(url)["documents"] == 43)
         server.terminate()
         output = server.communicate(timeout=15)[0]
@@ -160,12 +149,12 @@ def test_three_workers_fetch_each_page_once_and_all_answer(tmp_path: Path, notio
     folder = tmp_path / "docs"
     folder.mkdir()
     config = tmp_path / "connectors.yaml"
-    config.write_text(config_text(folder, notion_url, tmp_path / "state"))
+    config.write_text(stored_config(folder, notion_url, tmp_path / "state"))
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics")}
     (tmp_path / "metrics").mkdir()
     with serve_cli("--config", str(config), "--workers", "3", env=env) as (url, _):
         for _ in range(20):
-            assert ask(url, "signing keys HSM")[0][:2] == ("wiki", "p-keys")
+            assert hits(url, "signing keys HSM")[0][:2] == ("wiki", "p-keys")
         seen: dict[int, bool] = {}
         for _ in range(40):
             with httpx.Client() as client:
@@ -175,10 +164,10 @@ def test_three_workers_fetch_each_page_once_and_all_answer(tmp_path: Path, notio
         eventually(lambda: syncs(url, "wiki") > synced, timeout=10)  # another sync (refresh_s: 1) has read nothing new
         assert block_reads(fake) == Counter({"p-runbook": 1, "p-wifi": 1, "p-keys": 1})
         fake.add_page("p-wifi", "Office wifi", [block("w1", "paragraph", "Visitors use the Lobby network.")], edited="2025-06-01T00:00:00.000Z")
-        eventually(lambda: [r[:2] for r in ask(url, "lobby")] == [("wiki", "p-wifi")], timeout=5)
+        eventually(lambda: [r[:2] for r in hits(url, "lobby")] == [("wiki", "p-wifi")], timeout=5)
         changed_at = time.monotonic()
         for _ in range(12):  # every worker, not only the syncer, answers from the updated store
-            assert [r[:2] for r in ask(url, "lobby")] == [("wiki", "p-wifi")]
+            assert [r[:2] for r in hits(url, "lobby")] == [("wiki", "p-wifi")]
         assert time.monotonic() - changed_at < 5
     assert block_reads(fake) == Counter({"p-runbook": 1, "p-wifi": 2, "p-keys": 1})
     assert len(seen) >= 2, "several workers answered"
@@ -229,11 +218,8 @@ async def test_a_store_that_cannot_be_opened_once_is_tried_again_without_a_resta
     monkeypatch.setattr(store, "open_writer", open_writer)
     with caplog.at_level(logging.ERROR, "aggregator.state.sync"):
         async with connector:
-            for _ in range(200):
-                found = await connector.search(SourceQuery("incident commander", 5))
-                if found:
-                    break
-                await asyncio.sleep(0.02)
+            await until(lambda: connector.search(SourceQuery("incident commander", 5)), what="indexed after the failed open")
+            found = await connector.search(SourceQuery("incident commander", 5))
             assert [p.document_id for p in found] == ["runbook.md"], "indexed after the failed open, without a restart"
             assert connector.stats().last_refresh_error is None and connector.syncing_here
     assert failures and "cannot open its index store" in caplog.text

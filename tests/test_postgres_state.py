@@ -254,7 +254,7 @@ async def test_gc_deletes_the_indexes_of_sources_no_longer_configured(pg_url: st
 async def test_a_source_is_ready_only_once_its_own_view_of_the_shared_store_holds_the_first_sync(pg_url: str, tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
     """Readers see a commit when they next poll the database. A first sync that ends between two polls must not
     make the service ready before its own answers come from the index (it answered nothing, flakily, before)."""
-    import aggregator.state.postgres as postgres_module
+    import aggregator.state.postgres.store as postgres_module
     from aggregator.contract.models import RetrievalRequest
     from aggregator.retrieval.pipeline import retrieve
     from aggregator.runtime.service import Service

@@ -7,9 +7,9 @@ import pytest
 from connectors.base import AuthFailed, BadResponse, RateLimited, SourceQuery, Unavailable
 from connectors.ragflow import RagflowConnector, RagflowSettings, envelope_error, ragflow_condition
 
-from .fakes.ragflow import Chunk, FakeRagflow, app
+from testkit.fakes.ragflow import Chunk, FakeRagflow, app
 from .conftest import condition
-from .loopback import serve
+from testkit.loopback import serve
 
 KEY = "ragflow-api-key-secret"
 

@@ -10,13 +10,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator.contract.models import RetrievalRequest
-from aggregator.retrieval.pipeline import retrieve
 from aggregator.ranking.pool import TermCache
 from aggregator.ranking.rerank import Answer, fuse, rerank
 from aggregator.runtime.gateway import Gateway
 from aggregator.text.tokenize import tokenize
 from connectors.base import Passage
+
+from testkit.gateway import ask_gateway
 
 from .conftest import make_config, write_docs
 
@@ -59,8 +59,7 @@ async def chinese_gateway(tmp_path: Path):
 
 
 async def ask(gateway: Gateway, query: str, top_k: int = 3, threshold: float = 0.0) -> list[dict]:
-    request = RetrievalRequest.model_validate({"knowledge_id": "demo", "query": query, "retrieval_setting": {"top_k": top_k, "score_threshold": threshold}})
-    return (await retrieve(gateway, request)).records
+    return (await ask_gateway(gateway, query, top_k=top_k, threshold=threshold)).records
 
 
 @pytest.mark.parametrize("query,expected", CHINESE_QUERIES.items())

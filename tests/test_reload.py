@@ -8,8 +8,10 @@ import httpx
 
 from aggregator.web.api import create_app
 
+from testkit.gateway import ask
+from testkit.loopback import eventually, serve, until, wait_ready
+
 from .conftest import KEY, write_docs
-from .loopback import eventually, serve, wait_ready
 
 BASE = """
 server:
@@ -30,8 +32,7 @@ connectors:
 
 
 def titles(url: str, query: str) -> set[str]:
-    body = {"knowledge_id": "demo", "query": query, "retrieval_setting": {"top_k": 10, "score_threshold": 0}}
-    response = httpx.post(url + "/retrieval", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    response = ask(url, query, top_k=10)
     assert response.status_code == 200
     return {r["title"] for r in response.json()["records"]}
 
@@ -96,15 +97,15 @@ async def test_requests_in_flight_finish_on_the_old_config(tmp_path: Path):
     service = Service(lambda: load_config(path), path)
     await service.start()
     try:
-        while not service.gateway.ready:
-            await asyncio.sleep(0.01)
+        await until(lambda: service.gateway.ready, what="the gateway ready")
         old = service.gateway
         dropped, kept = old.slots["docs"].connector, old.slots["more"].connector
         with old.lease():
             path.write_text(BASE.format(key=KEY, kb="[more]", docs=docs, more=more).replace(f"  docs:\n    type: files\n    path: {docs}\n", ""))
             assert await service.reload()
             assert service.gateway is not old and set(service.gateway.slots) == {"more"}
-            await asyncio.sleep(0.1)
+            # the retirement had its chance: it ran up to waiting for the old gateway's requests to end
+            await until(lambda: old._idle._waiters, what="the retirement waiting for the request in flight")  # type: ignore[attr-defined]
             assert dropped._task is not None, "not closed while a request still holds the old gateway"
         await asyncio.gather(*service._retiring)
         assert dropped._task is None, "closed once drained"

@@ -18,30 +18,24 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .fakes.dify import FakeUpstream
-from .fakes.notion import FakeNotion, app as notion_app, block
-from .loopback import eventually, free_port, serve, wait_ready
+from testkit.fakes.dify import FakeUpstream
+from testkit.fakes.notion import FakeNotion, app as notion_app, block
+from testkit.gateway import ask, config_text
+from testkit.loopback import eventually, free_port, serve, wait_ready
 
 TOKEN = "secret_notion_token_for_replicas"
-KEY = "replica-key"
-AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
-def config_text(notion_url: str, upstream_url: str, *, pg: str | None, redis: str, rps: float = 50, failures: int = 4) -> str:
-    state_url = f"  state_url: {pg}\n" if pg else ""
-    return f"""
-server:
-  api_keys: [{{key: {KEY}}}]
-  state_dir: ./state
-{state_url}  redis_url: {redis}
-  watch_config: false
-knowledge_bases:
-  kb: {{connectors: [wiki]}}
-  remote: {{connectors: [wiki, partner]}}
-connectors:
-  wiki: {{type: notion, token: {TOKEN}, base_url: "{notion_url}", requests_per_second: {rps}, refresh_s: 1}}
-  partner: {{type: dify, endpoint: "{upstream_url}", api_key: x, knowledge_id: kb, retries: 0, circuit: {{failures: {failures}, cooldown_s: 60}}}}
-"""
+def replica_config(notion_url: str, upstream_url: str, *, pg: str | None, redis: str, rps: float = 50, failures: int = 4) -> str:
+    """`demo` over a fake Notion, `remote` over it and a Dify upstream; the index in `pg` (else each replica's own)."""
+    wiki = {"type": "notion", "token": TOKEN, "base_url": notion_url, "requests_per_second": rps, "refresh_s": 1}
+    circuit = {"failures": failures, "cooldown_s": 60}
+    partner = {"type": "dify", "endpoint": upstream_url, "api_key": "x", "knowledge_id": "kb", "retries": 0, "circuit": circuit}
+    state: dict[str, object] = {"state_dir": "./state"} | ({"state_url": pg} if pg else {})
+    return config_text(
+        {"wiki": wiki, "partner": partner}, {"demo": ["wiki"], "remote": ["wiki", "partner"]},
+        **state, redis_url=redis, watch_config=False,
+    )  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -55,7 +49,7 @@ def replicas(tmp_path: Path, count: int = 2, **options: object) -> Iterator[list
             folder.mkdir(exist_ok=True)
             config = folder / "connectors.yaml"
             # The same file on every replica (the state folder is relative to it): one config version, one cache.
-            config.write_text(config_text(**options))  # type: ignore[arg-type]
+            config.write_text(replica_config(**options))  # type: ignore[arg-type]
             port = free_port()
             process = subprocess.Popen(
                 [sys.executable, "-m", "aggregator", "serve", "--config", str(config), "--port", str(port)],
@@ -76,12 +70,6 @@ def replicas(tmp_path: Path, count: int = 2, **options: object) -> Iterator[list
                 process.kill()
                 output = process.communicate()[0]
             print(f"--- replica-{i} ---\n{output[-6000:] if output else ''}")  # shown when a test fails
-
-
-def ask(url: str, query: str, kb: str = "kb", top_k: int = 5, **headers: str) -> httpx.Response:
-    body = {"knowledge_id": kb, "query": query, "retrieval_setting": {"top_k": top_k, "score_threshold": 0}}
-    with httpx.Client(timeout=10) as client:
-        return client.post(url + "/retrieval", json=body, headers={**AUTH, **headers})
 
 
 def documents(response: httpx.Response) -> list[str]:
@@ -165,8 +153,8 @@ def test_breakers_and_the_response_cache_are_shared(tmp_path: Path, pg_url: str,
         for url in (a, b):
             assert source(url, "partner")["circuit"]["state"] == "open"
 
-        first = ask(a, "rotate the signing keys", **{"X-Request-Id": "try-1"})
-        retried = ask(b, "rotate the signing keys", **{"X-Request-Id": "try-2"})  # Dify's retry, sent to the other replica
+        first = ask(a, "rotate the signing keys", headers={"X-Request-Id": "try-1"})
+        retried = ask(b, "rotate the signing keys", headers={"X-Request-Id": "try-2"})  # Dify's retry, sent to the other replica
         again = ask(a, "rotate the signing keys")
         assert (first.headers["X-Cache"], retried.headers["X-Cache"], again.headers["X-Cache"]) == ("miss", "hit", "hit")
         assert retried.content == first.content and retried.headers["X-Sources"] == first.headers["X-Sources"]

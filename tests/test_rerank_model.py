@@ -17,8 +17,8 @@ from aggregator.retrieval.rerank_model import (
 )  # fmt: skip
 from connectors.base import BadResponse, Passage
 
-from .fakes import rerank as fake_rerank
-from .loopback import serve
+from testkit.fakes import rerank as fake_rerank
+from testkit.loopback import serve
 
 KEY = "rerank-secret-key-42"
 TEXTS = ["alpha about cats", "beta about dogs", "gamma about keys", "delta about vpn", "epsilon about leave"]

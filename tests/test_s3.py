@@ -16,7 +16,7 @@ from aggregator.web.api import create_app
 from aggregator.runtime.config import parse_config
 
 from .conftest import KEY, write_docs
-from .loopback import free_port, serve, wait_ready
+from testkit.loopback import free_port, serve, wait_ready
 
 ACCESS, SECRET = "test-access-key", "test-secret-key-do-not-print"
 

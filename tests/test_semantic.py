@@ -11,73 +11,12 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from fastapi import FastAPI
 
 from aggregator.runtime.config import parse_config
-from aggregator.contract.models import RetrievalRequest
-from aggregator.retrieval.pipeline import retrieve
 from aggregator.runtime.gateway import Gateway
-
-from .conftest import KEY, write_docs
-from .loopback import serve
-
-#: query -> (the answer by meaning, two weaker passages of the same collection)
-CASES: dict[str, tuple[str, str, str]] = {
-    "how do I get reimbursed for a business trip": (
-        "Travel expense claims: file the expense report within ten working days of returning, with receipts for lodging and fares.",
-        "Company cars are booked through the facilities desk.",
-        "Conference attendance needs a manager's approval.",
-    ),
-    "我的电脑连不上公司网络怎么办": (
-        "VPN troubleshooting: if the laptop cannot reach the corporate network, restart WireGuard and import a fresh profile.",
-        "Printers on the third floor are managed by facilities.",
-        "Password resets are done in the self-service portal.",
-    ),
-    "who do I call when production breaks at night": (
-        "On-call escalation: outside office hours an outage pages the engineer on duty, who may wake the incident commander.",
-        "Release notes are published every second Tuesday.",
-        "The staging cluster is rebuilt every weekend.",
-    ),
-    "how long can I stay home after my child is born": (
-        "Parental leave: employees receive sixteen weeks of paid leave following a birth or an adoption.",
-        "Sick days need a doctor's note after three days.",
-        "Public holidays follow the office's country calendar.",
-    ),
-}
-#: Passages that share the queries' words and answer none of them.
-LOOKALIKES = {
-    "trip.md": "# Business trip visas\n\nHow do I get a visa for a business trip? Ask the travel desk for an invitation letter.",
-    "network.md": "# 公司网络使用规定\n\n公司网络仅供工作使用，电脑须安装杀毒软件。",
-    "night.md": "# Night builds\n\nProduction builds run at night; when one breaks, the build bot calls a retry.",
-    "home.md": "# Working from home\n\nHow long can I work from home? Stay home up to two days a week after your manager agrees.",
-}
-ANSWERS = {query: texts[0] for query, texts in CASES.items()}
-
-
-def semantic_upstream() -> FastAPI:
-    app = FastAPI()
-
-    @app.post("/retrieval")
-    async def retrieval(body: dict) -> dict:
-        texts = CASES[body["query"]]
-        return {"records": [{"content": text, "title": f"Page {i}", "score": score, "metadata": {"document_id": f"p{i}"}}
-                            for i, (text, score) in enumerate(zip(texts, (0.86, 0.62, 0.55)))]}  # fmt: skip
-
-    return app
-
-
-def config_text(endpoint: str, folder: Path, semantic: str = "") -> str:
-    return f"""
-server:
-  api_keys: [{{key: {KEY}}}]
-  cache_ttl_s: 0
-knowledge_bases:
-  alone: {{connectors: [wiki]}}
-  mixed: {{connectors: [wiki, folder]}}
-connectors:
-  wiki: {{type: dify, endpoint: {endpoint}, api_key: k, knowledge_id: x{semantic}}}
-  folder: {{type: files, path: {folder}, watch: false}}
-"""
+from testkit.fakes.semantic import ANSWERS, CASES, LOOKALIKES, semantic_config, semantic_upstream
+from testkit.gateway import KEY, ask_gateway, write_docs
+from testkit.loopback import serve
 
 
 @pytest.fixture(scope="module")
@@ -87,15 +26,14 @@ def upstream():
 
 
 async def ask(gateway: Gateway, kb: str, query: str, threshold: float) -> list[dict]:
-    request = RetrievalRequest.model_validate({"knowledge_id": kb, "query": query, "retrieval_setting": {"top_k": 5, "score_threshold": threshold}})
-    result = await retrieve(gateway, request)
+    result = await ask_gateway(gateway, query, kb, threshold=threshold)
     assert result.sources_header().count("=ok") == len(result.sources), result.sources_header()
     return result.records
 
 
-def run(upstream: str, tmp_path: Path, semantic: str, kb: str, threshold: float) -> dict[str, list[dict]]:
+def run(upstream: str, tmp_path: Path, semantic: bool, kb: str, threshold: float) -> dict[str, list[dict]]:
     async def main() -> dict[str, list[dict]]:
-        gateway = Gateway(parse_config(config_text(upstream, write_docs(tmp_path / "folder", LOOKALIKES), semantic), {}))
+        gateway = Gateway(parse_config(semantic_config(upstream, write_docs(tmp_path / "folder", LOOKALIKES), semantic), {}))
         await gateway.start()
         try:
             await gateway.slots["folder"].connector.wait_ready(20)  # type: ignore[attr-defined]
@@ -107,7 +45,7 @@ def run(upstream: str, tmp_path: Path, semantic: str, kb: str, threshold: float)
 
 
 def test_a_semantic_source_alone_keeps_its_best_answer_first_at_a_threshold_of_half(upstream: str, tmp_path: Path):
-    answered = run(upstream, tmp_path, ", semantic: true", "alone", 0.5)
+    answered = run(upstream, tmp_path, True, "alone", 0.5)
     for query, records in answered.items():
         assert records, f"{query!r}: nothing at threshold 0.5 although the source scored its answer 0.86"
         assert records[0]["content"] == ANSWERS[query]
@@ -118,7 +56,7 @@ def test_a_semantic_source_alone_keeps_its_best_answer_first_at_a_threshold_of_h
 
 def test_beside_a_folder_of_lookalikes_the_semantic_answer_stays_in_the_top_three(upstream: str, tmp_path: Path):
     for threshold in (0.0, 0.5):
-        answered = run(upstream, tmp_path, ", semantic: true", "mixed", threshold)
+        answered = run(upstream, tmp_path, True, "mixed", threshold)
         for query, records in answered.items():
             top = [r["content"] for r in records[:3]]
             assert ANSWERS[query] in top, (threshold, query, top)
@@ -126,7 +64,7 @@ def test_beside_a_folder_of_lookalikes_the_semantic_answer_stays_in_the_top_thre
 
 def test_the_same_source_judged_by_words_alone_loses_its_answers(upstream: str, tmp_path: Path):
     """What `semantic` changes: read as a lexical source, every paraphrase falls below a threshold of 0.5."""
-    answered = run(upstream, tmp_path, ", semantic: false", "alone", 0.5)
+    answered = run(upstream, tmp_path, False, "alone", 0.5)
     assert not any(ANSWERS[q] in [r["content"] for r in records] for q, records in answered.items())
 
 

@@ -1,7 +1,7 @@
 """The README's test command on a machine without PostgreSQL or Redis: every test that needs one skips and says why.
 
 The server tests run in a child pytest with `GATEWAY_TEST_HIDE_SERVERS` hiding both servers (from Debian's packages
-and from the test extras' wheels alike, see `tests/servers.py`), as on a fresh machine. With them present the same
+and from the test extras' wheels alike, see `testkit/servers.py`), as on a fresh machine. With them present the same
 tests run for real in the suite itself.
 """
 

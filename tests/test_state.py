@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from aggregator.ranking.bm25 import BM25Index
 from aggregator.state import LocalBackend, PreparedDocument, SyncStatus
 from aggregator.state import local
+from aggregator.state.local import writer as local_writer
+from testkit.bm25_index import BM25Index
 
 from .test_bm25 import WORDS, reference
 
@@ -33,7 +34,7 @@ def writer_of(folder: Path, fingerprint: str = "fp"):  # type: ignore[no-untyped
 
 
 def test_scores_follow_the_formula_through_churn_and_merges(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(local, "MAX_SEGMENTS", 3)
+    monkeypatch.setattr(local_writer, "MAX_SEGMENTS", 3)
     rng = random.Random(5)
     store, writer = writer_of(tmp_path)
     docs: dict[str, list[list[str]]] = {}
@@ -62,7 +63,7 @@ def test_scores_follow_the_formula_through_churn_and_merges(tmp_path: Path, monk
         passages, total, frequencies = store.term_statistics(query)
         assert passages == len(flat) and total == sum(map(len, flat.values()))
         assert frequencies == {t: sum(t in terms for terms in flat.values()) for t in query}
-    assert len(store._view.segments) <= 4, "segments were merged"
+    assert len(store.reader._view.segments) <= 4, "segments were merged"
     store.close()
 
 

@@ -24,16 +24,18 @@ from aggregator.retrieval.fanout import SourcePolicy, SourceSlot, ask_sources
 from aggregator.ops.tracing import Tracing, TracingConfigError, exporters_from_env
 from connectors.base import CircuitSettings, SourceQuery
 
+from testkit.fakes.dify import FakeUpstream
+from testkit.gateway import ask, retrieval_body
+from testkit.loopback import serve, wait_ready
+
 from .conftest import KEY, make_config, write_docs
-from .fakes.dify import FakeUpstream
-from .loopback import serve, wait_ready
 from .test_fanout import OK, Scripted
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
 TRACEPARENT = f"00-{TRACE_ID}-{CALLER_SPAN}-01"
 SECRET = "upstream-secret-in-the-url"
-BODY = {"knowledge_id": "demo", "query": "rotate signing keys", "retrieval_setting": {"top_k": 3, "score_threshold": 0}}
+BODY = retrieval_body("rotate signing keys", top_k=3)
 
 
 def in_memory() -> tuple[Tracing, InMemorySpanExporter]:
@@ -57,7 +59,7 @@ def federated(tmp_path: Path, upstream_url: str):
 
 
 def post(url: str, headers: dict[str, str] | None = None) -> httpx.Response:
-    response = httpx.post(url + "/retrieval", json=BODY, headers={"Authorization": f"Bearer {KEY}", **(headers or {})}, timeout=10)
+    response = ask(url, BODY["query"], top_k=3, headers=headers)
     assert response.status_code == 200
     return response
 

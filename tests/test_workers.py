@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 
 from .conftest import DOCS, write_docs
-from .loopback import serve_cli
+from testkit.loopback import serve_cli
 
 
 def test_metrics_are_summed_across_workers(tmp_path: Path):

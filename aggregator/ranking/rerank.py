@@ -74,6 +74,8 @@ class FusionSettings:
     confidence_top: int = 0  # only its first so many passages get a floor (0: all)
     judged_confidence_top: int = 1  # with a judge, a semantic source's first so many passages still get it where the
     # judge saw neither words nor meaning in them (0: none)
+    judged_agreement: bool = True  # ... and, where it saw some, as far as the judge agrees: the confidence × the
+    # passage's meaning over the best meaning in the pool (the judge's favourite keeps all of it)
 
 
 DEFAULT_FUSION = FusionSettings()
@@ -292,7 +294,7 @@ def rerank(
             confidence = _semantic_floor(answers, fusion, group_of, relevance, settings)
         elif settings.judged_confidence_top:  # a judge that cannot read the source's language must not empty it
             top = replace(settings, confidence_top=settings.judged_confidence_top)
-            confidence = _semantic_floor(answers, fusion, group_of, relevance, top, blind=True)
+            confidence = _semantic_floor(answers, fusion, group_of, relevance, top, blind=True, similarity=similarity)
     return RankedList(_Pool(answers, fusion.calibrated), fusion, copies, pool.bm25.tolist(), pool.proximity.tolist(), rel,
                       similarity, confidence)  # fmt: skip
 
@@ -321,20 +323,26 @@ def _confidence(passages: list[Passage], settings: FusionSettings) -> list[float
 
 
 def _semantic_floor(answers: list[Answer], fusion: "_Fusion", group_of: list[int], relevance: np.ndarray,
-                    settings: FusionSettings, blind: bool = False) -> list[float | None]:  # fmt: skip
+                    settings: FusionSettings, blind: bool = False, similarity: list[float] | None = None) -> list[float | None]:  # fmt: skip
     """Without a judge the gateway cannot read meaning: a semantic source's passage scores at least what the
     source's own confidence supports (bent by its weight like any score), so a paraphrase it ranks first is
-    not scored 0 for lacking the query's words. With `blind`, only texts the gateway found no relevance in at
-    all (a judge that cannot read their language). Changes `fusion` in place; returns each text's floor where it lifted it."""
+    not scored 0 for lacking the query's words. With `blind` (a judge): texts the gateway found no relevance
+    in at all (a judge that cannot read their language) keep it whole; the others, with `judged_agreement`,
+    as far as the judge agrees (its meaning of the text over the best meaning it saw in the pool), so two
+    retrievers by meaning that agree on a passage keep it above a threshold the source's confidence passes.
+    Changes `fusion` in place; returns each text's floor where it lifted it."""
     floors: list[float | None] = [None] * len(fusion.scores)
+    best = max(similarity) if similarity and settings.judged_agreement else 0.0
     at = 0
     for answer in answers:
         n = len(answer.passages)
         if answer.semantic:
             for g, value in zip(group_of[at : at + n], _confidence(answer.passages, settings)):
-                lifted = 1.0 - (1.0 - value) ** answer.weight
                 if blind and relevance[g] > 0.0:
-                    continue
+                    if best <= 0.0:
+                        continue
+                    value *= similarity[g] / best  # type: ignore[index]
+                lifted = 1.0 - (1.0 - value) ** answer.weight
                 if lifted > fusion.scores[g] and lifted > (floors[g] or 0.0):
                     floors[g] = lifted
         at += n

@@ -1,18 +1,23 @@
 """What an indexed source needs from the place its index lives, whatever that place is.
 
 The embedded default is a folder per source under `server.state_dir`
-(`local.LocalBackend`); a shared database can implement the same two classes
+(`local.LocalBackend`); a shared database can implement the same classes
 (`StateBackend` opens an `IndexStore` per source) so that sources, the sync
 loop and the status page do not change with it.
 
-An `IndexStore` is used from two sides:
-- every process reads it (`refresh`, `asearch`, `term_statistics`, `info`),
-  cheaply, on the event loop: lookups in memory-mapped or cached data, or a
-  query to a database for `asearch`;
+An `IndexStore` is used from two sides, each a class of its own:
+- every process reads it through its `IndexReader` (`refresh`, `asearch`,
+  `term_statistics`, `info`, which the store passes on), cheaply, on the event
+  loop: lookups in memory-mapped or cached data, or a query to a database for
+  `asearch`;
 - one process per source syncs it: it calls `try_lead()` until it wins,
-  then writes through `open_writer()` (from a worker thread). A shared
-  database can take the lead away (its connection died): `leading` turns
-  false and the syncer goes back to asking for it.
+  then writes through the `IndexWriter` of `open_writer()` (from a worker
+  thread). A shared database can take the lead away (its connection died):
+  `leading` turns false and the syncer goes back to asking for it.
+
+What both backends' readers and writers do alike is written once beside this:
+`reading` (paging through ranked candidates, the metadata cache) and
+`vocabulary` (term ids).
 """
 
 from __future__ import annotations
@@ -69,6 +74,11 @@ def query_weights(terms: Sequence[str], passages: int, lookup: Callable[[str], t
             ids.append(term_id)
             weights.append(weight)
     return ids, weights, ceiling
+
+
+def tie_key(document_id: str, chunk_index: int) -> int:
+    """A stable order for passages that score the same: the same on every build, restart, worker and store."""
+    return int.from_bytes(hashlib.blake2b(f"{document_id}\0{chunk_index}".encode(), digest_size=8).digest(), "little")
 
 
 @dataclass(slots=True)
@@ -156,22 +166,8 @@ class IndexWriter(abc.ABC):
     def close(self) -> None: ...
 
 
-class IndexStore(abc.ABC):
-    """One source's index, shared by every process of the gateway."""
-
-    @property
-    @abc.abstractmethod
-    def leading(self) -> bool:
-        """True while this process is the source's syncer."""
-
-    @abc.abstractmethod
-    def try_lead(self) -> bool:
-        """Become the syncer if no live process is (blocking I/O; from a thread)."""
-
-    @abc.abstractmethod
-    def open_writer(self) -> IndexWriter:
-        """Validate what is stored (discarding it, with one log line, if it belongs to other settings or is
-        damaged) and return the writer. Only while leading; from a thread."""
+class IndexReader(abc.ABC):
+    """Every process's side of a store: what the syncer committed, read cheaply, from several threads at once."""
 
     @abc.abstractmethod
     def refresh(self) -> None:
@@ -200,9 +196,50 @@ class IndexStore(abc.ABC):
     @abc.abstractmethod
     def info(self) -> StoreInfo: ...
 
+
+class IndexStore(abc.ABC):
+    """One source's index, shared by every process of the gateway: its reader, and the lead that opens its writer.
+
+    Reading goes to `reader`; the methods below pass it on, so that a source holds one object per store."""
+
+    reader: IndexReader
+
+    @property
+    @abc.abstractmethod
+    def leading(self) -> bool:
+        """True while this process is the source's syncer."""
+
+    @abc.abstractmethod
+    def try_lead(self) -> bool:
+        """Become the syncer if no live process is (blocking I/O; from a thread)."""
+
+    @abc.abstractmethod
+    def open_writer(self) -> IndexWriter:
+        """Validate what is stored (discarding it, with one log line, if it belongs to other settings or is
+        damaged) and return the writer. Only while leading; from a thread."""
+
     @abc.abstractmethod
     def close(self) -> None:
         """Release the lead (if held) and every handle."""
+
+    def refresh(self) -> None:
+        self.reader.refresh()
+
+    def search(
+        self, terms: Sequence[str], limit: int, accept: Callable[[StoredPassage], bool] | None = None
+    ) -> list[StoredPassage]:
+        return self.reader.search(terms, limit, accept)
+
+    async def asearch(
+        self, terms: Sequence[str], limit: int, accept: Callable[[StoredPassage], bool] | None = None
+    ) -> list[StoredPassage]:
+        return await self.reader.asearch(terms, limit, accept)
+
+    def term_statistics(self, terms: Sequence[str]) -> tuple[int, int, dict[str, int]]:
+        return self.reader.term_statistics(terms)
+
+    def info(self) -> StoreInfo:
+        return self.reader.info()
 
 
 class StateBackend(abc.ABC):

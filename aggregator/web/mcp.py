@@ -12,7 +12,10 @@ Context Protocol. This endpoint gives them what `/retrieval` gives Dify, and not
   bases its key may read;
 - stateless, with JSON answers: any replica answers any request, behind a load balancer, with no session.
 
-MCP calls are counted apart (`gateway_mcp_calls`) and their retrievals' log lines say `via=mcp`.
+A plain `tools/call` (the call agents repeat) takes the fast lane, aggregator/web/mcp_lane.py: the same handler
+behind the same checks, with the SDK's own validation and framing, without the SDK's per-POST transport; the
+rest goes through the SDK. MCP calls are counted apart (`gateway_mcp_calls`) and their retrievals' log lines
+say `via=mcp`.
 `server.mcp: false` in connectors.yaml turns the endpoint off (404), read on every request so a reload applies.
 """
 
@@ -43,6 +46,7 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.types import Message, Receive, Scope, Send
 
+from aggregator.web.mcp_lane import answer_plain_call, plain_call
 from aggregator.web.api import (BODY_TIMEOUT_S, JSONResponse, answer_retrieval, bearer_token, describe_validation_error, explain_retrieval, find_key,
                   ops_denied, read_body)
 from aggregator.runtime.config import ApiKey
@@ -178,29 +182,31 @@ INPUT_SCHEMAS = {tool.name: tool.input_schema for tool in (SEARCH, LIST_KNOWLEDG
 # -- rendering: records as text a model can cite -------------------------------------------------------------
 
 
+#: Where a record can be found, first match wins: its URL, else its path (a bucket key, a file), else its document id.
+_LOCATORS = (("url", "url"), ("path", "path"), ("key", "path"), ("document_id", "document"))
+
+
 def _locator(metadata: Mapping[str, Any]) -> str:
-    """Where a record can be found: its URL, else its path (a bucket key, a file), else its document id."""
-    for field in ("url", "path", "key", "document_id"):
+    for field, label in _LOCATORS:
         value = metadata.get(field)
-        if isinstance(value, str) and value:
-            return f"{'url' if field == 'url' else 'path' if field in ('path', 'key') else 'document'}: {value}"
+        if value and isinstance(value, str):
+            return f"{label}: {value}"
     return ""
 
 
 def render_record(position: int, record: Mapping[str, Any]) -> str:
     """One record as a citable block: `[n] title`, then source, where to find it, when, and the passage."""
     metadata = record.get("metadata") or {}
-    lines = [f"[{position}] {record.get('title') or '(untitled)'}"]
-    source = metadata.get("source")
-    about = [f"source: {source}" if source else "", _locator(metadata), f"score: {record.get('score', 0):.3f}"]
-    if updated := metadata.get("updated_at"):
-        about.append(f"updated: {updated}")
-    lines.append(" | ".join(part for part in about if part))
+    source, locator, updated = metadata.get("source"), _locator(metadata), metadata.get("updated_at")
+    about = f"score: {record.get('score', 0):.3f}"
+    if source or locator:
+        about = " | ".join(part for part in (f"source: {source}" if source else "", locator, about) if part)
+    if updated:
+        about += f" | updated: {updated}"
     content = str(record.get("content", ""))
     if len(content) > PASSAGE_CHARS:
         content = content[:PASSAGE_CHARS] + " […]"
-    lines.append(content)
-    return "\n".join(lines)
+    return f"[{position}] {record.get('title') or '(untitled)'}\n{about}\n{content}"
 
 
 def text(content: str) -> dict[str, str]:
@@ -234,8 +240,11 @@ def render_search(knowledge_base: str, records: list[dict[str, Any]], sources: s
 class McpEndpoint:
     """The ASGI app at /mcp: checks the key, then hands the request to the SDK's stateless JSON transport."""
 
-    def __init__(self, service: "Service") -> None:
+    def __init__(self, service: "Service", fast_lane: bool = True) -> None:
         self.service = service
+        #: A plain `tools/call` answered by the SDK's kernel without its per-POST transport (aggregator/web/mcp_lane.py).
+        self.fast_lane = fast_lane
+        self.lifespan_state: Any = None
         self.server: Server[Any] = Server(
             "dify-knowledge-gateway",
             version="0.1.0",
@@ -246,6 +255,7 @@ class McpEndpoint:
             # 2026-07-28 checks a call's Mcp-Param headers against the tool's input schema: given here, it is not
             # looked up through a whole tools/list per call (the schemas are no secret; explain's visibility is).
             get_tool_input_schema=lambda name: INPUT_SCHEMAS.get(name),
+            lifespan=self._lifespan,
         )
         self.manager: StreamableHTTPSessionManager | None = None
 
@@ -264,6 +274,15 @@ class McpEndpoint:
                 yield
             finally:
                 self.manager = None
+
+    @asynccontextmanager
+    async def _lifespan(self, _: Server[Any]) -> AsyncIterator[dict[str, Any]]:
+        """The SDK's default (an empty state), kept where the fast lane hands it to handlers as the SDK does."""
+        self.lifespan_state = {}
+        try:
+            yield self.lifespan_state
+        finally:
+            self.lifespan_state = None
 
     def _refuse(self, status: int, code: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
         """The contract's error body, which is also a JSON-RPC error: an MCP client shows `message` to its user."""
@@ -313,16 +332,21 @@ class McpEndpoint:
         request_id = request.headers.get("x-request-id") or f"mcp-{random.getrandbits(64):016x}"
         scope[CALLER] = Caller(api_key, gateway, request_id)
         with gateway.lease():  # a reload while the call runs: it finishes on this gateway, as /retrieval does
-            await manager.handle_request(scope, receive_again, send)
+            plain = plain_call(request, raw) if self.fast_lane and len(raw) <= MAX_BODY_BYTES else None  # above: the SDK's 413
+            if plain is None:
+                await manager.handle_request(scope, receive_again, send)
+            else:
+                response = await answer_plain_call(self.server, self.call_tool, self.lifespan_state, request, *plain)
+                await response(scope, receive_again, send)
 
     # -- handlers ---------------------------------------------------------------------------------------------
 
-    def _caller(self, ctx: ServerRequestContext[Any, Any]) -> tuple[Caller, Request]:
-        request = ctx.request
+    def _caller(self, request: Any) -> Caller:
+        """The caller `__call__` checked, from the HTTP request the SDK (or the fast lane) hands a handler."""
         caller = request.scope.get(CALLER) if isinstance(request, Request) else None
         if caller is None:  # every request passes __call__ first; without it, nothing is answered
             raise MCPError(-32001, "not authenticated")
-        return caller, request
+        return caller
 
     def _may_explain(self, caller: Caller, request: Request) -> bool:
         """/explain's own check. Here the Authorization header carries the API key, so an ops token comes the way
@@ -331,15 +355,19 @@ class McpEndpoint:
         return ops_denied(Request({**request.scope, "headers": headers}), caller.gateway.config) is None
 
     async def _list_tools(self, ctx: ServerRequestContext[Any, Any], params: PaginatedRequestParams | None) -> ListToolsResult:
-        caller, request = self._caller(ctx)
+        caller = self._caller(ctx.request)
         self.service.metrics.observe_mcp("tools/list", "ok")
         tools = [SEARCH, LIST_KNOWLEDGE_BASES]
-        if self._may_explain(caller, request):
+        if self._may_explain(caller, ctx.request):
             tools.append(EXPLAIN)
         return ListToolsResult(tools=tools)
 
     async def _call_tool(self, ctx: ServerRequestContext[Any, Any], params: CallToolRequestParams) -> dict[str, Any]:
-        caller, request = self._caller(ctx)
+        return await self.call_tool(ctx.request, params)
+
+    async def call_tool(self, request: Request, params: CallToolRequestParams) -> dict[str, Any]:
+        """A tools/call, from the SDK's kernel (`_call_tool`) or the fast lane: the tool's result, in its wire form."""
+        caller = self._caller(request)
         name = params.name
         arguments = params.arguments or {}
         started = time.perf_counter()

@@ -1,21 +1,26 @@
-"""Real HTTP over loopback for tests: run any ASGI app under uvicorn in a background thread.
+"""Real HTTP over loopback for tests and benchmarks: run any ASGI app under uvicorn in a background thread,
+or the gateway as its own process, and wait for events by polling.
 
     with serve(app) as base_url:
         httpx.get(base_url + "/healthz")
 
 The server listens on 127.0.0.1 on a free port and is shut down (connections
-closed, lifespan finished) when the block ends.
+closed, lifespan finished) when the block ends. `eventually` (a test's thread) and
+`until` (a test on the event loop) poll for the event a test waits for, instead of
+sleeping and hoping it came.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import inspect
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Container, Iterator
 from typing import Any
 
 import httpx
@@ -63,6 +68,17 @@ def eventually(check: Callable[[], bool], timeout: float = 10.0, what: str = "")
         time.sleep(0.05)
 
 
+async def until(check: Callable[[], bool | Awaitable[bool]], timeout: float = 10.0, what: str = "") -> None:
+    """`eventually` for a test on the event loop: poll `check` (plain or async) without blocking the loop."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        held = check()
+        if await held if inspect.isawaitable(held) else held:
+            return
+        assert asyncio.get_running_loop().time() < deadline, f"not within {timeout} s: {what or 'the event waited for'}"
+        await asyncio.sleep(0.02)
+
+
 def wait_listening(port: int, process: subprocess.Popen, what: str, timeout: float = 30.0) -> None:
     """Wait until a server process listens on `port` of loopback; fail with its last output if it exits first."""
     deadline = time.monotonic() + timeout
@@ -77,12 +93,15 @@ def wait_listening(port: int, process: subprocess.Popen, what: str, timeout: flo
         time.sleep(0.05)
 
 
-def wait_ready(base_url: str, timeout: float = 20.0, process: subprocess.Popen | None = None) -> None:
-    """Poll /readyz until the gateway says it is ready (and fail early if its process died)."""
+def wait_ready(
+    base_url: str, timeout: float = 20.0, process: subprocess.Popen | None = None, ready: Container[int] = (200,)
+) -> None:
+    """Poll /readyz until the gateway says it is ready (and fail early if its process died). `ready=(200, 404)`
+    also takes a server without /readyz (a benchmark's bare fan-out) as ready once it answers HTTP."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            if httpx.get(base_url + "/readyz").status_code == 200:
+            if httpx.get(base_url + "/readyz").status_code in ready:
                 return
         except httpx.TransportError:
             pass
