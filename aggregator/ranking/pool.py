@@ -17,10 +17,12 @@ longer CJK matches (overlapping bigrams that follow each other) rank higher.
 from __future__ import annotations
 
 import hashlib
+import operator
 import unicodedata
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import repeat
 
 import numpy as np
 
@@ -246,30 +248,28 @@ def _scores(plan: QueryPlan, counts: PoolCounts, params: BM25Params, statistics:
     """The module docstring's formula from the pool's counts: BM25 of the single terms, and of the pairs of
     adjacent terms, each over its ceiling. Its only implementation, compiled kernel or not.
 
-    The few weights of a query (one per term or pair, over its ceiling) in plain Python; numpy only for the
-    arrays the size of the pool, terms and pairs in one pass.
+    A pool is a few dozen passages, where each numpy call costs about a microsecond whatever its size: the
+    few weights of a query (one per term or pair, over its ceiling) in plain Python, and a handful of array
+    operations over the whole count matrix, terms and pairs at once (each row with its own average length).
     """
     lengths, rows, k = counts.lengths, counts.rows, counts.k
-    n = len(lengths)
+    n, pairs = len(lengths), len(plan.pair_qtf)
     avgdl = float(lengths.sum()) / n or 1.0
-    present = np.count_nonzero(rows, axis=1).tolist()  # passages of the pool holding each term, each pair
+    present = (np.minimum(rows, 1.0) @ np.ones(n)).tolist()  # passages of the pool holding each term, each pair
     if statistics is not None:
         passages, frequencies = max(statistics.passages, 1.0), statistics.frequencies
         term_avgdl = statistics.average_length if statistics.average_length > 0 else avgdl
     else:
         passages, frequencies, term_avgdl = n, present[:k], avgdl
-    weights = [q * idf(passages, df) for q, df in zip(plan.qtf, frequencies)]
+    weights = list(map(operator.mul, plan.qtf, map(idf, repeat(passages, k), frequencies)))
+    ceiling = sum(weights)
     # an unknown word counts in the ceiling, and nowhere else
-    weights = _over_ceiling([w if i >= 0 else 0.0 for w, i in zip(weights, plan.ids)], sum(weights))
+    weights = _over_ceiling([w if i >= 0 else 0.0 for w, i in zip(weights, plan.ids)], ceiling)
     # pairs are scored like terms, with the pool's frequencies and average length
-    pair_weights = [q * idf(n, df) for q, df in zip(plan.pair_qtf, present[k:])]
+    pair_weights = list(map(operator.mul, plan.pair_qtf, map(idf, repeat(n, pairs), present[k:])))
     pair_weights = _over_ceiling(pair_weights, sum(pair_weights))
-    pairs = len(pair_weights)
     both = np.array([weights + [0.0] * pairs, [0.0] * k + pair_weights])
-    if term_avgdl == avgdl:
-        norms = _length_norm(lengths, avgdl, params)
-    else:
-        norms = np.repeat([_length_norm(lengths, term_avgdl, params), _length_norm(lengths, avgdl, params)], [k, pairs], axis=0)
+    norms = _length_norm(lengths, np.array([term_avgdl] * k + [avgdl] * pairs)[:, None], params)  # a row per term, per pair
     bm25, proximity = both @ (rows / (rows + norms))
     return bm25, proximity
 

@@ -137,26 +137,36 @@ def _positions(use: ScoreUse, scores: list[float | None], ranks: list[int]) -> t
 
     Scores that grow down the source's ranked list are distances (lower is better) and are read that way
     round. Plain Python: a source's answer is a few dozen passages, where numpy's per-call cost dominates.
+    Most answers arrive in their ranks' order, so the sort by rank is skipped for them.
     """
     n = len(scores)
-    order = sorted(range(n), key=ranks.__getitem__)  # stable: arrival order among equal ranks
+    in_rank_order = ranks == sorted(ranks)
+    order = range(n) if in_rank_order else sorted(range(n), key=ranks.__getitem__)  # stable: arrival order among equal ranks
     if use != "rank" and n > 1 and None not in scores:
         low, high = min(scores), max(scores)  # type: ignore[type-var]
         if high > low:
             span = high - low
-            in_order = [scores[i] for i in order]
-            after = in_order[1:]
-            rising = sum(map(operator.gt, after, in_order)) - sum(map(operator.lt, after, in_order))
-            if rising > 0 and _NO_RANK not in ranks:
+            if _NO_RANK not in ranks and _rising(scores if in_rank_order else [scores[i] for i in order]):  # type: ignore[arg-type]
                 return [(high - x) / span for x in scores], "scores"  # type: ignore[operator]
             return [(x - low) / span for x in scores], "scores"  # type: ignore[operator]
     if n == 1:
         return [1.0], "ranks"
     floor = 1.0 / math.log2(n + 1)  # the discount of DCG: relevance falls fast at the top of a list, then slowly
+    by_place = [(1.0 / math.log2(place + 2) - floor) / (1.0 - floor) for place in range(n)]
+    if in_rank_order:
+        return by_place, "ranks"
     position = [0.0] * n
     for place, i in enumerate(order):
-        position[i] = (1.0 / math.log2(place + 2) - floor) / (1.0 - floor)
+        position[i] = by_place[place]
     return position, "ranks"
+
+
+def _rising(in_order: list[float]) -> bool:
+    """Whether scores grow down a ranked list more often than they fall (distances); most lists fall all the way."""
+    if in_order == sorted(in_order, reverse=True):
+        return False
+    after = in_order[1:]
+    return sum(map(operator.gt, after, in_order)) > sum(map(operator.lt, after, in_order))
 
 
 _NO_RANK = 2**31
@@ -217,9 +227,13 @@ def fuse(relevance: Any, calibrated: Any, weight: Any, settings: FusionSettings 
     A calibrated value below 0 (or None) means the source gave none: the relevance alone counts.
     """
     source = np.asarray(-1.0 if calibrated is None else calibrated, dtype=np.float64)
-    mixed = (1.0 - settings.alpha) * np.asarray(relevance, dtype=np.float64) + settings.alpha * source
-    fused = np.where(source >= 0.0, mixed, relevance)
-    return 1.0 - (1.0 - np.clip(fused, 0.0, 1.0) ** settings.gamma) ** np.asarray(weight, dtype=np.float64)
+    fused = (1.0 - settings.alpha) * np.asarray(relevance, dtype=np.float64) + settings.alpha * source
+    if source.min() < 0.0:  # some have none (the test costs less than the selection it saves, where all have one)
+        fused = np.where(source >= 0.0, fused, relevance)
+    spread = 1.0 - fused.clip(0.0, 1.0) ** settings.gamma
+    if not (isinstance(weight, float) and weight == 1.0):  # x ** 1.0 is x
+        spread = spread ** np.asarray(weight, dtype=np.float64)
+    return 1.0 - spread
 
 
 def rerank(
@@ -335,9 +349,7 @@ def _semantic_floor(answers: list[Answer], fusion: "_Fusion", group_of: list[int
     if not any(f is not None for f in floors):
         return floors
     fusion.scores = [s if f is None else f for s, f in zip(fusion.scores, floors)]
-    scores = np.asarray(fusion.scores)
-    fusion.order = np.lexsort((-relevance, -scores)).tolist()
-    fusion.ties = bool(np.any((np.diff(scores[fusion.order]) == 0) & (np.diff(relevance[fusion.order]) == 0)))
+    fusion.order, fusion.tied = _order(np.asarray(fusion.scores), relevance)
     return floors
 
 
@@ -350,7 +362,12 @@ class _Fusion:
     winner: list[int]  # per text: the passage that speaks for it
     scores: list[float]  # per text: the fused score
     order: list[int]  # texts, best first by score, then relevance, then number
-    ties: bool  # whether some neighbours in `order` have equal score and relevance
+    tied: list[int]  # the places i in `order` whose text has the same score and relevance as the one at i + 1
+
+    @property
+    def ties(self) -> bool:
+        """Whether some neighbours in `order` have equal score and relevance."""
+        return bool(self.tied)
 
 
 def _fuse(
@@ -360,12 +377,13 @@ def _fuse(
     rel = relevance.tolist()
     calibrated: list[float] = []
     how: dict[str, str] = {}
+    kappa = settings.kappa
     for answer in answers:  # each source's calibration, fitted over its own passages
         passages = answer.passages
         at = len(calibrated)
-        own_relevance = [rel[g] for g in group_of[at : at + len(passages)]]
+        own_relevance = rel[at : at + len(passages)] if not copies else [rel[g] for g in group_of[at : at + len(passages)]]
         ranks = [p.source_rank or _NO_RANK for p in passages]
-        values, how[answer.source] = _calibrate(answer.scores, [p.source_score for p in passages], ranks, own_relevance, settings.kappa)
+        values, how[answer.source] = _calibrate(answer.scores, [p.source_score for p in passages], ranks, own_relevance, kappa)
         calibrated += values
     winner = first.copy()  # the copy that vouches most for a text speaks for it (the first on a tie)
     for g, members in copies.items():
@@ -377,10 +395,17 @@ def _fuse(
         pool = _Pool(answers, calibrated)
         weights = [pool.answer_of(i).weight for i in winner]
     scores = fuse(relevance, best, weights, settings)
-    fused = scores.tolist()
-    # Equal (score, relevance) pairs are neighbours in this order: ties exactly when some pair comes twice.
-    ties = len(set(zip(fused, rel))) < len(fused)
-    return _Fusion(calibrated, how, winner, fused, np.lexsort((-relevance, -scores)).tolist(), ties)
+    order, tied = _order(scores, relevance)
+    return _Fusion(calibrated, how, winner, scores.tolist(), order, tied)
+
+
+def _order(scores: np.ndarray, relevance: np.ndarray) -> tuple[list[int], list[int]]:
+    """Texts best first by score, then relevance, then number; and the places in that order whose text ties
+    (equal score and relevance) with the next one, for `_break_ties`."""
+    order = np.lexsort((-relevance, -scores))
+    ranked_scores, ranked_relevance = scores[order], relevance[order]
+    tied = np.flatnonzero((ranked_scores[1:] == ranked_scores[:-1]) & (ranked_relevance[1:] == ranked_relevance[:-1]))
+    return order.tolist(), tied.tolist()
 
 
 def _groups(seen: list[Seen]) -> tuple[list[int], list[int], dict[int, list[int]]]:
@@ -389,16 +414,15 @@ def _groups(seen: list[Seen]) -> tuple[list[int], list[int], dict[int, list[int]
     Returns each passage's group, each group's first passage, and the passages of the groups with several copies.
     """
     firsts: dict[str, int] = {}
-    first_of = [firsts.setdefault(entry.key, i) for i, entry in enumerate(seen)]
+    first_of = list(map(firsts.setdefault, [entry.key for entry in seen], range(len(seen))))
     first = list(firsts.values())
     copies: dict[int, list[int]] = {}
-    if len(first) == len(seen):
+    if len(first) == len(seen):  # the usual case: no text twice
         return first, first, copies
-    number = {i: g for g, i in enumerate(first)}
-    group_of = [number[i] for i in first_of]
-    for i, g in enumerate(group_of):
-        if first[g] != i:
-            copies.setdefault(g, [first[g]]).append(i)
+    number = dict(zip(first, range(len(first))))
+    group_of = list(map(number.__getitem__, first_of))
+    for i in [i for i, f in enumerate(first_of) if f != i]:
+        copies.setdefault(group_of[i], [first_of[i]]).append(i)
     return group_of, first, copies
 
 
@@ -437,9 +461,16 @@ class _Pool:
     def answer_of(self, i: int) -> Answer:
         return self._locate(i)[0]
 
-    def passage(self, i: int) -> tuple[Answer, Passage]:
-        answer, j = self._locate(i)
-        return answer, answer.passages[j]
+    def tie_keys(self, flat: list[int]) -> list[tuple[str, str, int]]:
+        """(source, document, chunk) of each of the passages `flat`: the tie-break's key, in one call."""
+        starts, answers = self.starts, self.answers
+        keys = []
+        for i in flat:
+            k = bisect_right(starts, i) - 1
+            answer = answers[k]
+            passage = answer.passages[i - starts[k]]
+            keys.append((answer.source, passage.document_id, passage.chunk_index))
+        return keys
 
     def candidate(self, i: int) -> Candidate:
         answer, j = self._locate(i)
@@ -461,7 +492,7 @@ class RankedList(Sequence[Ranked]):
         self._pool, self._winner, self._copies, self._how = pool, fusion.winner, copies, fusion.how
         self._meaning, self._confidence = meaning, confidence
         self._scores, self._bm25, self._proximity, self._relevance = fusion.scores, bm25, proximity, relevance
-        self._order = _break_ties(pool, fusion, relevance) if fusion.ties else fusion.order
+        self._order = _break_ties(pool, fusion) if fusion.tied else fusion.order
         self._made: dict[int, Ranked] = {}
 
     def __len__(self) -> int:
@@ -500,21 +531,18 @@ class RankedList(Sequence[Ranked]):
         return made
 
 
-def _break_ties(pool: _Pool, fusion: _Fusion, relevance: list[float]) -> list[int]:
+def _break_ties(pool: _Pool, fusion: _Fusion) -> list[int]:
     """Runs of equal (score, relevance), common among passages the text does not match, sorted by source, document
     and chunk: a key that does not depend on the order the passages arrived in."""
-    ranked, score = fusion.order.copy(), fusion.scores
-
-    def key(g: int) -> tuple[str, str, int]:
-        answer, passage = pool.passage(fusion.winner[g])
-        return answer.source, passage.document_id, passage.chunk_index
-
-    start, previous = 0, ranked[0]
-    for at in range(1, len(ranked) + 1):
-        g = ranked[at] if at < len(ranked) else -1
-        if g < 0 or score[g] != score[previous] or relevance[g] != relevance[previous]:
-            if at - start > 1:
-                ranked[start:at] = sorted(ranked[start:at], key=key)
-            start = at
-        previous = g
+    ranked, tied, winner = fusion.order.copy(), fusion.tied, fusion.winner
+    start = tied[0]
+    for at, following in zip(tied, tied[1:] + [-1]):  # a run is places start .. at + 1, when the next tied place is not at + 1
+        if following != at + 1:
+            run = ranked[start : at + 2]
+            keys = pool.tie_keys([winner[g] for g in run])
+            ranked[start : at + 2] = [g for _, g in sorted(zip(keys, run), key=_first)]
+            start = following
     return ranked
+
+
+_first = operator.itemgetter(0)
