@@ -372,13 +372,15 @@ def test_compose_with_redis_answers_a_repeated_query_from_the_cache(stack):
 
 
 def test_compose_replicas_behind_the_load_balancer_share_the_cache(stack):
-    """Round robin: two requests in a row reach both replicas; the second is answered from the first's cache."""
+    """Round robin: two requests in a row reach both replicas; the second is answered from the first's answer
+    through Redis, never computed again: a `hit`, or `coalesced` when it arrives before the first replica has
+    finished storing it (that store runs beside sending the first response)."""
     env, names, _, lb = stack
     query = f"{QUERY} {secrets.token_hex(4)}"
     ids = [f"ci-{secrets.token_hex(6)}" for _ in range(2)]
     answers = [post(lb, KEY, query, request_id=i) for i in ids]
     assert [a[0] for a in answers] == [200, 200]
-    assert [a[2].get("X-Cache") for a in answers] == ["miss", "hit"]
+    assert answers[0][2].get("X-Cache") == "miss" and answers[1][2].get("X-Cache") in ("hit", "coalesced")
     logs = {}
     for service in ("knowledge-gateway", "knowledge-gateway-2"):
         proc = run(["podman", "logs", names[service]], env)
