@@ -12,7 +12,7 @@ from connectors.notion import NOTION_VERSION, NotionSettings, NotionSource, flat
 
 from testkit.fakes.notion import FakeNotion, app, block, rich
 from testkit.fakes.recorder import Recorder
-from testkit.loopback import serve
+from testkit.loopback import serve, until
 
 TOKEN = "secret_notion_integration_token"
 
@@ -127,8 +127,8 @@ async def test_first_sync_does_not_block_and_a_429_pauses_it(fake):
     state.rate_limit_next, state.retry_after = 1, "1"
     async with IndexedConnector(NotionSource("notion", NotionSettings(token=TOKEN, base_url=url, requests_per_second=50))) as notion:
         assert not notion.ready, "start() returns before the first sync"
-        await asyncio.sleep(0.3)
-        assert not notion.ready and notion.stats().last_refresh_outcome == "rate_limited"
+        await until(lambda: notion.stats().last_refresh_outcome == "rate_limited", 5, "the 429 reported")
+        assert not notion.ready, "paused for Retry-After (1 s), not ready meanwhile"
         await notion.wait_ready(5)  # resumed after Retry-After
         assert notion.stats().documents == 3 and notion.stats().last_refresh_error is None
 

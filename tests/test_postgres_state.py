@@ -14,6 +14,7 @@ import pytest
 
 from aggregator.state import PreparedDocument, StoreUnavailable, SyncStatus
 from aggregator.state.postgres import SCHEMA_VERSION, PostgresBackend, remove_stores, unused_stores
+from testkit.loopback import until
 
 from .test_bm25 import WORDS, reference
 
@@ -114,7 +115,9 @@ async def test_one_syncer_per_store_and_the_next_takes_over_when_its_connection_
         # the syncer's session ends (its process died, PostgreSQL restarted it, an admin terminated it)
         pid = store_a._connection.info.backend_pid
         with psycopg.connect(pg_url, autocommit=True) as admin:
-            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))  # sends the signal; the backend ends soon after
+            gone = lambda: admin.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()[0] == 0  # noqa: E731
+            await until(gone, 10, "the terminated backend gone (and its advisory lock with it)")
         with caplog.at_level(logging.WARNING, "aggregator.state"):
             await first._poll_once()
         assert not store_a.leading, "the old syncer knows it lost the lead"
