@@ -160,11 +160,6 @@ class VectorCache:
         assert self._matrix is not None
         return self._matrix[rows]
 
-    def find(self, text: str) -> np.ndarray | None:
-        """The vector of `text`, if cached."""
-        row = self.rows([text])[0]
-        return None if row < 0 else self.vectors([row])[0]
-
     def get(self, key: bytes) -> np.ndarray | None:
         row = self._rows.get(key)
         if row is None:
