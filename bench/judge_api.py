@@ -39,7 +39,7 @@ from aggregator.runtime.config import parse_config  # noqa: E402
 from aggregator.runtime.gateway import Gateway  # noqa: E402
 from testkit.gateway import KEY, write_docs  # noqa: E402
 from testkit.fakes.embeddings import API_KEY  # noqa: E402
-from testkit.loopback import free_port, stop, wait_listening  # noqa: E402
+from testkit.loopback import free_port, stop, until, wait_listening  # noqa: E402
 
 FAKE = (
     "import uvicorn; from testkit.fakes.embeddings import FakeEmbeddings; "
@@ -64,8 +64,7 @@ async def measure(rounds: int, url: str, docs: Path) -> dict[str, float]:
     """
     gateway = Gateway(parse_config(textwrap.dedent(text), {}))
     await gateway.start()
-    while not gateway.ready:
-        await asyncio.sleep(0.05)
+    await until(lambda: gateway.ready, 60, "the gateway's first sync")
     judge = gateway.judge("judged")
     assert judge is not None
 

@@ -266,7 +266,7 @@ async def evaluate(collection: str, sweep: bool, only: list[str] | None, lexical
         for name, (kinds, judge) in matrix.items():
             if (only and not any(name.startswith(o) for o in only)) or (judge is not None and judge not in judges):
                 continue
-            runs.append(await run_scenario(name, kinds, urls, folders, queries, judges.get(judge or "")))
+            runs.append(await run_scenario(name, kinds, urls, folders, queries, judges[judge] if judge else None))
 
     plain = build_index(docs, third_party_terms)
     plain_ndcg, plain_recall = measure([[str(k) for k, _ in plain.search(third_party_terms(t), K)] for _, t in queries], queries, qrels)

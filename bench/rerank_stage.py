@@ -29,7 +29,7 @@ from aggregator.contract.models import RetrievalRequest  # noqa: E402
 from aggregator.retrieval.pipeline import retrieve  # noqa: E402
 from aggregator.runtime.gateway import Gateway  # noqa: E402
 from testkit.gateway import KEY, write_docs  # noqa: E402
-from testkit.loopback import free_port, stop, wait_listening  # noqa: E402
+from testkit.loopback import free_port, stop, until, wait_listening  # noqa: E402
 
 FAKE = "import uvicorn; from testkit.fakes import rerank as r; s = r.FakeRerank(relevance={'签名': 0.9}); uvicorn.run(r.app(s), host='127.0.0.1', port={port}, log_level='warning')"
 
@@ -48,8 +48,7 @@ async def measure(rounds: int, url: str, docs: Path) -> dict[str, tuple[float, f
     """
     gateway = Gateway(parse_config(textwrap.dedent(text), {}))
     await gateway.start()
-    while not gateway.ready:
-        await asyncio.sleep(0.05)
+    await until(lambda: gateway.ready, 60, "the gateway's first sync")
     requests = {kb: RetrievalRequest.model_validate({"knowledge_id": kb, "query": "signing keys rotation 签名密钥 vpn profile",
                                                      "retrieval_setting": {"top_k": 5, "score_threshold": 0}}) for kb in ("plain", "model")}  # fmt: skip
     wall: dict[str, list[float]] = {kb: [] for kb in requests}
