@@ -110,11 +110,11 @@ class VectorCache:
 
     Stored under a stable key (the text's BLAKE2b), found by a process-local one: Python's own 64-bit hash
     of the text, which the string keeps once computed and the term cache reads too (two texts of a cache of
-    50,000 share one with a chance of about 1e-10). A passage seen before costs one lookup, not a hash of its bytes (the BLAKE2b of 60
-    passages of 800 characters took 60 us a retrieval). The vectors are rows of one matrix, so a retrieval
-    gathers its pool's rows in one step instead of stacking arrays; when it is full, the row to reuse is
-    chosen by the clock rule (a row used since the hand last passed gets a second chance), which needs no
-    reordering on every hit.
+    50,000 share one with a chance of about 1e-10). A passage seen before costs one lookup, not a hash of its
+    bytes (the BLAKE2b of 60 passages of 800 characters took 60 us a retrieval). The vectors are rows of
+    one matrix, so a retrieval gathers its pool's rows in one step instead of stacking arrays; when it is
+    full, the row to reuse is chosen by the clock rule (a row used since the hand last passed gets a second
+    chance), which needs no reordering on every hit.
     """
 
     def __init__(self, capacity: int) -> None:
