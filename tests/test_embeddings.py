@@ -231,6 +231,19 @@ def test_the_vector_cache_is_bounded_and_round_trips():
     assert np.array_equal(copy.get(VectorCache.key("text 2")), np.full(4, 2, np.float32))  # type: ignore[arg-type]
 
 
+def test_the_vector_cache_keeps_what_was_used_lately_when_full():
+    """The clock rule: a vector read since the hand last passed stays; one not read since goes first."""
+    cache = VectorCache(3)
+    key = VectorCache.key
+    for name in ("a", "b", "c", "d"):  # d, into a full cache: the first pass spends every chance and a goes
+        cache.put(key(name), np.full(4, ord(name), np.float32))
+    assert cache.get(key("a")) is None
+    assert cache.get(key("b")) is not None  # b read again
+    cache.put(key("e"), np.full(4, 1, np.float32))
+    assert cache.get(key("c")) is None, "c, not read since the hand passed, made room"
+    assert cache.get(key("b")) is not None and cache.get(key("d")) is not None and len(cache) == 3
+
+
 #: A paraphrase that shares no word with its query, a look-alike that shares several; WordLlama prefers the
 #: paraphrase (cosines 0.54 and 0.48).
 CAR = "my car will not start"
