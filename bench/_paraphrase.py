@@ -19,7 +19,6 @@ import numpy as np
 
 from aggregator.runtime.config import parse_config
 from aggregator.runtime.gateway import Gateway
-from testkit.fakes.embeddings import API_KEY
 from testkit.fakes.semantic import ANSWERS, CASES, LOOKALIKES, semantic_config, semantic_upstream
 from testkit.gateway import ask_gateway, write_docs
 from testkit.loopback import serve
@@ -48,8 +47,7 @@ async def run() -> None:
             "none": ({}, embed), "local": ({"embeddings": {"provider": "local"}}, embed)}  # fmt: skip
         if _transformer.missing() is None:
             url = stack.enter_context(serve(_transformer.TransformerEndpoint().app()))
-            block = {"provider": "openai", "url": f"{url}/v1", "model": _transformer.MODEL_NAME, "api_key": API_KEY, "timeout_s": 60}
-            judges["API"] = ({"embeddings": block}, _transformer.embed)
+            judges["API"] = ({"embeddings": _transformer.judge(url)}, _transformer.embed)
         for judge, (server, model) in judges.items():
             gateway = Gateway(parse_config(semantic_config(endpoint, folder, True, **server), {}))
             await gateway.start()

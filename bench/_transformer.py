@@ -26,8 +26,11 @@ from testkit.fakes.embeddings import API_KEY, FakeEmbeddings
 
 MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 MODEL_NAME = "all-MiniLM-L6-v2"
-#: The judge's block for the gateway (url filled in); the range and weight as tuned on Cranfield (--sweep).
-JUDGE = "{{provider: openai, url: {url}/v1, model: all-MiniLM-L6-v2, api_key: " + API_KEY + ", timeout_s: 60}}"
+
+
+def judge(url: str) -> dict[str, object]:
+    """The gateway's `embeddings` block for the endpoint at `url`: the provider's defaults (tuned on Cranfield)."""
+    return {"provider": "openai", "url": f"{url}/v1", "model": MODEL_NAME, "api_key": API_KEY, "timeout_s": 60}
 
 
 def missing() -> str | None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import re
 import sys
 import tempfile
@@ -130,7 +131,7 @@ def write_shard(folder: Path, docs: list[Doc]) -> Path:
     return folder
 
 
-def gateway_config(kinds: list[str], urls: list[str], folders: list[Path], judge: str | None = None) -> str:
+def gateway_config(kinds: list[str], urls: list[str], folders: list[Path], judge: dict[str, object] | None = None) -> str:
     """`judge`: None, or the gateway's `embeddings` block (bench/_semantic.py's judges)."""
     connectors = []
     for i, kind in enumerate(kinds):
@@ -145,7 +146,7 @@ def gateway_config(kinds: list[str], urls: list[str], folders: list[Path], judge
     names = ", ".join(f"shard{i}" for i in range(len(kinds)))
     return (
         "server:\n  api_keys: [{key: bench}]\n  deadline_s: 30\n  watch_config: false\n  cache_ttl_s: 0\n"
-        + (f"  embeddings: {judge}\n" if judge else "")
+        + (f"  embeddings: {json.dumps(judge)}\n" if judge else "")  # JSON: YAML's flow style
         + f"knowledge_bases:\n  bench:\n    connectors: [{names}]\nconnectors:\n" + "".join(connectors)
     )
 
@@ -179,7 +180,7 @@ def shard_servers(shards: list[list[Doc]]) -> Iterator[tuple[list[str], list[Pat
 
 
 async def run_scenario(name: str, kinds: list[str], urls: list[str], folders: list[Path], queries: list[tuple[str, str]],
-                       judge: str | None = None) -> ScenarioRun:  # fmt: skip
+                       judge: dict[str, object] | None = None) -> ScenarioRun:  # fmt: skip
     run = ScenarioRun(name, {"gateway": [], "merge by source score": [], "reciprocal rank fusion": []}, kinds=kinds)
     gateway = Gateway(parse_config(gateway_config(kinds, urls, folders, judge), {}))
     await gateway.start()
@@ -260,9 +261,9 @@ async def evaluate(collection: str, sweep: bool, only: list[str] | None, lexical
     if without_api and any(judge == "api" for _, judge in matrix.values()):
         print(f"(the API judge's rows are left out: {without_api})\n")
     with shard_servers(shards) as (urls, folders), ExitStack() as stack:
-        judges = {"local": "{provider: local, timeout_s: 30}"}
+        judges: dict[str, dict[str, object]] = {"local": {"provider": "local", "timeout_s": 30}}
         if not without_api:
-            judges["api"] = _transformer.JUDGE.format(url=stack.enter_context(serve(_transformer.TransformerEndpoint().app())))
+            judges["api"] = _transformer.judge(stack.enter_context(serve(_transformer.TransformerEndpoint().app())))
         for name, (kinds, judge) in matrix.items():
             if (only and not any(name.startswith(o) for o in only)) or (judge is not None and judge not in judges):
                 continue
